@@ -1,0 +1,122 @@
+"""`qwenvl-ft COMMAND [hydra arguments]`.
+
+Each command is a plain function of a composed config, wrapped here by `@hydra.main`, so everything Hydra offers
+(overrides, `--cfg job`, `-m` sweeps, `--help`) works the same for all of them. Heavy imports (torch,
+transformers) happen inside the commands, so composing and printing a config stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Dict, List, Tuple
+
+from qwenvl_ft.config.compose import check_override_keys, config_dir, register_all
+from qwenvl_ft.config.schema import ConfigError
+
+log = logging.getLogger("qwenvl_ft")
+
+USAGE = """usage: qwenvl-ft COMMAND [--recipe-dir DIR] [hydra arguments]
+
+commands:
+  train        fine-tune (SFT) as the composed config says
+  recipes      list the available recipes
+
+examples:
+  qwenvl-ft train recipe=demo
+  qwenvl-ft train recipe=qlora_7b_amazon optimizer.lr=1e-4
+  qwenvl-ft train recipe=qlora_7b_amazon --cfg job
+  qwenvl-ft train -m recipe=demo optimizer.lr=1e-3,3e-3
+"""
+
+
+def _train_task(cfg) -> Dict:
+    from qwenvl_ft.training.sft import train
+
+    return train(cfg)
+
+
+# command -> (primary config name, task function)
+COMMANDS: Dict[str, Tuple[str, Callable]] = {
+    "train": ("train", _train_task),
+}
+
+
+def _split_recipe_dirs(args: List[str]) -> Tuple[List[str], List[str]]:
+    dirs, rest, i = [], [], 0
+    while i < len(args):
+        if args[i] == "--recipe-dir" and i + 1 < len(args):
+            dirs.append(args[i + 1])
+            i += 2
+        elif args[i].startswith("--recipe-dir="):
+            dirs.append(args[i].split("=", 1)[1])
+            i += 1
+        else:
+            rest.append(args[i])
+            i += 1
+    return dirs, rest
+
+
+def _overrides_only(args: List[str]) -> List[str]:
+    """The key=value arguments among Hydra's command line (flags and their values left out)."""
+    flags_with_value = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                        "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg in flags_with_value:
+            skip = True
+            continue
+        if arg.startswith("-"):
+            continue
+        out.append(arg)
+    return out
+
+
+def main(argv: List[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    recipe_dirs, hydra_args = _split_recipe_dirs(rest)
+    try:
+        register_all(recipe_dirs)
+        if command == "recipes":
+            from qwenvl_ft.config.compose import available_recipes
+
+            for name, path in available_recipes(recipe_dirs).items():
+                print(f"{name:28s} {path}")
+            return 0
+        if command not in COMMANDS:
+            print(f"qwenvl-ft: unknown command '{command}'. Valid commands: {', '.join(COMMANDS)}, recipes",
+                  file=sys.stderr)
+            return 2
+        check_override_keys(_overrides_only(hydra_args))
+    except ConfigError as err:
+        print(f"qwenvl-ft: config error: {err}", file=sys.stderr)
+        return 2
+
+    import hydra
+
+    config_name, task = COMMANDS[command]
+    from qwenvl_ft.runtime import run_task
+
+    wrapped = hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(
+        lambda cfg: run_task(task, cfg)
+    )
+    sys.argv = [f"qwenvl-ft {command}"] + hydra_args
+    wrapped()
+    from qwenvl_ft import sweep
+
+    return 1 if sweep.FAILED_JOBS else 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

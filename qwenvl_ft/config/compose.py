@@ -1,0 +1,146 @@
+"""Where the configs live, how recipes join them, and composing outside of `@hydra.main`.
+
+Group options live in `conf/`, named runs in `recipes/`. In a source checkout both sit at the repository top
+level; a wheel carries them inside the package (`qwenvl_ft/conf`, `qwenvl_ft/recipes`, see pyproject.toml).
+Recipes are options of the Hydra group `recipe`. Hydra wants a group to be a sub-folder of a config root, which
+would force `recipes/` to live inside `conf/`; instead every `*.yaml` in the recipe folders is registered in the
+ConfigStore under `recipe/<name>` with package `_global_`, exactly as a `# @package _global_` file inside
+`conf/recipe/` would be. User folders join through `QWENVL_FT_RECIPES` (os.pathsep-separated), or
+`--recipe-dir DIR` on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from qwenvl_ft.config.schema import GROUP_SCHEMAS, ConfigError, TrainConfig, register_schemas
+
+RECIPES_ENV = "QWENVL_FT_RECIPES"
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _shipped_dir(name: str) -> Path:
+    inside_package = _PACKAGE_DIR / name  # installed wheel
+    if inside_package.is_dir():
+        return inside_package
+    return _PACKAGE_DIR.parent / name  # source checkout / editable install
+
+
+def config_dir() -> Path:
+    return _shipped_dir("conf")
+
+
+def recipe_dirs(extra: Iterable[str] = ()) -> List[Path]:
+    dirs = [_shipped_dir("recipes")]
+    dirs += [Path(d) for d in os.environ.get(RECIPES_ENV, "").split(os.pathsep) if d]
+    dirs += [Path(d) for d in extra]
+    for d in dirs:
+        if not d.is_dir():
+            raise ConfigError(f"recipe folder {d} does not exist")
+    return dirs
+
+
+def available_recipes(extra: Iterable[str] = ()) -> dict:
+    """Recipe name -> file; a later folder overrides an earlier one of the same name."""
+    found = {}
+    for d in recipe_dirs(extra):
+        for path in sorted(d.glob("*.yaml")):
+            found[path.stem] = path
+    return found
+
+
+def register_all(extra_recipe_dirs: Iterable[str] = ()) -> None:
+    from hydra.core.config_store import ConfigStore
+
+    register_schemas()
+    store = ConfigStore.instance()
+    for name, path in available_recipes(extra_recipe_dirs).items():
+        node = OmegaConf.load(path)
+        store.store(group="recipe", name=name, node=node, package="_global_", provider=str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Override checks. Hydra reports an unknown key as "Key 'lrr' is not in struct" without saying what would have
+# been valid; checking the keys against the schema first gives a message that lists the valid keys.
+
+_GROUPS = set(GROUP_SCHEMAS) | {"recipe"}
+
+
+def _schema_fields(cls) -> dict:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def check_override_keys(overrides: Sequence[str], root=TrainConfig) -> None:
+    """Raise ConfigError naming the first override whose key is not in the schema."""
+    import typing
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as err:  # Hydra's parser error already says what is wrong with the syntax
+        raise ConfigError(str(err)) from None
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra") or override.is_add() or override.is_delete() or "@" in key:
+            continue
+        if key in _GROUPS:  # group choice: Hydra lists the available options itself
+            continue
+        cls, walked = root, []
+        for part in key.split("."):
+            fields = _schema_fields(cls)
+            if part not in fields:
+                where = ".".join(walked) or "the top level"
+                hint = difflib.get_close_matches(part, fields, n=1)
+                suggestion = f" Did you mean '{'.'.join(walked + hint)}'?" if hint else ""
+                raise ConfigError(
+                    f"unknown config key '{key}'.{suggestion} Valid keys of {where}: {', '.join(fields)}"
+                )
+            walked.append(part)
+            hints = typing.get_type_hints(cls)
+            nested = _unwrap_optional(hints[part])
+            if dataclasses.is_dataclass(nested):
+                cls = nested
+            else:
+                break  # a leaf (or a list/dict value): deeper keys are Hydra's to check
+
+
+def _unwrap_optional(tp):
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Run the range checks of every group; returns the typed config object."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(str(err)) from None
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "train",
+            extra_recipe_dirs: Iterable[str] = (), output_dir: Optional[str] = None) -> DictConfig:
+    """Compose and validate a config without `@hydra.main` (tests, notebooks, other tools)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_all(extra_recipe_dirs)
+    check_override_keys(overrides)
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    if output_dir is not None:
+        cfg.output_dir = output_dir
+    validate(cfg)
+    return cfg

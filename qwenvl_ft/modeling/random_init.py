@@ -1,0 +1,166 @@
+"""Randomly initialised Qwen2-VL models with an in-process tokenizer: the tiny CPU model of the tests and demo,
+and full-size architectures for GPU benchmarks, all without downloading anything.
+
+The tokenizer is a byte-level BPE with Qwen2's pre-tokenizer (transformers' `Qwen2Tokenizer` built from a vocab
+and merges learned here on a small fixed corpus), followed by Qwen's special tokens in their real order. Its ids
+are compact (the real ones start at 151643) so that a tiny model does not pay for a 152k-row embedding; code must
+therefore read token ids from the tokenizer, never hard-code them. The chat template is Qwen2-VL's own.
+
+The model is written once to a cache folder (weights, config, processor) and then loaded with `from_pretrained`
+like any checkpoint, so quantisation, PEFT and saving go through exactly the path a real model takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from qwenvl_ft.config.schema import ArchitectureConfig
+
+# Qwen2-VL-*-Instruct's chat_template (processor and tokenizer share it).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# In the order of their real ids 151643..151656.
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# Text the BPE merges are learned from: chat scaffolding, the demo's vocabulary and plain English.
+_CORPUS = """system user assistant You are a helpful assistant.
+What is in the image? What shape is this? What colour is it? Describe the image. Answer with a short phrase.
+a red circle, a green square, a blue triangle, a yellow circle, a purple square, an orange triangle, a cross.
+red green blue yellow purple orange white black grey circle square triangle cross star ring left right top bottom
+The quick brown fox jumps over the lazy dog. A photo of a cat sitting on a table next to a cup of coffee.
+Create a short product description based on the provided product name and category and image. Only return
+the description. The description should be SEO optimized and for a better mobile search experience.
+COCO Yes: a man riding a bike down a street. Two dogs playing in the grass. A plate of food with vegetables.
+0 1 2 3 4 5 6 7 8 9 10 100 1000 yes no true false the of and to in is it that for on with as was at by an be this
+"""
+
+
+def build_tokenizer(num_merges: int = 600):
+    """A small byte-level BPE tokenizer with Qwen2's pre-tokenizer, special tokens and chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    # Learn merges with the same pre-tokenisation Qwen2Tokenizer applies, then hand vocab+merges to it.
+    reference = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[])
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + num_merges, initial_alphabet=alphabet,
+                                  show_progress=False, min_frequency=1)
+    bpe.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    learned = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+
+    tokenizer = Qwen2Tokenizer(vocab=learned["vocab"], merges=merges, unk_token=None,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tokenizer.model_max_length = 32768
+    return tokenizer
+
+
+def build_processor(tokenizer, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    vision = dict(patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size)
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**vision),
+        video_processor=Qwen2VLVideoProcessor(**vision),
+        tokenizer=tokenizer,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+
+
+def model_config(arch: ArchitectureConfig, tokenizer):
+    from transformers import Qwen2VLConfig
+
+    if arch.vocab_size < len(tokenizer):
+        raise ValueError(f"model.architecture.vocab_size={arch.vocab_size} is smaller than the tokenizer "
+                         f"({len(tokenizer)} tokens)")
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+            num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
+            num_key_value_heads=arch.num_key_value_heads, max_position_embeddings=arch.max_position_embeddings,
+            max_window_layers=arch.num_hidden_layers, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta,
+                             "mrope_section": list(arch.mrope_section)},
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+            tie_word_embeddings=arch.tie_word_embeddings,
+        ),
+        vision_config=dict(
+            depth=arch.vision_depth, embed_dim=arch.vision_embed_dim, hidden_size=arch.hidden_size,
+            num_heads=arch.vision_num_heads, mlp_ratio=arch.vision_mlp_ratio, patch_size=arch.patch_size,
+            temporal_patch_size=arch.temporal_patch_size, spatial_merge_size=arch.spatial_merge_size,
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=arch.tie_word_embeddings,
+    )
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QWENVL_FT_CACHE", Path.home() / ".cache" / "qwenvl_ft")) / "random_models"
+
+
+def materialize(arch: ArchitectureConfig) -> Path:
+    """Folder holding the random model for `arch` (weights, config, processor); built once, then reused."""
+    import torch
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+
+    key = hashlib.sha256(json.dumps(asdict(arch), sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_root() / key
+    if (target / "complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    processor = build_processor(build_tokenizer(), arch.patch_size, arch.temporal_patch_size,
+                                arch.spatial_merge_size)
+    config = model_config(arch, processor.tokenizer)
+    torch.manual_seed(arch.init_seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=config.text_config.eos_token_id, pad_token_id=config.text_config.pad_token_id,
+        bos_token_id=config.text_config.bos_token_id, do_sample=False,
+    )
+    # Written next to the target and renamed into place: a concurrent or interrupted build never leaves a
+    # half-written folder where a later run would load it.
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "complete").write_text(json.dumps(asdict(arch)))
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,65 @@
+"""What every command does around its work: validate the config, record the outcome, and keep a sweep going.
+
+A job writes `summary.json` into its output folder (overrides, status, final metrics, error). In a `-m` sweep a
+failing job is recorded as failed and the sweep moves on to the next job; `qwenvl_ft.sweep.SweepSummary` reads the
+summaries when the sweep ends. A single run that fails on a config or data error prints one clear message and
+exits with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Dict
+
+from omegaconf import DictConfig, OmegaConf
+
+from qwenvl_ft.config.compose import validate
+from qwenvl_ft.errors import UserFacingError
+
+log = logging.getLogger("qwenvl_ft")
+
+
+def _job_info():
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    return list(hydra_cfg.overrides.task), hydra_cfg.mode == RunMode.MULTIRUN
+
+
+def write_summary(output_dir: str, payload: Dict) -> None:
+    path = Path(output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").write_text(json.dumps(payload, indent=2, default=str))
+
+
+def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
+    overrides, is_sweep = _job_info()
+    output_dir = cfg.output_dir
+    summary = {"overrides": overrides, "output_dir": output_dir, "status": "failed", "metrics": {}}
+    try:
+        validate(cfg)
+        metrics = task(cfg) or {}
+        summary.update(status="completed", metrics=metrics)
+        return metrics
+    except UserFacingError as err:  # config and data errors: the message says everything
+        summary["error"] = str(err)
+        log.error("%s", err)
+        if not is_sweep:
+            write_summary(output_dir, summary)
+            print(f"qwenvl-ft: {err}", file=sys.stderr)
+            sys.exit(2)
+    except Exception as err:
+        summary["error"] = f"{type(err).__name__}: {err}"
+        if not is_sweep:
+            write_summary(output_dir, summary)
+            raise
+        log.error("job failed, the sweep goes on:\n%s", traceback.format_exc())
+    finally:
+        if summary["status"] == "completed" or is_sweep:
+            write_summary(output_dir, summary)
+    return {}
