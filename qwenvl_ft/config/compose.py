@@ -139,7 +139,11 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train",
     register_all(extra_recipe_dirs)
     check_override_keys(overrides)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        try:
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        except Exception as err:  # Hydra puts the useful half of the message in the cause
+            cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
+            raise ConfigError(f"{err}{cause}") from None
     if output_dir is not None:
         cfg.output_dir = output_dir
     validate(cfg)

@@ -22,7 +22,8 @@ def draw(colour: str, shape: str, size: int, rng: random.Random) -> Image.Image:
     background = tuple(rng.randint(200, 255) for _ in range(3))
     image = Image.new("RGB", (size, size), background)
     pen = ImageDraw.Draw(image)
-    extent = rng.randint(size // 2, size - 8)
+    # Large shapes, so that the corners of the image tell a circle from a square from a triangle.
+    extent = rng.randint(int(size * 0.7), size - 4)
     x0, y0 = rng.randint(2, size - extent - 2), rng.randint(2, size - extent - 2)
     box = (x0, y0, x0 + extent, y0 + extent)
     fill = COLOURS[colour]

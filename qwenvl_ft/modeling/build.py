@@ -143,7 +143,8 @@ def build_lora_config(model: nn.Module, model_cfg: ModelConfig, adapter_cfg: Ada
         patterns += [re.escape(n) for n in names]
     modules_to_save: List[str] = []
     if not model_cfg.freeze_vision_tower and not adapter_cfg.vision_lora:
-        modules_to_save += ["patch_embed", "blocks"]
+        # PEFT wraps modules, not ModuleLists: name each vision block.
+        modules_to_save += ["patch_embed"] + [f"blocks.{i}" for i in range(len(visual.blocks))]
     if not model_cfg.freeze_merger:
         modules_to_save.append("merger")
     if not patterns:

@@ -78,9 +78,11 @@ def build_tokenizer(num_merges: int = 600):
     learned = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
 
-    tokenizer = Qwen2Tokenizer(vocab=learned["vocab"], merges=merges, unk_token=None,
-                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = Qwen2Tokenizer(vocab=learned["vocab"], merges=merges, unk_token=None, eos_token=None,
+                               pad_token=None)
+    # Added in one go, in the real order, before naming eos/pad (naming them first would add them first).
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     tokenizer.model_max_length = 32768
     return tokenizer
@@ -127,6 +129,10 @@ def model_config(arch: ArchitectureConfig, tokenizer):
     )
 
 
+# Bump when the tokenizer or the model construction changes, so that stale cached models are not reused.
+_BUILDER_VERSION = 2
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("QWENVL_FT_CACHE", Path.home() / ".cache" / "qwenvl_ft")) / "random_models"
 
@@ -136,7 +142,8 @@ def materialize(arch: ArchitectureConfig) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
-    key = hashlib.sha256(json.dumps(asdict(arch), sort_keys=True).encode()).hexdigest()[:16]
+    recipe = {"arch": asdict(arch), "builder": _BUILDER_VERSION}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / key
     if (target / "complete").exists():
         return target

@@ -67,7 +67,11 @@ def train(cfg: DictConfig) -> Dict:
     if held_out:
         metrics.update(_held_out_check(model, collator, held_out, typed, "after"))
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     log.info("saved %s to %s", "adapter" if typed.adapter.is_peft else "model", final_dir)
+    log.info("result: training loss %.3f -> %.3f%s", metrics["first_logged_loss"], metrics["last_logged_loss"],
+             f"; held-out exact match {metrics['eval_exact_match_before']:.1%} -> "
+             f"{metrics['eval_exact_match_after']:.1%}" if held_out else "")
     return metrics
 
 

@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+# Random tiny models are cached per test session, never in the user's home.
+os.environ.setdefault("QWENVL_FT_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "qwenvl_ft_test_cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    from qwenvl_ft.config.compose import compose
+    from qwenvl_ft.config.compose import validate
+    from qwenvl_ft.modeling.build import build_processor
+
+    typed = validate(compose(["recipe=demo"], output_dir="/tmp/unused"))
+    return build_processor(typed.model, typed.data)
