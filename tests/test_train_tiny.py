@@ -110,3 +110,22 @@ def test_demo_recipe_learns_the_task(tmp_path):
     assert metrics["last_logged_loss"] < 0.2 * metrics["first_logged_loss"]
     assert metrics["eval_exact_match_before"] <= 0.1
     assert metrics["eval_exact_match_after"] >= 0.7
+
+
+def test_vision_lora_with_frozen_language_model(tmp_path):
+    """LoRA on the vision blocks only: adapter weights land in the vision tower and nowhere else."""
+    typed, metrics, out = _run(tmp_path, "adapter=lora", "adapter.vision_lora=true",
+                               "model.freeze_language_model=true", "model.freeze_merger=true",
+                               "model.freeze_vision_tower=true", "trainer.max_steps=4")
+    adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert adapter and all(".visual.blocks." in k for k in adapter)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+
+
+@pytest.mark.gpu
+def test_qlora_bf16_on_cuda(tmp_path):
+    """The QLoRA path as users run it: NF4 base, bf16 compute and autocast, fused AdamW, tf32."""
+    typed, metrics, out = _run(tmp_path, "adapter=qlora", "model.dtype=bfloat16", "trainer.precision=bf16",
+                               "trainer.tf32=true", "optimizer=adamw_fused", *ADAPTER_FAST)
+    _assert_loss_fell(out, 0.97)
+    assert (out / "final" / "adapter_model.safetensors").exists()
