@@ -1,4 +1,4 @@
-"""What every command does around its work: validate the config, record the outcome, and keep a sweep going.
+"""What every command does around its work: record the outcome, report user errors plainly, keep a sweep going.
 
 A job writes `summary.json` into its output folder (overrides, status, final metrics, error). In a `-m` sweep a
 failing job is recorded as failed and the sweep moves on to the next job; `qwenvl_ft.sweep.SweepSummary` reads the
@@ -17,7 +17,6 @@ from typing import Callable, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
-from qwenvl_ft.config.compose import validate
 from qwenvl_ft.errors import UserFacingError
 
 log = logging.getLogger("qwenvl_ft")
@@ -42,8 +41,7 @@ def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
     output_dir = cfg.output_dir
     summary = {"overrides": overrides, "output_dir": output_dir, "status": "failed", "metrics": {}}
     try:
-        validate(cfg)
-        metrics = task(cfg) or {}
+        metrics = task(cfg) or {}  # each task validates its own config first
         summary.update(status="completed", metrics=metrics)
         return metrics
     except UserFacingError as err:  # config and data errors: the message says everything
