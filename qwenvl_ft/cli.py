@@ -12,14 +12,19 @@ import sys
 from typing import Callable, Dict, List, Tuple
 
 from qwenvl_ft.config.compose import check_override_keys, config_dir, register_all
-from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.config.schema import ConfigError, root_schema
 
 log = logging.getLogger("qwenvl_ft")
 
 USAGE = """usage: qwenvl-ft COMMAND [--recipe-dir DIR] [hydra arguments]
 
 commands:
-  train        fine-tune (SFT) as the composed config says
+  train        fine-tune (SFT, or DPO with trainer=dpo) as the composed config says
+  eval         generate on the held-out split with the base and the fine-tuned model; metrics side by side
+  infer        one prompt over images with the base, base + adapter, or a merged model (JSONL out)
+  merge        fold a LoRA/DoRA/QLoRA adapter into the base and save a plain transformers model
+  data-check   read and validate the whole dataset (processor only, no model, no GPU) and report on it
+  estimate     predict a training run's peak GPU memory from the config (no weights loaded)
   recipes      list the available recipes
 
 examples:
@@ -27,18 +32,62 @@ examples:
   qwenvl-ft train recipe=qlora_7b_amazon optimizer.lr=1e-4
   qwenvl-ft train recipe=qlora_7b_amazon --cfg job
   qwenvl-ft train -m recipe=demo optimizer.lr=1e-3,3e-3
+  qwenvl-ft data-check data=llava data.path=train.jsonl data.image_folder=images
+  qwenvl-ft estimate recipe=qlora_7b_amazon data.packing=true
+  qwenvl-ft train recipe=demo run_name=exp1       # run it again after an interruption: it resumes
+  qwenvl-ft eval  recipe=demo run_name=exp1
+  qwenvl-ft merge recipe=demo run_name=exp1
+  qwenvl-ft infer recipe=demo run_name=exp1 "infer.images=[photo.jpg]" "infer.prompt=What is in the image?"
 """
 
 
 def _train_task(cfg) -> Dict:
-    from qwenvl_ft.training.sft import train
+    if cfg.trainer.kind == "dpo":
+        from qwenvl_ft.training.dpo import train
+    else:
+        from qwenvl_ft.training.sft import train
 
     return train(cfg)
+
+
+def _data_check_task(cfg) -> Dict:
+    from qwenvl_ft.data.check import data_check
+
+    return data_check(cfg)
+
+
+def _eval_task(cfg) -> Dict:
+    from qwenvl_ft.evaluation.evaluate import evaluate
+
+    return evaluate(cfg)
+
+
+def _infer_task(cfg) -> Dict:
+    from qwenvl_ft.inference import infer
+
+    return infer(cfg)
+
+
+def _estimate_task(cfg) -> Dict:
+    from qwenvl_ft.estimate import estimate
+
+    return estimate(cfg)
+
+
+def _merge_task(cfg) -> Dict:
+    from qwenvl_ft.modeling.merge import merge
+
+    return merge(cfg)
 
 
 # command -> (primary config name, task function)
 COMMANDS: Dict[str, Tuple[str, Callable]] = {
     "train": ("train", _train_task),
+    "data-check": ("train", _data_check_task),
+    "estimate": ("train", _estimate_task),
+    "eval": ("eval", _eval_task),
+    "infer": ("infer", _infer_task),
+    "merge": ("merge", _merge_task),
 }
 
 
@@ -94,7 +143,7 @@ def main(argv: List[str] | None = None) -> int:
             print(f"qwenvl-ft: unknown command '{command}'. Valid commands: {', '.join(COMMANDS)}, recipes",
                   file=sys.stderr)
             return 2
-        check_override_keys(_overrides_only(hydra_args))
+        check_override_keys(_overrides_only(hydra_args), root_schema(COMMANDS[command][0]))
     except ConfigError as err:
         print(f"qwenvl-ft: config error: {err}", file=sys.stderr)
         return 2
@@ -108,7 +157,10 @@ def main(argv: List[str] | None = None) -> int:
         lambda cfg: run_task(task, cfg)
     )
     sys.argv = [f"qwenvl-ft {command}"] + hydra_args
-    wrapped()
+    try:
+        wrapped()
+    except SystemExit as exit:  # a single run's config or data error (runtime.run_task): status 2, message shown
+        return exit.code if isinstance(exit.code, int) else 1
     from qwenvl_ft import sweep
 
     return 1 if sweep.FAILED_JOBS else 0

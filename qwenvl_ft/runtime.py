@@ -21,6 +21,8 @@ from qwenvl_ft.errors import UserFacingError
 
 log = logging.getLogger("qwenvl_ft")
 
+INTERRUPTED_EXIT_STATUS = 143  # 128 + SIGTERM
+
 
 def _job_info():
     from hydra.core.hydra_config import HydraConfig
@@ -42,6 +44,15 @@ def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
     summary = {"overrides": overrides, "output_dir": output_dir, "status": "failed", "metrics": {}}
     try:
         metrics = task(cfg) or {}  # each task validates its own config first
+        if metrics.get("interrupted"):
+            # Stopped by SIGTERM with a checkpoint saved: not a failure, not finished either. The exit status
+            # says terminated-by-SIGTERM (128 + 15) so that schedulers and retry loops run it again; a sweep
+            # stops here too instead of starting its next job.
+            summary.update(status="interrupted", metrics=metrics)
+            write_summary(output_dir, summary)
+            print(f"qwenvl-ft: interrupted at step {metrics.get('global_step')}; checkpoint saved to "
+                  f"{metrics.get('checkpoint')}. Run the same command again to resume.", file=sys.stderr)
+            sys.exit(INTERRUPTED_EXIT_STATUS)
         summary.update(status="completed", metrics=metrics)
         return metrics
     except UserFacingError as err:  # config and data errors: the message says everything

@@ -19,7 +19,7 @@ from typing import Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from qwenvl_ft.config.schema import GROUP_SCHEMAS, ConfigError, TrainConfig, register_schemas
+from qwenvl_ft.config.schema import GROUP_SCHEMAS, ConfigError, TrainConfig, register_schemas, root_schema
 
 RECIPES_ENV = "QWENVL_FT_RECIPES"
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train",
     from hydra import initialize_config_dir
 
     register_all(extra_recipe_dirs)
-    check_override_keys(overrides)
+    check_override_keys(overrides, root_schema(config_name))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         try:
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))

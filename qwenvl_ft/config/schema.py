@@ -96,7 +96,14 @@ class ModelConfig:
     architecture: Optional[ArchitectureConfig] = None
     dtype: Dtype = Dtype.bfloat16  # weight dtype (4-bit adapters use it as compute dtype)
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
-    gradient_checkpointing: bool = True  # non-reentrant, on the language model
+    # Non-reentrant, on the decoder layers and (transformers' default) the vision blocks too.
+    gradient_checkpointing: bool = True
+    # Vision blocks only (None: follow gradient_checkpointing). Recomputing the ViT pays off only when it trains
+    # on large images; false keeps it off while the language model is checkpointed.
+    vision_gradient_checkpointing: Optional[bool] = None
+    # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) via the Trainer; needs `pip install liger-kernel` and CUDA.
+    # Its fused linear cross-entropy stays off: TRL's SFTTrainer already fuses the LM head and loss.
+    use_liger_kernel: bool = False
     freeze_vision_tower: bool = True  # the ViT blocks and patch embedding
     freeze_merger: bool = True  # the patch merger that projects vision features into the language model
     freeze_language_model: bool = False  # embeddings, decoder layers and lm_head
@@ -119,6 +126,22 @@ class DataFormat(str, Enum):
     messages = "messages"  # OpenAI / TRL style `messages` with content lists and an `images` column
     self_llm = "self_llm"  # caption layout: image path between <|vision_start|> and <|vision_end|> in user text
     amazon = "amazon"  # column formatter for philschmid/amazon-product-descriptions-vlm
+    columns = "columns"  # any table: data.columns names the image and answer columns, data.prompt the user text
+    # Detected per row: `messages` -> messages; `conversations` -> self_llm when the first user text embeds
+    # <|vision_start|>path<|vision_end|>, llava otherwise.
+    auto = "auto"
+    # Preference pairs for trainer.kind=dpo (qwenvl_ft/data/preference.py):
+    llava_preference = "llava_preference"  # `image`, `prompt` (text, optional <image>), `chosen`, `rejected` (text)
+    messages_preference = "messages_preference"  # HF / TRL: `images` + `prompt` / `chosen` / `rejected` messages
+    shapes_preference = "shapes_preference"  # generated: the right description of a shape image vs a wrong one
+
+    @property
+    def is_preference(self) -> bool:
+        return self in (DataFormat.llava_preference, DataFormat.messages_preference, DataFormat.shapes_preference)
+
+    @property
+    def is_generated(self) -> bool:
+        return self in (DataFormat.shapes, DataFormat.shapes_preference)
 
 
 @dataclass
@@ -133,6 +156,26 @@ class ShapesConfig:
     def __post_init__(self) -> None:
         _check(self.num_train > 0 and self.num_eval >= 0, "data.shapes.num_train must be > 0, num_eval >= 0")
         _check(self.image_size % 28 == 0, "data.shapes.image_size must be a multiple of 28")
+
+
+class Overlength(str, Enum):
+    """What happens to a sample longer than data.max_length. A cut never falls inside a vision span (that is what
+    makes Qwen2-VL fail with "image features and image tokens do not match")."""
+
+    truncate_text = "truncate_text"  # cut the text after the last vision span; a row that cannot be cut so is dropped
+    drop = "drop"  # drop the row
+    error = "error"  # the row is invalid: data-check and training stop on it (unless data.skip_invalid)
+
+
+@dataclass
+class ColumnsConfig:
+    """data.format=columns: how the columns of a table become one user turn and one assistant answer."""
+
+    images: Optional[str] = "image"  # column holding one image or a list of images (None: text-only rows)
+    answer: str = "answer"  # column holding the assistant's answer
+    # The user text is data.prompt formatted with every column, by name ({Product Name}) and by snake_case name
+    # ({product_name}); without data.prompt it is the column named here.
+    prompt: Optional[str] = "question"
 
 
 @dataclass
@@ -156,11 +199,53 @@ class DataConfig:
     resized_height: Optional[int] = None  # fixed resize, rounded to a multiple of 28
     resized_width: Optional[int] = None
     num_workers: int = 0  # DataLoader worker processes doing decoding and tokenisation
+    # Batch layout of training (docs/performance.md). Default: trainer.batch_size rows, right-padded.
+    # packing: padding-free; rows are concatenated into one sequence of at most max_tokens_per_batch tokens per
+    # device step, each keeping its own M-RoPE positions and attending only to itself (trainer.batch_size unused).
+    packing: bool = False
+    # Token budget per device step. With packing: the pack size (None: trainer.batch_size x max_length). Without:
+    # padded batches of rows of similar length, as many as fit in this many padded tokens.
+    max_tokens_per_batch: Optional[int] = None
+    group_by_length: bool = False  # padded batches of trainer.batch_size rows of similar length (less padding)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # used by format=columns only
+    # http(s) images are off by default: a run should not depend on the network or on someone else's server.
+    allow_remote_images: bool = False
+    remote_timeout_s: float = 10.0  # per image download
+    remote_max_bytes: int = 20_000_000  # a larger download is refused
+    # Decompression-bomb guard: an image with more pixels is an invalid row (PIL's own limit is set to this too).
+    max_image_pixels: int = 100_000_000
+    max_images_per_row: Optional[int] = None  # a row with more images is invalid
+    # Visual tokens (images + videos) of one sample; a video's frames shrink to fit, a row still over is invalid.
+    max_visual_tokens: Optional[int] = None
+    video_min_pixels: Optional[int] = None  # per frame (None: the processor's video defaults)
+    video_max_pixels: Optional[int] = None
+    video_fps: Optional[float] = None  # frames sampled per second of video (None: 2.0, qwen-vl-utils' default)
+    video_nframes: Optional[int] = None  # a fixed number of frames per video instead of video_fps
+    video_max_frames: int = 768  # cap on sampled frames with video_fps
+    overlength: Overlength = Overlength.truncate_text  # samples over max_length (see Overlength)
+    # Rows that fail validation are dropped and counted instead of stopping data-check and training.
+    skip_invalid: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.format == DataFormat.shapes or self.path is not None,
+        _check(self.format.is_generated or self.path is not None,
                f"data.path is required for data.format={self.format.value}")
+        for name in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "resized_height",
+                     "resized_width", "max_visual_tokens"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"data.{name} must be > 0")
+        if self.video_min_pixels is not None and self.video_max_pixels is not None:
+            _check(self.video_min_pixels <= self.video_max_pixels,
+                   "data.video_min_pixels must be <= data.video_max_pixels")
+        _check(self.remote_timeout_s > 0 and self.remote_max_bytes > 0,
+               "data.remote_timeout_s and data.remote_max_bytes must be > 0")
+        _check(self.max_image_pixels > 0, "data.max_image_pixels must be > 0")
+        _check(self.max_images_per_row is None or self.max_images_per_row >= 0, "data.max_images_per_row must be >= 0")
+        _check(self.video_fps is None or self.video_nframes is None,
+               "data.video_fps and data.video_nframes are alternatives: set one")
+        _check(self.video_fps is None or self.video_fps > 0, "data.video_fps must be > 0")
+        _check(self.video_nframes is None or self.video_nframes >= 2, "data.video_nframes must be >= 2")
+        _check(self.video_max_frames >= 2, "data.video_max_frames must be >= 2")
         _check(self.eval_size >= 0, "data.eval_size must be >= 0")
         _check(self.eval_size < 1 or float(self.eval_size).is_integer(),
                "data.eval_size >= 1 is a row count and must be a whole number")
@@ -168,6 +253,17 @@ class DataConfig:
         _check((self.resized_height is None) == (self.resized_width is None),
                "data.resized_height and data.resized_width must be set together")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0,
+               "data.max_tokens_per_batch must be > 0")
+        _check(not self.packing or self.max_tokens_per_batch is not None or self.max_length is not None,
+               "data.packing with data.max_length=null needs data.max_tokens_per_batch (the pack size)")
+        _check(self.max_tokens_per_batch is None or self.max_length is None
+               or self.max_tokens_per_batch >= self.max_length,
+               f"data.max_tokens_per_batch={self.max_tokens_per_batch} is below data.max_length={self.max_length}: "
+               f"a row of max_length tokens would not fit in a batch")
+        _check(not (self.group_by_length and (self.packing or self.max_tokens_per_batch is not None)),
+               "data.group_by_length is for padded batches of trainer.batch_size rows; packing and "
+               "max_tokens_per_batch already group rows by length")
         if self.min_pixels is not None and self.max_pixels is not None:
             _check(self.min_pixels <= self.max_pixels, "data.min_pixels must be <= data.max_pixels")
 
@@ -261,7 +357,60 @@ class OptimizerConfig:
 
 
 class TrainerKind(str, Enum):
-    sft = "sft"
+    sft = "sft"  # supervised fine-tuning on conversations (qwenvl_ft/training/sft.py)
+    dpo = "dpo"  # direct preference optimisation on chosen/rejected pairs (qwenvl_ft/training/dpo.py)
+
+
+class DpoLossType(str, Enum):
+    """TRL 1.16 DPOTrainer losses (see trl.DPOConfig.loss_type)."""
+
+    sigmoid = "sigmoid"  # the original DPO loss
+    hinge = "hinge"  # SLiC
+    ipo = "ipo"  # IPO; beta is its regularisation tau
+    exo_pair = "exo_pair"  # EXO; needs label_smoothing > 0 (paper: 1e-3)
+    nca_pair = "nca_pair"
+    robust = "robust"  # robust DPO; label_smoothing = probability a label is flipped, in [0, 0.5)
+    bco_pair = "bco_pair"
+    sppo_hard = "sppo_hard"
+    aot = "aot"
+    aot_unpaired = "aot_unpaired"
+    apo_zero = "apo_zero"  # chosen answers better than the model's own
+    apo_down = "apo_down"  # chosen answers worse than the model's own
+    discopop = "discopop"
+    sft = "sft"  # negative log-likelihood of the chosen answer (combine with sigmoid for RPO/MPO-style mixes)
+    sigmoid_norm = "sigmoid_norm"  # sigmoid on length-normalised log-ratios
+
+
+@dataclass
+class DpoConfig:
+    """Settings of trainer.kind=dpo, handed to TRL's DPOConfig.
+
+    The reference policy is the starting model: for LoRA/DoRA/QLoRA the same weights with the adapter disabled (no
+    second copy in memory), for full fine-tuning a second, frozen copy. Sequence length is data.max_length (prompt +
+    answer, never cut inside an image); TRL 1.16 has no separate prompt/completion limits.
+    """
+
+    beta: float = 0.1  # strength of the pull towards the reference: higher stays closer
+    loss_type: List[DpoLossType] = field(default_factory=lambda: [DpoLossType.sigmoid])  # several are summed
+    loss_weights: Optional[List[float]] = None  # one per loss_type (None: all 1.0)
+    label_smoothing: float = 0.0  # robust / exo_pair only
+    # Compute the reference log-probabilities of every pair once before training (one pass over the data) instead
+    # of a reference forward per step: about a quarter less compute per step, and full fine-tuning frees the
+    # reference copy before the first step. Held-out rows are precomputed too.
+    precompute_ref_log_probs: bool = False
+    precompute_ref_batch_size: Optional[int] = None  # batch size of that pass (None: trainer.batch_size)
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "trainer.dpo.beta must be > 0")
+        _check(len(self.loss_type) > 0, "trainer.dpo.loss_type must name at least one loss")
+        _check(len(set(self.loss_type)) == len(self.loss_type), "trainer.dpo.loss_type lists a loss twice")
+        _check(self.loss_weights is None or len(self.loss_weights) == len(self.loss_type),
+               f"trainer.dpo.loss_weights needs one weight per loss_type ({len(self.loss_type)})")
+        _check(0.0 <= self.label_smoothing < 0.5, "trainer.dpo.label_smoothing must be in [0, 0.5)")
+        _check(DpoLossType.exo_pair not in self.loss_type or self.label_smoothing > 0,
+               "trainer.dpo.loss_type=exo_pair needs trainer.dpo.label_smoothing > 0 (the EXO paper uses 1e-3)")
+        _check(self.precompute_ref_batch_size is None or self.precompute_ref_batch_size > 0,
+               "trainer.dpo.precompute_ref_batch_size must be > 0")
 
 
 class Precision(str, Enum):
@@ -291,6 +440,18 @@ class TrainerConfig:
     max_new_tokens: int = 64
     num_predictions_to_print: int = 4
     disable_tqdm: bool = False
+    # Resuming: "auto" continues from the newest complete checkpoint-* in output_dir (a fresh start when there is
+    # none), a path names a checkpoint folder, null always starts fresh. A fixed `run_name` makes the same command
+    # land in the same output_dir, so running it again after an interruption resumes.
+    resume_from: Optional[str] = "auto"
+    # Evaluation during training, on the held-out rows: loss every eval_steps optimizer steps (None: never).
+    eval_steps: Optional[int] = None
+    load_best_model_at_end: bool = False  # final/ gets the best checkpoint by metric_for_best_model
+    metric_for_best_model: str = "eval_loss"
+    greater_is_better: Optional[bool] = None  # None: False for metrics ending in "loss", else True
+    early_stopping_patience: Optional[int] = None  # stop after this many evaluations without improvement
+    early_stopping_threshold: float = 0.0  # an improvement must beat the best by more than this
+    dpo: DpoConfig = field(default_factory=DpoConfig)  # used by kind=dpo only
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0 or self.max_steps > 0, "trainer.epochs or trainer.max_steps must be > 0")
@@ -301,6 +462,20 @@ class TrainerConfig:
         valid_reporters = {"tensorboard", "wandb", "none"}
         unknown = set(self.report_to) - valid_reporters
         _check(not unknown, f"trainer.report_to has {sorted(unknown)}; valid: {sorted(valid_reporters)}")
+        _check(self.resume_from is None or self.resume_from.strip() != "",
+               "trainer.resume_from must be auto, a checkpoint folder or null")
+        _check(self.eval_steps is None or self.eval_steps > 0, "trainer.eval_steps must be > 0")
+        needs_eval = [name for name, on in (("load_best_model_at_end", self.load_best_model_at_end),
+                                            ("early_stopping_patience", self.early_stopping_patience is not None))
+                      if on]
+        _check(not needs_eval or self.eval_steps is not None,
+               f"trainer.{needs_eval[0] if needs_eval else ''} needs trainer.eval_steps (evaluation during training)")
+        # The Trainer can only load the best checkpoint if every evaluation step is also a save step.
+        _check(not self.load_best_model_at_end or self.eval_steps is None or self.save_steps % self.eval_steps == 0,
+               "trainer.load_best_model_at_end needs trainer.save_steps to be a multiple of trainer.eval_steps")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience > 0,
+               "trainer.early_stopping_patience must be > 0")
+        _check(self.early_stopping_threshold >= 0, "trainer.early_stopping_threshold must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,6 +493,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     output_dir: str = "outputs/run"
     seed: int = 42
+    run_name: str = "run"  # names the output folder outputs/<recipe>/<run_name> (the primary configs: a timestamp)
 
     def __post_init__(self) -> None:
         _check(not (self.adapter.method == AdapterMethod.qlora and not self.adapter.load_in_4bit),
@@ -329,6 +505,134 @@ class TrainConfig:
         else:
             trains_something = not (m.freeze_language_model and m.freeze_merger and m.freeze_vision_tower)
         _check(trains_something, "model.freeze_* and the adapter settings leave nothing to train")
+        kind, data_format = self.trainer.kind, self.data.format
+        _check(kind != TrainerKind.dpo or data_format.is_preference,
+               f"trainer=dpo needs preference pairs, but data.format={data_format.value}; use data=llava_preference, "
+               f"data=messages_preference or data=shapes_preference")
+        _check(kind != TrainerKind.sft or not data_format.is_preference,
+               f"data.format={data_format.value} holds preference pairs: train it with trainer=dpo")
+        _check(kind != TrainerKind.dpo or not (self.data.packing or self.data.max_tokens_per_batch is not None
+                                               or self.data.group_by_length),
+               "data.packing, data.max_tokens_per_batch and data.group_by_length are for trainer=sft; DPO batches "
+               "are trainer.batch_size pairs")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eval / infer / merge: the train groups (so that a recipe means the same model, data and adapter) plus one group
+# for the command
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings handed to `model.generate` (eval and infer)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False  # False: greedy (or beam search with num_beams > 1); the sampling fields are ignored
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens > 0, "generation.max_new_tokens must be > 0")
+        _check(self.temperature > 0, "generation.temperature must be > 0")
+        _check(0 < self.top_p <= 1, "generation.top_p must be in (0, 1]")
+        _check(self.top_k >= 0, "generation.top_k must be >= 0")
+        _check(self.num_beams >= 1, "generation.num_beams must be >= 1")
+        _check(self.repetition_penalty > 0, "generation.repetition_penalty must be > 0")
+
+    def kwargs(self) -> dict:
+        out = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams,
+                   repetition_penalty=self.repetition_penalty)
+        if self.do_sample:  # passing them with do_sample=False only earns a warning from transformers
+            out.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return out
+
+
+EVAL_METRICS = ("exact_match", "bleu", "rouge_l")  # implemented in qwenvl_ft/evaluation/metrics.py
+
+
+@dataclass
+class EvalConfig:
+    """`qwenvl-ft eval`: generate on the held-out rows with the base and the fine-tuned model, side by side."""
+
+    # The fine-tuned adapter or model folder (a run's final/, a checkpoint-*, a merged folder); null: base only.
+    # eval.yaml defaults it to the final/ of the run named by run_name.
+    model_path: Optional[str] = None
+    compare_base: bool = True  # also generate with the base model (model group) and report both
+    num_samples: Optional[int] = None  # the first N held-out rows (None: all)
+    batch_size: int = 8
+    metrics: List[str] = field(default_factory=lambda: list(EVAL_METRICS))
+    num_examples: int = 8  # predictions shown in the log, the report and the TensorBoard gallery
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def __post_init__(self) -> None:
+        _check(self.model_path is not None or self.compare_base,
+               "eval.model_path is null and eval.compare_base is false: nothing to evaluate")
+        _check(self.num_samples is None or self.num_samples > 0, "eval.num_samples must be > 0")
+        _check(self.batch_size > 0, "eval.batch_size must be > 0")
+        _check(self.num_examples >= 0, "eval.num_examples must be >= 0")
+        unknown = [m for m in self.metrics if m not in EVAL_METRICS]
+        _check(not unknown, f"eval.metrics has {unknown}; valid: {list(EVAL_METRICS)}")
+
+
+@dataclass
+class InferConfig:
+    """`qwenvl-ft infer`: one prompt over one or many images, batched; predictions printed and written as JSONL."""
+
+    model_path: Optional[str] = None  # adapter folder, full or merged model folder; null: the base model
+    images: List[str] = field(default_factory=list)  # required: image files and/or folders (every image inside)
+    prompt: str = "Describe the image."
+    batch_size: int = 4
+    output_file: Optional[str] = None  # JSONL; None: <output_dir>/predictions.jsonl
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def __post_init__(self) -> None:
+        _check(self.prompt.strip() != "", "infer.prompt is empty")
+        _check(self.batch_size > 0, "infer.batch_size must be > 0")
+
+
+@dataclass
+class MergeConfig:
+    """`qwenvl-ft merge`: fold a LoRA/DoRA/QLoRA adapter into the unquantised base and save a complete model."""
+
+    adapter_path: Optional[str] = None  # required; merge.yaml defaults it to the final/ of the run named by run_name
+    output_path: Optional[str] = None  # required; merge.yaml defaults it to <that run>/merged
+    dtype: Optional[Dtype] = None  # weights of the merged model (None: model.dtype); never 4-bit
+    overwrite: bool = False  # replace an existing output_path
+    max_shard_size: str = "5GB"
+
+    def __post_init__(self) -> None:
+        _check(self.max_shard_size.strip() != "", "merge.max_shard_size must be a size such as 5GB")
+
+
+@dataclass
+class EvalRunConfig(TrainConfig):
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class InferRunConfig(TrainConfig):
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+@dataclass
+class MergeRunConfig(TrainConfig):
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+
+# primary config name (conf/<name>.yaml) -> root schema, registered as `<name>_schema`
+ROOT_SCHEMAS = {
+    "train": TrainConfig,
+    "eval": EvalRunConfig,
+    "infer": InferRunConfig,
+    "merge": MergeRunConfig,
+}
+
+
+def root_schema(config_name: str):
+    return ROOT_SCHEMAS.get(config_name, TrainConfig)
 
 
 GROUP_SCHEMAS = {
@@ -341,8 +645,11 @@ GROUP_SCHEMAS = {
 
 
 def register_schemas() -> None:
-    """Register the root schema so that the primary config can list it first in its defaults."""
+    """Register the root schemas so that each primary config can list its own first in its defaults."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
+    for name, schema in ROOT_SCHEMAS.items():
+        if name != "train":
+            store.store(name=f"{name}_schema", node=schema)

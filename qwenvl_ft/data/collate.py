@@ -3,22 +3,40 @@
 Why our own: TRL's `DataCollatorForVisionLanguageModeling` trains on assistant tokens only through
 `{% generation %}` markers, which Qwen2-VL's real chat template does not have, and it cannot say which row broke.
 
-The work is split in two so that other batch layouts (packing) reuse the per-sample part:
+The work is split so that other batch layouts (packing) reuse the per-sample part:
   `encode(row)`  -> one sample's token ids, labels, M-RoPE token types and vision tensors (1-D / per-image);
-  `pad(samples)` -> a right-padded batch.
+  `pad(samples)` -> a right-padded batch;
+  `measure(row)` -> what `encode` would produce (lengths, visual tokens, sizes), through the same code but without
+                    the pixel arithmetic: what `data-check` runs on every row.
+
+Per sample, every image is read and decoded once (qwenvl_ft/data/images.py), sized by qwen-vl-utils'
+`smart_resize` then the processor's (the tutorials' pipeline), resized once with torchvision's antialiased bicubic
+(the image processor's own resize) and handed to the processor's torchvision backend with `do_resize=False`: the
+naive pipeline resizes each image twice, first with PIL. Text is tokenised once with one placeholder per image and
+the placeholders are expanded by id; special tokens are atomic, so this equals the processor's string expansion
+(tests/test_data_collate.py compares the two) while costing one short tokenisation instead of one over thousands
+of `<|image_pad|>`, and it gives the length without processing any pixels.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from qwenvl_ft.config.schema import DataConfig
-from qwenvl_ft.data.images import open_image
+from qwenvl_ft.config.schema import DataConfig, Overlength
+from qwenvl_ft.data.images import ImageLimits, load_image
+from qwenvl_ft.data.video import Sampling, load_video
 from qwenvl_ft.errors import DataError
 
 IGNORE_INDEX = -100
+TEXT, IMAGE, VIDEO = 0, 1, 2  # values of mm_token_type_ids (transformers' ProcessorMixin.create_mm_token_type_ids)
+
+
+class RowDropped(DataError):
+    """A valid row that does not fit data.max_length under data.overlength: dropped and counted, not an error."""
 
 
 def assistant_label_mask(input_ids: Sequence[int], tokenizer) -> torch.Tensor:
@@ -53,38 +71,197 @@ def assistant_label_mask(input_ids: Sequence[int], tokenizer) -> torch.Tensor:
     return mask
 
 
+@dataclass
+class Visuals:
+    """A row's images and videos, decoded and (unless measuring) resized, in the order the text uses them."""
+
+    images: List[torch.Tensor] = field(default_factory=list)  # uint8 (3, H, W)
+    image_grids: List[Tuple[int, int, int]] = field(default_factory=list)  # (t, h, w) in patches
+    image_sizes: List[Tuple[int, int]] = field(default_factory=list)  # (width, height) as stored
+    videos: List[torch.Tensor] = field(default_factory=list)  # uint8 (T, 3, H, W)
+    video_grids: List[Tuple[int, int, int]] = field(default_factory=list)
+    video_sizes: List[Tuple[int, int, int]] = field(default_factory=list)  # (frames, width, height) as stored
+    video_fps: List[float] = field(default_factory=list)  # sampled frames per second
+
+
+@dataclass
+class SampleStats:
+    """What `measure(row)` reports; `length` is after the data.overlength policy."""
+
+    source: str
+    length: int
+    full_length: int  # before truncation
+    text_tokens: int
+    label_tokens: int
+    image_sizes: List[Tuple[int, int]]
+    image_tokens: List[int]
+    video_sizes: List[Tuple[int, int, int]]
+    video_tokens: List[int]
+
+    @property
+    def truncated(self) -> bool:
+        return self.length < self.full_length
+
+
 class VisionChatCollator:
-    """Applies the chat template, expands image tokens through the processor and builds labels."""
+    """Applies the chat template, expands vision tokens and builds labels. Pickles (DataLoader workers)."""
 
     def __init__(self, processor, data_cfg: DataConfig):
+        from qwen_vl_utils.vision_process import VIDEO_MAX_TOKEN_NUM, VIDEO_MIN_TOKEN_NUM
+
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.cfg = data_cfg
-        self.vision_end_id = self.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+        self.limits = ImageLimits.from_config(data_cfg)
+        ids = self.tokenizer.convert_tokens_to_ids
+        self.vision_end_id = ids("<|vision_end|>")
+        self.image_pad_id, self.video_pad_id = ids("<|image_pad|>"), ids("<|video_pad|>")
         image_processor = processor.image_processor
         self.patch_size = image_processor.patch_size
+        self.merge_size = image_processor.merge_size
+        self.factor = self.patch_size * self.merge_size
         size = image_processor.size
-        self.min_pixels = data_cfg.min_pixels or size.get("shortest_edge") or size.get("min_pixels")
-        self.max_pixels = data_cfg.max_pixels or size.get("longest_edge") or size.get("max_pixels")
+        self.processor_min_pixels = size.get("shortest_edge") or size.get("min_pixels")
+        self.processor_max_pixels = size.get("longest_edge") or size.get("max_pixels")
+        self.min_pixels = data_cfg.min_pixels or self.processor_min_pixels
+        self.max_pixels = data_cfg.max_pixels or self.processor_max_pixels
+        self.temporal_patch_size = getattr(getattr(processor, "video_processor", None), "temporal_patch_size", 2)
+        # qwen-vl-utils' per-frame bounds (what Qwen's inference uses), not the video processor's size: build_processor
+        # hands data.min/max_pixels to every sub-processor, and frames reach the processor already resized anyway.
+        self.video_min_pixels = data_cfg.video_min_pixels or VIDEO_MIN_TOKEN_NUM * self.factor ** 2
+        self.video_max_pixels = data_cfg.video_max_pixels or VIDEO_MAX_TOKEN_NUM * self.factor ** 2
+        self.sampling = Sampling(data_cfg.video_fps, data_cfg.video_nframes, data_cfg.video_max_frames)
+        # Qwen2.5-VL's M-RoPE spaces video frames by time; Qwen2-VL's forward does not take the key.
+        self.with_video_seconds = "second_per_grid_ts" in getattr(processor, "model_input_names", [])
 
-    # -- images ------------------------------------------------------------------------------------------------
+    # -- sizes -------------------------------------------------------------------------------------------------
+
+    def image_hw(self, width: int, height: int, where: str) -> Tuple[int, int]:
+        """(height, width) the model sees: qwen-vl-utils' resize (bounds, or the fixed size), then the processor's
+        (a no-op unless its bounds are tighter), as in the tutorials' pipeline."""
+        from qwen_vl_utils import smart_resize as loader_resize
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as processor_resize
+
+        try:
+            if self.cfg.resized_height is not None:
+                h, w = loader_resize(self.cfg.resized_height, self.cfg.resized_width, factor=self.factor)
+            else:
+                h, w = loader_resize(height, width, factor=self.factor, min_pixels=self.min_pixels,
+                                     max_pixels=self.max_pixels)
+            return processor_resize(h, w, factor=self.factor, min_pixels=self.processor_min_pixels,
+                                    max_pixels=self.processor_max_pixels)
+        except ValueError:  # smart_resize refuses an aspect ratio over 200:1
+            ratio = max(width, height) / max(1, min(width, height))
+            raise DataError(f"{where}: image of {width}x{height} has an aspect ratio of {ratio:.0f}:1; Qwen2-VL "
+                            f"accepts at most 200:1 (crop or pad it)") from None
+
+    def image_tokens(self, width: int, height: int, where: str = "?") -> int:
+        """Language-model tokens of one image of this stored size."""
+        h, w = self.image_hw(width, height, where)
+        return (h // self.patch_size) * (w // self.patch_size) // self.merge_size ** 2
+
+    def video_hw(self, width: int, height: int, frames: int, budget: Optional[int], where: str) -> Tuple[int, int]:
+        """(height, width) of every frame: within data.video_min/max_pixels, shrunk so that the video fits in
+        `budget` visual tokens when there is one (qwen-vl-utils' total_pixels rule, as a token count)."""
+        from qwen_vl_utils import smart_resize as loader_resize
+
+        max_pixels = self.video_max_pixels
+        if budget is not None:
+            pairs = -(-frames // self.temporal_patch_size)
+            max_pixels = min(max_pixels, budget * self.factor ** 2 // max(pairs, 1))
+            if max_pixels < self.video_min_pixels:
+                raise DataError(f"{where}: a video of {frames} frames does not fit in the {budget} visual tokens "
+                                f"left by data.max_visual_tokens even at data.video_min_pixels="
+                                f"{self.video_min_pixels}; sample fewer frames (data.video_fps, data.video_nframes)")
+        try:
+            if self.cfg.resized_height is not None:
+                return loader_resize(self.cfg.resized_height, self.cfg.resized_width, factor=self.factor)
+            return loader_resize(height, width, factor=self.factor, min_pixels=self.video_min_pixels,
+                                 max_pixels=max_pixels)
+        except ValueError:
+            ratio = max(width, height) / max(1, min(width, height))
+            raise DataError(f"{where}: video of {width}x{height} has an aspect ratio of {ratio:.0f}:1; Qwen2-VL "
+                            f"accepts at most 200:1") from None
+
+    def _grid(self, frames: int, height: int, width: int) -> Tuple[int, int, int]:
+        return (-(-frames // self.temporal_patch_size) if frames > 1 else 1, height // self.patch_size,
+                width // self.patch_size)
+
+    def _tokens(self, grid: Tuple[int, int, int]) -> int:
+        return grid[0] * grid[1] * grid[2] // self.merge_size ** 2
+
+    # -- images and videos -------------------------------------------------------------------------------------
+
+    def load_visuals(self, row: dict, resize: bool = True) -> Visuals:
+        from torchvision.transforms.v2 import functional as tvF
+
+        source = row.get("source", "?")
+        refs = list(row.get("images") or [])
+        cap = self.cfg.max_images_per_row
+        if cap is not None and len(refs) > cap:
+            raise DataError(f"{source}: field 'images': {len(refs)} images, over data.max_images_per_row={cap}")
+        visuals = Visuals()
+        for index, ref in enumerate(refs):
+            where = f"{source}: images[{index}]"
+            image, (width, height) = load_image(ref, where, self.limits,
+                                                target=lambda w, h: self.image_hw(w, h, where)[::-1])
+            h, w = self.image_hw(width, height, where)
+            visuals.image_sizes.append((width, height))
+            visuals.image_grids.append(self._grid(1, h, w))
+            if resize:
+                pixels = tvF.pil_to_tensor(image)
+                if pixels.shape[-2:] != (h, w):
+                    pixels = tvF.resize(pixels, [h, w], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+                visuals.images.append(pixels.contiguous())
+        budget = self.cfg.max_visual_tokens
+        used = sum(self._tokens(g) for g in visuals.image_grids)
+        if budget is not None and used > budget:
+            raise DataError(f"{source}: field 'images': {used} visual tokens, over data.max_visual_tokens={budget} "
+                            f"(lower data.max_pixels or data.max_images_per_row)")
+        for index, ref in enumerate(row.get("videos") or []):
+            where = f"{source}: videos[{index}]"
+            left = None if budget is None else budget - used
+
+            def frame_size(width, height, frames, where=where, left=left):
+                return self.video_hw(width, height, frames, left, where)
+
+            video = load_video(ref, where, self.limits, self.sampling, frame_size)
+            frames, _, h, w = video.frames.shape
+            grid = self._grid(frames, h, w)
+            used += self._tokens(grid)
+            visuals.video_grids.append(grid)
+            visuals.video_sizes.append((video.source_frames, *video.source_size))
+            visuals.video_fps.append(video.sample_fps)
+            visuals.videos.append(video.frames)
+        return visuals
 
     def load_images(self, row: dict) -> List:
-        from qwen_vl_utils import fetch_image
+        """The row's images as resized PIL images, for processors that take their images themselves (DPO)."""
+        from torchvision.transforms.v2 import functional as tvF
 
-        images = []
-        for index, ref in enumerate(row["images"] or []):
-            where = f"{row.get('source', '?')}: images[{index}]"
-            image = open_image(ref, where)
-            request = {"image": image, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
-            if self.cfg.resized_height is not None:
-                request.update(resized_height=self.cfg.resized_height, resized_width=self.cfg.resized_width)
-            try:
-                images.append(fetch_image(request, image_patch_size=self.patch_size))
-            except ValueError as err:  # e.g. aspect ratio over 200:1, which Qwen2-VL's resize rejects
-                raise DataError(f"{where}: image of size {image.size[0]}x{image.size[1]} cannot be resized "
-                                f"for the model ({err})") from None
-        return images
+        return [tvF.to_pil_image(pixels) for pixels in self.load_visuals(row).images]
+
+    def vision_features(self, visuals: Visuals) -> Dict[str, torch.Tensor]:
+        """Pixel values and grids from the processor's torchvision backend; our resize already happened."""
+        out: Dict[str, torch.Tensor] = {}
+        if visuals.images:
+            features = self.processor.image_processor(images=visuals.images, do_resize=False, return_tensors="pt")
+            out["pixel_values"], out["image_grid_thw"] = features["pixel_values"], features["image_grid_thw"]
+            self._same_grids(out["image_grid_thw"], visuals.image_grids)
+        if visuals.videos:
+            features = self.processor.video_processor(videos=visuals.videos, do_resize=False, do_sample_frames=False,
+                                                      cap_pixels_per_frame=False, return_tensors="pt")
+            out["pixel_values_videos"] = features["pixel_values_videos"]
+            out["video_grid_thw"] = features["video_grid_thw"]
+            self._same_grids(out["video_grid_thw"], visuals.video_grids)
+            if self.with_video_seconds:
+                out["second_per_grid_ts"] = torch.tensor([self.temporal_patch_size / fps for fps in visuals.video_fps])
+        return out
+
+    @staticmethod
+    def _same_grids(actual: torch.Tensor, planned: List[Tuple[int, int, int]]) -> None:
+        if actual.tolist() != [list(g) for g in planned]:  # a processor change, not bad data
+            raise RuntimeError(f"the processor made grids {actual.tolist()} where the collator planned {planned}")
 
     # -- one sample --------------------------------------------------------------------------------------------
 
@@ -92,35 +269,74 @@ class VisionChatCollator:
         return self.processor.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def encode(self, row: dict) -> Dict[str, torch.Tensor]:
-        images = self.load_images(row)
-        features = self.processor(text=[self.render(row["messages"])], images=images or None, return_tensors="pt")
-        input_ids = features["input_ids"][0]
-        labels = torch.where(assistant_label_mask(input_ids.tolist(), self.tokenizer), input_ids,
-                             torch.full_like(input_ids, IGNORE_INDEX))
-        sample = {"input_ids": input_ids, "labels": labels, "mm_token_type_ids": features["mm_token_type_ids"][0]}
-        if images:
-            sample["pixel_values"] = features["pixel_values"]
-            sample["image_grid_thw"] = features["image_grid_thw"]
-        return self.truncate(sample, row.get("source", "?"))
+    def _tokens_and_labels(self, row: dict, visuals: Visuals, prompt_only: bool = False) -> Dict[str, torch.Tensor]:
+        # NumPy, not torch, for these small index operations: torch's intra-op thread pool makes each of them cost
+        # milliseconds on a busy machine (a DataLoader worker shares its cores with the others).
+        source = row.get("source", "?")
+        text = self.render(prompt_messages(row), add_generation_prompt=True) if prompt_only else \
+            self.render(row["messages"])
+        ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int64)
+        counts = np.ones_like(ids)
+        for pad_id, grids, kind in ((self.image_pad_id, visuals.image_grids, "image"),
+                                    (self.video_pad_id, visuals.video_grids, "video")):
+            positions = np.flatnonzero(ids == pad_id)
+            if len(positions) != len(grids):
+                raise DataError(f"{source}: the rendered text has {len(positions)} {kind} placeholder(s) for "
+                                f"{len(grids)} {kind}(s) (does a text contain a literal <|{kind}_pad|>?)")
+            counts[positions] = [self._tokens(g) for g in grids]
+        mask = assistant_label_mask(ids.tolist(), self.tokenizer).numpy()
+        input_ids = np.repeat(ids, counts)
+        labels = np.where(np.repeat(mask, counts), input_ids, IGNORE_INDEX)
+        token_types = (input_ids == self.image_pad_id) * IMAGE + (input_ids == self.video_pad_id) * VIDEO
+        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                "mm_token_type_ids": torch.from_numpy(token_types.astype(np.int64))}
 
-    def truncate(self, sample: Dict[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
-        """Cut to data.max_length in text only: a cut inside a vision span would break the image."""
+    def encode(self, row: dict) -> Dict[str, torch.Tensor]:
+        """One training sample: input_ids, labels, mm_token_type_ids (1-D) and, when the row has them,
+        pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw (/ second_per_grid_ts)."""
+        visuals = self.load_visuals(row)
+        sample = self._tokens_and_labels(row, visuals)
+        sample = self.fit_length(sample, row.get("source", "?"))
+        sample.update(self.vision_features(visuals))
+        return sample
+
+    def measure(self, row: dict) -> SampleStats:
+        """Everything `encode` checks and counts, without computing pixel values. Raises DataError for an invalid
+        row and RowDropped for one data.overlength drops."""
+        visuals = self.load_visuals(row, resize=False)
+        sample = self._tokens_and_labels(row, visuals)
+        full_length = sample["input_ids"].numel()
+        sample = self.fit_length(sample, row.get("source", "?"))
+        image_tokens = [self._tokens(g) for g in visuals.image_grids]
+        video_tokens = [self._tokens(g) for g in visuals.video_grids]
+        return SampleStats(
+            source=row.get("source", "?"), length=sample["input_ids"].numel(), full_length=full_length,
+            text_tokens=full_length - sum(image_tokens) - sum(video_tokens),
+            label_tokens=int((sample["labels"] != IGNORE_INDEX).sum()),
+            image_sizes=visuals.image_sizes, image_tokens=image_tokens,
+            video_sizes=visuals.video_sizes, video_tokens=video_tokens)
+
+    def fit_length(self, sample: Dict[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
+        """Apply data.max_length under data.overlength. A cut never falls inside a vision span: a vision span
+        cut short is what makes Qwen2-VL fail with "image features and image tokens do not match"."""
         limit = self.cfg.max_length
         length = sample["input_ids"].numel()
         if limit is None or length <= limit:
             return sample
+        policy = self.cfg.overlength
+        over = f"{where}: {length} tokens, over data.max_length={limit}"
+        if policy == Overlength.error:
+            raise DataError(f"{over} (data.overlength=error; raise data.max_length, lower data.max_pixels, or set "
+                            f"data.overlength to truncate_text or drop)")
+        if policy == Overlength.drop:
+            raise RowDropped(f"{over}: dropped (data.overlength=drop)")
         vision_ends = (sample["input_ids"] == self.vision_end_id).nonzero()
         if len(vision_ends) and int(vision_ends[-1]) >= limit:
-            raise DataError(f"{where}: {length} tokens exceed data.max_length={limit} and the cut would fall "
-                            f"inside an image (its vision tokens end at position {int(vision_ends[-1])}); "
-                            f"raise data.max_length or lower data.max_pixels")
+            raise RowDropped(f"{over}: dropped, the cut would fall inside an image or video (its vision tokens end "
+                             f"at position {int(vision_ends[-1])})")
         if not (sample["labels"][:limit] != IGNORE_INDEX).any():
-            raise DataError(f"{where}: {length} tokens exceed data.max_length={limit} and the cut would remove "
-                            f"every assistant token")
-        for key in ("input_ids", "labels", "mm_token_type_ids"):
-            sample[key] = sample[key][:limit]
-        return sample
+            raise RowDropped(f"{over}: dropped, the cut would remove every assistant token")
+        return {key: value[:limit] for key, value in sample.items()}
 
     # -- a batch -----------------------------------------------------------------------------------------------
 
@@ -133,17 +349,18 @@ class VisionChatCollator:
                 out[i, : s[key].numel()] = s[key]
             return out
 
-        batch = {
-            "input_ids": stack("input_ids", self.tokenizer.pad_token_id),
-            "labels": stack("labels", IGNORE_INDEX),
-            "mm_token_type_ids": stack("mm_token_type_ids", 0),
-        }
+        batch = {"input_ids": stack("input_ids", self.tokenizer.pad_token_id)}
+        if "labels" in samples[0]:
+            batch["labels"] = stack("labels", IGNORE_INDEX)
+        batch["mm_token_type_ids"] = stack("mm_token_type_ids", TEXT)
         lengths = torch.tensor([s["input_ids"].numel() for s in samples])
         batch["attention_mask"] = (torch.arange(longest)[None, :] < lengths[:, None]).long()
-        with_images = [s for s in samples if "pixel_values" in s]
-        if with_images:
-            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
-            batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
+        for keys in (("pixel_values", "image_grid_thw"),
+                     ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")):
+            for key in keys:
+                present = [s[key] for s in samples if key in s]
+                if present:
+                    batch[key] = torch.cat(present)
         return batch
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
@@ -151,14 +368,25 @@ class VisionChatCollator:
 
     # -- generation --------------------------------------------------------------------------------------------
 
-    def generation_batch(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
-        """Prompts (every turn but the last assistant answer) left-padded for `generate`."""
-        texts, images = [], []
+    def generation_batch(self, rows: List[dict]):
+        """Prompts (every turn but the last assistant answer) left-padded for `generate`, with the same images and
+        videos training sees."""
+        from transformers import BatchFeature
+
+        samples = []
         for row in rows:
-            texts.append(self.render(prompt_messages(row), add_generation_prompt=True))
-            images += self.load_images(row)
-        return self.processor(text=texts, images=images or None, padding=True, padding_side="left",
-                              return_tensors="pt")
+            visuals = self.load_visuals(row)
+            sample = self._tokens_and_labels(row, visuals, prompt_only=True)
+            del sample["labels"]
+            sample.update(self.vision_features(visuals))
+            samples.append(sample)
+        batch = self.pad(samples)
+        longest = batch["input_ids"].shape[1]
+        for i, sample in enumerate(samples):  # right-padded -> left-padded: roll each row's padding to the front
+            shift = longest - sample["input_ids"].numel()
+            for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                batch[key][i] = batch[key][i].roll(shift)
+        return BatchFeature(batch)
 
 
 def prompt_messages(row: dict) -> List[dict]:
@@ -167,4 +395,3 @@ def prompt_messages(row: dict) -> List[dict]:
 
 def reference_answer(row: dict) -> str:
     return "".join(i["text"] or "" for i in row["messages"][-1]["content"] if i["type"] == "text")
-

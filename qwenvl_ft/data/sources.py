@@ -1,18 +1,22 @@
 """Read a dataset in one of the supported layouts and turn every row into the canonical form
 
-    {"messages": [{"role": ..., "content": [{"type": "image"|"text", "text": ...}, ...]}, ...],
-     "images":   [path, base64 string, data URI, PIL image or {"bytes", "path"} -- one per image item, in order],
-     "source":   "file:row"}
+    {"messages": [{"role": ..., "content": [{"type": "image"|"video"|"text", "text": ...}, ...]}, ...],
+     "images":   [path, URL, base64 string, data URI, PIL image or {"bytes", "path"} -- one per image item, in order],
+     "videos":   [path / URL, or a list of frame references -- one per video item, in order],
+     "source":   "file:row N" (JSON arrays, datasets) or "file:line N" (JSONL)}
 
-which is what TRL calls the conversational vision format plus the row's origin for error messages. Images are
-not opened here (that happens in the collator, in DataLoader workers); a row whose structure is wrong fails here
-with its file, row and field.
+which is what TRL calls the conversational vision format plus the row's origin for error messages. Images and
+videos are not opened here (that happens in the collator, in DataLoader workers, and in data-check); a row whose
+structure is wrong fails here with its file, row and field, or, when a `problems` list is passed, is recorded
+there and left out so that every bad row can be reported at once.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -21,10 +25,27 @@ from qwenvl_ft.errors import DataError
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _VISION_SPAN = re.compile(r"<\|vision_start\|>(.*?)<\|vision_end\|>", re.DOTALL)
+# Control tokens of Qwen's tokenizer: in user text they would be read as structure (a literal <|image_pad|> is an
+# image with no pixels, a literal <|im_end|> ends the turn) instead of as text.
+RESERVED_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+_LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv")
+
+
+@dataclass
+class Problem:
+    """One invalid row (or unreadable part of a file): where it is and the message that says why."""
+
+    source: str
+    message: str
 
 
 def image_item() -> dict:
     return {"type": "image", "text": None}
+
+
+def video_item() -> dict:
+    return {"type": "video", "text": None}
 
 
 def text_item(text: str) -> dict:
@@ -35,28 +56,40 @@ def text_item(text: str) -> dict:
 # reading files
 
 
-def read_json_records(path: Path) -> Iterator[Tuple[str, Any]]:
-    """(location, record) for a JSON array file or a JSONL file; location is 'file:row' or 'file:line N'."""
+def _decode_utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: text is not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}; "
+                        f"re-save the file as UTF-8)") from None
+
+
+def read_json_records(path: Path, problems: Optional[List[Problem]] = None) -> Iterator[Tuple[str, Any]]:
+    """(location, record) for a JSON array file or a JSONL file; location is 'file:row N' or 'file:line N'.
+
+    A JSONL line that is not valid JSON or UTF-8 raises, or with `problems` is recorded there and skipped.
+    """
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise DataError(f"{path}: cannot read data file ({err.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:line {line}: text is not valid UTF-8 (byte offset {err.start})") from None
-    if not text.strip():
+    if not raw.strip():
         raise DataError(f"{path}: the data file is empty")
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        for number, line in enumerate(text.splitlines(), start=1):
+    if path.suffix == ".jsonl" or not raw.lstrip().startswith(b"["):
+        for number, line in enumerate(raw.split(b"\n"), start=1):
             if not line.strip():
                 continue
+            where = f"{path}:line {number}"
             try:
-                yield f"{path}:line {number}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:line {number}: invalid JSON ({err.msg} at column {err.colno})") from None
+                yield where, json.loads(_decode_utf8(line, where))
+            except (DataError, json.JSONDecodeError) as err:
+                message = str(err) if isinstance(err, DataError) else \
+                    f"{where}: invalid JSON ({err.msg} at column {err.colno})"
+                if problems is None:
+                    raise DataError(message) from None
+                problems.append(Problem(where, message))
         return
+    text = _decode_utf8(raw, str(path))
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:
@@ -79,12 +112,23 @@ def _field(record: Any, name: str, where: str, kind=None):
 
 def _resolve(ref: Any, base: Path) -> Any:
     """Relative paths resolve against the image folder; URLs, data URIs, base64 and objects pass through."""
+    if isinstance(ref, (list, tuple)):  # a video given as frames
+        return [_resolve(r, base) for r in ref]
     if not isinstance(ref, str):
         return ref
     if ref.startswith(("http://", "https://", "data:", "file://")) or len(ref) > 1024:
         return ref
-    path = Path(ref)
+    path = Path(ref).expanduser()
     return str(path if path.is_absolute() else base / path)
+
+
+def _as_list(value: Any) -> List[Any]:
+    """One reference or a list of them (None: none)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, dict, bytes)) or hasattr(value, "size"):
+        return [value]
+    return list(value)
 
 
 def _split_placeholders(text: str, where: str, field: str) -> List[dict]:
@@ -94,7 +138,7 @@ def _split_placeholders(text: str, where: str, field: str) -> List[dict]:
         if piece == "<image>":
             items.append(image_item())
         elif piece == "<video>":
-            raise DataError(f"{where}: field '{field}': video rows are not supported yet")
+            items.append(video_item())
         elif piece.strip():
             items.append(text_item(piece.strip("\n")))
     return items
@@ -106,45 +150,66 @@ def _split_placeholders(text: str, where: str, field: str) -> List[dict]:
 
 def from_llava(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
     turns = _field(record, "conversations", where, list)
-    images = record.get("image", [])
-    images = [images] if isinstance(images, str) else list(images or [])
+    images = record.get("image", record.get("images"))
+    videos = record.get("video", record.get("videos"))
+    # `video` is one path, or a list with one entry per <video>; an entry that is itself a list is frames.
+    videos = [videos] if isinstance(videos, str) else list(videos or [])
     messages = []
     for index, turn in enumerate(turns):
         turn_where = f"{where}: conversations[{index}]"
-        role = ROLE_ALIASES.get(_field(turn, "from", turn_where, str))
+        name = _field(turn, "from", turn_where, str)
+        role = ROLE_ALIASES.get(name.lower())
         if role is None:
-            raise DataError(f"{turn_where}: unknown role '{turn['from']}' (valid: {', '.join(ROLE_ALIASES)})")
+            raise DataError(f"{turn_where}: field 'from': unknown role '{name}' (valid: {', '.join(ROLE_ALIASES)})")
         value = _field(turn, "value", turn_where, str)
         messages.append({"role": role, "content": _split_placeholders(value, turn_where, "value")})
-    row = {"messages": messages, "images": [_resolve(i, base) for i in images], "source": where}
+    row = {"messages": messages, "images": [_resolve(i, base) for i in _as_list(images)],
+           "videos": [_resolve(v, base) for v in videos], "source": where}
     return _finish(row, where, cfg)
+
+
+def _message_items(content: Any, m_where: str, images: List[Any], videos: List[Any]) -> List[dict]:
+    if isinstance(content, str):
+        return [text_item(content)]
+    items = []
+    for k, item in enumerate(content):
+        i_where = f"{m_where}.content[{k}]"
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind in ("image", "image_url"):
+            inline = item.get("image", item.get("image_url"))
+            if isinstance(inline, dict):  # OpenAI: {"type": "image_url", "image_url": {"url": ...}}
+                inline = inline.get("url")
+            if inline is not None:  # given inline instead of in the `images` column
+                images.append(inline)
+            items.append(image_item())
+        elif kind == "video":
+            if item.get("video") is not None:
+                videos.append(item["video"])
+            items.append(video_item())
+        elif kind == "text":
+            text = item.get("text")
+            if text is not None and not isinstance(text, str):
+                raise DataError(f"{i_where}: field 'text' must be a string, got {type(text).__name__}")
+            items.append(text_item(text or ""))
+        else:
+            raise DataError(f"{i_where}: content item type must be 'image', 'image_url', 'video' or 'text', "
+                            f"got {kind!r}")
+    return items
 
 
 def from_messages(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
     raw_messages = _field(record, "messages", where, list)
-    images = record.get("images", record.get("image", []))
-    images = [images] if isinstance(images, (str, dict)) or hasattr(images, "size") else list(images or [])
+    images = _as_list(record.get("images", record.get("image")))
+    videos = record.get("videos", record.get("video"))
+    videos = [videos] if isinstance(videos, str) else list(videos or [])
     messages = []
     for index, message in enumerate(raw_messages):
         m_where = f"{where}: messages[{index}]"
         role = _field(message, "role", m_where, str)
         content = _field(message, "content", m_where, (str, list))
-        if isinstance(content, str):
-            items = [text_item(content)]
-        else:
-            items = []
-            for item in content:
-                kind = item.get("type") if isinstance(item, dict) else None
-                if kind == "image":
-                    if item.get("image") is not None:  # image given inline instead of in `images`
-                        images.append(item["image"])
-                    items.append(image_item())
-                elif kind == "text":
-                    items.append(text_item(item.get("text") or ""))
-                else:
-                    raise DataError(f"{m_where}: content item type must be 'image' or 'text', got {kind!r}")
-        messages.append({"role": role, "content": items})
-    row = {"messages": messages, "images": [_resolve(i, base) for i in images], "source": where}
+        messages.append({"role": role, "content": _message_items(content, m_where, images, videos)})
+    row = {"messages": messages, "images": [_resolve(i, base) for i in images],
+           "videos": [_resolve(v, base) for v in videos], "source": where}
     return _finish(row, where, cfg)
 
 
@@ -164,24 +229,80 @@ def from_self_llm(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
         "messages": [{"role": "user", "content": [image_item(), text_item(prompt)]},
                      {"role": "assistant", "content": [text_item(answer)]}],
         "images": [_resolve(paths[0].strip(), base)],
+        "videos": [],
+        "source": where,
+    }
+    return _finish(row, where, cfg)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"\W+", "_", name.strip()).strip("_").lower()
+
+
+def format_prompt(template: str, record: dict, where: str) -> str:
+    """`template` with {Column Name} or {column_name} replaced by the row's values."""
+    values = {}
+    for name, value in record.items():
+        values[name] = value
+        values.setdefault(_snake(name), value)
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None and name.split(".")[0].split("[")[0] not in values:
+            raise DataError(f"{where}: data.prompt uses {{{name}}}, which is not a column of this row "
+                            f"(columns: {', '.join(record)})")
+    try:
+        return template.format(**values)
+    except (IndexError, KeyError, ValueError, AttributeError) as err:
+        raise DataError(f"{where}: data.prompt cannot be filled in ({type(err).__name__}: {err})") from None
+
+
+def from_columns(record: Any, where: str, base: Path, cfg: DataConfig, images: Optional[str] = None,
+                 answer: Optional[str] = None, template: Optional[str] = None) -> dict:
+    """A table row -> [system], user (images + prompt), assistant (answer). Column names from data.columns."""
+    columns = cfg.columns
+    images = columns.images if images is None else images
+    answer_text = _field(record, answer or columns.answer, where, str)
+    refs = _as_list(_field(record, images, where)) if images else []
+    template = template if template is not None else cfg.prompt
+    if template is not None:
+        prompt = format_prompt(template, record, where)
+    elif columns.prompt:
+        prompt = _field(record, columns.prompt, where, str)
+    else:
+        prompt = ""
+    content = [image_item() for _ in refs] + ([text_item(prompt)] if prompt else [])
+    row = {
+        "messages": [{"role": "user", "content": content},
+                     {"role": "assistant", "content": [text_item(answer_text)]}],
+        "images": [_resolve(r, base) for r in refs],
+        "videos": [],
         "source": where,
     }
     return _finish(row, where, cfg)
 
 
 def from_amazon(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
-    name = _field(record, "Product Name", where, str)
-    category = _field(record, "Category", where, str)
-    description = _field(record, "description", where, str)
-    image = _field(record, "image", where)
-    prompt = (cfg.prompt or "{product_name}\n{category}").format(product_name=name, category=category)
-    row = {
-        "messages": [{"role": "user", "content": [image_item(), text_item(prompt)]},
-                     {"role": "assistant", "content": [text_item(description)]}],
-        "images": [image],
-        "source": where,
-    }
-    return _finish(row, where, cfg)
+    """philschmid/amazon-product-descriptions-vlm: the column formatter with that dataset's columns."""
+    return from_columns(record, where, base, cfg, images="image", answer="description",
+                        template=cfg.prompt or "{product_name}\n{category}")
+
+
+def detect_format(record: Any, where: str) -> DataFormat:
+    if isinstance(record, dict):
+        if "messages" in record:
+            return DataFormat.messages
+        turns = record.get("conversations")
+        if isinstance(turns, list):
+            first = turns[0] if turns and isinstance(turns[0], dict) else {}
+            if isinstance(first.get("value"), str) and _VISION_SPAN.search(first["value"]):
+                return DataFormat.self_llm
+            return DataFormat.llava
+    fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+    raise DataError(f"{where}: cannot tell the format of this row (fields: {fields}); data.format=auto knows "
+                    f"'messages' and 'conversations' rows, set data.format for others")
+
+
+def from_auto(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
+    return CONVERTERS[detect_format(record, where)](record, where, base, cfg)
 
 
 CONVERTERS: Dict[DataFormat, Callable[[Any, str, Path, DataConfig], dict]] = {
@@ -189,6 +310,8 @@ CONVERTERS: Dict[DataFormat, Callable[[Any, str, Path, DataConfig], dict]] = {
     DataFormat.messages: from_messages,
     DataFormat.self_llm: from_self_llm,
     DataFormat.amazon: from_amazon,
+    DataFormat.columns: from_columns,
+    DataFormat.auto: from_auto,
 }
 
 
@@ -200,8 +323,9 @@ def _finish(row: dict, where: str, cfg: DataConfig) -> dict:
 
 
 def check_conversation(row: dict, where: str) -> None:
-    """Roles alternate user/assistant after an optional system turn, end on the assistant, and the number of
-    image items equals the number of images."""
+    """Roles alternate user/assistant after an optional system turn and end on the assistant, every assistant
+    turn has text, no text holds a control token, and the image and video items match the row's images and
+    videos in number."""
     messages = row["messages"]
     roles = [m["role"] for m in messages]
     for index, role in enumerate(roles):
@@ -218,46 +342,76 @@ def check_conversation(row: dict, where: str) -> None:
     if body[-1] != "assistant":
         raise DataError(f"{where}: the conversation ends on a user turn; it must end with an assistant answer")
     for index, message in enumerate(messages):
-        if message["role"] == "assistant":
-            text = "".join(i["text"] or "" for i in message["content"] if i["type"] == "text")
-            if not text.strip():
-                raise DataError(f"{where}: messages[{index}]: the assistant text is empty")
-    placeholders = sum(1 for m in messages for i in m["content"] if i["type"] == "image")
-    if placeholders != len(row["images"]):
-        raise DataError(f"{where}: {placeholders} image placeholder(s) in the text but {len(row['images'])} "
-                        f"image(s) in the row")
+        texts = [i["text"] or "" for i in message["content"] if i["type"] == "text"]
+        if message["role"] == "assistant" and not "".join(texts).strip():
+            raise DataError(f"{where}: messages[{index}]: the assistant text is empty")
+        if message["role"] == "assistant" and any(i["type"] != "text" for i in message["content"]):
+            raise DataError(f"{where}: messages[{index}]: an assistant turn holds an image or video; put it in a "
+                            f"user turn")
+        for token in RESERVED_TOKENS:
+            if any(token in text for text in texts):
+                raise DataError(f"{where}: messages[{index}]: the text contains the control token {token}, which "
+                                f"the tokenizer would read as structure, not text; remove it")
+    for kind, key in (("image", "images"), ("video", "videos")):
+        placeholders = sum(1 for m in messages for i in m["content"] if i["type"] == kind)
+        given = len(row.get(key) or [])
+        if placeholders != given:
+            raise DataError(f"{where}: {placeholders} {kind} placeholder(s) in the text but {given} {kind}(s) in "
+                            f"the row (field '{key}')")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # loading a split
 
 
-def _records(cfg: DataConfig, path_str: str) -> Tuple[Iterator[Tuple[str, Any]], Path]:
+def _looks_local(path_str: str) -> bool:
+    return path_str.startswith(("/", "./", "../", "~")) or path_str.endswith(_LOCAL_SUFFIXES)
+
+
+def _records(cfg: DataConfig, path_str: str,
+             problems: Optional[List[Problem]] = None) -> Tuple[Iterator[Tuple[str, Any]], Path]:
     path = Path(path_str).expanduser()
     base = Path(cfg.image_folder).expanduser() if cfg.image_folder else (path.parent if path.is_file() else path)
     if path.suffix in (".json", ".jsonl"):
         if not path.exists():
             raise DataError(f"{path}: data file not found")
-        return read_json_records(path), base
+        return read_json_records(path, problems), base
+    if not path.exists() and _looks_local(path_str):
+        raise DataError(f"{path}: data file or folder not found")
     return _hf_records(cfg, path_str), base
 
 
-def _hf_records(cfg: DataConfig, path_str: str) -> Iterator[Tuple[str, Any]]:
-    """Hugging Face datasets: a save_to_disk folder, parquet/arrow files, or a hub id (needs the network)."""
+def _hf_dataset(cfg: DataConfig, path_str: str):
+    """Hugging Face datasets: a save_to_disk folder, parquet/arrow/csv files, a folder of them, or a hub id (needs
+    the network)."""
     import datasets
 
     path = Path(path_str).expanduser()
-    if path.is_dir() and (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[cfg.split]
-    elif path.suffix in (".parquet", ".arrow"):
-        dataset = datasets.load_dataset(path.suffix[1:], data_files=str(path), split=cfg.split)
-    else:
-        try:
-            dataset = datasets.load_dataset(path_str, split=cfg.split)
-        except Exception as err:
-            raise DataError(f"{path_str}: cannot load dataset ({type(err).__name__}: {err})") from None
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                if cfg.split not in dataset:
+                    raise DataError(f"{path}: no split '{cfg.split}' (splits: {', '.join(dataset)}); set data.split")
+                dataset = dataset[cfg.split]
+            return dataset
+        if path.is_file():
+            if path.suffix not in _LOCAL_SUFFIXES:
+                raise DataError(f"{path}: unknown data file type '{path.suffix}' (expected one of "
+                                f"{', '.join(_LOCAL_SUFFIXES)}, a save_to_disk folder or a hub id)")
+            return datasets.load_dataset(path.suffix[1:], data_files=str(path), split=cfg.split)
+        return datasets.load_dataset(str(path) if path.is_dir() else path_str, split=cfg.split)
+    except DataError:
+        raise
+    except Exception as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DataError(f"{path_str}: cannot load dataset ({type(err).__name__}: {message})") from None
+
+
+def _hf_records(cfg: DataConfig, path_str: str) -> Iterator[Tuple[str, Any]]:
+    import datasets
+
+    dataset = _hf_dataset(cfg, path_str)
     # Images stay undecoded ({"bytes", "path"}) until the collator opens them, with its own error messages.
     for name, feature in dataset.features.items():
         if isinstance(feature, datasets.Image):
@@ -268,10 +422,20 @@ def _hf_records(cfg: DataConfig, path_str: str) -> Iterator[Tuple[str, Any]]:
         yield f"{path_str}:row {index}", record
 
 
-def load_rows(cfg: DataConfig, path: str) -> List[dict]:
-    records, base = _records(cfg, path)
+def load_rows(cfg: DataConfig, path: str, problems: Optional[List[Problem]] = None) -> List[dict]:
+    """Canonical rows of one file. The first bad row raises DataError; with `problems`, every bad row is recorded
+    there and left out instead (a file that cannot be read at all still raises)."""
+    records, base = _records(cfg, path, problems)
     convert = CONVERTERS[cfg.format]
-    return [convert(record, where, base, cfg) for where, record in records]
+    rows = []
+    for where, record in records:
+        try:
+            rows.append(convert(record, where, base, cfg))
+        except DataError as err:
+            if problems is None:
+                raise
+            problems.append(Problem(where, str(err)))
+    return rows
 
 
 def split_rows(rows: List[dict], cfg: DataConfig, eval_size: float) -> Tuple[List[dict], List[dict]]:
@@ -290,43 +454,65 @@ def split_rows(rows: List[dict], cfg: DataConfig, eval_size: float) -> Tuple[Lis
 
 
 def to_dataset(rows: List[dict]):
-    """A datasets.Dataset of canonical rows (TRL's SFTTrainer detects vision data by the `images` column)."""
+    """A datasets.Dataset of canonical rows (TRL's SFTTrainer detects vision data by the `images` column).
+
+    Arrow needs one type per column: images are strings, or (when any is a PIL image, bytes or a datasets image)
+    undecoded datasets images, whose `path` also carries strings; videos are {"path", "frames"} records.
+    """
     import datasets
 
-    has_pil = any(hasattr(image, "size") and not isinstance(image, (str, dict)) for r in rows for image in r["images"])
     text = datasets.Value("string")
     features = datasets.Features({
         "messages": datasets.List({"role": text, "content": datasets.List({"type": text, "text": text})}),
-        "images": datasets.List(datasets.Image()) if has_pil else datasets.List(_image_ref_feature(rows)),
+        "images": datasets.List(_image_ref_feature(rows)),
+        "videos": datasets.List({"path": text, "frames": datasets.List(text)}),
         "source": text,
     })
-    return datasets.Dataset.from_list(rows, features=features)
+    table = [{"messages": r["messages"], "images": r["images"], "source": r.get("source", "?"),
+              "videos": [_video_record(v) for v in r.get("videos") or []]} for r in rows]
+    return datasets.Dataset.from_list(table, features=features)
+
+
+def _video_record(ref: Any) -> dict:
+    if isinstance(ref, dict):
+        return {"path": ref.get("path"), "frames": ref.get("frames")}
+    if isinstance(ref, (list, tuple)):
+        if not all(isinstance(f, str) for f in ref):
+            raise DataError("video frames must be paths, URLs or data URIs to be stored in a dataset")
+        return {"path": None, "frames": list(ref)}
+    return {"path": ref, "frames": None}
 
 
 def _image_ref_feature(rows: List[dict]):
     import datasets
 
-    if any(isinstance(image, dict) for r in rows for image in r["images"]):
+    if any(not isinstance(image, str) for r in rows for image in r["images"]):
         return datasets.Image(decode=False)
     return datasets.Value("string")
 
 
-def load_splits(cfg: DataConfig) -> Tuple[Any, Optional[Any]]:
-    """(train dataset, eval dataset or None) of canonical rows."""
+def load_split_rows(cfg: DataConfig, problems: Optional[List[Problem]] = None) -> Tuple[List[dict], List[dict]]:
+    """(train rows, eval rows) as lists of canonical rows: read, seeded shuffle and split, data.max_samples."""
     if cfg.format == DataFormat.shapes:
         from qwenvl_ft.data.shapes import generate
 
         train, evaluation = generate(cfg.shapes)
     else:
-        rows = load_rows(cfg, cfg.path)
+        rows = load_rows(cfg, cfg.path, problems)
         if cfg.eval_path:
             train, _ = split_rows(rows, cfg, eval_size=0)
-            evaluation = load_rows(cfg, cfg.eval_path)
+            evaluation = load_rows(cfg, cfg.eval_path, problems)
         else:
             train, evaluation = split_rows(rows, cfg, cfg.eval_size)
     if cfg.max_samples is not None:
         train = train[: cfg.max_samples]
+    return train, evaluation
+
+
+def load_splits(cfg: DataConfig) -> Tuple[Any, Optional[Any]]:
+    """(train dataset, eval dataset or None) of canonical rows; the first bad row raises. Training goes through
+    qwenvl_ft.data.check.load_checked_splits instead, which also opens every image and reports every bad row."""
+    train, evaluation = load_split_rows(cfg)
     if not train:
         raise DataError(f"{cfg.path or 'shapes'}: no training rows")
     return to_dataset(train), (to_dataset(evaluation) if evaluation else None)
-

@@ -1,27 +1,39 @@
-"""Greedy generation on held-out rows and the metrics that compare it with the references."""
+"""Batched generation on canonical rows, and the before/after check's metrics."""
 
 from __future__ import annotations
 
-import re
-import string
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
+from qwenvl_ft.evaluation.metrics import compute, exact_match, normalise  # noqa: F401 (re-exported)
+
+
+# `generation_batch` leaves a row's last turn (the reference answer) out of the prompt; rows that hold only the
+# prompt get this empty answer appended, so that images and videos go through the collator's one code path.
+_ANSWER_SLOT = {"role": "assistant", "content": [{"type": "text", "text": ""}]}
 
 
 @torch.no_grad()
 def generate_answers(model, collator: VisionChatCollator, rows: List[dict], batch_size: int,
-                     max_new_tokens: int) -> List[str]:
+                     max_new_tokens: int = 64, generation: Optional[dict] = None,
+                     prompts_only: bool = False) -> List[str]:
+    """One answer per row. Rows end with the reference answer, which is left out of the prompt, unless
+    `prompts_only`. `generation` holds `generate` keyword arguments (GenerationSettings.kwargs()); without it,
+    greedy decoding of at most `max_new_tokens`."""
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
     tokenizer = collator.tokenizer
+    settings = generation if generation is not None else dict(max_new_tokens=max_new_tokens, do_sample=False)
     answers: List[str] = []
     for start in range(0, len(rows), batch_size):
-        batch = collator.generation_batch(rows[start: start + batch_size]).to(device)
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+        chunk = rows[start: start + batch_size]
+        if prompts_only:
+            chunk = [dict(row, messages=list(row["messages"]) + [_ANSWER_SLOT]) for row in chunk]
+        batch = collator.generation_batch(chunk).to(device)
+        output = model.generate(**batch, **settings, use_cache=True,
                                 eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                                 pad_token_id=tokenizer.pad_token_id)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
@@ -30,19 +42,10 @@ def generate_answers(model, collator: VisionChatCollator, rows: List[dict], batc
     return answers
 
 
-def normalise(text: str) -> str:
-    text = text.lower().strip().strip(string.punctuation + " ")
-    return re.sub(r"\s+", " ", text)
-
-
-def exact_match(predictions: List[str], references: List[str]) -> float:
-    hits = sum(normalise(p) == normalise(r) for p, r in zip(predictions, references))
-    return hits / max(len(references), 1)
-
-
 def evaluate_rows(model, collator: VisionChatCollator, rows: List[dict], batch_size: int,
-                  max_new_tokens: int) -> Dict:
+                  max_new_tokens: int = 64, generation: Optional[dict] = None,
+                  metrics: Optional[List[str]] = None) -> Dict:
+    """Predictions, references and every metric of qwenvl_ft.evaluation.metrics (or those named)."""
     references = [reference_answer(row) for row in rows]
-    predictions = generate_answers(model, collator, rows, batch_size, max_new_tokens)
-    return {"exact_match": exact_match(predictions, references), "predictions": predictions,
-            "references": references}
+    predictions = generate_answers(model, collator, rows, batch_size, max_new_tokens, generation)
+    return {**compute(predictions, references, metrics), "predictions": predictions, "references": references}

@@ -59,11 +59,13 @@ def quantization_config(model_cfg: ModelConfig, adapter_cfg: AdapterConfig):
     from transformers import BitsAndBytesConfig
 
     # Modules that train in full (merger / vision blocks kept out of LoRA) cannot be 4-bit.
+    # transformers matches these from the start of a module's full name or as its suffix, so a bare "merger"
+    # would only skip the container, not the Linear layers inside it: use regexes over the whole path.
     skip = ["lm_head"]
     if not model_cfg.freeze_merger:
-        skip.append("merger")
+        skip.append(r".*\.merger")
     if not model_cfg.freeze_vision_tower and not adapter_cfg.vision_lora:
-        skip.append("visual")
+        skip.append(r".*\.visual")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=adapter_cfg.bnb_4bit_quant_type,
@@ -75,6 +77,19 @@ def quantization_config(model_cfg: ModelConfig, adapter_cfg: AdapterConfig):
 
 def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source: Optional[str] = None) -> nn.Module:
     """The base model, quantised when the adapter asks for 4-bit, with the adapter applied and freezing done."""
+    model = build_base_model(model_cfg, adapter_cfg, source)
+    if not adapter_cfg.is_peft:
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, build_lora_config(model, model_cfg, adapter_cfg))
+
+
+def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source: Optional[str] = None) -> nn.Module:
+    """The model before any adapter: loaded (in 4-bit and prepared for k-bit training when the adapter asks for
+    it), with the freezing of full fine-tuning done. DPO hands it to TRL with `build_lora_config`'s config: a
+    PeftModel TRL wraps itself gets the base with the adapter disabled as reference, where one wrapped here would
+    get a second "ref" adapter copied from the first."""
     quant = quantization_config(model_cfg, adapter_cfg)
     model = _model_class(model_cfg.family).from_pretrained(
         source or model_source(model_cfg),
@@ -93,10 +108,7 @@ def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source: Opti
         )
     if adapter_cfg.method == AdapterMethod.full:
         apply_freezing(model, model_cfg)
-        return model
-    from peft import get_peft_model
-
-    return get_peft_model(model, build_lora_config(model, model_cfg, adapter_cfg))
+    return model
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:

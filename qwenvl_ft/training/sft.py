@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_ft.config.compose import validate
-from qwenvl_ft.config.schema import Precision, TrainConfig
+from qwenvl_ft.config.schema import ConfigError, Precision, TrainConfig
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -27,19 +27,27 @@ def train(cfg: DictConfig) -> Dict:
     typed: TrainConfig = validate(cfg)
     output_dir = Path(typed.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    from qwenvl_ft.training.resume import ReloadConvertedWeights, StopOnSignal, finished_metrics, prepare_resume
+
+    resume = prepare_resume(typed, cfg)  # before config.yaml is rewritten: it warns about config changes
+    finished = finished_metrics(typed, cfg, resume)
+    if finished is not None:
+        return finished
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     _log_config_summary(typed)
 
     from transformers import set_seed
 
+    from qwenvl_ft.data.check import load_checked_splits
     from qwenvl_ft.data.collate import VisionChatCollator
-    from qwenvl_ft.data.sources import load_splits
     from qwenvl_ft.modeling.build import build_model, build_processor, count_parameters, model_source
 
     set_seed(typed.seed)
     source = model_source(typed.model)
     processor = build_processor(typed.model, typed.data, source)
-    train_rows, eval_rows = load_splits(typed.data)
+    # Every row read, decoded and measured before the model loads; invalid rows stop the run (data.skip_invalid).
+    train_rows, eval_rows, _ = load_checked_splits(typed.data, processor, typed.trainer.batch_size, typed.data.seed,
+                                                   output_dir)
     log.info("data: %d training rows, %d held-out rows", len(train_rows), len(eval_rows) if eval_rows else 0)
 
     model = build_model(typed.model, typed.adapter, source)
@@ -52,12 +60,20 @@ def train(cfg: DictConfig) -> Dict:
     if held_out:
         metrics.update(_held_out_check(model, collator, held_out, typed, "before"))
 
+    if typed.trainer.eval_steps is not None and eval_rows is None:
+        raise ConfigError("trainer.eval_steps needs held-out rows: set data.eval_size or data.eval_path")
     trainer = build_trainer(typed, model, processor, collator, train_rows, eval_rows)
-    steps = _optimizer_steps(typed, len(train_rows))
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    trainer.add_callback(ReloadConvertedWeights(resume))
+    steps = _optimizer_steps(typed, len(trainer.train_dataset), trainer.args.per_device_train_batch_size)
     log.info("training: %d optimizer steps (%s epochs, batch %d x accumulation %d)", steps,
              typed.trainer.epochs if typed.trainer.max_steps <= 0 else "-", typed.trainer.batch_size,
              typed.trainer.gradient_accumulation_steps)
-    result = trainer.train()
+    with stop.installed():
+        result = trainer.train(resume_from_checkpoint=resume)
+    if stop.interrupted(trainer.state):
+        return _interrupted(trainer, output_dir, metrics)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics.update(train_loss=result.training_loss, train_runtime_s=result.metrics.get("train_runtime"),
                    first_logged_loss=losses[0] if losses else None, last_logged_loss=losses[-1] if losses else None,
@@ -79,18 +95,40 @@ def train(cfg: DictConfig) -> Dict:
 
 
 def build_trainer(typed: TrainConfig, model, processor, collator, train_rows, eval_rows):
-    from transformers import Trainer
     from trl import SFTConfig, SFTTrainer
 
-    from qwenvl_ft.modeling.build import optimizer_param_groups
+    from qwenvl_ft.training.speed import speed_setup
 
+    # Batch layout (padded / length-grouped / token budget / packed), Liger, vision checkpointing.
+    speed = speed_setup(typed, collator, train_rows, model)
+    args = SFTConfig(
+        **{**training_arguments(typed), **speed.arguments},
+        # The collator needs the raw rows; TRL must neither tokenise nor drop columns.
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,  # truncation is the collator's (it never cuts an image)
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        data_collator=speed.collator,
+        train_dataset=speed.train_dataset,
+        eval_dataset=eval_rows if typed.trainer.eval_steps is not None else None,
+        processing_class=processor,
+        optimizers=build_optimizers(typed, model, args),
+        callbacks=training_callbacks(typed) + speed.callbacks,
+    )
+
+
+def training_arguments(typed: TrainConfig) -> Dict:
+    """The transformers TrainingArguments every trainer kind shares (SFTConfig and DPOConfig extend them)."""
     trainer_cfg, optim_cfg = typed.trainer, typed.optimizer
     has_cuda = torch.cuda.is_available()
     if trainer_cfg.tf32 and not has_cuda:
         log.warning("trainer.tf32=true ignored: no CUDA device")
     # TensorBoard event files go next to the checkpoints (transformers reads this variable).
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(typed.output_dir) / "tensorboard")
-    args = SFTConfig(
+    return dict(
         output_dir=typed.output_dir,
         num_train_epochs=trainer_cfg.epochs,
         max_steps=trainer_cfg.max_steps,
@@ -121,25 +159,50 @@ def build_trainer(typed: TrainConfig, model, processor, collator, train_rows, ev
         seed=typed.seed,
         data_seed=typed.data.seed,
         dataloader_num_workers=typed.data.num_workers,
-        # The collator needs the raw rows; TRL must neither tokenise nor drop columns.
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,  # truncation is the collator's (it never cuts an image)
-        eval_strategy="no",
+        **evaluation_arguments(trainer_cfg),
     )
-    optimizers = (None, None)
-    if optim_cfg.vision_lr is not None or optim_cfg.merger_lr is not None:
-        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-        groups = optimizer_param_groups(model, optim_cfg, Trainer.get_decay_parameter_names(None, model))
-        optimizers = (optimizer_cls(groups, **optimizer_kwargs), None)
-    return SFTTrainer(
-        model=model,
-        args=args,
-        data_collator=collator,
-        train_dataset=train_rows,
-        processing_class=processor,
-        optimizers=optimizers,
+
+
+def evaluation_arguments(trainer_cfg) -> Dict:
+    """Evaluation during training: held-out loss every trainer.eval_steps, best checkpoint, early stopping."""
+    selects = trainer_cfg.load_best_model_at_end or trainer_cfg.early_stopping_patience is not None
+    return dict(
+        eval_strategy="steps" if trainer_cfg.eval_steps is not None else "no",
+        eval_steps=trainer_cfg.eval_steps,
+        # Loss only: keeping logits for metrics would hold batch x length x vocabulary floats per eval batch.
+        prediction_loss_only=True,
+        load_best_model_at_end=trainer_cfg.load_best_model_at_end,
+        metric_for_best_model=trainer_cfg.metric_for_best_model if selects else None,
+        greater_is_better=trainer_cfg.greater_is_better if selects else None,
     )
+
+
+def training_callbacks(typed: TrainConfig) -> list:
+    """Callbacks every trainer kind shares: checkpoint completion markers (for resuming) and early stopping."""
+    from transformers import EarlyStoppingCallback
+
+    from qwenvl_ft.training.resume import CheckpointCompleteMarker
+
+    callbacks = [CheckpointCompleteMarker()]
+    if typed.trainer.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=typed.trainer.early_stopping_patience,
+                                               early_stopping_threshold=typed.trainer.early_stopping_threshold))
+    return callbacks
+
+
+def build_optimizers(typed: TrainConfig, model, args) -> tuple:
+    """(optimizer, None) with separate vision tower / merger learning rates when asked; (None, None) lets the
+    Trainer build its own."""
+    from transformers import Trainer
+
+    from qwenvl_ft.modeling.build import optimizer_param_groups
+
+    optim_cfg = typed.optimizer
+    if optim_cfg.vision_lr is None and optim_cfg.merger_lr is None:
+        return None, None
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    groups = optimizer_param_groups(model, optim_cfg, Trainer.get_decay_parameter_names(None, model))
+    return optimizer_cls(groups, **optimizer_kwargs), None
 
 
 def save_final(trainer, processor, output_dir: Path) -> Path:
@@ -156,6 +219,19 @@ def save_final(trainer, processor, output_dir: Path) -> Path:
     return final_dir
 
 
+def _interrupted(trainer, output_dir: Path, metrics: Dict) -> Dict:
+    """Stopped by a signal: the checkpoint is saved, final/ is not written (the run is not finished)."""
+    state = trainer.state
+    (output_dir / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
+    checkpoint = output_dir / f"checkpoint-{state.global_step}"
+    metrics.update(interrupted=True, global_step=state.global_step, max_steps=state.max_steps,
+                   checkpoint=str(checkpoint))
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.warning("interrupted at step %d of %d; checkpoint saved to %s. Run the same command again to resume.",
+                state.global_step, state.max_steps, checkpoint)
+    return metrics
+
+
 def _held_out_check(model, collator, rows: List[dict], typed: TrainConfig, when: str) -> Dict:
     from qwenvl_ft.evaluation.generate import evaluate_rows
 
@@ -165,14 +241,15 @@ def _held_out_check(model, collator, rows: List[dict], typed: TrainConfig, when:
     for prediction, reference in list(zip(result["predictions"], result["references"]))[:shown]:
         lines.append(f"  predicted: {prediction!r:40s} reference: {reference!r}")
     log.info("\n".join(lines))
-    return {f"eval_exact_match_{when}": result["exact_match"]}
+    return {f"eval_{name}_{when}": result[name] for name in ("exact_match", "bleu", "rouge_l")}
 
 
-def _optimizer_steps(typed: TrainConfig, rows: int) -> int:
+def _optimizer_steps(typed: TrainConfig, items: int, batch_size: Optional[int] = None) -> int:
+    """Steps for `items` dataset items of `batch_size` (default trainer.batch_size; a packed run has 1 pack each)."""
     t = typed.trainer
     if t.max_steps > 0:
         return t.max_steps
-    per_epoch = math.ceil(math.ceil(rows / t.batch_size) / t.gradient_accumulation_steps)
+    per_epoch = math.ceil(math.ceil(items / (batch_size or t.batch_size)) / t.gradient_accumulation_steps)
     return math.ceil(per_epoch * t.epochs)
 
 

@@ -1,0 +1,291 @@
+"""GPU training throughput, peak memory and MFU: qwenvl-ft packed vs padded vs stock TRL, on random-weight
+Qwen2-VL-2B / 7B (the real architectures; nothing is downloaded), QLoRA / LoRA / full fine-tuning.
+
+    python bench/gpu_throughput.py                                   # the whole matrix (about 25 minutes on an H100)
+    python bench/gpu_throughput.py --models qwen2_vl_2b --methods lora --layouts packed padded trl
+    python bench/gpu_throughput.py --smoke                           # tiny model on CPU: checks the script runs
+
+Every run builds the model exactly as `qwenvl-ft train` does (model=..., model.random_init=true, adapter=...,
+bf16 autocast, non-reentrant gradient checkpointing, flash_attention_2 when flash-attn is installed, else sdpa),
+trains `--warmup` steps untimed and then `--steps` timed steps on the same synthetic caption rows (one image of
+one of several sizes, 20-200 word captions). Layouts:
+
+  padded  qwenvl-ft's collator, trainer.batch_size rows, right padding
+  packed  qwenvl-ft padding-free packing, one row of <= data.max_tokens_per_batch tokens per step
+          (default: batch size x max_length, the same activation budget as a padded batch of full-length rows)
+  trl     the same model through stock trl.SFTTrainer with DataCollatorForVisionLanguageModeling, batch size rows
+
+Reported per run: samples/s and tokens/s (real tokens), padding fraction of the batch tensors,
+torch.cuda.max_memory_allocated() next to `qwenvl-ft estimate`'s prediction for the same config, and MFU:
+model FLOPs per second over the GPU's dense bf16 peak. Model FLOPs per token: 2N forward, +2N for the input
+gradients, +2N for the weight gradients where weights train (so 6N full, 4N frozen base + adapters), N = the
+language model's non-embedding parameters, plus the vision tower's per patch, plus causal attention
+(4 x layers x hidden x context per token forward, x3 with the backward); gradient-checkpointing recomputation is
+not counted (hardware FLOPs would be ~1/3 higher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0, "4090": 165.0}
+IMAGE_SIZES = [(448, 448), (640, 480), (480, 640), (336, 336), (896, 672)]
+WORDS = ("a photo of the with on in and large small red blue green white black dog cat man woman street table "
+         "window tree car building sky water grass food plate cup sitting standing next to near under").split()
+
+
+def caption_rows(count: int, seed: int = 0, sizes=IMAGE_SIZES, words=(20, 200)):
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        width, height = rng.choice(sizes)
+        image = Image.new("RGB", (width, height), tuple(rng.randint(100, 255) for _ in range(3)))
+        pen = ImageDraw.Draw(image)
+        for _ in range(6):
+            x, y = rng.randint(0, width - 20), rng.randint(0, height - 20)
+            pen.rectangle((x, y, x + rng.randint(10, width // 2), y + rng.randint(10, height // 2)),
+                          fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        rows.append({
+            "messages": [{"role": "user", "content": [{"type": "image", "text": None},
+                                                      {"type": "text", "text": "Describe the image in detail."}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": " ".join(
+                             rng.choice(WORDS) for _ in range(rng.randint(*words)))}]}],
+            "images": [image],
+            "source": f"bench:{index}",
+        })
+    return rows
+
+
+class Meter:
+    """Collator wrapper (real / tensor tokens, rows, attention work) + step timer (a TrainerCallback)."""
+
+    def __init__(self, inner, warmup: int, cuda: bool):
+        self.inner, self.warmup, self.cuda = inner, warmup, cuda
+        self.batches = []  # (real tokens, tensor tokens, rows, sum of squared sample lengths, ViT patches)
+        self.step_times = []
+        self._last = None
+
+    def __call__(self, items):
+        batch = self.inner(items)
+        if "attention_mask" in batch:
+            lengths = batch["attention_mask"].sum(-1).tolist()
+        else:  # packed: sample lengths from the text positions' restarts
+            starts = (batch["position_ids"][0, 0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+            lengths = [b - a for a, b in zip(starts, starts[1:])]
+        grids = batch.get("image_grid_thw")
+        patches = int(grids.prod(-1).sum()) if grids is not None else 0
+        self.batches.append((sum(lengths), batch["input_ids"].numel(), len(lengths), sum(n * n for n in lengths),
+                             patches))
+        return batch
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class StepTimer(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if meter.cuda:
+                    import torch
+
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                if state.global_step == meter.warmup:
+                    if meter.cuda:
+                        import torch
+
+                        torch.cuda.reset_peak_memory_stats()
+                    meter._last = now
+                elif state.global_step > meter.warmup:
+                    meter.step_times.append(now - meter._last)
+                    meter._last = now
+
+        return StepTimer()
+
+
+def model_flops_per_step(model, typed, real_tokens: int, squared: int, patches: int) -> float:
+    from qwenvl_ft.modeling.build import model_parts
+
+    visual, merger, language_model = model_parts(model)
+    text = model.config.get_text_config()
+    n_lm = sum(p.numel() for n, p in language_model.named_parameters() if "embed_tokens" not in n)
+    n_lm += text.vocab_size * text.hidden_size  # the LM head's matmul (tied or not)
+    n_vit = sum(p.numel() for p in visual.parameters())
+    lm_trains = not typed.adapter.is_peft and not typed.model.freeze_language_model
+    vit_trains = not typed.model.freeze_vision_tower or typed.adapter.vision_lora
+    lm = (6 if lm_trains else 4) * n_lm * real_tokens
+    vit = (6 if vit_trains else 2) * n_vit * patches
+    attention = 3 * 4 * text.num_hidden_layers * text.hidden_size * squared / 2
+    return lm + vit + attention
+
+
+def run(model_name, method, layout, args, rows, tmp):
+    import torch
+
+    from qwenvl_ft.config.compose import compose, validate
+    from qwenvl_ft.data.collate import VisionChatCollator
+    from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.estimate import GiB, estimate_memory
+    from qwenvl_ft.modeling.build import build_model, build_processor, model_source
+    from qwenvl_ft.training.sft import build_trainer
+
+    cuda = torch.cuda.is_available()
+    attn = "flash_attention_2" if cuda and _has_flash_attn() else "sdpa"
+    overrides = [f"model={model_name}", f"adapter={method}", f"trainer.batch_size={args.batch_size}",
+                 f"trainer.max_steps={args.warmup + args.steps}", "trainer.report_to=[none]",
+                 "trainer.disable_tqdm=true", "trainer.logging_steps=100000", "trainer.save_steps=100000",
+                 "trainer.eval_generation=false", f"data.max_length={args.max_length}",
+                 f"data.max_pixels={args.max_pixels}", "optimizer.scheduler=constant", "optimizer.warmup_ratio=0"]
+    if not args.smoke:
+        overrides += ["model.random_init=true", f"model.attn_implementation={attn}", "trainer.precision=bf16",
+                      "model.gradient_checkpointing=true", "trainer.tf32=true"]
+    else:
+        overrides += ["model.freeze_vision_tower=true", "trainer.precision=fp32"]
+    if method == "full":
+        overrides += ["model.freeze_vision_tower=true", "model.freeze_merger=false"]
+    if method == "qlora":
+        overrides += ["optimizer=paged_adamw_8bit"] if cuda else []
+    if layout == "packed":
+        overrides += ["data.packing=true"] + ([f"data.max_tokens_per_batch={args.pack_tokens}"] if args.pack_tokens
+                                              else [])
+    typed = validate(compose(overrides, output_dir=str(tmp / f"{model_name}-{method}-{layout}")))
+    predicted = estimate_memory(typed).total / GiB
+    source = model_source(typed.model)
+    processor = build_processor(typed.model, typed.data, source)
+    model = build_model(typed.model, typed.adapter, source)
+    if cuda and not typed.adapter.load_in_4bit:
+        model = model.to("cuda")
+    collator = VisionChatCollator(processor, typed.data)
+    if layout == "trl":
+        import datasets
+        from trl import SFTConfig, SFTTrainer
+
+        from qwenvl_ft.training.sft import training_arguments
+
+        dataset = datasets.Dataset.from_list([{"messages": r["messages"], "images": r["images"]} for r in rows])
+        targs = training_arguments(typed)
+        targs.update(remove_unused_columns=False, max_length=None, save_strategy="no")
+        trainer = SFTTrainer(model=model, args=SFTConfig(**targs), train_dataset=dataset, processing_class=processor)
+    else:
+        trainer = build_trainer(typed, model, processor, collator, to_dataset(rows), None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attn = base.config.get_text_config()._attn_implementation  # packing on sdpa switches to sdpa_varlen
+    meter = Meter(trainer.data_collator, args.warmup, cuda)
+    trainer.data_collator = meter
+    trainer.add_callback(meter.callback())
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    timed = meter.batches[args.warmup: args.warmup + len(meter.step_times)]
+    seconds = sum(meter.step_times)
+    real = sum(b[0] for b in timed)
+    tensor = sum(b[1] for b in timed)
+    samples = sum(b[2] for b in timed)
+    squared = sum(b[3] for b in timed)
+    patches = sum(b[4] for b in timed)
+    flops = model_flops_per_step(model, typed, real, squared, patches)
+    peak = torch.cuda.max_memory_allocated() / GiB if cuda else float("nan")
+    device_peak = _peak_tflops(args) if cuda else None
+    mfu = flops / seconds / (device_peak * 1e12) if device_peak else float("nan")
+    result = dict(model=model_name, method=method, layout=layout, steps=len(meter.step_times),
+                  s_per_step=seconds / max(1, len(meter.step_times)), samples_s=samples / seconds,
+                  tokens_s=real / seconds, padding=1 - real / tensor, peak_gib=peak, predicted_gib=predicted, mfu=mfu,
+                  attn=attn)
+    del trainer, model
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def _has_flash_attn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _peak_tflops(args):
+    import torch
+
+    if args.peak_tflops:
+        return args.peak_tflops
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["qwen2_vl_2b", "qwen2_vl_7b"])
+    parser.add_argument("--methods", nargs="+", default=["qlora", "lora", "full"])
+    parser.add_argument("--layouts", nargs="+", default=["padded", "packed", "trl"])
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--max-pixels", type=int, default=448 * 448)  # 256 visual tokens per image at most
+    parser.add_argument("--pack-tokens", type=int, default=None, help="data.max_tokens_per_batch for packed runs")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: checks the script")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import logging
+    import tempfile
+
+    import torch
+    import transformers
+    import trl
+
+    logging.disable(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    if args.smoke:
+        args.models, args.methods = ["tiny"], args.methods if args.methods != ["qlora", "lora", "full"] else ["lora"]
+        args.rows, args.warmup, args.steps, args.max_length, args.batch_size = 48, 1, 2, 512, 4
+        args.max_pixels = 112 * 112
+        rows = caption_rows(args.rows, sizes=[(112, 112), (56, 112), (84, 84)], words=(3, 30))
+    else:
+        rows = caption_rows(args.rows)
+    tmp = Path(tempfile.mkdtemp(prefix="qwenvl_gpu_bench_"))
+    results = []
+    for model_name in args.models:
+        for method in args.methods:
+            for layout in args.layouts:
+                try:
+                    results.append(run(model_name, method, layout, args, rows, tmp))
+                except Exception as err:  # e.g. out of memory: record it, go on with the matrix
+                    results.append(dict(model=model_name, method=method, layout=layout, error=f"{type(err).__name__}: "
+                                                                                             f"{str(err)[:80]}"))
+                print(results[-1], flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"\n{device}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
+          f"{platform.platform()}; batch {args.batch_size} x max_length {args.max_length}, max_pixels "
+          f"{args.max_pixels}, {args.warmup} warm-up + {args.steps} timed steps\n")
+    print("| model | method | layout | attention | s/step | samples/s | tokens/s | padding | peak GiB | estimate GiB "
+          "| MFU | vs padded |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    padded = {(r["model"], r["method"]): r for r in results if r.get("layout") == "padded" and "error" not in r}
+    for r in results:
+        if "error" in r:
+            print(f"| {r['model']} | {r['method']} | {r['layout']} | | failed: {r['error']} | | | | | | | |")
+            continue
+        base = padded.get((r["model"], r["method"]))
+        ratio = f"{r['samples_s'] / base['samples_s']:.2f}x" if base else ""
+        print(f"| {r['model']} | {r['method']} | {r['layout']} | {r['attn']} | {r['s_per_step']:.3f} | "
+              f"{r['samples_s']:.1f} | {r['tokens_s']:.0f} | {r['padding']:.1%} | {r['peak_gib']:.2f} | "
+              f"{r['predicted_gib']:.2f} | {r['mfu']:.1%} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Preference pairs for DPO: read a dataset in one of the preference layouts and turn every row into
+
+    {"prompt":   [messages ending on a user turn; content items as in sources.py],
+     "chosen":   [{"role": "assistant", "content": [text item]}],
+     "rejected": [{"role": "assistant", "content": [text item]}],
+     "images":   [one reference per image item of the prompt, in order],
+     "source":   "file:row"}
+
+which is TRL's conversational preference format (so TRL's vision preference collator reads it as it is) plus the
+row's origin for error messages. As in sources.py, images are not opened here, and a row whose structure is wrong
+fails with its file, row and field.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from qwenvl_ft.config.schema import DataConfig, DataFormat, ShapesConfig
+from qwenvl_ft.data.sources import Problem, _as_list, _field, _image_ref_feature, _message_items, _records, \
+    _resolve, _split_placeholders, check_conversation, image_item, split_rows, text_item
+from qwenvl_ft.errors import DataError
+
+log = logging.getLogger("qwenvl_ft")
+
+ANSWER_FIELDS = ("chosen", "rejected")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# converters: record -> canonical preference row
+
+
+def _image_refs(record: dict) -> List[Any]:
+    return _as_list(record.get("images", record.get("image")))
+
+
+def _images_first(messages: List[dict], count: int) -> None:
+    """Rows whose text has no image placeholder get their images at the start of the first user turn (what LLaVA
+    and TRL's `prepare_multimodal_messages` do)."""
+    if count == 0 or any(i["type"] == "image" for m in messages for i in m["content"]):
+        return
+    for message in messages:
+        if message["role"] == "user":
+            message["content"][:0] = [image_item() for _ in range(count)]
+            return
+
+
+def from_llava_preference(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
+    """{"image": ..., "prompt" (or "question"): "<image>\\n...", "chosen": "...", "rejected": "..."}"""
+    prompt_field = "question" if isinstance(record, dict) and "prompt" not in record and "question" in record \
+        else "prompt"
+    prompt = _field(record, prompt_field, where, str)
+    images = _image_refs(record)
+    messages = [{"role": "user", "content": _split_placeholders(prompt, where, prompt_field)}]
+    _images_first(messages, len(images))
+    answers = {}
+    for name in ANSWER_FIELDS:
+        answers[name] = [{"role": "assistant", "content": [text_item(_field(record, name, where, str))]}]
+    row = {"prompt": messages, **answers, "images": [_resolve(i, base) for i in images], "source": where}
+    return _finish(row, where, cfg)
+
+
+def _messages(raw: Any, where: str, name: str, images: List[Any]) -> List[dict]:
+    """A message list (or one message) in the HF / TRL layout -> canonical messages; inline images are appended
+    to `images` in order (sources.py's content rules)."""
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise DataError(f"{where}: field '{name}' must be a list of messages, got {type(raw).__name__}")
+    out = []
+    for index, message in enumerate(raw):
+        m_where = f"{where}: {name}[{index}]"
+        role = _field(message, "role", m_where, str)
+        content = _field(message, "content", m_where, (str, list))
+        videos: List[Any] = []
+        items = _message_items(content, m_where, images, videos)
+        if videos or any(item["type"] == "video" for item in items):
+            raise DataError(f"{m_where}: videos are not supported in preference pairs")
+        out.append({"role": role, "content": items})
+    return out
+
+
+def from_messages_preference(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
+    """{"images": [...], "prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]};
+    without `prompt`, chosen and rejected are whole conversations and their shared leading turns are the prompt
+    (TRL's implicit-prompt layout)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
+    images = _image_refs(record)
+    if "prompt" in record:
+        prompt = _messages(record["prompt"], where, "prompt", images)
+        answers = {name: _messages(_field(record, name, where), where, name, images) for name in ANSWER_FIELDS}
+    else:
+        chosen = _messages(_field(record, "chosen", where), where, "chosen", images)
+        rejected = _messages(_field(record, "rejected", where), where, "rejected", [])
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, answers = chosen[:shared], {"chosen": chosen[shared:], "rejected": rejected[shared:]}
+        if not prompt:
+            raise DataError(f"{where}: field 'prompt' is missing and chosen/rejected share no leading turns")
+    _images_first(prompt, len(images))
+    row = {"prompt": prompt, **answers, "images": [_resolve(i, base) for i in images], "source": where}
+    return _finish(row, where, cfg)
+
+
+CONVERTERS: Dict[DataFormat, Callable[[Any, str, Path, DataConfig], dict]] = {
+    DataFormat.llava_preference: from_llava_preference,
+    DataFormat.messages_preference: from_messages_preference,
+}
+
+
+def _finish(row: dict, where: str, cfg: DataConfig) -> dict:
+    if cfg.system_message and row["prompt"] and row["prompt"][0]["role"] != "system":
+        row["prompt"].insert(0, {"role": "system", "content": [text_item(cfg.system_message)]})
+    check_pair(row, where)
+    return row
+
+
+def check_pair(row: dict, where: str) -> None:
+    """Each answer is one assistant turn of text; prompt + answer is a valid conversation (sources.py rules:
+    alternating turns, non-empty answer, as many images as image items)."""
+    for name in ANSWER_FIELDS:
+        answer = row[name]
+        if len(answer) != 1 or answer[0]["role"] != "assistant":
+            roles = ", ".join(m["role"] for m in answer) or "none"
+            raise DataError(f"{where}: field '{name}' must be exactly one assistant message, got: {roles}")
+        if any(item["type"] == "image" for item in answer[0]["content"]):
+            raise DataError(f"{where}: field '{name}': images in answers are not supported; put them in the prompt")
+        try:
+            check_conversation({"messages": row["prompt"] + answer, "images": row["images"]}, where)
+        except DataError as err:
+            # The conversation checker counts turns over prompt + answer; say which answer it was.
+            raise DataError(f"{err} (checking prompt + {name})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the generated set
+
+
+def shapes_preference_rows(count: int, size: int, seed: int, split: str) -> List[dict]:
+    """The shapes rows (shapes.py) as pairs: chosen = the right description, rejected = a wrong one, drawn
+    uniformly from every other colour/shape combination so that neither answer can be told apart without the
+    image."""
+    from qwenvl_ft.data.shapes import COLOURS, SHAPES, make_rows
+
+    rng = random.Random(f"{seed}-{split}-rejected")
+    descriptions = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    pairs = []
+    for row in make_rows(count, size, seed, split):
+        *prompt, answer = row["messages"]
+        right = answer["content"][0]["text"]
+        wrong = rng.choice([d for d in descriptions if d != right])
+        pairs.append({
+            "prompt": prompt,
+            "chosen": [answer],
+            "rejected": [{"role": "assistant", "content": [text_item(wrong)]}],
+            "images": row["images"],
+            "source": row["source"],
+        })
+    return pairs
+
+
+def generate_pairs(cfg: ShapesConfig) -> Tuple[List[dict], List[dict]]:
+    return (shapes_preference_rows(cfg.num_train, cfg.image_size, cfg.seed, "train"),
+            shapes_preference_rows(cfg.num_eval, cfg.image_size, cfg.seed, "eval"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading a split
+
+
+def load_pair_rows(cfg: DataConfig, path: str, problems: Optional[List[Problem]] = None) -> List[dict]:
+    """Canonical pairs of one file. The first bad row raises DataError; with `problems`, every bad row is
+    recorded there and left out instead (as sources.load_rows)."""
+    records, base = _records(cfg, path, problems)
+    convert = CONVERTERS[cfg.format]
+    rows = []
+    for where, record in records:
+        try:
+            rows.append(convert(record, where, base, cfg))
+        except DataError as err:
+            if problems is None:
+                raise
+            problems.append(Problem(where, str(err)))
+    return rows
+
+
+def to_pair_dataset(rows: List[dict]):
+    """A datasets.Dataset of canonical pairs (TRL's DPOTrainer treats it as vision data by its `images` column)."""
+    import datasets
+
+    text = datasets.Value("string")
+    messages = datasets.List({"role": text, "content": datasets.List({"type": text, "text": text})})
+    features = datasets.Features({
+        "prompt": messages,
+        "chosen": messages,
+        "rejected": messages,
+        "images": datasets.List(_image_ref_feature(rows)),
+        "source": text,
+    })
+    table = [{key: row[key] for key in features} for row in rows]
+    return datasets.Dataset.from_list(table, features=features)
+
+
+def load_pair_splits(cfg: DataConfig) -> Tuple[Any, Optional[Any]]:
+    """(train dataset, eval dataset or None) of canonical preference pairs. With data.skip_invalid, rows whose
+    structure is wrong are left out and counted instead of stopping the run."""
+    if not cfg.format.is_preference:
+        raise DataError(f"data.format={cfg.format.value} does not hold preference pairs")
+    problems: Optional[List[Problem]] = [] if cfg.skip_invalid else None
+    if cfg.format == DataFormat.shapes_preference:
+        train, evaluation = generate_pairs(cfg.shapes)
+    else:
+        rows = load_pair_rows(cfg, cfg.path, problems)
+        if cfg.eval_path:
+            train, _ = split_rows(rows, cfg, eval_size=0)
+            evaluation = load_pair_rows(cfg, cfg.eval_path, problems)
+        else:
+            train, evaluation = split_rows(rows, cfg, cfg.eval_size)
+    if problems:
+        shown = "\n".join(f"  {p.message}" for p in problems[:5])
+        log.warning("data.skip_invalid: left out %d invalid pair(s), the first:\n%s", len(problems), shown)
+    if cfg.max_samples is not None:
+        train = train[: cfg.max_samples]
+    if not train:
+        raise DataError(f"{cfg.path or 'shapes_preference'}: no training pairs")
+    return to_pair_dataset(train), (to_pair_dataset(evaluation) if evaluation else None)

@@ -1,0 +1,382 @@
+"""`qwenvl-ft estimate`: peak GPU memory of a training run, predicted from the config before anything loads.
+
+Parameters are counted on a model built on PyTorch's meta device from the architecture (no weights are read or
+allocated): `model.architecture` when the option carries it, else the checkpoint's config.json. Which of them
+train, which are 4-bit and which get LoRA factors is decided by the same builders the run uses
+(`apply_freezing`, `quantization_config`, `build_lora_config`), so the estimate cannot disagree with the run about
+what is trained.
+
+Bytes:
+  weights      dtype bytes per parameter; 4-bit NF4: 0.5 byte + its absmax (1 byte per 64 with double
+               quantisation, else 4 per 64); QLoRA's `prepare_model_for_kbit_training` casts every parameter that
+               is not 4-bit (embeddings, lm_head, norms, biases) to fp32, and PEFT keeps LoRA factors in fp32
+  gradients    one per trainable parameter, in its dtype
+  optimizer    AdamW: two states per trainable parameter in its dtype; 8-bit AdamW: two bytes
+  activations  autograd's saved tensors, counted per token from transformers' Qwen2-VL code (`_layer_bytes`,
+               `_vision_block_bytes`), plus the backward's working set; tests/test_estimate.py measures the saved
+               tensors of the real code on CPU and checks the formula against them
+A batch is the worst case of the configured layout: padded rows of data.max_length, or a full pack / token
+budget, each row holding its image budget (data.max_visual_tokens, else the images at data.max_pixels).
+Not counted: the CUDA context (~0.5 GiB, outside PyTorch's allocator) and fragmentation (typically 5-15%).
+The prediction is for `torch.cuda.max_memory_allocated()`; it has not been checked against a GPU measurement yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+from omegaconf import DictConfig
+
+from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig
+
+log = logging.getLogger("qwenvl_ft")
+
+GiB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+QWEN2_VL_DEFAULT_MAX_PIXELS = 12845056  # the processors' default (16384 visual tokens per image)
+TOKEN_TILE, VOCAB_TILE = 4096, 32768  # TRL's fused LM head works on tiles of this many tokens x vocabulary rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model, without weights
+
+
+def hf_config(model_cfg: ModelConfig):
+    """The transformers config of the run's model, without downloading weights."""
+    if model_cfg.architecture is not None:
+        from qwenvl_ft.modeling.random_init import build_tokenizer, model_config
+
+        return model_config(model_cfg.architecture, build_tokenizer())
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as err:
+        raise ConfigError(f"estimate needs the model's sizes: model.architecture, or a config.json for "
+                          f"{model_cfg.name_or_path} (local folder or reachable hub): {err}") from None
+
+
+def meta_model(model_cfg: ModelConfig):
+    """The model with every parameter on the meta device: shapes only, built in a fraction of a second."""
+    import torch
+
+    from qwenvl_ft.modeling.build import _model_class
+
+    config = hf_config(model_cfg)
+    with torch.device("meta"):
+        return _model_class(model_cfg.family)._from_config(config)
+
+
+@dataclass
+class ParameterCounts:
+    total: int  # parameters of the base model (tied weights once)
+    by_part: Dict[str, int]  # vision blocks + patch embedding, merger, embeddings, decoder layers, lm_head
+    trainable: int  # what the optimizer updates (LoRA factors, modules_to_save copies, or base weights)
+    quantized: int  # base parameters held in 4 bits
+    fp32_base: int  # base parameters held in fp32 (QLoRA's cast, or model.dtype=float32)
+    base_other: int  # base parameters held in model.dtype
+    lora: int
+    saved_copies: int  # modules_to_save: PEFT trains a copy next to the frozen original
+    lora_modules: Dict[str, int] = field(default_factory=dict)  # leaf name -> how many modules got LoRA
+
+
+def count_parameters(typed: TrainConfig, model=None) -> ParameterCounts:
+    from torch import nn
+
+    from qwenvl_ft.modeling.build import apply_freezing, build_lora_config, model_parts, quantization_config
+
+    model_cfg, adapter_cfg = typed.model, typed.adapter
+    model = model if model is not None else meta_model(model_cfg)
+    visual, merger, language_model = model_parts(model)
+    params = dict(model.named_parameters())  # tied weights appear once
+    parts = [("merger", merger), ("vision", visual), ("embeddings", language_model.embed_tokens),
+             ("decoder", language_model)]  # first match wins: the merger sits inside `visual`
+    owner = {}
+    for part, module in reversed(parts):
+        owner.update({id(p): part for p in module.parameters()})
+    by_part: Dict[str, int] = {}
+    for p in params.values():
+        part = owner.get(id(p), "lm_head")
+        by_part[part] = by_part.get(part, 0) + p.numel()
+    total = sum(p.numel() for p in params.values())
+
+    quant = quantization_config(model_cfg, adapter_cfg)
+    quantized_names = set()
+    if quant is not None:
+        # transformers' own rule for which Linears bitsandbytes replaces
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        skip = quant.llm_int8_skip_modules or []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and should_convert_module(name, skip):
+                quantized_names.add(f"{name}.weight")
+    quantized = sum(params[n].numel() for n in quantized_names if n in params)
+    dtype_fp32 = model_cfg.dtype.value == "float32"
+    fp32_base = total - quantized if (quant is not None or dtype_fp32) else 0
+    base_other = total - quantized - fp32_base
+
+    if adapter_cfg.method == AdapterMethod.full:
+        apply_freezing(model, model_cfg)
+        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+        return ParameterCounts(total, by_part, trainable, quantized, fp32_base, base_other, 0, 0)
+
+    lora_cfg = build_lora_config(model, model_cfg, adapter_cfg)
+    pattern = re.compile(lora_cfg.target_modules)
+    lora, leaves = 0, {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and pattern.fullmatch(name):
+            lora += adapter_cfg.r * (module.in_features + module.out_features)
+            if adapter_cfg.method == AdapterMethod.dora:
+                lora += module.out_features  # the magnitude vector
+            leaf = name.rsplit(".", 1)[-1]
+            leaves[leaf] = leaves.get(leaf, 0) + 1
+    saved = 0
+    for key in lora_cfg.modules_to_save or []:
+        for name, module in model.named_modules():
+            if (name == key or name.endswith("." + key)) and ".visual." in f".{name}.":
+                saved += sum(p.numel() for p in module.parameters())
+                break
+    return ParameterCounts(total, by_part, lora + saved, quantized, fp32_base, base_other, lora, saved, leaves)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the batch
+
+
+@dataclass
+class BatchBudget:
+    rows: int  # sequences per device step
+    tokens: int  # language-model tokens per device step
+    visual_tokens: int  # of which image tokens (after the 2x2 merge)
+    vision_patches: int  # ViT tokens (before the merge)
+    note: str
+
+
+def batch_budget(data_cfg: DataConfig, batch_size: int, merge: int = 2, factor: int = 28) -> BatchBudget:
+    max_length = data_cfg.max_length
+    if max_length is None and data_cfg.max_tokens_per_batch is None:
+        raise ConfigError("estimate needs data.max_length or data.max_tokens_per_batch to size a batch")
+    if data_cfg.packing or data_cfg.max_tokens_per_batch is not None:
+        tokens = data_cfg.max_tokens_per_batch or batch_size * max_length
+        rows = max(1, tokens // max_length) if max_length else 1
+        layout = "a full pack" if data_cfg.packing else "a full token budget"
+        note = f"{layout} of {tokens} tokens = {rows} rows of {max_length or tokens}"
+    else:
+        rows, tokens = batch_size, batch_size * max_length
+        note = f"{rows} padded rows of data.max_length={max_length}"
+    if data_cfg.resized_height is not None:
+        pixels, source = data_cfg.resized_height * data_cfg.resized_width, "the fixed resize"
+    else:
+        pixels = data_cfg.max_pixels or QWEN2_VL_DEFAULT_MAX_PIXELS
+        source = "data.max_pixels" if data_cfg.max_pixels else "the processor's default max_pixels"
+    per_image = max(1, pixels // (factor * factor))
+    per_row = per_image * (data_cfg.max_images_per_row or 1)
+    if data_cfg.max_visual_tokens is not None:
+        per_row, source = min(per_row, data_cfg.max_visual_tokens), "data.max_visual_tokens"
+    per_row = min(per_row, tokens // rows)
+    note += f", each with {per_row} image tokens ({source})"
+    return BatchBudget(rows, tokens, rows * per_row, rows * per_row * merge * merge, note)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# activations (bytes per token), from the saved tensors of transformers' Qwen2-VL code
+
+
+def _lora_bytes(in_features: int, r: int, a: int, mask_bytes: int) -> int:
+    # lora_A keeps its dropped-out input, lora_B keeps lora_A's output, dropout keeps its mask (a bool on CUDA;
+    # PyTorch's CPU dropout multiplies by a float mask instead, hence the parameter)
+    return (a + mask_bytes) * in_features + a * r
+
+
+def _layer_bytes(h: int, kv: int, inter: int, heads: int, a: int, trainable: bool, lora_in: List[int], r: int,
+                 mask_bytes: int = 1) -> int:
+    """Saved tensors of one decoder layer, per token.
+
+    Always: both RMSNorms keep an fp32 copy of their input and its rsqrt (4h + 4 each); attention keeps q and k
+    after RoPE, v, its output and the log-sum-exp (flash / memory-efficient kernels, GQA without repeating k/v);
+    the MLP keeps the gate output, SiLU's output and the up projection (3 x intermediate). Trainable weights add
+    what the weight gradients need: the normalised inputs of both norm weights (2h), the q/k/v and gate/up inputs
+    (2h) and the down_proj input (intermediate); o_proj's input is the attention output already kept. Frozen
+    weights add nothing: y = xW needs only W for dx. LoRA adds `_lora_bytes` per adapted Linear.
+    """
+    total = 8 * h + 8 + a * (2 * h + 2 * kv) + 4 * heads + 3 * a * inter
+    if trainable:
+        total += a * (4 * h + inter)
+    return total + sum(_lora_bytes(n, r, a, mask_bytes) for n in lora_in)
+
+
+def _vision_block_bytes(d: int, mlp: int, heads: int, a: int, trainable: bool, lora_in: List[int], r: int,
+                        mask_bytes: int = 1) -> int:
+    """Saved tensors of one ViT block, per patch.
+
+    Always: both LayerNorm inputs and statistics, q and k after RoPE, v (a view that keeps the whole fused qkv
+    output alive: 3d), the attention output and log-sum-exp, QuickGELU's input and sigmoid (2 x mlp).
+    Trainable weights add the qkv, proj and fc1 inputs (3d) and the fc2 input (mlp).
+    """
+    total = a * (2 * d + 2 * d + 3 * d + d) + 16 + 4 * heads + 2 * a * mlp
+    if trainable:
+        total += a * (3 * d + mlp)
+    return total + sum(_lora_bytes(n, r, a, mask_bytes) for n in lora_in)
+
+
+@dataclass
+class Estimate:
+    rows: List[tuple]  # (component, bytes, how)
+    counts: ParameterCounts
+    budget: BatchBudget
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b, _ in self.rows)
+
+    def table(self) -> str:
+        lines = [f"{'component':<26} {'GiB':>8}  how", "-" * 100]
+        lines += [f"{name:<26} {b / GiB:8.2f}  {how}" for name, b, how in self.rows]
+        lines += ["-" * 100, f"{'predicted peak':<26} {self.total / GiB:8.2f}  torch.cuda.max_memory_allocated(); "
+                  f"add ~0.5 GiB CUDA context and 5-15% fragmentation for nvidia-smi"]
+        return "\n".join(lines)
+
+
+def estimate_memory(typed: TrainConfig, model=None) -> Estimate:
+    model_cfg, adapter_cfg, data_cfg, trainer_cfg = typed.model, typed.adapter, typed.data, typed.trainer
+    model = model if model is not None else meta_model(model_cfg)
+    counts = count_parameters(typed, model)
+    config = model.config
+    text, vision = config.get_text_config(), config.vision_config
+    w = DTYPE_BYTES[model_cfg.dtype.value]
+    # activation dtype: autocast's under bf16/fp16 mixed precision, else the weights'
+    a = 4 if (trainer_cfg.precision == Precision.fp32 and w == 4) else 2
+    rows: List[tuple] = []
+
+    if counts.quantized:
+        per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if adapter_cfg.bnb_4bit_use_double_quant else 4 / 64)
+        rows.append(("weights (4-bit)", int(counts.quantized * per_param),
+                     f"{counts.quantized / 1e9:.2f}B params x {per_param:.3f} B (NF4 + absmax)"))
+    if counts.fp32_base:
+        why = "QLoRA casts every non-4-bit parameter to fp32" if counts.quantized else "model.dtype=float32"
+        rows.append(("weights (fp32)", counts.fp32_base * 4, f"{counts.fp32_base / 1e9:.2f}B params x 4 B ({why})"))
+    if counts.base_other:
+        rows.append((f"weights ({model_cfg.dtype.value})", counts.base_other * w,
+                     f"{counts.base_other / 1e9:.2f}B params x {w} B"))
+
+    if adapter_cfg.is_peft:
+        # PEFT keeps LoRA factors in fp32; modules_to_save copies keep the original's dtype (fp32 under QLoRA)
+        copy_bytes = 4 if counts.quantized or w == 4 else w
+        adapter_bytes = counts.lora * 4 + counts.saved_copies * copy_bytes
+        rows.append(("adapter weights", adapter_bytes,
+                     f"LoRA r={adapter_cfg.r}: {counts.lora / 1e6:.1f}M fp32 params"
+                     + (f" + {counts.saved_copies / 1e6:.1f}M modules_to_save copies" if counts.saved_copies else "")))
+        grad_bytes = adapter_bytes
+    else:
+        grad_bytes = counts.trainable * w
+    rows.append(("gradients", grad_bytes, f"{counts.trainable / 1e6:.1f}M trainable params, each in its dtype"))
+    # AdamW keeps two states like each parameter (its dtype); bitsandbytes' 8-bit AdamW one byte each
+    eight_bit = "8bit" in typed.optimizer.name
+    state_bytes = 2 * counts.trainable if eight_bit else 2 * grad_bytes
+    rows.append(("optimizer states", state_bytes,
+                 f"{typed.optimizer.name}: two states per trainable param ({'1 B' if eight_bit else 'its dtype'})"))
+
+    budget = batch_budget(data_cfg, trainer_cfg.batch_size, vision.spatial_merge_size,
+                          vision.patch_size * vision.spatial_merge_size)
+    rows += _activation_rows(typed, counts, text, vision, budget, a)
+    return Estimate(rows, counts, budget)
+
+
+def _lora_inputs(typed: TrainConfig, counts: ParameterCounts, text, vision) -> tuple:
+    """in_features of the LoRA'd Linears of one decoder layer and of one vision block."""
+    if not typed.adapter.is_peft:
+        return [], []
+    h, inter = text.hidden_size, text.intermediate_size
+    width = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h, "gate_proj": h, "up_proj": h, "down_proj": inter}
+    layers = text.num_hidden_layers
+    lm = []
+    for leaf, n in counts.lora_modules.items():
+        if leaf in width:
+            lm += [width[leaf]] * max(1, n // layers)
+    d = vision.embed_dim
+    mlp = int(d * vision.mlp_ratio)
+    vis = [d, d, d, mlp] if typed.adapter.vision_lora else []  # qkv, proj, fc1, fc2
+    return lm, vis
+
+
+def _activation_rows(typed, counts, text, vision, budget: BatchBudget, a: int) -> List[tuple]:
+    model_cfg, adapter_cfg = typed.model, typed.adapter
+    h, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv = text.num_key_value_heads * (h // heads)
+    d, depth, vision_heads = vision.embed_dim, vision.depth, vision.num_heads
+    mlp = int(d * vision.mlp_ratio)
+    lm_trainable = not adapter_cfg.is_peft and not model_cfg.freeze_language_model
+    vision_trainable = not adapter_cfg.is_peft and not model_cfg.freeze_vision_tower
+    if adapter_cfg.is_peft and not model_cfg.freeze_vision_tower and not adapter_cfg.vision_lora:
+        vision_trainable = True  # modules_to_save: the blocks train in full
+    lm_lora, vision_lora = _lora_inputs(typed, counts, text, vision)
+    r = adapter_cfg.r
+    T, P = budget.tokens, budget.vision_patches
+    rows = []
+
+    mask = 1 if adapter_cfg.dropout > 0 else 0  # no dropout: no mask (adapters on q/k/v then share one input)
+    layer = _layer_bytes(h, kv, inter, heads, a, lm_trainable, lm_lora, r, mask)
+    if model_cfg.gradient_checkpointing:
+        saved = layers * a * h * T
+        working = layer * T  # one layer recomputed in the backward
+        how = f"checkpointed: {layers} layer inputs x {T} tokens, + one layer recomputed ({layer} B/token)"
+    else:
+        saved, working = layers * layer * T, 0
+        how = f"{layers} layers x {T} tokens x {layer} B/token"
+    rows.append(("activations: LM", saved + working, how))
+
+    # TRL's fused LM head keeps the final hidden states; its backward works on token x vocabulary tiles and
+    # accumulates the hidden-state gradient (and the head's own, when it trains) in fp32.
+    vocab = text.vocab_size
+    tile = min(T, TOKEN_TILE) * min(vocab, VOCAB_TILE) * a
+    head = a * h * T + 2 * tile + 4 * h * T
+    if lm_trainable:
+        head += 4 * vocab * h
+    rows.append(("activations: LM head", head, f"fused head: hidden states, two {min(T, TOKEN_TILE)}x"
+                 f"{min(vocab, VOCAB_TILE)} tiles, fp32 gradients"))
+
+    grads_reach_vision = vision_trainable or bool(vision_lora)
+    if P and grads_reach_vision:
+        block = _vision_block_bytes(d, mlp, vision_heads, a, vision_trainable, vision_lora, r, mask)
+        vision_ckpt = model_cfg.vision_gradient_checkpointing
+        vision_ckpt = model_cfg.gradient_checkpointing if vision_ckpt is None else vision_ckpt
+        if vision_ckpt:
+            vis, how = depth * a * d * P + block * P, f"checkpointed: {depth} block inputs x {P} patches + one block"
+        else:
+            vis, how = depth * block * P, f"{depth} blocks x {P} patches x {block} B/patch"
+        if vision_trainable:
+            vis += a * P * vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2  # patch embed
+        rows.append(("activations: vision", vis, how))
+    elif P:
+        rows.append(("activations: vision", a * P * (3 * d + mlp) + a * h * budget.visual_tokens,
+                     f"frozen: no saved tensors; one block's working set over {P} patches"))
+    if P and (not model_cfg.freeze_merger or grads_reach_vision):
+        rows.append(("activations: merger", a * P * (3 * d) + a * budget.visual_tokens * (4 * d),
+                     f"LayerNorm + MLP over {P} patches"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def estimate(cfg: DictConfig) -> Dict:
+    from qwenvl_ft.config.compose import validate
+
+    typed: TrainConfig = validate(cfg)
+    result = estimate_memory(typed)
+    c, b = result.counts, result.budget
+    parts = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sorted(c.by_part.items()))
+    print(f"model: {typed.model.name_or_path} ({typed.model.family.value}), {c.total / 1e9:.3f}B parameters "
+          f"({parts})")
+    print(f"training: {typed.adapter.method.value}, {c.trainable / 1e6:.2f}M trainable "
+          f"({100 * c.trainable / c.total:.2f}%), gradient checkpointing "
+          f"{'on' if typed.model.gradient_checkpointing else 'off'}")
+    print(f"batch per device step: {b.note}")
+    print(result.table())
+    return {"predicted_peak_gib": round(result.total / GiB, 2), "parameters": c.total, "trainable": c.trainable,
+            "tokens_per_step": b.tokens, "components_gib": {n: round(v / GiB, 3) for n, v, _ in result.rows}}

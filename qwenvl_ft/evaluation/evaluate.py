@@ -1,0 +1,134 @@
+"""`qwenvl-ft eval`: generate on the held-out split with the base model and with the fine-tuned one, and report
+them side by side.
+
+Writes into output_dir: eval_report.json (settings, both sets of metrics, example predictions),
+predictions.jsonl (every row: reference, base and tuned prediction) and tensorboard/ (metrics as scalars and a
+gallery of image + prediction + reference).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List
+
+from omegaconf import DictConfig
+
+from qwenvl_ft.config.compose import validate
+from qwenvl_ft.config.schema import ConfigError, EvalRunConfig
+
+log = logging.getLogger("qwenvl_ft")
+
+REPORT = "eval_report.json"
+GALLERY_MAX_SIDE = 448  # gallery images are shrunk to this, so the event file stays small
+
+
+def evaluate(cfg: DictConfig) -> Dict:
+    typed: EvalRunConfig = validate(cfg)
+    e = typed.eval
+    output_dir = Path(typed.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_path = Path(os.path.normpath(e.model_path)) if e.model_path else None
+
+    from transformers import set_seed
+
+    from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
+    from qwenvl_ft.data.sources import load_splits
+    from qwenvl_ft.evaluation.generate import generate_answers
+    from qwenvl_ft.evaluation.metrics import compute
+    from qwenvl_ft.modeling.load import kind_of, load_base, load_processor, load_tuned
+
+    if model_path is not None:
+        kind_of(model_path)  # fail before loading anything
+    _, held_out = load_splits(typed.data)
+    if held_out is None or len(held_out) == 0:
+        raise ConfigError("no held-out rows to evaluate: set data.eval_size, data.eval_path or data.shapes.num_eval")
+    rows = list(held_out)[: e.num_samples]
+    references = [reference_answer(row) for row in rows]
+    processor = load_processor(typed.model, typed.data, model_path)
+    collator = VisionChatCollator(processor, typed.data)
+    generation = e.generation.kwargs()
+
+    predictions: Dict[str, List[str]] = {}
+    base = None
+    if e.compare_base:
+        set_seed(typed.seed)
+        base = load_base(typed.model, typed.adapter)
+        log.info("generating with the base model on %d held-out rows", len(rows))
+        predictions["base"] = generate_answers(base, collator, rows, e.batch_size, generation=generation)
+    if model_path is not None:
+        set_seed(typed.seed)
+        # An adapter goes onto the base already in memory; a full model replaces it.
+        if base is not None and kind_of(model_path) == "model":
+            del base
+            base = None
+        tuned = load_tuned(typed.model, typed.adapter, model_path, base)
+        log.info("generating with %s", model_path)
+        predictions["tuned"] = generate_answers(tuned, collator, rows, e.batch_size, generation=generation)
+
+    metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}
+    examples = [
+        {"source": row.get("source"), "reference": references[i], **{side: p[i] for side, p in predictions.items()}}
+        for i, row in enumerate(rows)
+    ]
+    report = {
+        "model_path": str(model_path.resolve()) if model_path else None,
+        "base": typed.model.name_or_path if not typed.model.random_init else "random init (model.architecture)",
+        "num_samples": len(rows),
+        "generation": generation,
+        "metrics": metrics,
+        "examples": examples[: e.num_examples],
+    }
+    _write_atomically(output_dir / REPORT, json.dumps(report, indent=2))
+    _write_atomically(output_dir / "predictions.jsonl", "".join(json.dumps(x) + "\n" for x in examples))
+    log_gallery(output_dir / "tensorboard", rows, examples[: e.num_examples], metrics)
+    log.info("%s", format_table(metrics, examples[: e.num_examples], len(rows)))
+    log.info("report: %s", output_dir / REPORT)
+    return {f"{side}_{name}": value for side, values in metrics.items() for name, value in values.items()}
+
+
+def format_table(metrics: Dict[str, Dict[str, float]], examples: List[dict], num_rows: int) -> str:
+    sides = list(metrics)
+    names = list(next(iter(metrics.values()))) if metrics else []
+    lines = [f"held-out evaluation on {num_rows} rows", "  " + f"{'metric':14s}" + "".join(f"{s:>12s}" for s in sides)]
+    for name in names:
+        lines.append("  " + f"{name:14s}" + "".join(f"{metrics[s][name]:12.4f}" for s in sides))
+    for example in examples:
+        lines.append(f"  reference: {example['reference']!r}")
+        for side in sides:
+            lines.append(f"    {side + ':':7s}  {example[side]!r}")
+    return "\n".join(lines)
+
+
+def log_gallery(log_dir: Path, rows: List[dict], examples: List[dict], metrics: Dict[str, Dict[str, float]],
+                step: int = 0) -> None:
+    """Metrics as scalars and, per example, its first image and a text card with reference and predictions."""
+    import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+
+    from qwenvl_ft.data.images import open_image
+
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        for side, values in metrics.items():
+            for name, value in values.items():
+                writer.add_scalar(f"eval_{side}/{name}", value, step)
+        for index, (row, example) in enumerate(zip(rows, examples)):
+            tag = f"eval_examples/{index:03d}"
+            if row.get("images"):
+                image = open_image(row["images"][0], f"{row.get('source', '?')}: images[0]")
+                image.thumbnail((GALLERY_MAX_SIDE, GALLERY_MAX_SIDE))
+                writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+            card = [f"**reference:** {example['reference']}"]
+            card += [f"**{side}:** {example[side]}" for side in metrics]
+            writer.add_text(tag, "  \n".join(card), step)
+    finally:
+        writer.close()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)

@@ -1,0 +1,90 @@
+"""`qwenvl-ft infer`: one prompt over one or many images with the base model, base + adapter, or a merged model.
+
+Images are sized exactly as in training (the data group's min/max pixels or fixed resize) and the prompt gets the
+data group's system message, so the model sees what it was trained on. Predictions are printed and written as
+JSONL, one {"image", "prompt", "prediction"} per line, in the order of infer.images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List
+
+from omegaconf import DictConfig
+
+from qwenvl_ft.config.compose import validate
+from qwenvl_ft.config.schema import ConfigError, InferRunConfig
+
+log = logging.getLogger("qwenvl_ft")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def expand_images(entries: List[str]) -> List[Path]:
+    """Files as given, folders replaced by the images inside them (sorted by name)."""
+    found: List[Path] = []
+    for entry in entries:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not inside:
+                raise ConfigError(f"infer.images: folder {path} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            found += inside
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ConfigError(f"infer.images: {path} not found")
+    return found
+
+
+def prompt_rows(images: List[Path], prompt: str, system_message: str = None) -> List[dict]:
+    """Canonical rows holding only the prompt turns."""
+    rows = []
+    for image in images:
+        messages = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": prompt}]}]
+        if system_message:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_message}]})
+        rows.append({"messages": messages, "images": [str(image)], "source": str(image)})
+    return rows
+
+
+def infer(cfg: DictConfig) -> Dict:
+    typed: InferRunConfig = validate(cfg)
+    i = typed.infer
+    if not i.images:
+        raise ConfigError("infer.images is empty: pass infer.images=[a.jpg,b.png] or infer.images=[folder]")
+    images = expand_images(list(i.images))
+    model_path = Path(os.path.normpath(i.model_path)) if i.model_path else None
+
+    from transformers import set_seed
+
+    from qwenvl_ft.data.collate import VisionChatCollator
+    from qwenvl_ft.evaluation.generate import generate_answers
+    from qwenvl_ft.modeling.load import kind_of, load_base, load_processor, load_tuned
+
+    if model_path is not None:
+        kind_of(model_path)  # fail before loading anything
+    set_seed(typed.seed)  # sampling (generation.do_sample) is reproducible
+    processor = load_processor(typed.model, typed.data, model_path)
+    model = load_base(typed.model, typed.adapter) if model_path is None else \
+        load_tuned(typed.model, typed.adapter, model_path)
+    collator = VisionChatCollator(processor, typed.data)
+    rows = prompt_rows(images, i.prompt, typed.data.system_message)
+    log.info("generating for %d image(s) with %s", len(rows), model_path or "the base model")
+    predictions = generate_answers(model, collator, rows, i.batch_size, generation=i.generation.kwargs(),
+                                   prompts_only=True)
+
+    output_file = Path(i.output_file) if i.output_file else Path(typed.output_dir) / "predictions.jsonl"
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    records = [{"image": str(image), "prompt": i.prompt, "prediction": prediction}
+               for image, prediction in zip(images, predictions)]
+    partial = output_file.with_name(f".{output_file.name}.partial")
+    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(partial, output_file)
+    for record in records:
+        print(f"{record['image']}\t{record['prediction']}")
+    log.info("predictions: %s", output_file)
+    return {"num_predictions": len(records), "output_file": str(output_file)}

@@ -1,0 +1,95 @@
+"""Loading a trained result for generation: the base model of the `model` group, plus an adapter folder, or a
+full (fine-tuned or merged) model folder instead.
+
+The base always comes from the config (the same recipe as training), because a random-init or local base is named
+by a path that only the config knows how to rebuild; the adapter's own `base_model_name_or_path` is only compared
+with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from qwenvl_ft.config.schema import AdapterConfig, ConfigError, DataConfig, ModelConfig
+from qwenvl_ft.modeling.build import DTYPES, _model_class, build_processor, model_source, quantization_config
+
+log = logging.getLogger("qwenvl_ft")
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def kind_of(path: Path) -> str:
+    """'adapter' or 'model' (a folder holding a full model), or a ConfigError naming what is missing."""
+    if (path / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "model"
+    if not path.exists():
+        raise ConfigError(f"{path}: no such folder. Name the training run with run_name=NAME (as given to "
+                          f"`qwenvl-ft train`) or give the folder itself (eval.model_path, infer.model_path, "
+                          f"merge.adapter_path)")
+    raise ConfigError(f"{path}: neither an adapter ({ADAPTER_CONFIG}) nor a model folder (config.json)")
+
+
+def _has_processor(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+
+
+def _device_map():
+    # Generation runs on one device: the first GPU when there is one (4-bit weights are quantised as they land).
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+
+
+def load_base(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, quantize: bool = True,
+              dtype: Optional[str] = None) -> nn.Module:
+    """The base model for generation; 4-bit when the adapter trained on a 4-bit base (and `quantize`)."""
+    quant = quantization_config(model_cfg, adapter_cfg) if quantize else None
+    model = _model_class(model_cfg.family).from_pretrained(
+        model_source(model_cfg), dtype=DTYPES[dtype or model_cfg.dtype.value],
+        attn_implementation=model_cfg.attn_implementation.value, quantization_config=quant,
+        trust_remote_code=model_cfg.trust_remote_code, device_map=_device_map(),
+    )
+    model.config.use_cache = True
+    return model.eval()
+
+
+def attach(base: nn.Module, model_cfg: ModelConfig, path: Path) -> nn.Module:
+    """base + the adapter in `path` (PEFT), ready for generation."""
+    from peft import PeftModel
+
+    declared = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    source = model_source(model_cfg)
+    if declared and Path(declared).expanduser().resolve() != Path(source).expanduser().resolve() \
+            and declared != source:
+        log.warning("%s was trained on %s; loading it onto %s (the model group of this config)", path, declared,
+                    source)
+    return PeftModel.from_pretrained(base, str(path), is_trainable=False).eval()
+
+
+def load_full(model_cfg: ModelConfig, path: Path) -> nn.Module:
+    model = _model_class(model_cfg.family).from_pretrained(
+        str(path), dtype=DTYPES[model_cfg.dtype.value], attn_implementation=model_cfg.attn_implementation.value,
+        trust_remote_code=model_cfg.trust_remote_code, device_map=_device_map(),
+    )
+    model.config.use_cache = True
+    return model.eval()
+
+
+def load_tuned(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, path: Path,
+               base: Optional[nn.Module] = None) -> nn.Module:
+    """The fine-tuned model in `path`; an adapter goes onto `base` (loaded when not given)."""
+    if kind_of(path) == "adapter":
+        return attach(base if base is not None else load_base(model_cfg, adapter_cfg), model_cfg, path)
+    return load_full(model_cfg, path)
+
+
+def load_processor(model_cfg: ModelConfig, data_cfg: DataConfig, path: Optional[Path] = None):
+    """The processor saved with the fine-tuned result when there is one, else the base's."""
+    source = str(path) if path is not None and _has_processor(path) else model_source(model_cfg)
+    return build_processor(model_cfg, data_cfg, source)

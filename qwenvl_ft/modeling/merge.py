@@ -1,0 +1,83 @@
+"""`qwenvl-ft merge`: fold a LoRA / DoRA adapter into its base and save a complete model folder (safetensors
+weights, config, generation config, processor with chat template) that plain transformers loads, with no PEFT.
+
+A QLoRA adapter is merged into the base loaded unquantised, in merge.dtype (default model.dtype, bf16 for the
+real models): folding a low-rank update into 4-bit NF4 weights would requantise them and lose the update's
+precision. The merged model is therefore the unquantised base plus the adapter, which differs from what training
+saw (the NF4-dequantised base plus the adapter) by the quantisation error of the base weights.
+
+The folder is written next to its destination under a temporary name and renamed into place: it is either
+complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict
+
+from omegaconf import DictConfig
+
+from qwenvl_ft.config.compose import validate
+from qwenvl_ft.config.schema import ConfigError, MergeRunConfig
+
+log = logging.getLogger("qwenvl_ft")
+
+
+def merge(cfg: DictConfig) -> Dict:
+    typed: MergeRunConfig = validate(cfg)
+    m = typed.merge
+    if m.adapter_path is None or m.output_path is None:
+        raise ConfigError("merge.adapter_path and merge.output_path are required")
+    adapter_path = Path(os.path.normpath(m.adapter_path))
+    output_path = Path(os.path.normpath(m.output_path))
+
+    from qwenvl_ft.modeling.load import ADAPTER_CONFIG, attach, kind_of, load_base, load_processor
+
+    if kind_of(adapter_path) != "adapter":
+        raise ConfigError(f"{adapter_path} holds a full model, not an adapter: there is nothing to merge")
+    if output_path.exists() and not m.overwrite:
+        raise ConfigError(f"{output_path} exists; pass merge.overwrite=true to replace it")
+    adapter_config = json.loads((adapter_path / ADAPTER_CONFIG).read_text())
+    dtype = (m.dtype or typed.model.dtype).value
+    if typed.adapter.load_in_4bit:
+        log.info("QLoRA adapter: merging into the unquantised %s base (not the 4-bit one it trained on)", dtype)
+
+    base = load_base(typed.model, typed.adapter, quantize=False, dtype=dtype)
+    merged = attach(base, typed.model, adapter_path).merge_and_unload()
+    processor = load_processor(typed.model, typed.data, adapter_path)
+
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.partial-", dir=output_path.parent))
+    try:
+        merged.save_pretrained(str(staging), max_shard_size=m.max_shard_size)
+        processor.save_pretrained(str(staging))
+        (staging / "merge_info.json").write_text(json.dumps({
+            "adapter_path": str(adapter_path.resolve()),
+            "base": typed.model.name_or_path if not typed.model.random_init else "random init (model.architecture)",
+            "method": "dora" if adapter_config.get("use_dora") else ("qlora" if typed.adapter.load_in_4bit else "lora"),
+            "dtype": dtype,
+            "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }, indent=2))
+        _replace(staging, output_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("merged %s into the base: %s", adapter_path, output_path)
+    return {"output_path": str(output_path)}
+
+
+def _replace(staging: Path, target: Path) -> None:
+    """Rename `staging` to `target`; an existing target is moved aside first and removed only afterwards."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old.rmdir()
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

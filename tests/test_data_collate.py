@@ -1,0 +1,252 @@
+"""Tier 1: the collation path. Samples equal what the processor makes, labels cover assistant turns only, images,
+videos and text-only rows mix in one batch the model accepts, max_length never cuts a vision span, and the
+collator runs in DataLoader workers with each image decoded once."""
+
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+from qwenvl_ft.data.collate import IGNORE_INDEX, RowDropped, VisionChatCollator
+from qwenvl_ft.errors import DataError
+
+from data_helpers import assistant, data_cfg, frame_level, user, write_image, write_video
+
+SMALL_VIDEO = dict(video_min_pixels=28 * 28, video_max_pixels=56 * 56)
+
+
+def _collator(processor, **overrides):
+    return VisionChatCollator(processor, data_cfg(format="shapes", **{"max_length": None, **overrides}))
+
+
+def _noise(width, height, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 255, (height, width, 3), generator=generator, dtype=torch.uint8).numpy())
+
+
+def _row(messages, images=(), videos=(), source="t:0"):
+    return {"messages": messages, "images": list(images), "videos": list(videos), "source": source}
+
+
+def _runs(labels, tokenizer):
+    """Decoded contiguous runs of trained positions."""
+    runs, current = [], []
+    for label in labels.tolist() + [IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            current.append(label)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    return runs
+
+
+def test_the_image_processor_is_the_fast_torchvision_one(tiny_processor):
+    from transformers.image_processing_backends import TorchvisionBackend
+
+    assert isinstance(tiny_processor.image_processor, TorchvisionBackend)
+    assert tiny_processor.image_processor.backend == "torchvision"
+
+
+def test_encode_equals_the_processor_on_the_same_row(tiny_processor):
+    collator = _collator(tiny_processor, **SMALL_VIDEO)
+    frames = [_noise(80, 64, seed=s) for s in range(3)]
+    row = _row([user("What?", images=1, videos=1), assistant("stuff"), user("And?", images=1), assistant("more")],
+               images=[_noise(130, 90), _noise(60, 60, seed=1)], videos=[frames])
+    sample = collator.encode(row)
+    # Images: the processor given the original images resizes them itself; ours resized first, with its resize.
+    image_row = _row([user("What?", images=2), assistant("x")], images=row["images"])
+    reference = tiny_processor(text=[collator.render(image_row["messages"])], images=row["images"],
+                               return_tensors="pt")
+    ours = collator.encode(image_row)
+    for key in ("input_ids", "mm_token_type_ids"):
+        assert torch.equal(ours[key], reference[key][0]), key
+    for key in ("pixel_values", "image_grid_thw"):
+        assert torch.equal(ours[key], reference[key]), key
+    # Video (frames sampled and resized by us, as qwen-vl-utils would): the processor's own token expansion.
+    visuals = collator.load_visuals(row)
+    reference = tiny_processor(text=[collator.render(row["messages"])], images=visuals.images,
+                               videos=visuals.videos, do_resize=False, do_sample_frames=False, return_tensors="pt")
+    for key in ("input_ids", "mm_token_type_ids"):
+        assert torch.equal(sample[key], reference[key][0]), key
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        assert torch.equal(sample[key], reference[key]), key
+    assert sample["video_grid_thw"].tolist() == [[2, 2, 4]]  # 3 frames padded to 4; 80x64 -> 56x28 (<= 56*56)
+    assert (sample["mm_token_type_ids"] == 2).sum() == 2 * 2 * 4 // 4
+
+
+def test_labels_are_every_assistant_turn_and_nothing_else(tiny_processor):
+    collator = _collator(tiny_processor, **SMALL_VIDEO)
+    frames = [_noise(64, 64, seed=s) for s in range(2)]
+    row = _row([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                user("Look", images=1, videos=1), assistant("a red square"), user("Again?"), assistant("yes"),
+                user("Last"), assistant("done.")], images=[_noise(56, 56)], videos=[frames])
+    sample = collator.encode(row)
+    tok = tiny_processor.tokenizer
+    assert _runs(sample["labels"], tok) == ["a red square<|im_end|>", "yes<|im_end|>", "done.<|im_end|>"]
+    trained = sample["labels"] != IGNORE_INDEX
+    assert torch.equal(sample["labels"][trained], sample["input_ids"][trained])
+    assert not trained[sample["mm_token_type_ids"] != 0].any()
+
+
+def test_video_files_are_sampled_by_fps_or_frame_count(tiny_processor, tmp_path):
+    clip = write_video(tmp_path / "clip.mp4", frames=24, fps=4)  # 6 seconds
+    no_count = write_video(tmp_path / "clip.mkv", frames=24, fps=4)  # container without a frame count
+    row = _row([user("What happens?", videos=1), assistant("It brightens.")], videos=[str(clip)])
+    for settings, frames, levels in [({"video_fps": 1.0}, 6, [0, 5, 9, 14, 18, 23]),
+                                     ({"video_nframes": 4}, 4, [0, 8, 15, 23]),
+                                     ({}, 12, None)]:  # qwen-vl-utils' default: 2 per second
+        collator = _collator(tiny_processor, **SMALL_VIDEO, **settings)
+        for path in (clip, no_count):
+            visuals = collator.load_visuals(dict(row, videos=[str(path)]))
+            video = visuals.videos[0]
+            assert video.shape[0] == frames and visuals.video_sizes == [(24, 64, 48)]
+            if levels:
+                expected = torch.tensor([frame_level(i, 24) for i in levels], dtype=torch.float)
+                assert (video[:, :, 10, 10].float().mean(dim=1) - expected).abs().max() < 6
+        sample = collator.encode(row)
+        assert sample["video_grid_thw"][0, 0] == frames // 2
+    seconds = _collator(tiny_processor, **SMALL_VIDEO, video_fps=1.0)
+    assert seconds.load_visuals(row).video_fps == [1.0]
+
+
+def test_images_videos_and_text_only_rows_mix_in_one_batch_the_model_accepts(tiny_processor, tmp_path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from qwenvl_ft.config.compose import compose, validate
+    from qwenvl_ft.modeling.random_init import materialize
+
+    collator = _collator(tiny_processor, **SMALL_VIDEO)
+    clip = write_video(tmp_path / "clip.mp4", frames=8, fps=4)
+    rows = [_row([user("Hi"), assistant("Hello")], source="t:0"),
+            _row([user("What?", images=2), assistant("two dots")], images=[_noise(56, 84), _noise(40, 40, 1)],
+                 source="t:1"),
+            _row([user("Moves?", videos=1), assistant("left")], videos=[str(clip)], source="t:2"),
+            _row([user("Both?", images=1, videos=1), assistant("yes")], images=[_noise(60, 30, 2)],
+                 videos=[[_noise(50, 50, 3), _noise(50, 50, 4)]], source="t:3")]
+    batch = collator(rows)
+    assert batch["image_grid_thw"].shape[0] == 3 and batch["video_grid_thw"].shape[0] == 2
+    merge = tiny_processor.image_processor.merge_size ** 2
+    assert int((batch["mm_token_type_ids"] == 1).sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // merge
+    assert int((batch["mm_token_type_ids"] == 2).sum()) == int(batch["video_grid_thw"].prod(-1).sum()) // merge
+    typed = validate(compose(["recipe=demo"], output_dir=str(tmp_path)))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(materialize(typed.model.architecture))
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert torch.isfinite(loss)
+
+
+def test_max_length_never_cuts_a_vision_span(tiny_processor):
+    long_answer = " ".join(["word"] * 40)
+    row = _row([user("Describe.", images=1), assistant(long_answer)], images=[_noise(112, 112)])
+    full = _collator(tiny_processor).encode(row)
+    image_end = int((full["input_ids"] == tiny_processor.tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+                    .nonzero()[-1])
+    first_answer = int((full["labels"] != IGNORE_INDEX).nonzero()[0])
+    limit = first_answer + 3
+    cut = _collator(tiny_processor, max_length=limit).encode(row)  # truncate_text is the default
+    assert cut["input_ids"].numel() == limit and torch.equal(cut["input_ids"], full["input_ids"][:limit])
+    assert int((cut["labels"] != IGNORE_INDEX).sum()) == 3 and torch.equal(cut["pixel_values"], full["pixel_values"])
+    with pytest.raises(RowDropped, match="the cut would fall inside an image or video"):
+        _collator(tiny_processor, max_length=image_end - 3).encode(row)
+    with pytest.raises(RowDropped, match="the cut would remove every assistant token"):
+        _collator(tiny_processor, max_length=first_answer).encode(row)
+    with pytest.raises(RowDropped, match=r"t:0: \d+ tokens, over data.max_length=\d+: dropped \(data.overlength=drop"):
+        _collator(tiny_processor, max_length=limit, overlength="drop").encode(row)
+    with pytest.raises(DataError, match="data.overlength=error") as info:
+        _collator(tiny_processor, max_length=limit, overlength="error").encode(row)
+    assert not isinstance(info.value, RowDropped)
+    measured = _collator(tiny_processor, max_length=limit).measure(row)
+    assert measured.truncated and measured.length == limit and measured.full_length == full["input_ids"].numel()
+
+
+def test_measure_agrees_with_encode(tiny_processor):
+    collator = _collator(tiny_processor, **SMALL_VIDEO)
+    row = _row([user("A?", images=2, videos=1), assistant("B")], images=[_noise(100, 70), _noise(28, 200, 1)],
+               videos=[[_noise(64, 64, s) for s in range(4)]])
+    sample, stats = collator.encode(row), collator.measure(row)
+    assert stats.length == sample["input_ids"].numel()
+    assert stats.image_tokens == (sample["image_grid_thw"].prod(-1) // 4).tolist()
+    assert stats.video_tokens == (sample["video_grid_thw"].prod(-1) // 4).tolist()
+    assert stats.image_sizes == [(100, 70), (28, 200)] and stats.video_sizes == [(4, 64, 64)]
+    assert stats.label_tokens == int((sample["labels"] != IGNORE_INDEX).sum())
+    assert stats.text_tokens == stats.length - sum(stats.image_tokens) - sum(stats.video_tokens)
+
+
+def test_caps_on_images_visual_tokens_and_aspect_ratio(tiny_processor):
+    two = _row([user("?", images=2), assistant("!")], images=[_noise(56, 56), _noise(56, 56, 1)])
+    with pytest.raises(DataError, match=r"t:0: field 'images': 2 images, over data.max_images_per_row=1"):
+        _collator(tiny_processor, max_images_per_row=1).encode(two)
+    with pytest.raises(DataError, match=r"8 visual tokens, over data.max_visual_tokens=6"):
+        _collator(tiny_processor, max_visual_tokens=6).encode(two)
+    # A video shrinks its frames to fit what the images leave, and is refused when even its smallest frames cannot.
+    frames = [_noise(224, 224, s) for s in range(4)]
+    video_row = _row([user("?", images=1, videos=1), assistant("!")], images=[_noise(56, 56)], videos=[frames])
+    unbounded = _collator(tiny_processor, video_min_pixels=28 * 28, video_max_pixels=224 * 224).measure(video_row)
+    bounded = _collator(tiny_processor, video_min_pixels=28 * 28, video_max_pixels=224 * 224,
+                        max_visual_tokens=40).measure(video_row)
+    assert unbounded.video_tokens == [128] and bounded.video_tokens[0] <= 40 - 4
+    with pytest.raises(DataError, match="does not fit in the 0 visual tokens left by data.max_visual_tokens"):
+        _collator(tiny_processor, **SMALL_VIDEO, max_visual_tokens=4).measure(video_row)
+    thin = _row([user("?", images=1), assistant("!")], images=[Image.new("RGB", (201, 1))])
+    with pytest.raises(DataError, match=r"t:0: images\[0\]: image of 201x1 has an aspect ratio of 201:1"):
+        _collator(tiny_processor).encode(thin)
+    fine = _row([user("?", images=1), assistant("!")], images=[Image.new("RGB", (3000, 20))])  # 150:1 is allowed
+    assert _collator(tiny_processor).encode(fine)["image_grid_thw"].shape == (1, 3)
+
+
+def test_the_collator_pickles_and_runs_in_dataloader_workers(tiny_processor, tmp_path):
+    from torch.utils.data import DataLoader
+
+    paths = [write_image(tmp_path / f"{i}.png", size=(56 + 28 * i, 56), colour=(40 * i, 0, 0)) for i in range(4)]
+    rows = [_row([user(f"n{i}?", images=1), assistant(f"{i}")], images=[str(p)], source=f"t:{i}")
+            for i, p in enumerate(paths)]
+    collator = _collator(tiny_processor)
+    copy = pickle.loads(pickle.dumps(collator))
+    assert torch.equal(copy(rows)["input_ids"], collator(rows)["input_ids"])
+    loader = DataLoader(rows, batch_size=2, num_workers=1, collate_fn=collator)
+    batches = list(loader)
+    expected = [collator(rows[:2]), collator(rows[2:])]
+    for got, want in zip(batches, expected):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_each_image_is_opened_and_decoded_once_per_sample(tiny_processor, tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    paths = [write_image(tmp_path / f"{i}.jpg", size=(300, 200)) for i in range(3)]
+    row = _row([user("?", images=3), assistant("!")], images=[str(p) for p in paths])
+    opened, decoded = [], []
+    real_open, real_load = Image.open, ImageFile.ImageFile.load
+
+    def counting_open(*args, **kwargs):
+        opened.append(args[0])
+        return real_open(*args, **kwargs)
+
+    def counting_load(self):
+        if self.tile:  # still undecoded: this call decodes
+            decoded.append(self)
+        return real_load(self)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    _collator(tiny_processor).encode(row)
+    assert len(opened) == 3 and len(decoded) == 3
+
+
+def test_helpers_for_other_consumers(tiny_processor):
+    collator = _collator(tiny_processor, **SMALL_VIDEO)
+    row = _row([user("?", images=1), assistant("!")], images=[_noise(100, 50)])
+    pil = collator.load_images(row)  # what the preference collator hands to TRL
+    assert [image.size for image in pil] == [(112, 56)]
+    short = _row([user("Hi"), assistant("!")])
+    ours = collator.generation_batch([row, short])
+    texts = [collator.render(r["messages"][:-1], add_generation_prompt=True) for r in (row, short)]
+    reference = tiny_processor(text=texts, images=row["images"], padding=True, padding_side="left",
+                               return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+        assert torch.equal(ours[key], reference[key]), key
+    video_row = _row([user("?", videos=1), assistant("!")], videos=[[_noise(56, 56, s) for s in range(2)]])
+    batch = collator.generation_batch([row, video_row])
+    assert batch["input_ids"].shape[0] == 2 and (batch["attention_mask"][:, -1] == 1).all()  # left-padded
+    assert "pixel_values_videos" in batch and "pixel_values" in batch

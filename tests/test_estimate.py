@@ -1,0 +1,210 @@
+"""`qwenvl-ft estimate`: parameter counts on the meta device, byte arithmetic, and the activation formula checked
+against the tensors autograd really saves (on CPU; the comparison with measured GPU peaks needs a GPU)."""
+
+import pytest
+import torch
+
+from qwenvl_ft.config.compose import compose, validate
+from qwenvl_ft.estimate import (GiB, _layer_bytes, _vision_block_bytes, batch_budget, count_parameters,
+                                estimate_memory, meta_model)
+
+
+def _typed(*overrides):
+    return validate(compose(list(overrides), output_dir="/tmp/unused"))
+
+
+# The ViT by hand: 32 blocks of two LayerNorms (2 x 2 x 1280), qkv (1280 x 3840 + 3840), proj (1280^2 + 1280),
+# fc1 (1280 x 5120 + 5120), fc2 (5120 x 1280 + 1280); a bias-free Conv3d patch embedding (1280 x 3 x 2 x 14 x 14).
+VIT = 32 * (4 * 1280 + 1280 * 3840 + 3840 + 1280 ** 2 + 1280 + 2 * 1280 * 5120 + 5120 + 1280) + 1280 * 3 * 2 * 14 * 14
+
+
+def _merger(hidden):  # LayerNorm(1280), Linear(5120, 5120), Linear(5120, hidden)
+    return 2 * 1280 + 5120 * 5120 + 5120 + 5120 * hidden + hidden
+
+
+@pytest.mark.parametrize("option, expected, hidden", [
+    ("qwen2_vl_2b", 2_208_985_600, 1536),  # Qwen/Qwen2-VL-2B-Instruct's safetensors hold exactly this many
+    ("qwen2_vl_7b", 8_291_375_616, 3584),  # Qwen/Qwen2-VL-7B-Instruct
+])
+def test_full_size_parameter_counts_match_the_released_models(option, expected, hidden):
+    counts = count_parameters(_typed(f"model={option}", "adapter=full"))
+    assert counts.total == expected
+    assert sum(counts.by_part.values()) == expected
+    assert counts.by_part["vision"] == VIT and counts.by_part["merger"] == _merger(hidden)
+
+
+def test_meta_model_allocates_nothing():
+    model = meta_model(_typed("model=qwen2_vl_7b").model)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_tiny_counts_equal_the_built_model():
+    from qwenvl_ft.modeling.build import build_model, count_parameters as built_count
+
+    cases = [["adapter=full", "model.freeze_vision_tower=true"], ["adapter=lora", "model.freeze_vision_tower=true"],
+             ["adapter=dora", "model.freeze_vision_tower=true"],
+             ["adapter=lora"],  # the tiny model trains its vision blocks and merger: PEFT's modules_to_save copies
+             ["adapter=lora", "adapter.vision_lora=true"]]
+    for overrides in cases:
+        typed = _typed("recipe=demo", *overrides)
+        model = build_model(typed.model, typed.adapter)
+        trainable, total = built_count(model)
+        counts = count_parameters(typed)
+        assert counts.trainable == trainable, overrides
+        assert counts.total + counts.saved_copies + counts.lora == total, overrides
+
+
+def test_lora_count_on_7b_by_hand():
+    # r=8 on q_proj (3584 -> 3584) and v_proj (3584 -> 512) of 28 layers
+    counts = count_parameters(_typed("recipe=qlora_7b_amazon"))
+    assert counts.lora == 28 * 8 * ((3584 + 3584) + (3584 + 512))
+    assert counts.lora_modules == {"q_proj": 28, "v_proj": 28}
+
+
+def test_qlora_7b_weight_bytes():
+    est = estimate_memory(_typed("recipe=qlora_7b_amazon"))
+    rows = {name: b for name, b, _ in est.rows}
+    c = est.counts
+    # every Linear but lm_head is 4-bit (the vision tower too: it is frozen); embeddings, lm_head, norms and
+    # biases are what QLoRA's preparation casts to fp32
+    assert c.quantized + c.fp32_base == c.total and c.base_other == 0
+    assert c.fp32_base > 2 * 152064 * 3584  # embed_tokens + lm_head (untied in the 7B)
+    assert rows["weights (4-bit)"] == int(c.quantized * (0.5 + 1 / 64 + 4 / (64 * 256)))
+    assert rows["weights (fp32)"] == c.fp32_base * 4
+    assert rows["optimizer states"] == 2 * 4 * c.lora and rows["gradients"] == 4 * c.lora
+    assert 8 < est.total / GiB < 16  # a 24 GB GPU recipe
+
+
+def test_full_fine_tune_bytes_and_switches():
+    full = estimate_memory(_typed("model=qwen2_vl_2b", "adapter=full", "model.freeze_vision_tower=true",
+                                  "data.max_pixels=200704"))
+    rows = {name: b for name, b, _ in full.rows}
+    c = full.counts
+    assert rows["weights (bfloat16)"] == c.total * 2
+    assert rows["gradients"] == c.trainable * 2 and rows["optimizer states"] == c.trainable * 4
+    eight_bit = estimate_memory(_typed("model=qwen2_vl_2b", "adapter=full", "model.freeze_vision_tower=true",
+                                       "data.max_pixels=200704", "optimizer=paged_adamw_8bit"))
+    assert dict((n, b) for n, b, _ in eight_bit.rows)["optimizer states"] == 2 * c.trainable
+    no_ckpt = estimate_memory(_typed("model=qwen2_vl_2b", "adapter=full", "model.freeze_vision_tower=true",
+                                     "data.max_pixels=200704", "model.gradient_checkpointing=false"))
+    act = {n: b for n, b, _ in no_ckpt.rows}["activations: LM"]
+    assert act > 5 * rows["activations: LM"]  # checkpointing keeps one layer's worth plus the layer inputs
+
+
+def test_batch_budget_layouts():
+    data = _typed("recipe=demo", "data.max_length=512", "data.max_pixels=200704").data  # 256 tokens per image
+    padded = batch_budget(data, batch_size=4)
+    assert (padded.rows, padded.tokens, padded.visual_tokens) == (4, 2048, 4 * 256)
+    assert padded.vision_patches == 4 * padded.visual_tokens
+    from dataclasses import replace
+
+    packed = batch_budget(replace(data, packing=True, max_tokens_per_batch=4096), batch_size=4)
+    assert (packed.rows, packed.tokens) == (8, 4096)
+    capped = batch_budget(replace(data, max_visual_tokens=64), batch_size=4)
+    assert capped.visual_tokens == 4 * 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the activation formula against autograd's saved tensors (CPU, fp32: every activation is 4 bytes, and CPU dropout
+# keeps a float mask)
+
+
+def _saved_bytes(model, run) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+ARCH = ["model.architecture.hidden_size=128", "model.architecture.intermediate_size=352",
+        "model.architecture.num_attention_heads=4", "model.architecture.num_key_value_heads=2",
+        "model.architecture.mrope_section=[4,6,6]", "model.architecture.vision_embed_dim=64"]
+
+
+def _model(adapter, layers, depth, vision_lora=False):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from qwenvl_ft.estimate import hf_config
+    from qwenvl_ft.modeling.build import apply_freezing, build_lora_config
+
+    typed = _typed("recipe=demo", f"adapter={adapter}", "adapter.target_modules=[q_proj,v_proj,down_proj]",
+                   f"adapter.vision_lora={str(vision_lora).lower()}", *ARCH,
+                   f"model.architecture.num_hidden_layers={layers}", f"model.architecture.vision_depth={depth}")
+    config = hf_config(typed.model)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config).train()
+    if adapter == "full":
+        apply_freezing(model, typed.model)
+        return model
+    from peft import get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return get_peft_model(model, build_lora_config(model, typed.model, typed.adapter))
+
+
+def _inner(model):
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).model
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_decoder_layer_formula_matches_saved_tensors(adapter):
+    tokens = 256
+    per_model = []
+    for layers in (1, 3):  # the difference is two layers: embeddings, final norm and RoPE tables cancel out
+        model = _model(adapter, layers, 1)
+        embeds = torch.randn(1, tokens, 128, requires_grad=True)
+        lm = _inner(model).language_model
+        per_model.append(_saved_bytes(model, lambda: lm(inputs_embeds=embeds, use_cache=False)))
+    measured = (per_model[1] - per_model[0]) / 2 / tokens
+    lora_in = [] if adapter == "full" else [128, 128, 352]
+    predicted = _layer_bytes(128, 64, 352, 4, a=4, trainable=adapter == "full", lora_in=lora_in, r=8, mask_bytes=4)
+    assert measured == predicted
+
+
+@pytest.mark.parametrize("adapter, vision_lora", [("full", False), ("lora", True)])
+def test_vision_block_formula_matches_saved_tensors(adapter, vision_lora):
+    patches, per_model = 256, []
+    grid, pixels = torch.tensor([[1, 16, 16]]), torch.randn(256, 3 * 2 * 14 * 14)
+    for depth in (1, 3):
+        model = _model(adapter, 1, depth, vision_lora=vision_lora)
+        visual = _inner(model).visual
+        if adapter == "full":
+            for p in visual.parameters():
+                p.requires_grad_(True)
+        per_model.append(_saved_bytes(model, lambda: visual(pixels, grid_thw=grid)))
+    measured = (per_model[1] - per_model[0]) / 2 / patches
+    lora_in = [64, 64, 64, 128] if vision_lora else []
+    predicted = _vision_block_bytes(64, 128, 4, a=4, trainable=adapter == "full", lora_in=lora_in, r=8,
+                                    mask_bytes=4)
+    assert measured == predicted
+
+
+def test_estimate_command_prints_a_table(capsys):
+    from qwenvl_ft.estimate import estimate
+
+    result = estimate(compose(["recipe=qlora_7b_amazon"], output_dir="/tmp/unused"))
+    out = capsys.readouterr().out
+    assert "8.291B parameters" in out and "predicted peak" in out
+    assert result["predicted_peak_gib"] == pytest.approx(sum(result["components_gib"].values()), abs=0.02)
+
+
+def test_quantized_linears_are_the_ones_bitsandbytes_replaces():
+    from torch import nn
+
+    from qwenvl_ft.modeling.build import build_model
+
+    typed = _typed("recipe=demo", "adapter=qlora", "model.freeze_vision_tower=true", "model.freeze_merger=false")
+    model = build_model(typed.model, typed.adapter)
+    built = sum(m.weight.numel() * 2 for m in model.modules()  # Params4bit packs two values per byte
+                if isinstance(m, nn.Linear) and type(m.weight).__name__ == "Params4bit")
+    assert count_parameters(typed).quantized == built > 0

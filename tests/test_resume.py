@@ -1,0 +1,200 @@
+"""Kill-safe resume: only complete checkpoints are resumed from, a SIGKILLed run continues where it stopped when the
+same command runs again, and SIGTERM saves a checkpoint and exits cleanly.
+
+Tier 1 builds checkpoint folders by hand; tier 2 (@slow) runs `qwenvl-ft train` in a subprocess and kills it.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from qwenvl_ft.config.compose import compose, validate
+from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.training.resume import (COMPLETE_MARKER, config_changes, is_complete, latest_complete,
+                                       resolve_resume)
+
+
+def _checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
+    folder = output_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    if complete:
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (folder / COMPLETE_MARKER).write_text("{}")
+    else:  # what a kill in the middle of a save leaves: no trainer_state.json yet, no marker
+        (folder / "optimizer.pt").write_bytes(b"trunc")
+    return folder
+
+
+def _trainer_cfg(resume_from="auto"):
+    return validate(compose(["recipe=demo", f"trainer.resume_from={resume_from}"], output_dir="/tmp/o")).trainer
+
+
+def test_auto_resume_takes_the_newest_complete_checkpoint_and_drops_newer_broken_ones(tmp_path):
+    _checkpoint(tmp_path, 5)
+    ten = _checkpoint(tmp_path, 10)
+    _checkpoint(tmp_path, 15, complete=False)
+    # trainer_state.json written but killed before the marker: still not complete
+    marker_missing = _checkpoint(tmp_path, 20)
+    (marker_missing / COMPLETE_MARKER).unlink()
+    assert not is_complete(marker_missing)
+    assert latest_complete(tmp_path) == ten
+    assert resolve_resume(_trainer_cfg(), tmp_path) == str(ten)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-5"]
+
+
+def test_no_complete_checkpoint_means_a_fresh_start(tmp_path):
+    _checkpoint(tmp_path, 5, complete=False)
+    assert resolve_resume(_trainer_cfg(), tmp_path) is None
+    assert not (tmp_path / "checkpoint-5").exists()
+    assert resolve_resume(_trainer_cfg(), tmp_path / "missing") is None
+
+
+def test_resume_from_a_named_checkpoint_or_never(tmp_path):
+    ten = _checkpoint(tmp_path, 10)
+    newer = _checkpoint(tmp_path, 20)
+    assert resolve_resume(_trainer_cfg(str(ten)), tmp_path) == str(ten)
+    assert newer.exists()  # complete checkpoints are never removed
+    assert resolve_resume(_trainer_cfg("null"), tmp_path) is None
+    broken = _checkpoint(tmp_path / "other", 3, complete=False)
+    with pytest.raises(ConfigError, match="not a checkpoint folder"):
+        resolve_resume(_trainer_cfg(str(broken)), tmp_path)
+
+
+def test_config_changes_name_the_keys_that_differ(tmp_path):
+    old = compose(["recipe=demo", "run_name=a"], output_dir=str(tmp_path))
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old, resolve=True))
+    same = compose(["recipe=demo", "run_name=b", "trainer.resume_from=null"], output_dir=str(tmp_path))
+    assert config_changes(tmp_path / "config.yaml", same) == []
+    changed = compose(["recipe=demo", "optimizer.lr=0.01", "trainer.max_steps=7"], output_dir=str(tmp_path))
+    assert config_changes(tmp_path / "config.yaml", changed) == ["optimizer.lr", "trainer.max_steps"]
+
+
+def test_run_name_fixes_the_output_folder(tmp_path):
+    code = ("import sys; from qwenvl_ft.cli import main; sys.exit(main(['train', 'recipe=demo', 'run_name=exp1', "
+            "'--cfg', 'hydra']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "dir: outputs/${oc.select:hydra.runtime.choices.recipe,custom}/${run_name}" in out.stdout
+    assert validate(compose(["recipe=demo", "run_name=exp1"], output_dir="/tmp/o")).run_name == "exp1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tier 2: the CLI in a subprocess, killed part-way
+
+# 48 rows in batches of 8: 6 steps an epoch, so checkpoints (every 8) fall mid-epoch and the resumed run must skip
+# the batches already seen in that epoch, then reshuffle the following epochs as the uninterrupted run does.
+STEPS, SAVE = 32, 8
+RUN = ["recipe=demo", "data.shapes.num_train=48", "data.shapes.num_eval=4", f"trainer.max_steps={STEPS}",
+       f"trainer.save_steps={SAVE}", "trainer.save_total_limit=null", "trainer.logging_steps=1",
+       "trainer.eval_generation=false", "trainer.disable_tqdm=true", "optimizer.scheduler=cosine",
+       "optimizer.warmup_ratio=0.1"]
+
+
+def _start(cwd: Path, log: Path, *overrides) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "qwenvl_ft.cli", "train", *overrides], cwd=cwd, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (status {proc.returncode}) before the awaited point")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("timed out")
+
+
+def _losses(history):
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+@pytest.mark.slow
+def test_sigkill_part_way_then_the_same_command_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    from qwenvl_ft.training.sft import train
+
+    command = RUN + ["run_name=exp1"]
+    run = tmp_path / "outputs" / "demo" / "exp1"
+    proc = _start(tmp_path, tmp_path / "first.log", *command)
+    _wait_for(lambda: latest_complete(run) is not None, proc)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait(timeout=30)
+    assert not (run / "final").exists(), "the run finished before it could be killed; the test needs more steps"
+    resumed_from = latest_complete(run)
+    step = int(resumed_from.name.split("-")[1])
+    assert step < STEPS
+
+    # What a kill during a save leaves: the next checkpoint, half written. It must be ignored and replaced.
+    broken = run / f"checkpoint-{step + SAVE}"
+    if not broken.exists():
+        shutil.copytree(resumed_from, broken)
+        (broken / COMPLETE_MARKER).unlink()
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    assert latest_complete(run) == resumed_from
+
+    second = _start(tmp_path, tmp_path / "second.log", *command)
+    assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    log = (tmp_path / "second.log").read_text()
+    assert f"resuming from {resumed_from} (step {step})" in log
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == STEPS
+    assert is_complete(run / f"checkpoint-{step + SAVE}"), "the broken checkpoint was not rewritten"
+    history = json.loads((run / "log_history.json").read_text())
+    losses = _losses(history)
+    assert sorted(losses) == list(range(1, STEPS + 1)), "every step logged exactly once across both runs"
+
+    # Same model, optimizer, schedule, RNG and data position: the curve equals an uninterrupted run's, step by step.
+    train(compose(RUN, output_dir=str(tmp_path / "reference")))
+    reference = _losses(json.loads((tmp_path / "reference" / "log_history.json").read_text()))
+    for s in range(1, STEPS + 1):
+        assert losses[s] == pytest.approx(reference[s], rel=1e-3, abs=1e-4), f"step {s}: {losses[s]} vs {reference[s]}"
+    lrs = {e["step"]: e["learning_rate"] for e in history if "learning_rate" in e}
+    assert lrs[step + 1] < lrs[step], "the cosine schedule restarted"  # warmup ends at step 4, before any save
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(tmp_path):
+    # Periodic saves far away: the only checkpoint is the one SIGTERM asks for.
+    base = [o for o in RUN if not o.startswith(("trainer.max_steps=", "trainer.save_steps="))]
+    command = base + ["trainer.save_steps=50000", "run_name=term"]
+    run = tmp_path / "outputs" / "demo" / "term"
+    log = tmp_path / "first.log"
+    proc = _start(tmp_path, log, *command, "trainer.max_steps=100000")
+    _wait_for(lambda: log.read_text().count("'loss'") >= 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Traceback" not in text
+    assert "Run the same command again to resume" in text
+    saved = latest_complete(run)
+    assert saved is not None and [p.name for p in run.glob("checkpoint-*")] == [saved.name]
+    step = json.loads((saved / "trainer_state.json").read_text())["global_step"]
+    assert 5 <= step < 50000 and saved.name == f"checkpoint-{step}"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["metrics"]["global_step"] == step
+    assert not (run / "final").exists()
+
+    # The saved checkpoint resumes: three more steps and the run is complete.
+    second = _start(tmp_path, tmp_path / "second.log", *command, f"trainer.max_steps={step + 3}")
+    assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == step + 3
+    assert (run / "final").is_dir()
+
+    # Once finished, the same command again is a no-op (resuming at the last step would train one step more).
+    third = _start(tmp_path, tmp_path / "third.log", *command, f"trainer.max_steps={step + 3}")
+    assert third.wait(timeout=300) == 0, (tmp_path / "third.log").read_text()[-3000:]
+    assert "already finished" in (tmp_path / "third.log").read_text()
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == step + 3
+    assert not (run / f"checkpoint-{step + 4}").exists()
