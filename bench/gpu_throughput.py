@@ -171,7 +171,7 @@ def run(model_name, method, layout, args, rows, tmp):
         import datasets
         from trl import SFTConfig, SFTTrainer
 
-        from qwenvl_ft.training.sft import training_arguments
+        from qwenvl_ft.training.common import training_arguments
 
         dataset = datasets.Dataset.from_list([{"messages": r["messages"], "images": r["images"]} for r in rows])
         targs = training_arguments(typed)

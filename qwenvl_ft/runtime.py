@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Dict
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from qwenvl_ft.errors import UserFacingError
 

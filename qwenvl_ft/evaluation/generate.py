@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 import torch
 
 from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
-from qwenvl_ft.evaluation.metrics import compute, exact_match, normalise  # noqa: F401 (re-exported)
+from qwenvl_ft.evaluation.metrics import compute
 
 
 # `generation_batch` leaves a row's last turn (the reference answer) out of the prompt; rows that hold only the

@@ -16,31 +16,25 @@ from the same checkpoint (or, with trainer.dpo.precompute_ref_log_probs, none du
 from __future__ import annotations
 
 import gc
-import json
 import logging
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from qwenvl_ft.config.compose import validate
 from qwenvl_ft.config.schema import ConfigError, TrainConfig
-from qwenvl_ft.training.sft import _interrupted, _log_config_summary, _optimizer_steps, build_optimizers, \
-    save_final, training_arguments, training_callbacks
+from qwenvl_ft.training.common import build_optimizers, interrupted, optimizer_steps, save_final, start_run, \
+    training_arguments, training_callbacks, write_history
 
 log = logging.getLogger("qwenvl_ft")
 
 
 def train(cfg: DictConfig) -> Dict:
-    typed: TrainConfig = validate(cfg)
-    output_dir = Path(typed.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    from qwenvl_ft.training.resume import StopOnSignal, prepare_resume
-
-    resume = prepare_resume(typed, cfg)  # before config.yaml is rewritten: it warns about config changes
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    _log_config_summary(typed)
+    run = start_run(cfg)
+    if run.finished is not None:
+        return run.finished
+    typed, output_dir, resume = run.typed, run.output_dir, run.resume
+    from qwenvl_ft.training.resume import ReloadConvertedWeights, StopOnSignal
     dpo = typed.trainer.dpo
     log.info("dpo: beta=%g loss=%s%s", dpo.beta, "+".join(t.value for t in dpo.loss_type),
              " | reference log-probs precomputed" if dpo.precompute_ref_log_probs else "")
@@ -76,16 +70,17 @@ def train(cfg: DictConfig) -> Dict:
     log.info("reference: %s", reference)
 
     metrics: Dict = {"reference": reference}
-    steps = _optimizer_steps(typed, len(train_rows))
+    steps = optimizer_steps(typed, len(train_rows))
     log.info("training: %d optimizer steps (%s epochs, batch %d pairs x accumulation %d)", steps,
              typed.trainer.epochs if typed.trainer.max_steps <= 0 else "-", typed.trainer.batch_size,
              typed.trainer.gradient_accumulation_steps)
     stop = StopOnSignal()
     trainer.add_callback(stop)
+    trainer.add_callback(ReloadConvertedWeights(resume))
     with stop.installed():
         result = trainer.train(resume_from_checkpoint=resume)
     if stop.interrupted(trainer.state):
-        return _interrupted(trainer, output_dir, metrics)
+        return interrupted(trainer, output_dir, metrics)
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     metrics.update(train_loss=result.training_loss, train_runtime_s=result.metrics.get("train_runtime"),
                    global_step=trainer.state.global_step)
@@ -98,8 +93,7 @@ def train(cfg: DictConfig) -> Dict:
     final_dir = save_final(trainer, processor, output_dir)
     if eval_rows is not None:
         metrics.update(_held_out(trainer))
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    write_history(trainer, output_dir, metrics)
     log.info("saved %s to %s", "adapter" if typed.adapter.is_peft else "model", final_dir)
     log.info("result: DPO loss %.3f -> %.3f; reward accuracy %.2f -> %.2f, margin %.3f -> %.3f%s",
              metrics["first_logged_loss"], metrics["last_logged_loss"], metrics["first_logged_reward_accuracy"],
