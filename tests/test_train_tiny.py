@@ -129,3 +129,18 @@ def test_qlora_bf16_on_cuda(tmp_path):
                                "trainer.tf32=true", "optimizer=adamw_fused", *ADAPTER_FAST)
     _assert_loss_fell(out, 0.97)
     assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_qlora_with_trainable_vision_tower_and_generation_checks(tmp_path):
+    """QLoRA where the vision tower and merger train in full (kept out of 4-bit) and the before/after generation
+    check runs in eval mode between training steps on CPU."""
+    from qwenvl_ft.modeling.build import build_model
+
+    typed, metrics, out = _run(tmp_path, "adapter=qlora", "model.freeze_vision_tower=false",
+                               "model.freeze_merger=false", "trainer.eval_generation=true", "trainer.max_steps=6",
+                               "data.shapes.num_eval=4", "trainer.max_new_tokens=4")
+    assert metrics["global_step"] == 6 and "eval_exact_match_after" in metrics
+    model = build_model(typed.model, typed.adapter)
+    kinds = {name: type(module).__name__ for name, module in model.named_modules()}
+    assert any(kind == "Linear4bit" for name, kind in kinds.items() if ".language_model." in name)
+    assert not any(kind == "Linear4bit" for name, kind in kinds.items() if ".visual." in name)

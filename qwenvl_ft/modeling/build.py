@@ -106,9 +106,20 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
             model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        keep_4bit_weights_trainable_on_cpu(model)
     if adapter_cfg.method == AdapterMethod.full:
         apply_freezing(model, model_cfg)
     return model
+
+
+def keep_4bit_weights_trainable_on_cpu(model: nn.Module) -> None:
+    """bitsandbytes 0.50 repacks a Linear4bit's weight into an inference-only CPU layout the first time it runs in
+    eval mode on an AVX512-BF16 CPU, and does not unpack it when training resumes: the next training step fails
+    ("a view of a leaf Variable ... in-place"). Generation before/after or evaluation during training on CPU hits
+    this, so the repacking is switched off per module through the flag bitsandbytes reads; GPUs never repack."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
