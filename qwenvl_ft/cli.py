@@ -7,6 +7,7 @@ transformers) happen inside the commands, so composing and printing a config sta
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Callable, Dict, List, Tuple
@@ -41,54 +42,20 @@ examples:
 """
 
 
-def _train_task(cfg) -> Dict:
-    if cfg.trainer.kind == "dpo":
-        from qwenvl_ft.training.dpo import train
-    else:
-        from qwenvl_ft.training.sft import train
-
-    return train(cfg)
-
-
-def _data_check_task(cfg) -> Dict:
-    from qwenvl_ft.data.check import data_check
-
-    return data_check(cfg)
-
-
-def _eval_task(cfg) -> Dict:
-    from qwenvl_ft.evaluation.evaluate import evaluate
-
-    return evaluate(cfg)
-
-
-def _infer_task(cfg) -> Dict:
-    from qwenvl_ft.inference import infer
-
-    return infer(cfg)
-
-
-def _estimate_task(cfg) -> Dict:
-    from qwenvl_ft.estimate import estimate
-
-    return estimate(cfg)
-
-
-def _merge_task(cfg) -> Dict:
-    from qwenvl_ft.modeling.merge import merge
-
-    return merge(cfg)
-
-
-# command -> (primary config name, task function)
-COMMANDS: Dict[str, Tuple[str, Callable]] = {
-    "train": ("train", _train_task),
-    "data-check": ("train", _data_check_task),
-    "estimate": ("train", _estimate_task),
-    "eval": ("eval", _eval_task),
-    "infer": ("infer", _infer_task),
-    "merge": ("merge", _merge_task),
+# command -> (primary config name, "module:function" run on the composed config; imported only when run)
+COMMANDS: Dict[str, Tuple[str, str]] = {
+    "train": ("train", "qwenvl_ft.training:train"),
+    "data-check": ("train", "qwenvl_ft.data.check:data_check"),
+    "estimate": ("train", "qwenvl_ft.estimate:estimate"),
+    "eval": ("eval", "qwenvl_ft.evaluation.evaluate:evaluate"),
+    "infer": ("infer", "qwenvl_ft.inference:infer"),
+    "merge": ("merge", "qwenvl_ft.modeling.merge:merge"),
 }
+
+
+def _task(target: str) -> Callable:
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _split_recipe_dirs(args: List[str]) -> Tuple[List[str], List[str]]:
@@ -150,11 +117,11 @@ def main(argv: List[str] | None = None) -> int:
 
     import hydra
 
-    config_name, task = COMMANDS[command]
+    config_name, target = COMMANDS[command]
     from qwenvl_ft.runtime import run_task
 
     wrapped = hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(
-        lambda cfg: run_task(task, cfg)
+        lambda cfg: run_task(_task(target), cfg)
     )
     sys.argv = [f"qwenvl-ft {command}"] + hydra_args
     try:

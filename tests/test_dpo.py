@@ -334,9 +334,9 @@ def test_precomputed_reference_gives_the_same_training(tmp_path, adapter):
 
 @pytest.mark.slow
 def test_train_command_dispatches_on_trainer_kind(tmp_path):
-    from qwenvl_ft.cli import _train_task
+    from qwenvl_ft.training import train as train_any_kind
 
-    metrics = _train_task(compose(QUICK + ["trainer.max_steps=2"], output_dir=str(tmp_path / "run")))
+    metrics = train_any_kind(compose(QUICK + ["trainer.max_steps=2"], output_dir=str(tmp_path / "run")))
     assert "first_logged_reward_accuracy" in metrics and metrics["global_step"] == 2
 
 
