@@ -20,10 +20,15 @@ def test_every_recipe_composes_and_validates(recipe):
     assert typed.output_dir == "/tmp/out"
 
 
-def test_every_recipe_file_opens_with_a_header_comment():
-    for name, path in available_recipes().items():
-        first = path.read_text().splitlines()[0]
-        assert first.startswith("# "), f"{path} must open with a comment saying what it is for"
+def test_every_config_file_opens_with_a_header_comment():
+    from qwenvl_ft.config.compose import config_dir
+
+    files = list(available_recipes().values()) + sorted(config_dir().rglob("*.yaml"))
+    assert len(files) > 20
+    for path in files:
+        header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+        assert path.read_text().startswith("# "), f"{path} must open with a comment saying what it is for"
+        assert "qwenvl-ft " in header, f"{path}: the header comment should show how to launch it"
 
 
 def test_qlora_7b_amazon_matches_the_reference_settings():
