@@ -32,13 +32,16 @@ def model_source(model_cfg: ModelConfig) -> str:
 def build_processor(model_cfg: ModelConfig, data_cfg: DataConfig, source: Optional[str] = None):
     from transformers import AutoProcessor
 
-    kwargs = {}
-    if data_cfg.min_pixels is not None:
-        kwargs["min_pixels"] = data_cfg.min_pixels
-    if data_cfg.max_pixels is not None:
-        kwargs["max_pixels"] = data_cfg.max_pixels
     processor = AutoProcessor.from_pretrained(source or model_source(model_cfg),
-                                              trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+                                              trust_remote_code=model_cfg.trust_remote_code)
+    if data_cfg.min_pixels is not None or data_cfg.max_pixels is not None:
+        # Image resolution bounds through `size` (min/max_pixels keywords are deprecated in transformers 5);
+        # videos keep their own bounds (data.video_min/max_pixels, applied by the collator).
+        size = processor.image_processor.size
+        processor.image_processor.size = {
+            "shortest_edge": data_cfg.min_pixels or size["shortest_edge"],
+            "longest_edge": data_cfg.max_pixels or size["longest_edge"],
+        }
     # Training batches are padded on the right, generation batches on the left (set per call).
     processor.tokenizer.padding_side = "right"
     if processor.tokenizer.pad_token is None:
