@@ -88,6 +88,7 @@ def training_arguments(typed: TrainConfig) -> Dict:
         seed=typed.seed,
         data_seed=typed.data.seed,
         dataloader_num_workers=typed.data.num_workers,
+        dataloader_pin_memory=has_cuda,  # pinned memory only helps copies to a GPU
         **evaluation_arguments(trainer_cfg),
     )
 
