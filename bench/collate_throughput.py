@@ -129,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("QWENVL_FT_CACHE", os.path.join(tempfile.gettempdir(), "qwenvl_ft_test_cache"))
     torch.set_num_threads(1)  # as in a DataLoader worker
-    # transformers warns on every processor call that build_processor's min/max_pixels are deprecated keywords
+    # keep library deprecation warnings out of the printed table
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     from qwenvl_ft.config.compose import compose, validate

@@ -81,7 +81,9 @@ class Meter:
         if "attention_mask" in batch:
             lengths = batch["attention_mask"].sum(-1).tolist()
         else:  # packed: sample lengths from the text positions' restarts
-            starts = (batch["position_ids"][0, 0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+            from qwenvl_ft.data.packing import sample_boundaries
+
+            starts = sample_boundaries(batch["position_ids"]) + [batch["input_ids"].shape[1]]
             lengths = [b - a for a, b in zip(starts, starts[1:])]
         grids = batch.get("image_grid_thw")
         patches = int(grids.prod(-1).sum()) if grids is not None else 0

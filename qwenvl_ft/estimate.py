@@ -160,7 +160,9 @@ def batch_budget(data_cfg: DataConfig, batch_size: int, merge: int = 2, factor: 
     if max_length is None and data_cfg.max_tokens_per_batch is None:
         raise ConfigError("estimate needs data.max_length or data.max_tokens_per_batch to size a batch")
     if data_cfg.packing or data_cfg.max_tokens_per_batch is not None:
-        tokens = data_cfg.max_tokens_per_batch or batch_size * max_length
+        from qwenvl_ft.data.batching import token_budget
+
+        tokens = token_budget(data_cfg, batch_size)
         rows = max(1, tokens // max_length) if max_length else 1
         layout = "a full pack" if data_cfg.packing else "a full token budget"
         note = f"{layout} of {tokens} tokens = {rows} rows of {max_length or tokens}"
@@ -342,9 +344,7 @@ def _activation_rows(typed, counts, text, vision, budget: BatchBudget, a: int) -
     grads_reach_vision = vision_trainable or bool(vision_lora)
     if P and grads_reach_vision:
         block = _vision_block_bytes(d, mlp, vision_heads, a, vision_trainable, vision_lora, r, mask)
-        vision_ckpt = model_cfg.vision_gradient_checkpointing
-        vision_ckpt = model_cfg.gradient_checkpointing if vision_ckpt is None else vision_ckpt
-        if vision_ckpt:
+        if model_cfg.vision_checkpointing:
             vis, how = depth * a * d * P + block * P, f"checkpointed: {depth} block inputs x {P} patches + one block"
         else:
             vis, how = depth * block * P, f"{depth} blocks x {P} patches x {block} B/patch"

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from qwenvl_ft.config.compose import validate
 from qwenvl_ft.config.schema import ConfigError, InferRunConfig
+from qwenvl_ft.runtime import write_atomically
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -81,9 +82,7 @@ def infer(cfg: DictConfig) -> Dict:
     output_file.parent.mkdir(parents=True, exist_ok=True)
     records = [{"image": str(image), "prompt": i.prompt, "prediction": prediction}
                for image, prediction in zip(images, predictions)]
-    partial = output_file.with_name(f".{output_file.name}.partial")
-    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(partial, output_file)
+    write_atomically(output_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     for record in records:
         print(f"{record['image']}\t{record['prediction']}")
     log.info("predictions: %s", output_file)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -30,6 +31,13 @@ def _job_info():
 
     hydra_cfg = HydraConfig.get()
     return list(hydra_cfg.overrides.task), hydra_cfg.mode == RunMode.MULTIRUN
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary `.NAME.partial` next to it: the file is never half-written."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def write_summary(output_dir: str, payload: Dict) -> None:

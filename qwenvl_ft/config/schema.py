@@ -115,6 +115,12 @@ class ModelConfig:
         _check(not (self.random_init and self.family != ModelFamily.qwen2_vl),
                "model.random_init is implemented for family=qwen2_vl only")
 
+    @property
+    def vision_checkpointing(self) -> bool:
+        """Whether the vision blocks are checkpointed: vision_gradient_checkpointing, else gradient_checkpointing."""
+        vision = self.vision_gradient_checkpointing
+        return self.gradient_checkpointing if vision is None else vision
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # data
@@ -649,7 +655,5 @@ def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
     for name, schema in ROOT_SCHEMAS.items():
-        if name != "train":
-            store.store(name=f"{name}_schema", node=schema)
+        store.store(name=f"{name}_schema", node=schema)

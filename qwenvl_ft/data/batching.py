@@ -30,6 +30,12 @@ PLAN_WINDOW = 2048
 # lengths
 
 
+def token_budget(data_cfg: DataConfig, batch_size: int) -> int:
+    """Tokens per device step of a pack or a token-budget batch: data.max_tokens_per_batch, else (packing)
+    trainer.batch_size x data.max_length."""
+    return data_cfg.max_tokens_per_batch or batch_size * data_cfg.max_length
+
+
 def row_lengths(collator, rows) -> List[Optional[int]]:
     """Tokens `collator.encode` will produce for each row, from `collator.measure` (the same code path without
     the pixel arithmetic); None for a row that data.overlength drops."""
@@ -157,7 +163,7 @@ def training_batches(data_cfg: DataConfig, batch_size: int, collator, rows, seed
     if data_cfg.packing:
         from qwenvl_ft.data.packing import PackingCollator
 
-        budget = data_cfg.max_tokens_per_batch or batch_size * data_cfg.max_length
+        budget = token_budget(data_cfg, batch_size)
         lengths = row_lengths(collator, rows)
         packs = plan_packs(lengths, budget, seed)
         tokens, count = sum(n for n in lengths if n is not None), sum(map(len, packs))

@@ -33,6 +33,18 @@ from qwenvl_ft.errors import DataError
 
 IGNORE_INDEX = -100
 TEXT, IMAGE, VIDEO = 0, 1, 2  # values of mm_token_type_ids (transformers' ProcessorMixin.create_mm_token_type_ids)
+# Per-image / per-video tensors of a sample: a batch (padded or packed) concatenates them in row order.
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def concat_vision(samples: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The samples' vision tensors, each key concatenated over the samples that have it."""
+    out: Dict[str, torch.Tensor] = {}
+    for key in VISION_KEYS:
+        present = [s[key] for s in samples if key in s]
+        if present:
+            out[key] = torch.cat(present)
+    return out
 
 
 class RowDropped(DataError):
@@ -157,8 +169,7 @@ class VisionChatCollator:
 
     def image_tokens(self, width: int, height: int, where: str = "?") -> int:
         """Language-model tokens of one image of this stored size."""
-        h, w = self.image_hw(width, height, where)
-        return (h // self.patch_size) * (w // self.patch_size) // self.merge_size ** 2
+        return self._tokens(self._grid(1, *self.image_hw(width, height, where)))
 
     def video_hw(self, width: int, height: int, frames: int, budget: Optional[int], where: str) -> Tuple[int, int]:
         """(height, width) of every frame: within data.video_min/max_pixels, shrunk so that the video fits in
@@ -355,12 +366,7 @@ class VisionChatCollator:
         batch["mm_token_type_ids"] = stack("mm_token_type_ids", TEXT)
         lengths = torch.tensor([s["input_ids"].numel() for s in samples])
         batch["attention_mask"] = (torch.arange(longest)[None, :] < lengths[:, None]).long()
-        for keys in (("pixel_values", "image_grid_thw"),
-                     ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")):
-            for key in keys:
-                present = [s[key] for s in samples if key in s]
-                if present:
-                    batch[key] = torch.cat(present)
+        batch.update(concat_vision(samples))
         return batch
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:

@@ -34,9 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from qwenvl_ft.data.collate import IGNORE_INDEX, IMAGE, TEXT, VIDEO
-
-_VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+from qwenvl_ft.data.collate import IGNORE_INDEX, IMAGE, TEXT, VIDEO, concat_vision
 
 
 def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
@@ -80,7 +78,7 @@ class PackingCollator:
 
     def __init__(self, collator, tokens_per_second: Optional[float] = None):
         self.collator = collator
-        self.spatial_merge_size = collator.processor.image_processor.merge_size
+        self.spatial_merge_size = collator.merge_size
         self.tokens_per_second = tokens_per_second
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
@@ -111,10 +109,7 @@ class PackingCollator:
             "mm_token_type_ids": torch.cat([s["mm_token_type_ids"] for s in samples])[None],
             "position_ids": position_ids[:, None, :],  # (4, 1, total); no attention_mask, on purpose (see above)
         }
-        for key in _VISION_KEYS:  # per-image / per-video tensors, in order, as `pad` does
-            present = [s[key] for s in samples if key in s]
-            if present:
-                batch[key] = torch.cat(present)
+        batch.update(concat_vision(samples))  # per-image / per-video tensors, in order, as `pad` does
         return batch
 
 

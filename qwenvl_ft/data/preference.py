@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from qwenvl_ft.config.schema import DataConfig, DataFormat, ShapesConfig
-from qwenvl_ft.data.sources import Problem, _as_list, _field, _image_ref_feature, _message_items, _records, \
-    _resolve, _split_placeholders, check_conversation, image_item, split_rows, text_item
+from qwenvl_ft.data.sources import Converter, Problem, _as_list, _field, _image_ref_feature, _message_items, \
+    _resolve, _split_placeholders, add_system_message, check_conversation, image_item, read_and_split, text_item
 from qwenvl_ft.errors import DataError
 
 log = logging.getLogger("qwenvl_ft")
@@ -53,7 +53,7 @@ def from_llava_preference(record: Any, where: str, base: Path, cfg: DataConfig) 
         else "prompt"
     prompt = _field(record, prompt_field, where, str)
     images = _image_refs(record)
-    messages = [{"role": "user", "content": _split_placeholders(prompt, where, prompt_field)}]
+    messages = [{"role": "user", "content": _split_placeholders(prompt)}]
     _images_first(messages, len(images))
     answers = {}
     for name in ANSWER_FIELDS:
@@ -106,15 +106,14 @@ def from_messages_preference(record: Any, where: str, base: Path, cfg: DataConfi
     return _finish(row, where, cfg)
 
 
-CONVERTERS: Dict[DataFormat, Callable[[Any, str, Path, DataConfig], dict]] = {
+CONVERTERS: Dict[DataFormat, Converter] = {
     DataFormat.llava_preference: from_llava_preference,
     DataFormat.messages_preference: from_messages_preference,
 }
 
 
 def _finish(row: dict, where: str, cfg: DataConfig) -> dict:
-    if cfg.system_message and row["prompt"] and row["prompt"][0]["role"] != "system":
-        row["prompt"].insert(0, {"role": "system", "content": [text_item(cfg.system_message)]})
+    add_system_message(row["prompt"], cfg)
     check_pair(row, where)
     return row
 
@@ -172,22 +171,6 @@ def generate_pairs(cfg: ShapesConfig) -> Tuple[List[dict], List[dict]]:
 # loading a split
 
 
-def load_pair_rows(cfg: DataConfig, path: str, problems: Optional[List[Problem]] = None) -> List[dict]:
-    """Canonical pairs of one file. The first bad row raises DataError; with `problems`, every bad row is
-    recorded there and left out instead (as sources.load_rows)."""
-    records, base = _records(cfg, path, problems)
-    convert = CONVERTERS[cfg.format]
-    rows = []
-    for where, record in records:
-        try:
-            rows.append(convert(record, where, base, cfg))
-        except DataError as err:
-            if problems is None:
-                raise
-            problems.append(Problem(where, str(err)))
-    return rows
-
-
 def to_pair_dataset(rows: List[dict]):
     """A datasets.Dataset of canonical pairs (TRL's DPOTrainer treats it as vision data by its `images` column)."""
     import datasets
@@ -214,12 +197,7 @@ def load_pair_splits(cfg: DataConfig) -> Tuple[Any, Optional[Any]]:
     if cfg.format == DataFormat.shapes_preference:
         train, evaluation = generate_pairs(cfg.shapes)
     else:
-        rows = load_pair_rows(cfg, cfg.path, problems)
-        if cfg.eval_path:
-            train, _ = split_rows(rows, cfg, eval_size=0)
-            evaluation = load_pair_rows(cfg, cfg.eval_path, problems)
-        else:
-            train, evaluation = split_rows(rows, cfg, cfg.eval_size)
+        train, evaluation = read_and_split(cfg, problems, CONVERTERS)
     if problems:
         shown = "\n".join(f"  {p.message}" for p in problems[:5])
         log.warning("data.skip_invalid: left out %d invalid pair(s), the first:\n%s", len(problems), shown)

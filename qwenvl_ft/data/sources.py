@@ -30,6 +30,7 @@ _VISION_SPAN = re.compile(r"<\|vision_start\|>(.*?)<\|vision_end\|>", re.DOTALL)
 RESERVED_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
                    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 _LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv")
+Converter = Callable[[Any, str, Path, DataConfig], dict]  # (record, where, image folder, data config) -> row
 
 
 @dataclass
@@ -131,7 +132,7 @@ def _as_list(value: Any) -> List[Any]:
     return list(value)
 
 
-def _split_placeholders(text: str, where: str, field: str) -> List[dict]:
+def _split_placeholders(text: str) -> List[dict]:
     """'<image>\\nDescribe' -> [image item, text item]; the placeholder positions are kept."""
     items: List[dict] = []
     for piece in re.split(r"(<image>|<video>)", text):
@@ -162,7 +163,7 @@ def from_llava(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
         if role is None:
             raise DataError(f"{turn_where}: field 'from': unknown role '{name}' (valid: {', '.join(ROLE_ALIASES)})")
         value = _field(turn, "value", turn_where, str)
-        messages.append({"role": role, "content": _split_placeholders(value, turn_where, "value")})
+        messages.append({"role": role, "content": _split_placeholders(value)})
     row = {"messages": messages, "images": [_resolve(i, base) for i in _as_list(images)],
            "videos": [_resolve(v, base) for v in videos], "source": where}
     return _finish(row, where, cfg)
@@ -305,7 +306,7 @@ def from_auto(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
     return CONVERTERS[detect_format(record, where)](record, where, base, cfg)
 
 
-CONVERTERS: Dict[DataFormat, Callable[[Any, str, Path, DataConfig], dict]] = {
+CONVERTERS: Dict[DataFormat, Converter] = {
     DataFormat.llava: from_llava,
     DataFormat.messages: from_messages,
     DataFormat.self_llm: from_self_llm,
@@ -315,9 +316,14 @@ CONVERTERS: Dict[DataFormat, Callable[[Any, str, Path, DataConfig], dict]] = {
 }
 
 
+def add_system_message(messages: List[dict], cfg: DataConfig) -> None:
+    """data.system_message as the first turn, unless the conversation already opens with a system turn."""
+    if cfg.system_message and messages and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": [text_item(cfg.system_message)]})
+
+
 def _finish(row: dict, where: str, cfg: DataConfig) -> dict:
-    if cfg.system_message and row["messages"] and row["messages"][0]["role"] != "system":
-        row["messages"].insert(0, {"role": "system", "content": [text_item(cfg.system_message)]})
+    add_system_message(row["messages"], cfg)
     check_conversation(row, where)
     return row
 
@@ -422,11 +428,13 @@ def _hf_records(cfg: DataConfig, path_str: str) -> Iterator[Tuple[str, Any]]:
         yield f"{path_str}:row {index}", record
 
 
-def load_rows(cfg: DataConfig, path: str, problems: Optional[List[Problem]] = None) -> List[dict]:
-    """Canonical rows of one file. The first bad row raises DataError; with `problems`, every bad row is recorded
-    there and left out instead (a file that cannot be read at all still raises)."""
+def load_rows(cfg: DataConfig, path: str, problems: Optional[List[Problem]] = None,
+              converters: Dict[DataFormat, Converter] = CONVERTERS) -> List[dict]:
+    """Canonical rows of one file (`converters`: the layouts to read, preference.py passes its own). The first bad
+    row raises DataError; with `problems`, every bad row is recorded there and left out instead (a file that cannot
+    be read at all still raises)."""
     records, base = _records(cfg, path, problems)
-    convert = CONVERTERS[cfg.format]
+    convert = converters[cfg.format]
     rows = []
     for where, record in records:
         try:
@@ -491,6 +499,17 @@ def _image_ref_feature(rows: List[dict]):
     return datasets.Value("string")
 
 
+def read_and_split(cfg: DataConfig, problems: Optional[List[Problem]] = None,
+                   converters: Dict[DataFormat, Converter] = CONVERTERS
+                   ) -> Tuple[List[dict], List[dict]]:
+    """(train rows, eval rows) of data.path: data.eval_path read as the eval split, or data.eval_size held out."""
+    rows = load_rows(cfg, cfg.path, problems, converters)
+    if cfg.eval_path:
+        train, _ = split_rows(rows, cfg, eval_size=0)
+        return train, load_rows(cfg, cfg.eval_path, problems, converters)
+    return split_rows(rows, cfg, cfg.eval_size)
+
+
 def load_split_rows(cfg: DataConfig, problems: Optional[List[Problem]] = None) -> Tuple[List[dict], List[dict]]:
     """(train rows, eval rows) as lists of canonical rows: read, seeded shuffle and split, data.max_samples."""
     if cfg.format == DataFormat.shapes:
@@ -498,12 +517,7 @@ def load_split_rows(cfg: DataConfig, problems: Optional[List[Problem]] = None) -
 
         train, evaluation = generate(cfg.shapes)
     else:
-        rows = load_rows(cfg, cfg.path, problems)
-        if cfg.eval_path:
-            train, _ = split_rows(rows, cfg, eval_size=0)
-            evaluation = load_rows(cfg, cfg.eval_path, problems)
-        else:
-            train, evaluation = split_rows(rows, cfg, cfg.eval_size)
+        train, evaluation = read_and_split(cfg, problems)
     if cfg.max_samples is not None:
         train = train[: cfg.max_samples]
     return train, evaluation

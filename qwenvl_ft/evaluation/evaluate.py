@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from qwenvl_ft.config.compose import validate
 from qwenvl_ft.config.schema import ConfigError, EvalRunConfig
+from qwenvl_ft.runtime import write_atomically
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -81,8 +82,8 @@ def evaluate(cfg: DictConfig) -> Dict:
         "metrics": metrics,
         "examples": examples[: e.num_examples],
     }
-    _write_atomically(output_dir / REPORT, json.dumps(report, indent=2))
-    _write_atomically(output_dir / "predictions.jsonl", "".join(json.dumps(x) + "\n" for x in examples))
+    write_atomically(output_dir / REPORT, json.dumps(report, indent=2))
+    write_atomically(output_dir / "predictions.jsonl", "".join(json.dumps(x) + "\n" for x in examples))
     log_gallery(output_dir / "tensorboard", rows, examples[: e.num_examples], metrics)
     log.info("%s", format_table(metrics, examples[: e.num_examples], len(rows)))
     log.info("report: %s", output_dir / REPORT)
@@ -102,8 +103,7 @@ def format_table(metrics: Dict[str, Dict[str, float]], examples: List[dict], num
     return "\n".join(lines)
 
 
-def log_gallery(log_dir: Path, rows: List[dict], examples: List[dict], metrics: Dict[str, Dict[str, float]],
-                step: int = 0) -> None:
+def log_gallery(log_dir: Path, rows: List[dict], examples: List[dict], metrics: Dict[str, Dict[str, float]]) -> None:
     """Metrics as scalars and, per example, its first image and a text card with reference and predictions."""
     import numpy as np
     from torch.utils.tensorboard import SummaryWriter
@@ -114,21 +114,15 @@ def log_gallery(log_dir: Path, rows: List[dict], examples: List[dict], metrics: 
     try:
         for side, values in metrics.items():
             for name, value in values.items():
-                writer.add_scalar(f"eval_{side}/{name}", value, step)
+                writer.add_scalar(f"eval_{side}/{name}", value, 0)
         for index, (row, example) in enumerate(zip(rows, examples)):
             tag = f"eval_examples/{index:03d}"
             if row.get("images"):
                 image = open_image(row["images"][0], f"{row.get('source', '?')}: images[0]")
                 image.thumbnail((GALLERY_MAX_SIDE, GALLERY_MAX_SIDE))
-                writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+                writer.add_image(tag, np.asarray(image), 0, dataformats="HWC")
             card = [f"**reference:** {example['reference']}"]
             card += [f"**{side}:** {example[side]}" for side in metrics]
-            writer.add_text(tag, "  \n".join(card), step)
+            writer.add_text(tag, "  \n".join(card), 0)
     finally:
         writer.close()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)

@@ -43,9 +43,8 @@ def generate_answers(model, collator: VisionChatCollator, rows: List[dict], batc
 
 
 def evaluate_rows(model, collator: VisionChatCollator, rows: List[dict], batch_size: int,
-                  max_new_tokens: int = 64, generation: Optional[dict] = None,
-                  metrics: Optional[List[str]] = None) -> Dict:
-    """Predictions, references and every metric of qwenvl_ft.evaluation.metrics (or those named)."""
+                  max_new_tokens: int = 64) -> Dict:
+    """Greedy predictions, references and every metric of qwenvl_ft.evaluation.metrics."""
     references = [reference_answer(row) for row in rows]
-    predictions = generate_answers(model, collator, rows, batch_size, max_new_tokens, generation)
-    return {**compute(predictions, references, metrics), "predictions": predictions, "references": references}
+    predictions = generate_answers(model, collator, rows, batch_size, max_new_tokens)
+    return {**compute(predictions, references), "predictions": predictions, "references": references}

@@ -41,22 +41,24 @@ def _has_processor(path: Path) -> bool:
     return any((path / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
 
 
-def _device_map():
+def _load_for_generation(model_cfg: ModelConfig, source: str, dtype: Optional[str] = None,
+                         quant=None) -> nn.Module:
     # Generation runs on one device: the first GPU when there is one (4-bit weights are quantised as they land).
-    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+    model = _model_class(model_cfg.family).from_pretrained(
+        source, dtype=DTYPES[dtype or model_cfg.dtype.value],
+        attn_implementation=model_cfg.attn_implementation.value, quantization_config=quant,
+        trust_remote_code=model_cfg.trust_remote_code, device_map=device_map,
+    )
+    model.config.use_cache = True
+    return model.eval()
 
 
 def load_base(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, quantize: bool = True,
               dtype: Optional[str] = None) -> nn.Module:
     """The base model for generation; 4-bit when the adapter trained on a 4-bit base (and `quantize`)."""
     quant = quantization_config(model_cfg, adapter_cfg) if quantize else None
-    model = _model_class(model_cfg.family).from_pretrained(
-        model_source(model_cfg), dtype=DTYPES[dtype or model_cfg.dtype.value],
-        attn_implementation=model_cfg.attn_implementation.value, quantization_config=quant,
-        trust_remote_code=model_cfg.trust_remote_code, device_map=_device_map(),
-    )
-    model.config.use_cache = True
-    return model.eval()
+    return _load_for_generation(model_cfg, model_source(model_cfg), dtype, quant)
 
 
 def attach(base: nn.Module, model_cfg: ModelConfig, path: Path) -> nn.Module:
@@ -72,21 +74,12 @@ def attach(base: nn.Module, model_cfg: ModelConfig, path: Path) -> nn.Module:
     return PeftModel.from_pretrained(base, str(path), is_trainable=False).eval()
 
 
-def load_full(model_cfg: ModelConfig, path: Path) -> nn.Module:
-    model = _model_class(model_cfg.family).from_pretrained(
-        str(path), dtype=DTYPES[model_cfg.dtype.value], attn_implementation=model_cfg.attn_implementation.value,
-        trust_remote_code=model_cfg.trust_remote_code, device_map=_device_map(),
-    )
-    model.config.use_cache = True
-    return model.eval()
-
-
 def load_tuned(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, path: Path,
                base: Optional[nn.Module] = None) -> nn.Module:
     """The fine-tuned model in `path`; an adapter goes onto `base` (loaded when not given)."""
     if kind_of(path) == "adapter":
         return attach(base if base is not None else load_base(model_cfg, adapter_cfg), model_cfg, path)
-    return load_full(model_cfg, path)
+    return _load_for_generation(model_cfg, str(path))  # a full (fine-tuned or merged) model
 
 
 def load_processor(model_cfg: ModelConfig, data_cfg: DataConfig, path: Optional[Path] = None):

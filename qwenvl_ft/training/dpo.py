@@ -51,13 +51,13 @@ def train(cfg: DictConfig) -> Dict:
     processor = build_processor(typed.model, typed.data, source)
     train_rows, eval_rows = load_pair_splits(typed.data)
     log.info("data: %d training pairs, %d held-out pairs", len(train_rows), len(eval_rows) if eval_rows else 0)
+    if typed.trainer.eval_steps is not None and eval_rows is None:
+        raise ConfigError("trainer.eval_steps needs held-out pairs: set data.eval_size or data.eval_path")
 
     base = build_base_model(typed.model, typed.adapter, source)
     peft_config = build_lora_config(base, typed.model, typed.adapter) if typed.adapter.is_peft else None
     collator = VisionPreferenceCollator(processor, typed.data)
 
-    if typed.trainer.eval_steps is not None and eval_rows is None:
-        raise ConfigError("trainer.eval_steps needs held-out pairs: set data.eval_size or data.eval_path")
     trainer = build_trainer(typed, base, peft_config, processor, collator, train_rows, eval_rows)
     trainable, total = count_parameters(trainer.model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -115,9 +115,8 @@ def build_trainer(typed: TrainConfig, base, peft_config, processor, collator, tr
     dpo = typed.trainer.dpo
     check_liger(typed.model)
     callbacks = training_callbacks(typed)
-    vision = typed.model.vision_gradient_checkpointing
-    if vision is not None and vision != typed.model.gradient_checkpointing:
-        callbacks.append(vision_checkpointing_callback(vision))
+    if typed.model.vision_checkpointing != typed.model.gradient_checkpointing:
+        callbacks.append(vision_checkpointing_callback(typed.model.vision_checkpointing))
     args = DPOConfig(
         **training_arguments(typed),
         use_liger_kernel=typed.model.use_liger_kernel,  # TRL applies the layer kernels, never the fused loss

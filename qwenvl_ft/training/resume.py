@@ -30,6 +30,7 @@ from typing import Iterator, List, Optional, Tuple
 from transformers import TrainerCallback
 
 from qwenvl_ft.config.schema import ConfigError, TrainerConfig
+from qwenvl_ft.runtime import write_atomically
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -41,12 +42,7 @@ def checkpoints(output_dir: Path) -> List[Tuple[int, Path]]:
     """(step, folder) of every checkpoint-N folder, oldest first."""
     if not output_dir.is_dir():
         return []
-    found = []
-    for path in output_dir.iterdir():
-        match = _CHECKPOINT.match(path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    return sorted((_step(path), path) for path in output_dir.iterdir() if _step(path) >= 0 and path.is_dir())
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -149,9 +145,8 @@ class CheckpointCompleteMarker(TrainerCallback):
         if not folder.is_dir():
             return
         # Written under a temporary name and renamed: the marker itself is never half-written.
-        partial = folder / f".{COMPLETE_MARKER}.partial"
-        partial.write_text(json.dumps({"global_step": state.global_step, "saved_at": time.time()}))
-        os.replace(partial, folder / COMPLETE_MARKER)
+        write_atomically(folder / COMPLETE_MARKER,
+                         json.dumps({"global_step": state.global_step, "saved_at": time.time()}))
 
 
 class ReloadConvertedWeights(TrainerCallback):

@@ -38,6 +38,8 @@ def train(cfg: DictConfig) -> Dict:
     train_rows, eval_rows, _ = load_checked_splits(typed.data, processor, typed.trainer.batch_size, typed.data.seed,
                                                    output_dir)
     log.info("data: %d training rows, %d held-out rows", len(train_rows), len(eval_rows) if eval_rows else 0)
+    if typed.trainer.eval_steps is not None and eval_rows is None:
+        raise ConfigError("trainer.eval_steps needs held-out rows: set data.eval_size or data.eval_path")
 
     model = build_model(typed.model, typed.adapter, source)
     trainable, total = count_parameters(model)
@@ -49,8 +51,6 @@ def train(cfg: DictConfig) -> Dict:
     if held_out:
         metrics.update(_held_out_check(model, collator, held_out, typed, "before"))
 
-    if typed.trainer.eval_steps is not None and eval_rows is None:
-        raise ConfigError("trainer.eval_steps needs held-out rows: set data.eval_size or data.eval_path")
     trainer = build_trainer(typed, model, processor, collator, train_rows, eval_rows)
     stop = StopOnSignal()
     trainer.add_callback(stop)
@@ -108,18 +108,6 @@ def build_trainer(typed: TrainConfig, model, processor, collator, train_rows, ev
     )
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _held_out_check(model, collator, rows: List[dict], typed: TrainConfig, when: str) -> Dict:
     from qwenvl_ft.evaluation.generate import evaluate_rows
 
@@ -130,7 +118,3 @@ def _held_out_check(model, collator, rows: List[dict], typed: TrainConfig, when:
         lines.append(f"  predicted: {prediction!r:40s} reference: {reference!r}")
     log.info("\n".join(lines))
     return {f"eval_{name}_{when}": result[name] for name in ("exact_match", "bleu", "rouge_l")}
-
-
-
-

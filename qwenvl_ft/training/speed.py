@@ -84,7 +84,6 @@ def speed_setup(typed: TrainConfig, collator, train_rows, model=None) -> SpeedSe
     if typed.model.use_liger_kernel:
         arguments["use_liger_kernel"] = True
     callbacks = []
-    vision = typed.model.vision_gradient_checkpointing
-    if vision is not None and vision != typed.model.gradient_checkpointing:
-        callbacks.append(vision_checkpointing_callback(vision))
+    if typed.model.vision_checkpointing != typed.model.gradient_checkpointing:
+        callbacks.append(vision_checkpointing_callback(typed.model.vision_checkpointing))
     return SpeedSetup(batches.dataset, batches.collator, arguments, callbacks)
