@@ -132,39 +132,59 @@ def run_trl(rows, tmp, batch_size):
             type(counting.inner).__name__)
 
 
-def main() -> None:
+def bench_arguments(count_flag: str, count_help: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument(count_flag, type=int, default=256, help=count_help)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def quiet_offline_cpu(threads: int, prefix: str) -> Path:
+    """Offline, warnings and library logging off, `threads` intra-op threads; returns a fresh scratch folder."""
+    import logging
+    import tempfile
+
     os.environ.setdefault("QWENVL_FT_CACHE", "/tmp/qwenvl_ft_bench_cache")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
-    import logging
+    import torch
+    import transformers
 
-    import tempfile
+    logging.disable(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    return Path(tempfile.mkdtemp(prefix=prefix))
 
+
+def fastest(repeats: int, function, *arguments):
+    """The fastest of `repeats` runs (outcome[0][0] is wall seconds): a shared machine's load only slows runs."""
+    outcomes = [function(*arguments) for _ in range(repeats)]
+    return min(outcomes, key=lambda outcome: outcome[0][0])
+
+
+def versions_line() -> str:
     import torch
     import transformers
     import trl
 
-    logging.disable(logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+
+
+def main() -> None:
+    args = bench_arguments("--rows", "caption rows in the epoch")
+    tmp = quiet_offline_cpu(args.threads, "qwenvl_bench_")
     rows = caption_rows(args.rows)
-    tmp = Path(tempfile.mkdtemp(prefix="qwenvl_bench_"))
     load_before = os.getloadavg()
 
     # Untimed warm-up of both stacks: imports, lazy initialisation and the model cache are nobody's throughput.
     run_trl(rows[:16], tmp, args.batch_size)
     run_qwenvl_ft("warm-up", ["data.packing=true"], rows[:16], tmp)
 
-    def best(function, *a):  # fastest of --repeats runs: the load of a shared machine only ever slows a run down
-        outcomes = [function(*a) for _ in range(args.repeats)]
-        return min(outcomes, key=lambda outcome: outcome[0][0])
+    def best(function, *a):
+        return fastest(args.repeats, function, *a)
 
     results = []
     timing, counting, steps, collator_name = best(run_trl, rows, tmp, args.batch_size)
@@ -191,7 +211,7 @@ def main() -> None:
           f"{args.threads} threads, fastest of {args.repeats} runs each after an untimed warm-up")
     print(f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}\n")
+    print(versions_line() + "\n")
     print("| run | layout | steps | wall s | CPU s | samples/s | tokens/s | padding | vs padded | vs TRL "
           "| vs padded (CPU s) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -30,7 +30,8 @@ from typing import Dict, List
 
 from omegaconf import DictConfig
 
-from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig
+from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig, \
+    TrainerKind
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -155,11 +156,22 @@ class BatchBudget:
     note: str
 
 
-def batch_budget(data_cfg: DataConfig, batch_size: int, merge: int = 2, factor: int = 28) -> BatchBudget:
+def batch_budget(data_cfg: DataConfig, batch_size: int, merge: int = 2, factor: int = 28,
+                 pairs: bool = False) -> BatchBudget:
+    """The worst-case batch of one device step. `pairs`: DPO, trainer.batch_size pairs = a chosen and a rejected
+    sequence each, whose images the vision tower encodes once (modeling/padding_free.py: share_pair_images)."""
     max_length = data_cfg.max_length
     if max_length is None and data_cfg.max_tokens_per_batch is None:
         raise ConfigError("estimate needs data.max_length or data.max_tokens_per_batch to size a batch")
-    if data_cfg.packing or data_cfg.max_tokens_per_batch is not None:
+    encoded_rows = None
+    if pairs:
+        if max_length is None:
+            raise ConfigError("estimate of a DPO run needs data.max_length to size a batch")
+        rows, tokens, encoded_rows = 2 * batch_size, 2 * batch_size * max_length, batch_size
+        note = f"{batch_size} pairs = {rows} rows (chosen, rejected) of data.max_length={max_length}"
+        if data_cfg.packing:
+            note += " (run without their padding; the worst case has none)"
+    elif data_cfg.packing or data_cfg.max_tokens_per_batch is not None:
         from qwenvl_ft.data.batching import token_budget
 
         tokens = token_budget(data_cfg, batch_size)
@@ -180,7 +192,10 @@ def batch_budget(data_cfg: DataConfig, batch_size: int, merge: int = 2, factor: 
         per_row, source = min(per_row, data_cfg.max_visual_tokens), "data.max_visual_tokens"
     per_row = min(per_row, tokens // rows)
     note += f", each with {per_row} image tokens ({source})"
-    return BatchBudget(rows, tokens, rows * per_row, rows * per_row * merge * merge, note)
+    if encoded_rows is not None:
+        note += ", encoded once per pair"
+    encoded = (encoded_rows or rows) * per_row  # image tokens through the vision tower
+    return BatchBudget(rows, tokens, encoded, encoded * merge * merge, note)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,8 +296,12 @@ def estimate_memory(typed: TrainConfig, model=None) -> Estimate:
     rows.append(("optimizer states", state_bytes,
                  f"{typed.optimizer.name}: two states per trainable param ({'1 B' if eight_bit else 'its dtype'})"))
 
+    dpo = trainer_cfg.kind == TrainerKind.dpo
+    if dpo and not adapter_cfg.is_peft and not trainer_cfg.dpo.precompute_ref_log_probs:
+        rows.append(("reference model", counts.total * w,
+                     f"DPO full fine-tuning: a frozen copy, {counts.total / 1e9:.2f}B params x {w} B"))
     budget = batch_budget(data_cfg, trainer_cfg.batch_size, vision.spatial_merge_size,
-                          vision.patch_size * vision.spatial_merge_size)
+                          vision.patch_size * vision.spatial_merge_size, pairs=dpo)
     rows += _activation_rows(typed, counts, text, vision, budget, a)
     return Estimate(rows, counts, budget)
 

@@ -161,7 +161,8 @@ def test_config_ties_dpo_to_preference_data():
                                (["recipe=dpo_demo", "trainer.dpo.loss_type=[exo_pair]"], "label_smoothing > 0"),
                                (["recipe=dpo_demo", "trainer.dpo.loss_type=[sigmoid,sft]",
                                  "trainer.dpo.loss_weights=[1.0]"], "one weight per loss_type"),
-                               (["recipe=dpo_demo", "data.packing=true"], "DPO batches are trainer.batch_size pairs"),
+                               (["recipe=dpo_demo", "data.group_by_length=true"],
+                                "DPO batches are trainer.batch_size pairs"),
                                (["recipe=dpo_demo", "trainer.dpo.loss_type=[nope]"], "loss_type")]:
         with pytest.raises(ConfigError, match=message):
             compose(overrides, output_dir="/tmp/o")
@@ -227,7 +228,7 @@ def test_dpo_on_shapes_raises_reward_accuracy_and_margin(tmp_path):
     from qwenvl_ft.training.dpo import train
 
     out = tmp_path / "run"
-    cfg = compose(["recipe=dpo_demo", "data.shapes.num_train=256", "data.shapes.num_eval=32",
+    cfg = compose(["recipe=dpo_demo", "data.shapes.num_train=384", "data.shapes.num_eval=32",
                    "trainer.logging_steps=4", "trainer.disable_tqdm=true"], output_dir=str(out))
     metrics = train(cfg)
     accuracy, margin = _history(out, "rewards/accuracies"), _history(out, "rewards/margins")
@@ -244,7 +245,7 @@ def test_dpo_on_shapes_raises_reward_accuracy_and_margin(tmp_path):
     final = out / "final"
     assert (final / "adapter_model.safetensors").exists() and (final / "processor_config.json").exists()
     assert not (final / "ref").exists(), "TRL made a 'ref' adapter copy instead of disabling the adapter"
-    assert json.loads((out / "metrics.json").read_text())["global_step"] == metrics["global_step"] == 64
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == metrics["global_step"] == 96
 
 
 def _completion_logps(model, batch):

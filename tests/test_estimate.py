@@ -102,6 +102,27 @@ def test_batch_budget_layouts():
     assert (packed.rows, packed.tokens) == (8, 4096)
     capped = batch_budget(replace(data, max_visual_tokens=64), batch_size=4)
     assert capped.visual_tokens == 4 * 64
+    # DPO: 4 pairs are 8 sequences, but the vision tower encodes each pair's images once
+    pairs = batch_budget(data, batch_size=4, pairs=True)
+    assert (pairs.rows, pairs.tokens, pairs.visual_tokens, pairs.vision_patches) == (8, 8 * 512, 4 * 256, 4 * 1024)
+
+
+def test_dpo_estimate_counts_pairs_and_the_reference_copy():
+    def components(*overrides):
+        return {name: value for name, value, _ in estimate_memory(_typed(*overrides)).rows}
+
+    common = ("model=qwen2_vl_2b", "data.max_length=1024", "data.max_pixels=200704")
+    dpo = ("trainer=dpo", "data=llava_preference", "data.path=/d.json", "trainer.batch_size=1")
+    lora = components(*common, *dpo)
+    assert "reference model" not in lora  # the reference is the base with the adapter disabled
+    # one pair is two sequences: the language-model activations of an SFT batch of two rows
+    sft_two = components(*common, "trainer.batch_size=2")
+    assert lora["activations: LM"] == sft_two["activations: LM"]
+    assert lora["activations: LM"] > components(*common, "trainer.batch_size=1")["activations: LM"]
+    full = components(*common, *dpo, "adapter=full")
+    assert full["reference model"] == full["weights (bfloat16)"]
+    assert "reference model" not in components(*common, *dpo, "adapter=full",
+                                               "trainer.dpo.precompute_ref_log_probs=true")
 
 
 # ----------------------------------------------------------------------------------------------------------------

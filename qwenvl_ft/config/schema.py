@@ -208,6 +208,7 @@ class DataConfig:
     # Batch layout of training (docs/performance.md). Default: trainer.batch_size rows, right-padded.
     # packing: padding-free; rows are concatenated into one sequence of at most max_tokens_per_batch tokens per
     # device step, each keeping its own M-RoPE positions and attending only to itself (trainer.batch_size unused).
+    # With trainer=dpo: each batch of trainer.batch_size pairs runs as one such sequence, without its padding.
     packing: bool = False
     # Token budget per device step. With packing: the pack size (None: trainer.batch_size x max_length). Without:
     # padded batches of rows of similar length, as many as fit in this many padded tokens.
@@ -517,10 +518,10 @@ class TrainConfig:
                f"data=messages_preference or data=shapes_preference")
         _check(kind != TrainerKind.sft or not data_format.is_preference,
                f"data.format={data_format.value} holds preference pairs: train it with trainer=dpo")
-        _check(kind != TrainerKind.dpo or not (self.data.packing or self.data.max_tokens_per_batch is not None
-                                               or self.data.group_by_length),
-               "data.packing, data.max_tokens_per_batch and data.group_by_length are for trainer=sft; DPO batches "
-               "are trainer.batch_size pairs")
+        sft_batching = self.data.max_tokens_per_batch is not None or self.data.group_by_length
+        _check(kind != TrainerKind.dpo or not sft_batching,
+               "data.max_tokens_per_batch and data.group_by_length are for trainer=sft; DPO batches are "
+               "trainer.batch_size pairs (data.packing=true runs each of them without padding)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

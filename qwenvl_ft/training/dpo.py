@@ -1,7 +1,8 @@
 """Direct preference optimisation: composed config in, trained adapter (or model) + processor + metrics out.
 
 Reads top to bottom like sft.py: processor -> preference pairs -> model (+4-bit, +adapter) -> collator -> TRL
-DPOTrainer (-> reference log-probabilities precomputed, when asked) -> train -> save -> held-out rewards. There is
+DPOTrainer (+ images encoded once per pair, + no padding with data.packing) (-> reference log-probabilities
+precomputed, when asked) -> train -> save -> held-out rewards. There is
 no held-out pass before training: the policy starts as the reference, so every reward is 0 (accuracy 0, margin 0)
 by construction. Same output layout as SFT: config.yaml, tensorboard/, checkpoint-*/, final/, metrics.json,
 log_history.json.
@@ -59,6 +60,7 @@ def train(cfg: DictConfig) -> Dict:
     collator = VisionPreferenceCollator(processor, typed.data)
 
     trainer = build_trainer(typed, base, peft_config, processor, collator, train_rows, eval_rows)
+    run_without_padding(trainer, typed.data.packing)
     trainable, total = count_parameters(trainer.model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     reference = "the base with the adapter disabled" if trainer.ref_model is None \
@@ -144,6 +146,27 @@ def build_trainer(typed: TrainConfig, base, peft_config, processor, collator, tr
     # the Trainer builds its own optimizer only when none is set by then.
     trainer.optimizer, _ = build_optimizers(typed, trainer.model, args)
     return trainer
+
+
+def run_without_padding(trainer, packing: bool) -> list:
+    """Policy and reference encode each pair's images once (always: it is exact); with data.packing their language
+    model also skips the padding (modeling/padding_free.py explains how, and why inside the model)."""
+    from qwenvl_ft.modeling.padding_free import share_pair_images, unpad_language_model
+    from qwenvl_ft.modeling.varlen_attention import NAME, use_for_language_model
+
+    handles = []
+    for model in (trainer.model, trainer.ref_model):
+        if model is None:
+            continue
+        handles += share_pair_images(model)
+        if packing:
+            handles += unpad_language_model(model)
+            # with sdpa, per-sample attention instead of a block-diagonal mask over the packed row
+            if use_for_language_model(model):
+                log.info("packing: language model attention switched from sdpa to %s (per-sample SDPA)", NAME)
+    log.info("vision: each pair's images encoded once for chosen and rejected%s",
+             "; language model runs each batch without its padding (data.packing)" if packing else "")
+    return handles
 
 
 def precompute_reference(trainer, batch_size: int) -> None:
