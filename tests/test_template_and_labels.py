@@ -89,3 +89,24 @@ def test_text_only_and_image_rows_mix_in_one_batch(tiny_processor):
     batch = collator(rows)
     assert batch["image_grid_thw"].shape[0] == 1
     assert batch["input_ids"].shape == batch["labels"].shape == batch["mm_token_type_ids"].shape
+
+
+def test_random_models_are_stored_in_the_configured_dtype(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from qwenvl_ft.config.compose import compose, validate
+    from qwenvl_ft.modeling.build import model_source
+    from qwenvl_ft.modeling.random_init import materialize
+
+    monkeypatch.setenv("QWENVL_FT_CACHE", str(tmp_path))
+    typed = validate(compose(["recipe=demo", "model.dtype=bfloat16"], output_dir="/tmp/unused"))
+    half = Path(model_source(typed.model))  # what training loads: the weights in model.dtype, half the bytes of fp32
+    full = materialize(typed.model.architecture)
+    assert half != full and materialize(typed.model.architecture, "bfloat16") == half  # cached per dtype
+    for folder, dtype in ((half, "bfloat16"), (full, "float32")):
+        with safe_open(f"{folder}/model.safetensors", "pt") as weights:
+            assert {str(weights.get_tensor(name).dtype) for name in weights.keys()} == {f"torch.{dtype}"}
+        assert json.loads(open(f"{folder}/config.json").read())["dtype"] == dtype
