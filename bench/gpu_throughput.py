@@ -3,7 +3,8 @@ Qwen2-VL-2B / 7B (the real architectures; nothing is downloaded), QLoRA / LoRA /
 
     python bench/gpu_throughput.py                                   # the whole matrix (about 25 minutes on an H100)
     python bench/gpu_throughput.py --models qwen2_vl_2b --methods lora --layouts packed padded trl
-    python bench/gpu_throughput.py --smoke                           # tiny model on CPU: checks the script runs
+    python bench/gpu_throughput.py --dpo --models qwen2_vl_7b --methods qlora   # DPO: padded, padding-free, trl
+    python bench/gpu_throughput.py --smoke [--dpo]                   # tiny model on CPU: checks the script runs
 
 Every run builds the model exactly as `qwenvl-ft train` does (model=..., model.random_init=true, adapter=...,
 bf16 autocast, non-reentrant gradient checkpointing, flash_attention_2 when flash-attn is installed, else sdpa),
@@ -116,7 +117,8 @@ class Meter:
         return StepTimer()
 
 
-def model_flops_per_step(model, typed, real_tokens: int, squared: int, patches: int) -> float:
+def model_flops_per_step(model, typed, real_tokens: int, squared: int, patches: int,
+                         forward_only: bool = False) -> float:
     from qwenvl_ft.modeling.build import model_parts
 
     visual, merger, language_model = model_parts(model)
@@ -126,23 +128,16 @@ def model_flops_per_step(model, typed, real_tokens: int, squared: int, patches: 
     n_vit = sum(p.numel() for p in visual.parameters())
     lm_trains = not typed.adapter.is_peft and not typed.model.freeze_language_model
     vit_trains = not typed.model.freeze_vision_tower or typed.adapter.vision_lora
-    lm = (6 if lm_trains else 4) * n_lm * real_tokens
-    vit = (6 if vit_trains else 2) * n_vit * patches
-    attention = 3 * 4 * text.num_hidden_layers * text.hidden_size * squared / 2
+    if forward_only:
+        lm_trains = vit_trains = None
+    lm = {True: 6, False: 4, None: 2}[lm_trains] * n_lm * real_tokens
+    vit = {True: 6, False: 2, None: 2}[vit_trains] * n_vit * patches
+    attention = (1 if forward_only else 3) * 4 * text.num_hidden_layers * text.hidden_size * squared / 2
     return lm + vit + attention
 
 
-def run(model_name, method, layout, args, rows, tmp):
-    import torch
-
-    from qwenvl_ft.config.compose import compose, validate
-    from qwenvl_ft.data.collate import VisionChatCollator
-    from qwenvl_ft.data.sources import to_dataset
-    from qwenvl_ft.estimate import GiB, estimate_memory
-    from qwenvl_ft.modeling.build import build_model, build_processor, model_source
-    from qwenvl_ft.training.sft import build_trainer
-
-    cuda = torch.cuda.is_available()
+def common_overrides(model_name, method, args, cuda: bool):
+    """The config of a benchmark run, as `qwenvl-ft train` would get it on the command line."""
     attn = "flash_attention_2" if cuda and _has_flash_attn() else "sdpa"
     overrides = [f"model={model_name}", f"adapter={method}", f"trainer.batch_size={args.batch_size}",
                  f"trainer.max_steps={args.warmup + args.steps}", "trainer.report_to=[none]",
@@ -158,6 +153,21 @@ def run(model_name, method, layout, args, rows, tmp):
         overrides += ["model.freeze_vision_tower=true", "model.freeze_merger=false"]
     if method == "qlora":
         overrides += ["optimizer=paged_adamw_8bit"] if cuda else []
+    return overrides
+
+
+def run(model_name, method, layout, args, rows, tmp):
+    import torch
+
+    from qwenvl_ft.config.compose import compose, validate
+    from qwenvl_ft.data.collate import VisionChatCollator
+    from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.estimate import GiB, estimate_memory
+    from qwenvl_ft.modeling.build import build_model, build_processor, model_source
+    from qwenvl_ft.training.sft import build_trainer
+
+    cuda = torch.cuda.is_available()
+    overrides = common_overrides(model_name, method, args, cuda)
     if layout == "packed":
         overrides += ["data.packing=true"] + ([f"data.max_tokens_per_batch={args.pack_tokens}"] if args.pack_tokens
                                               else [])
@@ -181,6 +191,17 @@ def run(model_name, method, layout, args, rows, tmp):
         trainer = SFTTrainer(model=model, args=SFTConfig(**targs), train_dataset=dataset, processing_class=processor)
     else:
         trainer = build_trainer(typed, model, processor, collator, to_dataset(rows), None)
+    return measure(trainer, model, typed, model_name, method, layout, args, predicted)
+
+
+def measure(trainer, model, typed, model_name, method, layout, args, predicted, pairs: bool = False):
+    """Train with the Meter in place; samples/s counts pairs for DPO (`pairs`), whose FLOPs add the reference
+    forward (2N per token) and whose vision tower encodes each pair's images once where qwenvl-ft shares them."""
+    import torch
+
+    from qwenvl_ft.estimate import GiB
+
+    cuda = torch.cuda.is_available()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     attn = base.config.get_text_config()._attn_implementation  # packing on sdpa switches to sdpa_varlen
     meter = Meter(trainer.data_collator, args.warmup, cuda)
@@ -193,10 +214,12 @@ def run(model_name, method, layout, args, rows, tmp):
     seconds = sum(meter.step_times)
     real = sum(b[0] for b in timed)
     tensor = sum(b[1] for b in timed)
-    samples = sum(b[2] for b in timed)
+    samples = sum(b[2] for b in timed) // (2 if pairs else 1)
     squared = sum(b[3] for b in timed)
-    patches = sum(b[4] for b in timed)
+    patches = sum(b[4] for b in timed) // (2 if pairs else 1)  # model FLOPs: a pair's images encoded once
     flops = model_flops_per_step(model, typed, real, squared, patches)
+    if pairs:  # the reference forward: frozen weights, no backward
+        flops += model_flops_per_step(model, typed, real, squared, patches, forward_only=True)
     peak = torch.cuda.max_memory_allocated() / GiB if cuda else float("nan")
     device_peak = _peak_tflops(args) if cuda else None
     mfu = flops / seconds / (device_peak * 1e12) if device_peak else float("nan")
@@ -208,6 +231,58 @@ def run(model_name, method, layout, args, rows, tmp):
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def preference_pairs(rows, seed: int = 1):
+    """The caption rows as DPO pairs: chosen = the row's caption, rejected = another row's (lengths differ)."""
+    rng = random.Random(seed)
+    return [{"prompt": row["messages"][:1], "chosen": row["messages"][1:],
+             "rejected": rng.choice(rows)["messages"][1:], "images": row["images"], "source": row["source"]}
+            for row in rows]
+
+
+def run_dpo(model_name, method, layout, args, pairs, tmp):
+    """One DPO run: `padded` is what trainer=dpo does by default (each pair's images encoded once), `padding-free`
+    adds data.packing=true, `trl` is stock trl.DPOTrainer with its DataCollatorForVisionPreference. Batches hold
+    batch_size / 2 pairs, i.e. as many sequences as the SFT runs."""
+    import torch
+
+    from qwenvl_ft.config.compose import compose, validate
+    from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
+    from qwenvl_ft.data.preference import to_pair_dataset
+    from qwenvl_ft.estimate import GiB, estimate_memory
+    from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, model_source
+    from qwenvl_ft.training.dpo import build_trainer, run_without_padding
+
+    cuda = torch.cuda.is_available()
+    overrides = common_overrides(model_name, method, args, cuda)
+    overrides += ["trainer=dpo", "data=shapes_preference", f"trainer.batch_size={max(1, args.batch_size // 2)}",
+                  "trainer.dpo.beta=0.1", f"data.packing={layout == 'padding-free'}"]
+    typed = validate(compose(overrides, output_dir=str(tmp / f"dpo-{model_name}-{method}-{layout}")))
+    predicted = estimate_memory(typed).total / GiB
+    source = model_source(typed.model)
+    processor = build_processor(typed.model, typed.data, source)
+    base = build_base_model(typed.model, typed.adapter, source)
+    if cuda and not typed.adapter.load_in_4bit:
+        base = base.to("cuda")
+    peft_config = build_lora_config(base, typed.model, typed.adapter) if typed.adapter.is_peft else None
+    if layout == "trl":
+        import datasets
+        from trl import DPOConfig, DPOTrainer
+
+        from qwenvl_ft.training.common import training_arguments
+
+        dataset = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected", "images")}
+                                              for p in pairs])
+        targs = training_arguments(typed)
+        targs.update(remove_unused_columns=False, max_length=typed.data.max_length, save_strategy="no", beta=0.1)
+        trainer = DPOTrainer(model=base, args=DPOConfig(**targs), train_dataset=dataset, processing_class=processor,
+                             peft_config=peft_config)
+    else:
+        trainer = build_trainer(typed, base, peft_config, processor, VisionPreferenceCollator(processor, typed.data),
+                                to_pair_dataset(pairs), None)
+        run_without_padding(trainer, typed.data.packing)
+    return measure(trainer, trainer.model, typed, model_name, method, f"dpo {layout}", args, predicted, pairs=True)
 
 
 def _has_flash_attn() -> bool:
@@ -238,6 +313,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU")
+    parser.add_argument("--dpo", action="store_true",
+                        help="DPO instead of SFT: layouts padded, padding-free, trl on preference pairs")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: checks the script")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -260,12 +337,17 @@ def main() -> None:
     else:
         rows = caption_rows(args.rows)
     tmp = Path(tempfile.mkdtemp(prefix="qwenvl_gpu_bench_"))
+    if args.dpo:
+        pairs = preference_pairs(rows)
+        if args.layouts == ["padded", "packed", "trl"]:
+            args.layouts = ["padded", "padding-free", "trl"]
     results = []
     for model_name in args.models:
         for method in args.methods:
             for layout in args.layouts:
                 try:
-                    results.append(run(model_name, method, layout, args, rows, tmp))
+                    results.append(run_dpo(model_name, method, layout, args, pairs, tmp) if args.dpo
+                                   else run(model_name, method, layout, args, rows, tmp))
                 except Exception as err:  # e.g. out of memory: record it, go on with the matrix
                     results.append(dict(model=model_name, method=method, layout=layout, error=f"{type(err).__name__}: "
                                                                                              f"{str(err)[:80]}"))
@@ -277,7 +359,8 @@ def main() -> None:
     print("| model | method | layout | attention | s/step | samples/s | tokens/s | padding | peak GiB | estimate GiB "
           "| MFU | vs padded |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    padded = {(r["model"], r["method"]): r for r in results if r.get("layout") == "padded" and "error" not in r}
+    padded = {(r["model"], r["method"]): r for r in results
+              if r.get("layout") in ("padded", "dpo padded") and "error" not in r}
     for r in results:
         if "error" in r:
             print(f"| {r['model']} | {r['method']} | {r['layout']} | | failed: {r['error']} | | | | | | | |")
