@@ -1,4 +1,4 @@
-"""Collate-path throughput: qwenvl-ft's `VisionChatCollator` against the tutorials' per-sample pipeline.
+"""Collate-path throughput: qwenvl-ft's collators against the tutorials' per-sample pipeline and TRL's DPO collator.
 
     python bench/collate_throughput.py [--samples 96] [--batch-size 8] [--repeats 3]
 
@@ -10,6 +10,11 @@ with labels, one sample at a time, in one thread (what each DataLoader worker do
              from the input ids;
   qwenvl-ft  `VisionChatCollator.__call__`: `encode` per sample (one decode, reduced-scale JPEG decoding when the
              model sees at most half the size, one torchvision resize, placeholders expanded by id), then `pad`.
+
+A second table does the same for DPO pairs (the same image, question and caption as the chosen answer, a shorter
+rejected one): stock TRL's `DataCollatorForVisionPreference` on PIL images (what `datasets` hands it) against
+qwenvl-ft's `VisionPreferenceCollator`, which makes the same batch (tests/test_dpo.py) but processes each pair's
+image once instead of once per answer.
 
 Runs at the processor's default max_pixels (1280 * 28 * 28: 1024x768 is not downscaled) and at 256 * 28 * 28 (a
 common training setting). The processor is the tiny test model's: Qwen2-VL's image processor with its default
@@ -105,6 +110,26 @@ class NaivePipeline:
                 "image_grid_thw": torch.cat([f["image_grid_thw"] for f in features])}
 
 
+class StockPreferencePipeline:
+    """Stock TRL DPO: images opened as PIL (as `datasets` decodes them), TRL's vision preference collator."""
+
+    def __init__(self, processor):
+        from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+        self.collator = DataCollatorForVisionPreference(processor=processor, max_length=None)
+
+    def __call__(self, rows):
+        return self.collator([{"images": [Image.open(path).convert("RGB") for path in row["images"]],
+                               "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+                              for row in rows])
+
+
+def preference_rows(rows):
+    rejected = [{"role": "assistant", "content": [{"type": "text", "text": "A table with a cup on it."}]}]
+    return [{"prompt": row["messages"][:1], "chosen": row["messages"][1:], "rejected": rejected,
+             "images": row["images"], "source": row["source"]} for row in rows]
+
+
 def timed(pipelines, rows, batch_size: int, repeats: int):
     """Samples per second of each pipeline (median over repeats) and its last batch. Repeats alternate between
     the pipelines, so that a load change on a shared machine hits both alike."""
@@ -160,6 +185,23 @@ def main() -> None:
         assert torch.equal(naive_batch["image_grid_thw"], ours_batch["image_grid_thw"]), "different image sizes"
         assert naive_batch["input_ids"].shape == ours_batch["input_ids"].shape
         print(f"| {max_pixels:,} | {tokens} | {naive_rate:.1f} | {ours_rate:.1f} | {ours_rate / naive_rate:.2f}x |")
+
+    from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
+
+    pairs = preference_rows(rows)
+    print(f"\nDPO pairs, batch {args.batch_size} pairs\n")
+    print("| max_pixels | visual tokens / image | stock TRL (pairs/s) | qwenvl-ft (pairs/s) | speed-up |")
+    print("|---|---|---|---|---|")
+    for max_pixels in (default_max, 256 * 28 * 28):
+        data_cfg = DataConfig(max_pixels=max_pixels, max_length=None)
+        processor = build_processor(typed.model, data_cfg)
+        (stock_rate, ours_rate), (stock_batch, ours_batch) = timed(
+            [StockPreferencePipeline(processor), VisionPreferenceCollator(processor, data_cfg)], pairs,
+            args.batch_size, args.repeats)
+        tokens = int(ours_batch["image_grid_thw"][0].prod()) // 4
+        assert torch.equal(stock_batch["image_grid_thw"], ours_batch["image_grid_thw"]), "different image sizes"
+        assert torch.equal(stock_batch["input_ids"], ours_batch["input_ids"])
+        print(f"| {max_pixels:,} | {tokens} | {stock_rate:.1f} | {ours_rate:.1f} | {ours_rate / stock_rate:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,44 @@ def test_collator_builds_chosen_then_rejected_with_images(tiny_processor):
         assert "What is in the image?" in prompt and prompt.count("<|vision_start|>") == 1
 
 
+def test_collator_equals_trls_preference_collator(tiny_processor, tmp_path):
+    """Same batch as TRL's DataCollatorForVisionPreference given the same (resized) images: pairs with one image of
+    different sizes, two images, none, and answers of different lengths."""
+    from torchvision.transforms.v2 import functional as tvF
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
+
+    from PIL import Image
+
+    Image.new("RGB", (120, 90), (200, 30, 30)).save(tmp_path / "wide.png")
+    Image.new("RGB", (40, 70), (30, 30, 200)).save(tmp_path / "tall.png")
+    records = [
+        {"image": "wide.png", "prompt": "<image>\nWhat is in the image?", "chosen": "a red rectangle, wide",
+         "rejected": "blue"},
+        {"image": ["wide.png", "tall.png"], "prompt": "Compare <image> and <image>.", "chosen": "red, then blue",
+         "rejected": "they are the same colour and the same size, both squares"},
+        {"prompt": "Say hello.", "chosen": "hello", "rejected": "goodbye"},
+        {"image": "tall.png", "prompt": "What colour?", "chosen": "blue", "rejected": "a red one"},
+    ]
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps(records))
+    cfg = _data_cfg("llava_preference", path, system_message="Be brief.", max_pixels=100 * 28 * 28)
+    rows, _ = load_pair_splits(cfg)
+    rows = [rows[i] for i in range(len(rows))]
+    collator = VisionPreferenceCollator(tiny_processor, cfg)
+    ours = collator(rows)
+    resized = [[tvF.to_pil_image(pixels) for pixels in collator.images.load_visuals(row).images] for row in rows]
+    theirs = DataCollatorForVisionPreference(processor=tiny_processor, max_length=None)(
+        [{"images": images, "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+         for images, row in zip(resized, rows)])
+    assert set(ours) == set(theirs) - {"token_type_ids"}
+    assert ours["attention_mask"].float().mean() < 0.9, "the batch should have padding"
+    for key in ("input_ids", "attention_mask", "completion_mask", "mm_token_type_ids", "image_grid_thw"):
+        assert torch.equal(ours[key], theirs[key]), key
+    assert torch.allclose(ours["pixel_values"], theirs["pixel_values"], atol=1e-6)
+
+
 def test_collator_length_policy(tiny_processor):
     rows, collator = _pairs_and_collator(tiny_processor, max_length=256)
     full = collator(rows)

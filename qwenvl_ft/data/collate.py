@@ -246,12 +246,6 @@ class VisionChatCollator:
             visuals.videos.append(video.frames)
         return visuals
 
-    def load_images(self, row: dict) -> List:
-        """The row's images as resized PIL images, for processors that take their images themselves (DPO)."""
-        from torchvision.transforms.v2 import functional as tvF
-
-        return [tvF.to_pil_image(pixels) for pixels in self.load_visuals(row).images]
-
     def vision_features(self, visuals: Visuals) -> Dict[str, torch.Tensor]:
         """Pixel values and grids from the processor's torchvision backend; our resize already happened."""
         out: Dict[str, torch.Tensor] = {}
@@ -287,6 +281,17 @@ class VisionChatCollator:
         text = self.render(prompt_messages(row), add_generation_prompt=True) if prompt_only else \
             self.render(row["messages"])
         ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int64)
+        counts = self.placeholder_counts(ids, visuals, source)
+        mask = assistant_label_mask(ids.tolist(), self.tokenizer).numpy()
+        input_ids = np.repeat(ids, counts)
+        labels = np.where(np.repeat(mask, counts), input_ids, IGNORE_INDEX)
+        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                "mm_token_type_ids": torch.from_numpy(self.token_types(input_ids))}
+
+    def placeholder_counts(self, ids: np.ndarray, visuals: Visuals, source: str) -> np.ndarray:
+        """How often each token of `ids` stands in the model input: every <|image_pad|> / <|video_pad|> as many
+        times as its image or video has visual tokens, every other token once. Expanding by id after tokenising
+        gives the processor's tokens without tokenising a string of hundreds of placeholders."""
         counts = np.ones_like(ids)
         for pad_id, grids, kind in ((self.image_pad_id, visuals.image_grids, "image"),
                                     (self.video_pad_id, visuals.video_grids, "video")):
@@ -295,12 +300,12 @@ class VisionChatCollator:
                 raise DataError(f"{source}: the rendered text has {len(positions)} {kind} placeholder(s) for "
                                 f"{len(grids)} {kind}(s) (does a text contain a literal <|{kind}_pad|>?)")
             counts[positions] = [self._tokens(g) for g in grids]
-        mask = assistant_label_mask(ids.tolist(), self.tokenizer).numpy()
-        input_ids = np.repeat(ids, counts)
-        labels = np.where(np.repeat(mask, counts), input_ids, IGNORE_INDEX)
-        token_types = (input_ids == self.image_pad_id) * IMAGE + (input_ids == self.video_pad_id) * VIDEO
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "mm_token_type_ids": torch.from_numpy(token_types.astype(np.int64))}
+        return counts
+
+    def token_types(self, input_ids: np.ndarray) -> np.ndarray:
+        """Qwen2-VL's mm_token_type_ids: which tokens are image / video tokens (M-RoPE gives them 3-D positions)."""
+        types = (input_ids == self.image_pad_id) * IMAGE + (input_ids == self.video_pad_id) * VIDEO
+        return types.astype(np.int64)
 
     def encode(self, row: dict) -> Dict[str, torch.Tensor]:
         """One training sample: input_ids, labels, mm_token_type_ids (1-D) and, when the row has them,

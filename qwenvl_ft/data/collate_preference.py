@@ -1,15 +1,22 @@
 """The preference collator: canonical pairs (preference.py) -> a DPOTrainer batch.
 
-TRL's `DataCollatorForVisionPreference` does the real work and is used as it is: the chat template, the prompt
-tokenised with its images and each answer appended, `completion_mask`, and Qwen2-VL's `mm_token_type_ids`
-(without which M-RoPE would give image tokens text positions). The batch is the chosen sequences, then the
-rejected ones, each with its own copy of the prompt images. This wrapper adds only what TRL's collator does not do:
+The batch is exactly what TRL's `DataCollatorForVisionPreference` makes (tests/test_dpo.py compares them): the
+chosen sequences, then the rejected ones, each the prompt rendered with TRL's own `apply_chat_template` (generation
+prompt, and the answer as the rest of prompt + answer) tokenised separately from its answer, right-padded;
+`completion_mask` over the answers; Qwen2-VL's `mm_token_type_ids` (without which M-RoPE would give image tokens
+text positions); pixel values of the chosen sequences' images, then the same again for the rejected ones. What
+differs is the work, not the result -- TRL's collator, which this replaced, cost about as much per pair as the
+tiny model's training step:
 
-  - images: it wants decoded PIL images; rows carry paths, base64 or bytes, opened here by the SFT collator's
-    `load_images` (same data.min_pixels / max_pixels / fixed resize, same errors naming the row);
-  - length: it cuts every sequence at max_length blindly, which can cut inside an image (the forward of the whole
-    batch then fails) or remove every answer token (the pair then silently contributes nothing); here
-    data.overlength applies as in SFT: cut in text only, or drop the pair (logged), or stop naming the row;
+  - each pair's images are decoded, resized and turned into pixel values once, by the SFT collator's fast path
+    (`VisionChatCollator.load_visuals` / `vision_features`: same data.min_pixels / max_pixels / fixed resize, same
+    errors naming the row), and the second copy the batch layout needs is a tensor concatenation; TRL's collator
+    wants PIL images and runs the image processor on every image twice, once per answer;
+  - the prompt is tokenised with one <|image_pad|> per image, expanded by id, instead of a string with hundreds
+    of placeholders;
+  - length: data.overlength applies as in SFT (cut in text only, drop the pair (logged), or stop naming the row);
+    TRL's collator would cut every sequence at max_length blindly, which can cut inside an image (the forward of
+    the whole batch then fails) or remove every answer token (the pair then silently contributes nothing);
   - precomputed reference log-probabilities (training/dpo.py) pass through as `ref_chosen_logps` /
     `ref_rejected_logps`, the keys DPOTrainer reads.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, List, Set
 
+import numpy as np
 import torch
 
 from qwenvl_ft.config.schema import DataConfig, Overlength
@@ -32,13 +40,13 @@ REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 class VisionPreferenceCollator:
     def __init__(self, processor, data_cfg: DataConfig):
-        from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
-
         self.processor = processor
         self.cfg = data_cfg
         self.images = VisionChatCollator(processor, data_cfg)
-        self.vision_end_id = processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
-        self.trl_collator = DataCollatorForVisionPreference(processor=processor, max_length=None)
+        tokenizer = processor.tokenizer
+        self.tokenizer = tokenizer
+        self.vision_end_id = tokenizer.convert_tokens_to_ids("<|vision_end|>")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
         batch = self._collate(rows)
@@ -60,13 +68,52 @@ class VisionPreferenceCollator:
         return batch
 
     def _collate(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
-        examples = [{"images": self.images.load_images(row), "prompt": row["prompt"], "chosen": row["chosen"],
-                     "rejected": row["rejected"]} for row in rows]
+        pairs = [self.encode_pair(row) for row in rows]
+        chosen = [(prompt, answer, types) for prompt, answer, _, types, _ in pairs]
+        rejected = [(prompt, answer, types) for prompt, _, answer, types, _ in pairs]
+        sequences = chosen + rejected
+        longest = max(len(prompt) + len(answer) for prompt, answer, _ in sequences)
+        input_ids = np.full((len(sequences), longest), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
+        completion_mask = np.zeros_like(attention_mask)
+        token_types = np.zeros_like(attention_mask)
+        for index, (prompt, answer, types) in enumerate(sequences):
+            end = len(prompt) + len(answer)
+            input_ids[index, :len(prompt)], input_ids[index, len(prompt):end] = prompt, answer
+            attention_mask[index, :end] = 1
+            completion_mask[index, len(prompt):end] = 1
+            token_types[index, :len(prompt)] = types
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
+                 "completion_mask": torch.from_numpy(completion_mask),
+                 "mm_token_type_ids": torch.from_numpy(token_types)}
+        vision = [features for *_, features in pairs if features]
+        if vision:
+            # the rejected sequences' images are the chosen ones' again (the model's vision hook encodes them once)
+            batch["pixel_values"] = torch.cat([v["pixel_values"] for v in vision] * 2)
+            batch["image_grid_thw"] = torch.cat([v["image_grid_thw"] for v in vision] * 2)
+        return batch
+
+    def encode_pair(self, row: dict):
+        """(prompt ids with the image tokens expanded, chosen ids, rejected ids, the prompt's mm_token_type_ids,
+        pixel values and grids of the pair's images) of one row."""
+        from trl.data_utils import apply_chat_template
+
+        source = row.get("source", "?")
+        visuals = self.images.load_visuals(row)
+        if visuals.videos:
+            raise DataError(f"{source}: field 'videos': preference pairs take images only")
         try:
-            return dict(self.trl_collator(examples))
-        except ValueError as err:  # e.g. image items and images disagree; say which rows were in the batch
-            sources = ", ".join(row.get("source", "?") for row in rows)
-            raise DataError(f"cannot build a preference batch from {sources}: {err}") from None
+            texts = apply_chat_template({key: row[key] for key in ("prompt", "chosen", "rejected")}, self.processor)
+        except (KeyError, ValueError) as err:
+            raise DataError(f"{source}: cannot render the pair with the chat template: {err}") from None
+        prompt, chosen, rejected = (np.asarray(self.tokenizer(texts[key], add_special_tokens=False)["input_ids"],
+                                               dtype=np.int64) for key in ("prompt", "chosen", "rejected"))
+        prompt = np.repeat(prompt, self.images.placeholder_counts(prompt, visuals, source))
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            if np.isin(answer, (self.images.image_pad_id, self.images.video_pad_id)).any():
+                raise DataError(f"{source}: field '{name}': an answer cannot contain an image")
+        features = self.images.vision_features(visuals) if visuals.images else {}
+        return prompt, chosen, rejected, self.images.token_types(prompt), features
 
     def overlong_pairs(self, batch: Dict[str, torch.Tensor], rows: List[dict]) -> Set[int]:
         """Indices of the pairs data.overlength drops; raises for data.overlength=error. Sequences are flushed
