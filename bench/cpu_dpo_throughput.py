@@ -6,7 +6,8 @@ Every run trains LoRA (r=16 on every language-model projection; vision tower and
 DPO recipes) on the tiny random Qwen2-VL in fp32 with sdpa, for one epoch over the same preference pairs, from the
 same initial weights, through `DPOTrainer.train()` (sigmoid loss, reference = the base with the adapter disabled,
 computed every step). The wall time covers building the trainer, data loading, collation, the policy and reference
-forwards, backward and optimizer steps. Each stack is warmed up first; each run is the fastest of --repeats.
+forwards, backward and optimizer steps. Each stack is warmed up first; each run is the fastest of --repeats,
+taken round-robin.
 
   trl-stock      trl.DPOTrainer with its own DataCollatorForVisionPreference (PIL images in the dataset)
   padded         qwenvl-ft's DPO trainer with no padding-free hooks: what TRL computes, with our collator
@@ -111,7 +112,7 @@ def run_trl(pairs, tmp, batch_size):
     args = DPOConfig(output_dir=str(tmp / "trl"), num_train_epochs=1, per_device_train_batch_size=batch_size,
                      learning_rate=typed.optimizer.lr, lr_scheduler_type="constant", optim="adamw_torch", bf16=False,
                      fp16=False, gradient_checkpointing=False, logging_steps=10_000, save_strategy="no", report_to=[],
-                     disable_tqdm=True, seed=0, dataloader_num_workers=0, beta=typed.trainer.dpo.beta,
+                     disable_tqdm=True, seed=typed.seed, dataloader_num_workers=0, beta=typed.trainer.dpo.beta,
                      max_length=typed.data.max_length)
     started, cpu = time.perf_counter(), time.process_time()
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
@@ -192,25 +193,26 @@ def main() -> None:
     run_trl(pairs[:16], tmp, args.batch_size)  # untimed warm-up of both stacks
     run_qwenvl_ft("warm-up", pairs[:16], tmp, args.batch_size, True, True)
 
-    def best(function, *a):
-        return fastest(args.repeats, function, *a)
-
-    results = []
-    timing, counting, steps, collator_name = best(run_trl, pairs, tmp, args.batch_size)
-    results.append(("trl-stock", f"TRL {collator_name}", timing, counting, steps))
-    for name, share_images, unpad, what in [
+    layouts = [
         ("padded", False, False, "qwenvl-ft collator, padded, images encoded twice"),
         ("shared-images", True, False, "padded, each pair's images encoded once"),
         ("padding-free", True, True, "images once, language model on real tokens only"),
-    ]:
-        timing, counting, steps = best(run_qwenvl_ft, name, pairs, tmp, args.batch_size, share_images, unpad)
+    ]
+    jobs = {"trl-stock": (run_trl, (pairs, tmp, args.batch_size))}
+    jobs.update({name: (run_qwenvl_ft, (name, pairs, tmp, args.batch_size, share, unpad))
+                 for name, share, unpad, _ in layouts})
+    best = fastest(args.repeats, jobs)
+    timing, counting, steps, collator_name = best["trl-stock"]
+    results = [("trl-stock", f"TRL {collator_name}", timing, counting, steps)]
+    for name, _, _, what in layouts:
+        timing, counting, steps = best[name]
         results.append((name, what, timing, counting, steps))
     load_after = os.getloadavg()
 
     trl_rate, padded_rate = args.pairs / results[0][2][0], args.pairs / results[1][2][0]
     print(f"\n{args.pairs} preference pairs, 1 epoch, batch {args.batch_size} pairs, tiny random Qwen2-VL (fp32, sdpa, "
           f"LoRA r=16, vision frozen), reference computed every step, {args.threads} threads, fastest of "
-          f"{args.repeats} runs each after an untimed warm-up")
+          f"{args.repeats} round-robin runs each after an untimed warm-up")
     print(f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print(versions_line() + "\n")

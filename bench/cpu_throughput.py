@@ -5,7 +5,8 @@
 Every run trains the tiny random Qwen2-VL (fp32, sdpa, full fine-tuning, AdamW, no gradient checkpointing) for
 one epoch over the same rows, from the same initial weights, through `SFTTrainer.train()`; the wall time covers
 building the trainer (qwenvl-ft's batch planning included), data loading, collation, forward, backward and optimizer
-steps. Both stacks are warmed up first (imports, caches), and each run is the fastest of --repeats. Runs:
+steps. Both stacks are warmed up first (imports, caches), and each run is the fastest of --repeats, taken
+round-robin. Runs:
 
   trl-stock         trl.SFTTrainer with its built-in DataCollatorForVisionLanguageModeling (dataset in TRL's
                     conversational format, batch 8, right padding; TRL refuses packing and padding-free for vision)
@@ -78,11 +79,12 @@ class Counting:
         return batch
 
 
-def _common_args(output_dir: str, batch_size: int) -> dict:
+def _common_args(output_dir: str, batch_size: int, seed: int) -> dict:
+    # the same seed as qwenvl-ft's runs: the same shuffle, so the same batches and padding
     return dict(output_dir=output_dir, num_train_epochs=1, per_device_train_batch_size=batch_size,
                 learning_rate=1e-3, lr_scheduler_type="constant", optim="adamw_torch", bf16=False, fp16=False,
                 gradient_checkpointing=False, logging_steps=10_000, save_strategy="no", report_to=[],
-                disable_tqdm=True, seed=0, dataloader_num_workers=0, remove_unused_columns=False, max_length=None)
+                disable_tqdm=True, seed=seed, dataloader_num_workers=0, remove_unused_columns=False, max_length=None)
 
 
 def run_qwenvl_ft(name, overrides, rows, tmp):
@@ -123,7 +125,7 @@ def run_trl(rows, tmp, batch_size):
 
     dataset = datasets.Dataset.from_list([{"messages": r["messages"], "images": r["images"]} for r in rows])
     started, cpu = time.perf_counter(), time.process_time()
-    trainer = SFTTrainer(model=model, args=SFTConfig(**_common_args(str(tmp / "trl"), batch_size)),
+    trainer = SFTTrainer(model=model, args=SFTConfig(**_common_args(str(tmp / "trl"), batch_size, typed.seed)),
                          train_dataset=dataset, processing_class=processor)
     counting = Counting(trainer.data_collator)
     trainer.data_collator = counting
@@ -135,7 +137,7 @@ def run_trl(rows, tmp, batch_size):
 def bench_arguments(count_flag: str, count_help: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument(count_flag, type=int, default=256, help=count_help)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args()
@@ -159,10 +161,16 @@ def quiet_offline_cpu(threads: int, prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
-def fastest(repeats: int, function, *arguments):
-    """The fastest of `repeats` runs (outcome[0][0] is wall seconds): a shared machine's load only slows runs."""
-    outcomes = [function(*arguments) for _ in range(repeats)]
-    return min(outcomes, key=lambda outcome: outcome[0][0])
+def fastest(repeats: int, jobs: dict) -> dict:
+    """{name: (function, arguments)} -> {name: its fastest outcome of `repeats` (outcome[0][0] is wall seconds)}.
+
+    The jobs run round-robin, so that a change of load on a shared machine hits every job alike, and the fastest
+    run of each counts: load only ever slows a run down."""
+    outcomes = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, (function, arguments) in jobs.items():
+            outcomes[name].append(function(*arguments))
+    return {name: min(runs, key=lambda outcome: outcome[0][0]) for name, runs in outcomes.items()}
 
 
 def versions_line() -> str:
@@ -183,24 +191,25 @@ def main() -> None:
     run_trl(rows[:16], tmp, args.batch_size)
     run_qwenvl_ft("warm-up", ["data.packing=true"], rows[:16], tmp)
 
-    def best(function, *a):
-        return fastest(args.repeats, function, *a)
-
-    results = []
-    timing, counting, steps, collator_name = best(run_trl, rows, tmp, args.batch_size)
-    results.append(("trl-stock", f"TRL {collator_name}, batch {args.batch_size}", timing, counting, steps))
     bs = f"trainer.batch_size={args.batch_size}"
-    timing, counting, steps = best(run_qwenvl_ft, "padded", [bs], rows, tmp)
+    first = fastest(args.repeats, {"trl-stock": (run_trl, (rows, tmp, args.batch_size)),
+                                   "padded": (run_qwenvl_ft, ("padded", [bs], rows, tmp))})
+    timing, counting, steps, collator_name = first["trl-stock"]
+    results = [("trl-stock", f"TRL {collator_name}, batch {args.batch_size}", timing, counting, steps)]
+    timing, counting, steps = first["padded"]
     results.append(("padded", f"qwenvl-ft, batch {args.batch_size}", timing, counting, steps))
     same_tokens = max(round(counting.tensor / counting.batches), 256)  # the padded run's mean tokens per step
-    for name, overrides, what in [
+    layouts = [
         ("length-grouped", [bs, "data.group_by_length=true"], f"batch {args.batch_size}, grouped by length"),
         ("token-budget", [f"data.max_tokens_per_batch={same_tokens}"], f"padded, <= {same_tokens} tokens per step"),
         ("packed-same-mem", ["data.packing=true", f"data.max_tokens_per_batch={same_tokens}"],
          f"packed, <= {same_tokens} tokens per step"),
         ("packed-default", [bs, "data.packing=true"], f"packed, <= {args.batch_size * 256} tokens per step"),
-    ]:
-        timing, counting, steps = best(run_qwenvl_ft, name, overrides, rows, tmp)
+    ]
+    rest = fastest(args.repeats, {name: (run_qwenvl_ft, (name, overrides, rows, tmp))
+                                  for name, overrides, _ in layouts})
+    for name, _, what in layouts:
+        timing, counting, steps = rest[name]
         results.append((name, what, timing, counting, steps))
     load_after = os.getloadavg()
 
@@ -208,7 +217,7 @@ def main() -> None:
     trl_rate = args.rows / results[0][2][0]
     padded_cpu_rate = args.rows / results[1][2][1]
     print(f"\n{args.rows} caption-like rows, 1 epoch, tiny random Qwen2-VL (fp32, sdpa, full fine-tuning), "
-          f"{args.threads} threads, fastest of {args.repeats} runs each after an untimed warm-up")
+          f"{args.threads} threads, fastest of {args.repeats} round-robin runs each after an untimed warm-up")
     print(f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print(versions_line() + "\n")

@@ -24,7 +24,7 @@ tiny model's training step:
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Set
+from typing import Dict, List, NamedTuple, Set
 
 import numpy as np
 import torch
@@ -38,6 +38,14 @@ log = logging.getLogger("qwenvl_ft")
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
+class EncodedPair(NamedTuple):
+    prompt: np.ndarray  # token ids, every image placeholder expanded to its visual tokens
+    prompt_token_types: np.ndarray  # Qwen2-VL's mm_token_type_ids of the prompt
+    chosen: np.ndarray  # token ids of the chosen answer as TRL renders it (the rest of prompt + answer)
+    rejected: np.ndarray
+    vision: Dict[str, torch.Tensor]  # pixel_values, image_grid_thw of the pair's images (empty without images)
+
+
 class VisionPreferenceCollator:
     def __init__(self, processor, data_cfg: DataConfig):
         self.processor = processor
@@ -49,53 +57,25 @@ class VisionPreferenceCollator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
-        batch = self._collate(rows)
+        pairs = [self.encode_pair(row) for row in rows]
+        batch = self.batch(pairs)
         dropped = self.overlong_pairs(batch, rows)
         if dropped:
             rows = [row for index, row in enumerate(rows) if index not in dropped]
             if not rows:
                 raise DataError(f"every pair of a batch was dropped for exceeding data.max_length="
                                 f"{self.cfg.max_length}; raise data.max_length or lower data.max_pixels")
-            batch = self._collate(rows)
+            batch = self.batch([pair for index, pair in enumerate(pairs) if index not in dropped])
         limit = self.cfg.max_length
         if limit is not None:
-            for key in ("input_ids", "attention_mask", "completion_mask", "mm_token_type_ids", "token_type_ids"):
-                if key in batch:
-                    batch[key] = batch[key][:, :limit]
+            for key in ("input_ids", "attention_mask", "completion_mask", "mm_token_type_ids"):
+                batch[key] = batch[key][:, :limit]
         for key in REF_KEYS:
             if key in rows[0]:
                 batch[key] = torch.tensor([float(row[key]) for row in rows])
         return batch
 
-    def _collate(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
-        pairs = [self.encode_pair(row) for row in rows]
-        chosen = [(prompt, answer, types) for prompt, answer, _, types, _ in pairs]
-        rejected = [(prompt, answer, types) for prompt, _, answer, types, _ in pairs]
-        sequences = chosen + rejected
-        longest = max(len(prompt) + len(answer) for prompt, answer, _ in sequences)
-        input_ids = np.full((len(sequences), longest), self.pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
-        completion_mask = np.zeros_like(attention_mask)
-        token_types = np.zeros_like(attention_mask)
-        for index, (prompt, answer, types) in enumerate(sequences):
-            end = len(prompt) + len(answer)
-            input_ids[index, :len(prompt)], input_ids[index, len(prompt):end] = prompt, answer
-            attention_mask[index, :end] = 1
-            completion_mask[index, len(prompt):end] = 1
-            token_types[index, :len(prompt)] = types
-        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
-                 "completion_mask": torch.from_numpy(completion_mask),
-                 "mm_token_type_ids": torch.from_numpy(token_types)}
-        vision = [features for *_, features in pairs if features]
-        if vision:
-            # the rejected sequences' images are the chosen ones' again (the model's vision hook encodes them once)
-            batch["pixel_values"] = torch.cat([v["pixel_values"] for v in vision] * 2)
-            batch["image_grid_thw"] = torch.cat([v["image_grid_thw"] for v in vision] * 2)
-        return batch
-
-    def encode_pair(self, row: dict):
-        """(prompt ids with the image tokens expanded, chosen ids, rejected ids, the prompt's mm_token_type_ids,
-        pixel values and grids of the pair's images) of one row."""
+    def encode_pair(self, row: dict) -> EncodedPair:
         from trl.data_utils import apply_chat_template
 
         source = row.get("source", "?")
@@ -112,8 +92,33 @@ class VisionPreferenceCollator:
         for name, answer in (("chosen", chosen), ("rejected", rejected)):
             if np.isin(answer, (self.images.image_pad_id, self.images.video_pad_id)).any():
                 raise DataError(f"{source}: field '{name}': an answer cannot contain an image")
-        features = self.images.vision_features(visuals) if visuals.images else {}
-        return prompt, chosen, rejected, self.images.token_types(prompt), features
+        vision = self.images.vision_features(visuals) if visuals.images else {}
+        return EncodedPair(prompt, self.images.token_types(prompt), chosen, rejected, vision)
+
+    def batch(self, pairs: List[EncodedPair]) -> Dict[str, torch.Tensor]:
+        """TRL's layout: every pair's prompt + chosen, then every pair's prompt + rejected, right-padded."""
+        sequences = [(p.prompt, p.prompt_token_types, p.chosen) for p in pairs] + \
+                    [(p.prompt, p.prompt_token_types, p.rejected) for p in pairs]
+        longest = max(len(prompt) + len(answer) for prompt, _, answer in sequences)
+        input_ids = np.full((len(sequences), longest), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
+        completion_mask = np.zeros_like(attention_mask)
+        token_types = np.zeros_like(attention_mask)
+        for index, (prompt, types, answer) in enumerate(sequences):
+            end = len(prompt) + len(answer)
+            input_ids[index, :len(prompt)], input_ids[index, len(prompt):end] = prompt, answer
+            attention_mask[index, :end] = 1
+            completion_mask[index, len(prompt):end] = 1
+            token_types[index, :len(prompt)] = types
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
+                 "completion_mask": torch.from_numpy(completion_mask),
+                 "mm_token_type_ids": torch.from_numpy(token_types)}
+        vision = [p.vision for p in pairs if p.vision]
+        if vision:
+            # the rejected sequences' images are the chosen ones' again (the model's vision hook encodes them once)
+            batch["pixel_values"] = torch.cat([v["pixel_values"] for v in vision] * 2)
+            batch["image_grid_thw"] = torch.cat([v["image_grid_thw"] for v in vision] * 2)
+        return batch
 
     def overlong_pairs(self, batch: Dict[str, torch.Tensor], rows: List[dict]) -> Set[int]:
         """Indices of the pairs data.overlength drops; raises for data.overlength=error. Sequences are flushed
