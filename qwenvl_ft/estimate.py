@@ -50,7 +50,7 @@ def hf_config(model_cfg: ModelConfig):
     if model_cfg.architecture is not None:
         from qwenvl_ft.modeling.random_init import build_tokenizer, model_config
 
-        return model_config(model_cfg.architecture, build_tokenizer())
+        return model_config(model_cfg.architecture, build_tokenizer(), model_cfg.family.value)
     from transformers import AutoConfig
 
     try:
@@ -239,6 +239,29 @@ def _vision_block_bytes(d: int, mlp: int, heads: int, a: int, trainable: bool, l
     return total + sum(_lora_bytes(n, r, a, mask_bytes) for n in lora_in)
 
 
+def _vision_block_bytes_2_5(d: int, mlp: int, heads: int, a: int, trainable: bool, lora_in: List[int], r: int,
+                            mask_bytes: int = 1) -> int:
+    """Saved tensors of one Qwen2.5-VL ViT block, per patch (window or full attention alike).
+
+    Always: both RMSNorms keep an fp32 copy of their input and its rsqrt (4d + 4 each), q and k after RoPE, v (a
+    view that keeps the whole fused qkv output alive: 3d), the attention output and log-sum-exp, and the gated
+    MLP's SiLU input and both factors of its product (3 x mlp). Trainable weights add the normalised inputs the
+    two RMSNorm weights multiply (2d), the qkv, proj and gate/up inputs (3d) and the down_proj input (mlp).
+    """
+    total = 2 * (4 * d + 4) + a * (2 * d + 3 * d + d) + 4 * heads + 3 * a * mlp
+    if trainable:
+        total += a * (2 * d + 3 * d + mlp)
+    return total + sum(_lora_bytes(n, r, a, mask_bytes) for n in lora_in)
+
+
+def vision_sizes(vision) -> tuple:
+    """(width, MLP width, gated) of the ViT: Qwen2-VL's QuickGELU MLP of mlp_ratio x embed_dim, or Qwen2.5-VL's
+    gated SiLU MLP of intermediate_size (its width is `hidden_size`; `embed_dim` does not exist there)."""
+    if hasattr(vision, "embed_dim"):
+        return vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio), False
+    return vision.hidden_size, vision.intermediate_size, True
+
+
 @dataclass
 class Estimate:
     rows: List[tuple]  # (component, bytes, how)
@@ -317,10 +340,10 @@ def _lora_inputs(typed: TrainConfig, counts: ParameterCounts, text, vision) -> t
     for leaf, n in counts.lora_modules.items():
         if leaf in width:
             lm += [width[leaf]] * max(1, n // layers)
-    d = vision.embed_dim
-    mlp = int(d * vision.mlp_ratio)
-    vis = [d, d, d, mlp] if typed.adapter.vision_lora else []  # qkv, proj, fc1, fc2
-    return lm, vis
+    d, mlp, gated = vision_sizes(vision)
+    if not typed.adapter.vision_lora:
+        return lm, []
+    return lm, ([d, d, d, d, mlp] if gated else [d, d, d, mlp])  # qkv, proj, (gate, up, down) or (fc1, fc2)
 
 
 def _activation_rows(typed, counts, text, vision, budget: BatchBudget, a: int) -> List[tuple]:
@@ -328,8 +351,7 @@ def _activation_rows(typed, counts, text, vision, budget: BatchBudget, a: int) -
     h, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
     heads = text.num_attention_heads
     kv = text.num_key_value_heads * (h // heads)
-    d, depth, vision_heads = vision.embed_dim, vision.depth, vision.num_heads
-    mlp = int(d * vision.mlp_ratio)
+    (d, mlp, gated), depth, vision_heads = vision_sizes(vision), vision.depth, vision.num_heads
     lm_trainable = not adapter_cfg.is_peft and not model_cfg.freeze_language_model
     vision_trainable = not adapter_cfg.is_peft and not model_cfg.freeze_vision_tower
     if adapter_cfg.is_peft and not model_cfg.freeze_vision_tower and not adapter_cfg.vision_lora:
@@ -362,7 +384,8 @@ def _activation_rows(typed, counts, text, vision, budget: BatchBudget, a: int) -
 
     grads_reach_vision = vision_trainable or bool(vision_lora)
     if P and grads_reach_vision:
-        block = _vision_block_bytes(d, mlp, vision_heads, a, vision_trainable, vision_lora, r, mask)
+        block = (_vision_block_bytes_2_5 if gated else _vision_block_bytes)(d, mlp, vision_heads, a, vision_trainable,
+                                                                            vision_lora, r, mask)
         if model_cfg.vision_checkpointing:
             vis, how = depth * a * d * P + block * P, f"checkpointed: {depth} block inputs x {P} patches + one block"
         else:
@@ -371,7 +394,7 @@ def _activation_rows(typed, counts, text, vision, budget: BatchBudget, a: int) -
             vis += a * P * vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2  # patch embed
         rows.append(("activations: vision", vis, how))
     elif P:
-        rows.append(("activations: vision", a * P * (3 * d + mlp) + a * h * budget.visual_tokens,
+        rows.append(("activations: vision", a * P * (3 * d + (2 if gated else 1) * mlp) + a * h * budget.visual_tokens,
                      f"frozen: no saved tensors; one block's working set over {P} patches"))
     if P and (not model_cfg.freeze_merger or grads_reach_vision):
         rows.append(("activations: merger", a * P * (3 * d) + a * budget.visual_tokens * (4 * d),

@@ -105,10 +105,13 @@ def test_unknown_key_inside_a_recipe_file_is_reported(tmp_path):
     ("optimizer.lr=-1", "optimizer.lr must be > 0"),
     ("adapter.method=qlora", "needs adapter.load_in_4bit=true"),
     ("data.resized_height=280", "must be set together"),
+    ("model.family=qwen2_5_vl", "needs model.architecture.vision_intermediate_size"),
+    ("model=tiny_qwen2_5_vl model.architecture.vision_fullatt_block_indexes=[2]", "below vision_depth"),
+    ("model=tiny_qwen2_5_vl model.architecture.vision_window_size=42", "multiple of patch_size"),
 ])
 def test_range_checks(override, message):
     with pytest.raises(ConfigError, match=message):
-        compose(["recipe=demo", override], output_dir="/tmp/o")
+        compose(["recipe=demo", *override.split()], output_dir="/tmp/o")
 
 
 def test_user_recipe_directory(tmp_path):

@@ -1,8 +1,8 @@
 """Padding-free DPO (qwenvl_ft/modeling/padding_free.py, data.packing=true with trainer=dpo).
 
 The claim: TRL's DPO loss, its logged metrics and every gradient are the same whether the batch runs padded or
-padding-free with each pair's images encoded once -- on the tiny random Qwen2-VL in fp32, for a batch whose
-pairs differ in image size, image count and answer length.
+padding-free with each pair's images encoded once -- on the tiny random Qwen2-VL and Qwen2.5-VL in fp32, for a
+batch whose pairs differ in image size, image count and answer length.
 """
 
 import json
@@ -42,15 +42,16 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny", "tiny_qwen2_5_vl"])
+def trainer(request, tmp_path_factory):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
     from qwenvl_ft.training.dpo import build_trainer
 
     out = tmp_path_factory.mktemp("dpo_packing")
     # LoRA on the language model and the vision blocks, merger trained: gradients reach every part
-    typed = validate(compose(QUICK + ["adapter.vision_lora=true", "model.freeze_merger=false"], output_dir=str(out)))
+    typed = validate(compose(QUICK + [f"model={request.param}", "adapter.vision_lora=true",
+                                      "model.freeze_merger=false"], output_dir=str(out)))
     processor = build_processor(typed.model, typed.data)
     base = build_base_model(typed.model, typed.adapter)
     rows = to_pair_dataset(PAIRS)

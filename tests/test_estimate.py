@@ -33,6 +33,22 @@ def test_full_size_parameter_counts_match_the_released_models(option, expected, 
     assert counts.by_part["vision"] == VIT and counts.by_part["merger"] == _merger(hidden)
 
 
+# Qwen2.5-VL's ViT: RMSNorms without bias (2 x 1280), the same attention, a gated MLP (gate and up 1280 x 3420 + 3420,
+# down 3420 x 1280 + 1280); the merger's norm is an RMSNorm too.
+VIT_2_5 = 32 * (2 * 1280 + 1280 * 3840 + 3840 + 1280 ** 2 + 1280 + 2 * (1280 * 3420 + 3420) + 3420 * 1280 + 1280) \
+    + 1280 * 3 * 2 * 14 * 14
+
+
+@pytest.mark.parametrize("option, expected, hidden", [
+    ("qwen2_5_vl_3b", 3_754_622_976, 2048),  # Qwen/Qwen2.5-VL-3B-Instruct's model card: 3.75B
+    ("qwen2_5_vl_7b", 8_292_166_656, 3584),  # Qwen/Qwen2.5-VL-7B-Instruct's: 8.29B
+])
+def test_qwen2_5_vl_parameter_counts_match_the_released_models(option, expected, hidden):
+    counts = count_parameters(_typed(f"model={option}", "adapter=full"))
+    assert counts.total == expected
+    assert counts.by_part["vision"] == VIT_2_5 and counts.by_part["merger"] == _merger(hidden) - 1280
+
+
 def test_meta_model_allocates_nothing():
     model = meta_model(_typed("model=qwen2_vl_7b").model)
     assert all(p.device.type == "meta" for p in model.parameters())
@@ -150,19 +166,21 @@ ARCH = ["model.architecture.hidden_size=128", "model.architecture.intermediate_s
         "model.architecture.mrope_section=[4,6,6]", "model.architecture.vision_embed_dim=64"]
 
 
-def _model(adapter, layers, depth, vision_lora=False):
-    from transformers import Qwen2VLForConditionalGeneration
-
+def _model(adapter, layers, depth, vision_lora=False, option="tiny"):
     from qwenvl_ft.estimate import hf_config
-    from qwenvl_ft.modeling.build import apply_freezing, build_lora_config
+    from qwenvl_ft.modeling.build import _model_class, apply_freezing, build_lora_config
 
-    typed = _typed("recipe=demo", f"adapter={adapter}", "adapter.target_modules=[q_proj,v_proj,down_proj]",
-                   f"adapter.vision_lora={str(vision_lora).lower()}", *ARCH,
-                   f"model.architecture.num_hidden_layers={layers}", f"model.architecture.vision_depth={depth}")
+    # Qwen2.5-VL: window attention in every block (no full-attention block), windows of 2 x 2 merged patches
+    family = ["model.architecture.vision_fullatt_block_indexes=[]"] if option == "tiny_qwen2_5_vl" else []
+    typed = _typed("recipe=demo", f"model={option}", f"adapter={adapter}",
+                   "adapter.target_modules=[q_proj,v_proj,down_proj]",
+                   f"adapter.vision_lora={str(vision_lora).lower()}", *ARCH, *family,
+                   f"model.architecture.num_hidden_layers={layers}",
+                   f"model.architecture.vision_depth={depth}")
     config = hf_config(typed.model)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config).train()
+    model = _model_class(typed.model.family)(config).train()
     if adapter == "full":
         apply_freezing(model, typed.model)
         return model
@@ -192,21 +210,27 @@ def test_decoder_layer_formula_matches_saved_tensors(adapter):
     assert measured == predicted
 
 
+@pytest.mark.parametrize("option", ["tiny", "tiny_qwen2_5_vl"])
 @pytest.mark.parametrize("adapter, vision_lora", [("full", False), ("lora", True)])
-def test_vision_block_formula_matches_saved_tensors(adapter, vision_lora):
+def test_vision_block_formula_matches_saved_tensors(adapter, vision_lora, option):
+    from qwenvl_ft.estimate import _vision_block_bytes_2_5
+
     patches, per_model = 256, []
     grid, pixels = torch.tensor([[1, 16, 16]]), torch.randn(256, 3 * 2 * 14 * 14)
     for depth in (1, 3):
-        model = _model(adapter, 1, depth, vision_lora=vision_lora)
+        model = _model(adapter, 1, depth, vision_lora=vision_lora, option=option)
         visual = _inner(model).visual
         if adapter == "full":
             for p in visual.parameters():
                 p.requires_grad_(True)
         per_model.append(_saved_bytes(model, lambda: visual(pixels, grid_thw=grid)))
     measured = (per_model[1] - per_model[0]) / 2 / patches
-    lora_in = [64, 64, 64, 128] if vision_lora else []
-    predicted = _vision_block_bytes(64, 128, 4, a=4, trainable=adapter == "full", lora_in=lora_in, r=8,
-                                    mask_bytes=4)
+    if option == "tiny":  # qkv, proj, fc1, fc2; MLP width 2 x 64
+        formula, lora_in = _vision_block_bytes, [64, 64, 64, 128]
+    else:  # qkv, proj, gate, up, down; MLP width model.architecture.vision_intermediate_size = 128
+        formula, lora_in = _vision_block_bytes_2_5, [64, 64, 64, 64, 128]
+    predicted = formula(64, 128, 4, a=4, trainable=adapter == "full", lora_in=lora_in if vision_lora else [], r=8,
+                        mask_bytes=4)
     assert measured == predicted
 
 

@@ -41,27 +41,38 @@ ROWS = [
 ]
 
 
+# Every test runs on both model families: Qwen2.5-VL differs in its vision tower (window attention) and in spacing
+# video frames by time in M-RoPE (second_per_grid_ts x tokens_per_second).
+@pytest.fixture(scope="module", params=["tiny", "tiny_qwen2_5_vl"])
+def model_option(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def typed():
+def typed(model_option):
     # small video frames, so that the video row stays short
-    return validate(compose(["recipe=demo", "data.video_min_pixels=3136", "data.video_max_pixels=4704"],
-                            output_dir="/tmp/unused"))
+    return validate(compose(["recipe=demo", f"model={model_option}", "data.video_min_pixels=3136",
+                             "data.video_max_pixels=4704"], output_dir="/tmp/unused"))
 
 
 @pytest.fixture(scope="module")
-def collator(typed, tiny_processor):
-    return VisionChatCollator(tiny_processor, typed.data)
+def collator(typed):
+    from qwenvl_ft.modeling.build import build_processor
+
+    return VisionChatCollator(build_processor(typed.model, typed.data), typed.data)
+
+
+def _packer(typed, collator):
+    return PackingCollator(collator, typed.model.architecture.tokens_per_second)
 
 
 def _model(typed, attn_implementation):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    from qwenvl_ft.modeling.random_init import materialize
+    from qwenvl_ft.modeling.build import _model_class, model_source
     from qwenvl_ft.modeling.varlen_attention import use_for_language_model
 
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        materialize(typed.model.architecture), dtype=torch.float32,
+    model = _model_class(typed.model.family).from_pretrained(
+        model_source(typed.model), dtype=torch.float32,
         attn_implementation="sdpa" if attn_implementation == "sdpa_varlen" else attn_implementation)
     if attn_implementation == "sdpa_varlen":
         assert use_for_language_model(model)
@@ -80,18 +91,23 @@ def _token_losses(model, batch):
 
 def test_mrope_positions_match_the_models_get_rope_index(typed, collator):
     model = _model(typed, "sdpa")
+    packer = _packer(typed, collator)
     for row in ROWS:
         sample = collator.encode(row)
         batch = collator.pad([sample])
+        timing = {"second_per_grid_ts": batch["second_per_grid_ts"]} if "second_per_grid_ts" in batch else {}
         expected, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
-                                                 batch.get("image_grid_thw"), batch.get("video_grid_thw"))
+                                                 batch.get("image_grid_thw"), batch.get("video_grid_thw"), **timing)
         got = mrope_positions(sample["mm_token_type_ids"], sample.get("image_grid_thw"), 2,
-                              sample.get("video_grid_thw"))
+                              sample.get("video_grid_thw"), packer._video_intervals(sample))
         assert torch.equal(got, expected[:, 0]), row["source"]
-    assert (collator.encode(ROWS[-1])["mm_token_type_ids"] == 2).any()  # the video row really has video tokens
+    video = collator.encode(ROWS[-1])
+    assert (video["mm_token_type_ids"] == 2).any()  # the video row really has video tokens
+    # Qwen2.5-VL spaces the video's frames by time: the test above covers that path
+    assert ("second_per_grid_ts" in video) == (typed.model.family.value == "qwen2_5_vl")
 
 
-def test_row_lengths_are_what_encode_produces(typed, tiny_processor):
+def test_row_lengths_are_what_encode_produces(typed, collator):
     from dataclasses import replace
 
     from qwenvl_ft.data.collate import RowDropped
@@ -99,19 +115,19 @@ def test_row_lengths_are_what_encode_produces(typed, tiny_processor):
 
     rows = ROWS + make_rows(6, 56, 0, "train")
     for data_cfg in (typed.data, replace(typed.data, max_length=40), replace(typed.data, max_pixels=56 * 56 * 2)):
-        collator = VisionChatCollator(tiny_processor, data_cfg)
+        collator = VisionChatCollator(collator.processor, data_cfg)
         for row, length in zip(rows, row_lengths(collator, rows)):
             if length is None:  # left out of the plan, as encode drops it
                 with pytest.raises(RowDropped):
                     collator.encode(row)
             else:
                 assert length == collator.encode(row)["input_ids"].numel(), (data_cfg, row["source"])
-    assert None in row_lengths(VisionChatCollator(tiny_processor, replace(typed.data, max_length=40)), ROWS)
+    assert None in row_lengths(VisionChatCollator(collator.processor, replace(typed.data, max_length=40)), ROWS)
 
 
-def test_packed_row_layout(collator):
+def test_packed_row_layout(typed, collator):
     samples = [collator.encode(row) for row in ROWS]
-    batch = PackingCollator(collator).pack(samples)
+    batch = _packer(typed, collator).pack(samples)
     lengths = [s["input_ids"].numel() for s in samples]
     total = sum(lengths)
     assert batch["input_ids"].shape == (1, total) and batch["position_ids"].shape == (4, 1, total)
@@ -123,13 +139,13 @@ def test_packed_row_layout(collator):
     assert batch["pixel_values"].shape[0] == sum(s["pixel_values"].shape[0] for s in samples if "pixel_values" in s)
 
 
-def test_first_token_of_every_sample_is_never_a_target(collator):
+def test_first_token_of_every_sample_is_never_a_target(typed, collator):
     # Labels on every token (as a "train on everything" collator would make): packing must still mask the first
     # token of each sample, which would otherwise be predicted from the previous sample's last token.
     samples = [collator.encode(row) for row in ROWS[:3]]
     for sample in samples:
         sample["labels"] = sample["input_ids"].clone()
-    batch = PackingCollator(collator).pack(samples)
+    batch = _packer(typed, collator).pack(samples)
     starts = sample_boundaries(batch["position_ids"])
     labels = batch["labels"][0]
     assert all(labels[s] == IGNORE_INDEX for s in starts)
@@ -154,7 +170,7 @@ def test_packed_losses_and_gradients_match_unpacked(typed, collator, attn_implem
 
     # Packed: one row.
     model.zero_grad()
-    batch = PackingCollator(collator).pack(samples)
+    batch = _packer(typed, collator).pack(samples)
     token_losses = _token_losses(model, batch)
     token_losses.sum().backward()
     starts = sample_boundaries(batch["position_ids"]) + [batch["input_ids"].shape[1]]
@@ -175,7 +191,7 @@ def test_packed_loss_equals_padded_loss_through_the_model(typed, collator, attn_
     samples = [collator.encode(row) for row in ROWS]
     with torch.no_grad():
         padded = model(**collator.pad(samples), use_cache=False).loss
-        packed = model(**PackingCollator(collator).pack(samples), use_cache=False).loss
+        packed = model(**_packer(typed, collator).pack(samples), use_cache=False).loss
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
 
 
@@ -257,7 +273,7 @@ def test_vision_checkpointing_switch(typed, collator):
     from qwenvl_ft.training.speed import set_vision_checkpointing
 
     model = _model(typed, "sdpa")
-    batch = PackingCollator(collator).pack([collator.encode(row) for row in ROWS])
+    batch = _packer(typed, collator).pack([collator.encode(row) for row in ROWS])
     _token_losses(model, batch).sum().backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -293,17 +309,17 @@ def test_liger_switch_fails_clearly_without_the_package():
 
 
 @pytest.mark.slow
-def test_sft_trainer_loss_and_gradients_packed_equal_padded(tmp_path, collator):
+def test_sft_trainer_loss_and_gradients_packed_equal_padded(tmp_path, model_option, collator):
     from qwenvl_ft.data.sources import to_dataset
     from qwenvl_ft.modeling.build import build_model
     from qwenvl_ft.training.sft import build_trainer
 
-    typed = validate(compose(["recipe=demo", "adapter=full", "trainer.report_to=[none]"],
+    typed = validate(compose(["recipe=demo", f"model={model_option}", "adapter=full", "trainer.report_to=[none]"],
                              output_dir=str(tmp_path)))
     model = build_model(typed.model, typed.adapter)
     trainer = build_trainer(typed, model, collator.processor, collator, to_dataset(ROWS[:-1]), None)
     results = []
-    for batch in (collator(ROWS), PackingCollator(collator)(ROWS)):
+    for batch in (collator(ROWS), _packer(typed, collator)(ROWS)):
         model.zero_grad()
         loss = trainer.compute_loss(model, trainer._prepare_inputs(batch))
         loss.backward()
@@ -358,7 +374,7 @@ def test_flash_attention_varlen_packed_matches_unpacked(typed, collator):
 
     with torch.no_grad():
         single = [_token_losses(model, on_gpu(collator.pad([s]))).sum().float() for s in samples]
-        batch = on_gpu(PackingCollator(collator).pack(samples))
+        batch = on_gpu(_packer(typed, collator).pack(samples))
         token_losses = _token_losses(model, batch).float()
     starts = sample_boundaries(batch["position_ids"]) + [batch["input_ids"].shape[1]]
     packed = [token_losses[a:b].sum() for a, b in zip(starts, starts[1:])]

@@ -51,8 +51,9 @@ class AttnImplementation(str, Enum):
 class ArchitectureConfig:
     """Sizes of a randomly initialised model (`model.random_init=true`).
 
-    The `tiny` option uses small values for CPU tests; the full-size options carry the real Qwen2-VL numbers so
-    that GPU speed and memory benchmarks can run on random weights without downloading anything.
+    The `tiny` and `tiny_qwen2_5_vl` options use small values for CPU tests; the full-size options carry the real
+    Qwen2-VL / Qwen2.5-VL numbers, so that GPU speed and memory benchmarks can run on random weights without
+    downloading anything, and `qwenvl-ft estimate` works offline.
     """
 
     vocab_size: int = 151936  # embedding rows; must be >= the tokenizer's length
@@ -72,6 +73,13 @@ class ArchitectureConfig:
     patch_size: int = 14
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
+    # Qwen2.5-VL's vision tower (family=qwen2_5_vl): a gated MLP of this width instead of vision_mlp_ratio,
+    # window attention over windows of this many pixels, full attention in the listed blocks, and M-RoPE temporal
+    # positions of videos spaced by this many per second.
+    vision_intermediate_size: Optional[int] = None
+    vision_window_size: int = 112
+    vision_fullatt_block_indexes: List[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    tokens_per_second: int = 2
     init_seed: int = 0  # the random weights are a pure function of the sizes and this seed
 
     def __post_init__(self) -> None:
@@ -112,8 +120,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(not self.random_init or self.architecture is not None,
                "model.random_init=true needs model.architecture (use model=tiny or a full-size option)")
-        _check(not (self.random_init and self.family != ModelFamily.qwen2_vl),
-               "model.random_init is implemented for family=qwen2_vl only")
+        arch = self.architecture
+        if self.random_init and self.family == ModelFamily.qwen2_5_vl:
+            _check(arch.vision_intermediate_size is not None,
+                   "model.random_init with family=qwen2_5_vl needs model.architecture.vision_intermediate_size (the "
+                   "width of Qwen2.5-VL's gated vision MLP)")
+            _check(arch.vision_window_size % (arch.patch_size * arch.spatial_merge_size) == 0,
+                   "model.architecture.vision_window_size must be a multiple of patch_size x spatial_merge_size")
+            _check(all(0 <= i < arch.vision_depth for i in arch.vision_fullatt_block_indexes),
+                   "model.architecture.vision_fullatt_block_indexes must be block numbers below vision_depth")
 
     @property
     def vision_checkpointing(self) -> bool:

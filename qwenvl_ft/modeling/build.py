@@ -25,7 +25,7 @@ def model_source(model_cfg: ModelConfig) -> str:
     if model_cfg.random_init:
         from qwenvl_ft.modeling.random_init import materialize
 
-        return str(materialize(model_cfg.architecture, model_cfg.dtype.value))
+        return str(materialize(model_cfg.architecture, model_cfg.dtype.value, model_cfg.family.value))
     return model_cfg.name_or_path
 
 

@@ -88,11 +88,15 @@ def build_tokenizer(num_merges: int = 600):
     return tokenizer
 
 
-def build_processor(tokenizer, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2):
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+def build_processor(tokenizer, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2,
+                    family: str = "qwen2_vl"):
+    """Qwen2-VL's processor (Qwen2.5-VL's for family qwen2_5_vl: the same image and video processors, plus the
+    video timing input `second_per_grid_ts`) around the in-process tokenizer."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     vision = dict(patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size)
-    return Qwen2VLProcessor(
+    processor_class = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
+    return processor_class(
         image_processor=Qwen2VLImageProcessor(**vision),
         video_processor=Qwen2VLVideoProcessor(**vision),
         tokenizer=tokenizer,
@@ -100,14 +104,30 @@ def build_processor(tokenizer, patch_size: int = 14, temporal_patch_size: int = 
     )
 
 
-def model_config(arch: ArchitectureConfig, tokenizer):
-    from transformers import Qwen2VLConfig
+def model_config(arch: ArchitectureConfig, tokenizer, family: str = "qwen2_vl"):
+    """The transformers config of a Qwen2-VL (family qwen2_vl) or Qwen2.5-VL (qwen2_5_vl) model of these sizes."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     if arch.vocab_size < len(tokenizer):
         raise ValueError(f"model.architecture.vocab_size={arch.vocab_size} is smaller than the tokenizer "
                          f"({len(tokenizer)} tokens)")
     ids = tokenizer.convert_tokens_to_ids
-    return Qwen2VLConfig(
+    if family == "qwen2_5_vl":
+        vision = dict(
+            depth=arch.vision_depth, hidden_size=arch.vision_embed_dim, out_hidden_size=arch.hidden_size,
+            intermediate_size=arch.vision_intermediate_size, num_heads=arch.vision_num_heads,
+            patch_size=arch.patch_size, temporal_patch_size=arch.temporal_patch_size,
+            spatial_merge_size=arch.spatial_merge_size, window_size=arch.vision_window_size,
+            fullatt_block_indexes=list(arch.vision_fullatt_block_indexes), tokens_per_second=arch.tokens_per_second,
+        )
+    else:
+        vision = dict(
+            depth=arch.vision_depth, embed_dim=arch.vision_embed_dim, hidden_size=arch.hidden_size,
+            num_heads=arch.vision_num_heads, mlp_ratio=arch.vision_mlp_ratio, patch_size=arch.patch_size,
+            temporal_patch_size=arch.temporal_patch_size, spatial_merge_size=arch.spatial_merge_size,
+        )
+    config_class = Qwen2_5_VLConfig if family == "qwen2_5_vl" else Qwen2VLConfig
+    return config_class(
         text_config=dict(
             vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
             num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
@@ -118,11 +138,7 @@ def model_config(arch: ArchitectureConfig, tokenizer):
             bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
             tie_word_embeddings=arch.tie_word_embeddings,
         ),
-        vision_config=dict(
-            depth=arch.vision_depth, embed_dim=arch.vision_embed_dim, hidden_size=arch.hidden_size,
-            num_heads=arch.vision_num_heads, mlp_ratio=arch.vision_mlp_ratio, patch_size=arch.patch_size,
-            temporal_patch_size=arch.temporal_patch_size, spatial_merge_size=arch.spatial_merge_size,
-        ),
+        vision_config=vision,
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=arch.tie_word_embeddings,
@@ -137,28 +153,29 @@ def cache_root() -> Path:
     return Path(os.environ.get("QWENVL_FT_CACHE", Path.home() / ".cache" / "qwenvl_ft")) / "random_models"
 
 
-def materialize(arch: ArchitectureConfig, dtype: str = "float32") -> Path:
+def materialize(arch: ArchitectureConfig, dtype: str = "float32", family: str = "qwen2_vl") -> Path:
     """Folder holding the random model for `arch` (weights, config, processor); built once, then reused.
 
     The weights are created and stored in `dtype` (model.dtype): a random 7B in bfloat16 is 16.5 GB to initialise,
     write and read back instead of 33 GB in float32, which matters inside a GPU machine's short lease."""
     import torch
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    recipe = {"arch": asdict(arch), "builder": _BUILDER_VERSION, "dtype": dtype}
+    recipe = {"arch": asdict(arch), "builder": _BUILDER_VERSION, "dtype": dtype, "family": family}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / key
     if (target / "complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     processor = build_processor(build_tokenizer(), arch.patch_size, arch.temporal_patch_size,
-                                arch.spatial_merge_size)
-    config = model_config(arch, processor.tokenizer)
+                                arch.spatial_merge_size, family)
+    config = model_config(arch, processor.tokenizer, family)
     torch.manual_seed(arch.init_seed)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))
     try:
-        model = Qwen2VLForConditionalGeneration(config)
+        qwen2_5 = family == "qwen2_5_vl"
+        model = (Qwen2_5_VLForConditionalGeneration if qwen2_5 else Qwen2VLForConditionalGeneration)(config)
     finally:
         torch.set_default_dtype(default_dtype)
     model.generation_config = GenerationConfig(
