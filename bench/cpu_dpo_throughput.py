@@ -83,7 +83,7 @@ def run_qwenvl_ft(name, pairs, tmp, batch_size, share_images, unpad):
     started, cpu = time.perf_counter(), time.process_time()
     trainer = build_trainer(typed, base, build_lora_config(base, typed.model, typed.adapter), processor,
                             VisionPreferenceCollator(processor, typed.data), to_pair_dataset(pairs), None)
-    # the hooks one by one (training/dpo.py: run_without_padding applies both, or the first alone)
+    # the hooks one by one (training/dpo.py: remove_redundant_work applies both, or the first alone)
     if share_images:
         share_pair_images(trainer.model)
     if unpad:

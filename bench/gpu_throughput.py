@@ -252,7 +252,7 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
     from qwenvl_ft.data.preference import to_pair_dataset
     from qwenvl_ft.estimate import GiB, estimate_memory
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, model_source
-    from qwenvl_ft.training.dpo import build_trainer, run_without_padding
+    from qwenvl_ft.training.dpo import build_trainer, remove_redundant_work
 
     cuda = torch.cuda.is_available()
     overrides = common_overrides(model_name, method, args, cuda)
@@ -281,7 +281,7 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
     else:
         trainer = build_trainer(typed, base, peft_config, processor, VisionPreferenceCollator(processor, typed.data),
                                 to_pair_dataset(pairs), None)
-        run_without_padding(trainer, typed.data.packing)
+        remove_redundant_work(trainer, typed.data.packing)
     return measure(trainer, trainer.model, typed, model_name, method, f"dpo {layout}", args, predicted, pairs=True)
 
 

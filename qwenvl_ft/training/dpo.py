@@ -60,7 +60,7 @@ def train(cfg: DictConfig) -> Dict:
     collator = VisionPreferenceCollator(processor, typed.data)
 
     trainer = build_trainer(typed, base, peft_config, processor, collator, train_rows, eval_rows)
-    run_without_padding(trainer, typed.data.packing)
+    remove_redundant_work(trainer, typed.data.packing)
     trainable, total = count_parameters(trainer.model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     reference = "the base with the adapter disabled" if trainer.ref_model is None \
@@ -148,7 +148,7 @@ def build_trainer(typed: TrainConfig, base, peft_config, processor, collator, tr
     return trainer
 
 
-def run_without_padding(trainer, packing: bool) -> list:
+def remove_redundant_work(trainer, packing: bool) -> list:
     """Policy and reference encode each pair's images once (always: it is exact); with data.packing their language
     model also skips the padding (modeling/padding_free.py explains how, and why inside the model)."""
     from qwenvl_ft.modeling.padding_free import share_pair_images, unpad_language_model
