@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Wheels for the lent GPU machine (the `device` tool): it has python3 3.12 with torch, torchvision, accelerate,
+# huggingface_hub, tokenizers, tensorboard and pandas/pyarrow, but no network, and lacks what qwenvl-ft adds
+# on top. This downloads those (the versions CI installs) into .whl/ (git-ignored): about 57 MB, under the
+# 64 MiB a device call may carry. Left out on purpose: av (35 MB; videos only), rouge-score (eval only),
+# huggingface_hub / tokenizers (the machine's own satisfy transformers' pins).
+# Hardware: any machine with pip and internet. Launch: bash bench/gpu_wheels.sh
+# Then, on the device (carry: [".whl"]), begin the command with:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+#     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit;
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+platforms=()
+for tag in manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014; do
+  platforms+=(--platform "${tag}_x86_64")
+done
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "${platforms[@]}" -d .whl \
+  transformers==5.23.0 trl==1.16.0 peft==0.21.2 bitsandbytes==0.50.2 hydra-core==1.3.8 omegaconf==2.3.1 \
+  datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 qwen-vl-utils==0.0.14
+python3 -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # hydra's parser; published as sdist only
+du -sh .whl
