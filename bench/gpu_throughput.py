@@ -156,14 +156,31 @@ def common_overrides(model_name, method, args, cuda: bool):
     return overrides
 
 
-def run(model_name, method, layout, args, rows, tmp):
+def prepare(overrides, output_dir, build):
+    """The run's validated config, predicted peak GiB, processor and model (`build`: build_model or
+    build_base_model), on the GPU unless 4-bit (bitsandbytes places those itself)."""
     import torch
 
     from qwenvl_ft.config.compose import compose, validate
+    from qwenvl_ft.estimate import GiB, estimate_memory
+    from qwenvl_ft.modeling.build import build_processor, model_source
+
+    typed = validate(compose(overrides, output_dir=str(output_dir)))
+    predicted = estimate_memory(typed).total / GiB
+    source = model_source(typed.model)
+    processor = build_processor(typed.model, typed.data, source)
+    model = build(typed.model, typed.adapter, source)
+    if torch.cuda.is_available() and not typed.adapter.load_in_4bit:
+        model = model.to("cuda")
+    return typed, predicted, processor, model
+
+
+def run(model_name, method, layout, args, rows, tmp):
+    import torch
+
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.sources import to_dataset
-    from qwenvl_ft.estimate import GiB, estimate_memory
-    from qwenvl_ft.modeling.build import build_model, build_processor, model_source
+    from qwenvl_ft.modeling.build import build_model
     from qwenvl_ft.training.sft import build_trainer
 
     cuda = torch.cuda.is_available()
@@ -171,13 +188,7 @@ def run(model_name, method, layout, args, rows, tmp):
     if layout == "packed":
         overrides += ["data.packing=true"] + ([f"data.max_tokens_per_batch={args.pack_tokens}"] if args.pack_tokens
                                               else [])
-    typed = validate(compose(overrides, output_dir=str(tmp / f"{model_name}-{method}-{layout}")))
-    predicted = estimate_memory(typed).total / GiB
-    source = model_source(typed.model)
-    processor = build_processor(typed.model, typed.data, source)
-    model = build_model(typed.model, typed.adapter, source)
-    if cuda and not typed.adapter.load_in_4bit:
-        model = model.to("cuda")
+    typed, predicted, processor, model = prepare(overrides, tmp / f"{model_name}-{method}-{layout}", build_model)
     collator = VisionChatCollator(processor, typed.data)
     if layout == "trl":
         import datasets
@@ -247,24 +258,17 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
     batch_size / 2 pairs, i.e. as many sequences as the SFT runs."""
     import torch
 
-    from qwenvl_ft.config.compose import compose, validate
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
     from qwenvl_ft.data.preference import to_pair_dataset
-    from qwenvl_ft.estimate import GiB, estimate_memory
-    from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, model_source
+    from qwenvl_ft.modeling.build import build_base_model, build_lora_config
     from qwenvl_ft.training.dpo import build_trainer, remove_redundant_work
 
     cuda = torch.cuda.is_available()
     overrides = common_overrides(model_name, method, args, cuda)
     overrides += ["trainer=dpo", "data=shapes_preference", f"trainer.batch_size={max(1, args.batch_size // 2)}",
                   "trainer.dpo.beta=0.1", f"data.packing={layout == 'padding-free'}"]
-    typed = validate(compose(overrides, output_dir=str(tmp / f"dpo-{model_name}-{method}-{layout}")))
-    predicted = estimate_memory(typed).total / GiB
-    source = model_source(typed.model)
-    processor = build_processor(typed.model, typed.data, source)
-    base = build_base_model(typed.model, typed.adapter, source)
-    if cuda and not typed.adapter.load_in_4bit:
-        base = base.to("cuda")
+    typed, predicted, processor, base = prepare(overrides, tmp / f"dpo-{model_name}-{method}-{layout}",
+                                                build_base_model)
     peft_config = build_lora_config(base, typed.model, typed.adapter) if typed.adapter.is_peft else None
     if layout == "trl":
         import datasets

@@ -40,7 +40,6 @@ REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 class EncodedPair(NamedTuple):
     prompt: np.ndarray  # token ids, every image placeholder expanded to its visual tokens
-    prompt_token_types: np.ndarray  # Qwen2-VL's mm_token_type_ids of the prompt
     chosen: np.ndarray  # token ids of the chosen answer as TRL renders it (the rest of prompt + answer)
     rejected: np.ndarray
     vision: Dict[str, torch.Tensor]  # pixel_values, image_grid_thw of the pair's images (empty without images)
@@ -93,26 +92,24 @@ class VisionPreferenceCollator:
             if np.isin(answer, (self.images.image_pad_id, self.images.video_pad_id)).any():
                 raise DataError(f"{source}: field '{name}': an answer cannot contain an image")
         vision = self.images.vision_features(visuals) if visuals.images else {}
-        return EncodedPair(prompt, self.images.token_types(prompt), chosen, rejected, vision)
+        return EncodedPair(prompt, chosen, rejected, vision)
 
     def batch(self, pairs: List[EncodedPair]) -> Dict[str, torch.Tensor]:
         """TRL's layout: every pair's prompt + chosen, then every pair's prompt + rejected, right-padded."""
-        sequences = [(p.prompt, p.prompt_token_types, p.chosen) for p in pairs] + \
-                    [(p.prompt, p.prompt_token_types, p.rejected) for p in pairs]
-        longest = max(len(prompt) + len(answer) for prompt, _, answer in sequences)
+        sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+        longest = max(len(prompt) + len(answer) for prompt, answer in sequences)
         input_ids = np.full((len(sequences), longest), self.pad_id, dtype=np.int64)
         attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
         completion_mask = np.zeros_like(attention_mask)
-        token_types = np.zeros_like(attention_mask)
-        for index, (prompt, types, answer) in enumerate(sequences):
+        for index, (prompt, answer) in enumerate(sequences):
             end = len(prompt) + len(answer)
             input_ids[index, :len(prompt)], input_ids[index, len(prompt):end] = prompt, answer
             attention_mask[index, :end] = 1
             completion_mask[index, len(prompt):end] = 1
-            token_types[index, :len(prompt)] = types
+        # image tokens occur in prompts only (encode_pair checks the answers), never as padding
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
                  "completion_mask": torch.from_numpy(completion_mask),
-                 "mm_token_type_ids": torch.from_numpy(token_types)}
+                 "mm_token_type_ids": torch.from_numpy(self.images.token_types(input_ids))}
         vision = [p.vision for p in pairs if p.vision]
         if vision:
             # the rejected sequences' images are the chosen ones' again (the model's vision hook encodes them once)
