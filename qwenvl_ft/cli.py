@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 from qwenvl_ft.config.compose import check_override_keys, config_dir, register_all
@@ -91,6 +92,26 @@ def _overrides_only(args: List[str]) -> List[str]:
     return out
 
 
+def _as_worker(hydra_args: List[str], recipe_dirs: List[str]) -> List[str]:
+    """A distributed run's processes (launched by `qwenvl-ft train dist=...` itself, torchrun, accelerate launch
+    or srun) agree on one run name before Hydra names the run folder, and every process it launches finds the same
+    recipe folders; only the main process logs below warnings."""
+    import os
+
+    from qwenvl_ft.config.compose import RECIPES_ENV
+    from qwenvl_ft.distributed import launch, ranks
+
+    if recipe_dirs:
+        os.environ[RECIPES_ENV] = os.pathsep.join([d for d in os.environ.get(RECIPES_ENV, "").split(os.pathsep)
+                                                   if d] + [str(Path(d).resolve()) for d in recipe_dirs])
+    if any(arg in ("--cfg", "-c", "--help", "-h", "--info", "-i", "-m", "--multirun") for arg in hydra_args):
+        return hydra_args
+    hydra_args = launch.prepare_worker(hydra_args)
+    if not ranks.is_main_process():
+        logging.getLogger("qwenvl_ft").setLevel(logging.WARNING)
+    return hydra_args
+
+
 def main(argv: List[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -111,6 +132,8 @@ def main(argv: List[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         check_override_keys(_overrides_only(hydra_args), root_schema(COMMANDS[command][0]))
+        if command == "train":
+            hydra_args = _as_worker(hydra_args, recipe_dirs)
     except ConfigError as err:
         print(f"qwenvl-ft: config error: {err}", file=sys.stderr)
         return 2

@@ -41,6 +41,10 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def write_summary(output_dir: str, payload: Dict) -> None:
+    from qwenvl_ft.distributed import ranks
+
+    if not ranks.is_main_process():  # one run folder, one writer: the main process of a distributed run
+        return
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / "summary.json").write_text(json.dumps(payload, indent=2, default=str))

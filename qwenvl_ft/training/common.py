@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_ft.config.compose import validate
-from qwenvl_ft.config.schema import Precision, TrainConfig
+from qwenvl_ft.config.schema import ConfigError, Precision, TrainConfig
+from qwenvl_ft.distributed.engine import engine_arguments
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -30,10 +31,29 @@ class RunStart:
 
 
 def start_run(cfg: DictConfig) -> RunStart:
-    """Validate, find the checkpoint to resume from, and record the resolved config in the output folder."""
-    from qwenvl_ft.training.resume import finished_metrics, prepare_resume
+    """Validate, find the checkpoint to resume from, and record the resolved config in the output folder.
+
+    With dist=ddp/fsdp/zero* outside a launcher, the run's processes are started here (distributed/launch.py) and
+    their result is returned as `finished`. Inside a distributed run the main process prepares the folder (it alone
+    removes half-written checkpoints and writes config.yaml, with dist.world_size); every other rank gets its
+    decision and checks that its own config is the one recorded."""
+    from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.distributed.launch import launch_if_needed
 
     typed: TrainConfig = validate(cfg)
+    launched = launch_if_needed(typed)
+    if launched is not None:
+        return RunStart(typed, Path(typed.output_dir), None, launched)
+    typed = record_world_size(cfg)
+    resume, finished = ranks.run_on_main(_prepare_output, typed, cfg)
+    if not ranks.is_main_process():
+        check_same_config(cfg, Path(typed.output_dir))
+    return RunStart(typed, Path(typed.output_dir), resume, finished)
+
+
+def _prepare_output(typed: TrainConfig, cfg: DictConfig):
+    from qwenvl_ft.training.resume import finished_metrics, prepare_resume
+
     output_dir = Path(typed.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume = prepare_resume(typed, cfg)  # before config.yaml is rewritten: it warns about config changes
@@ -41,10 +61,42 @@ def start_run(cfg: DictConfig) -> RunStart:
     if finished is None:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         log_config_summary(typed)
-    return RunStart(typed, output_dir, resume, finished)
+    return resume, finished
+
+
+def record_world_size(cfg: DictConfig) -> TrainConfig:
+    """dist.world_size (and dist.num_processes when a launcher decided it) as this run really has them, so that
+    config.yaml records them and a resume with another world size is reported as a config change."""
+    from qwenvl_ft.config.schema import DistEngine
+    from qwenvl_ft.distributed import ranks
+
+    world = ranks.world_size()
+    if world > 1 and cfg.dist.engine == DistEngine.none.value:
+        raise ConfigError(f"{world} processes were launched with dist=single: pick dist=ddp, fsdp, zero2, zero3 or "
+                          f"zero3_offload")
+    if cfg.dist.world_size not in (None, world):
+        log.warning("dist.world_size=%s, but the launcher started %d processes", cfg.dist.world_size, world)
+    cfg.dist.world_size = world
+    if cfg.dist.num_processes is None and "LOCAL_WORLD_SIZE" in os.environ:
+        cfg.dist.num_processes = int(os.environ["LOCAL_WORLD_SIZE"])
+    return validate(cfg)
+
+
+def check_same_config(cfg: DictConfig, output_dir: Path) -> None:
+    """A rank other than the main one: its composed config must be the one the main process recorded."""
+    from qwenvl_ft.training.resume import config_changes
+
+    changed = config_changes(output_dir / "config.yaml", cfg)
+    if changed:
+        raise ConfigError(f"this rank composed a config that differs from {output_dir / 'config.yaml'} in "
+                          f"{', '.join(changed)}: every process of a run must get the same arguments")
 
 
 def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
+    from qwenvl_ft.distributed import ranks
+
+    if not ranks.is_main_process():
+        return
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
 
@@ -57,7 +109,7 @@ def training_arguments(typed: TrainConfig) -> Dict:
         log.warning("trainer.tf32=true ignored: no CUDA device")
     # TensorBoard event files go next to the checkpoints (transformers reads this variable).
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(typed.output_dir) / "tensorboard")
-    return dict(
+    arguments = dict(
         output_dir=typed.output_dir,
         num_train_epochs=trainer_cfg.epochs,
         max_steps=trainer_cfg.max_steps,
@@ -91,6 +143,8 @@ def training_arguments(typed: TrainConfig) -> Dict:
         dataloader_pin_memory=has_cuda,  # pinned memory only helps copies to a GPU
         **evaluation_arguments(trainer_cfg),
     )
+    arguments.update(engine_arguments(typed))  # DDP / FSDP2 / DeepSpeed (qwenvl_ft/distributed/engine.py)
+    return arguments
 
 
 def evaluation_arguments(trainer_cfg) -> Dict:
@@ -137,15 +191,23 @@ def build_optimizers(typed: TrainConfig, model, args) -> tuple:
 
 def save_final(trainer, processor, output_dir: Path) -> Path:
     """Adapter (or full model) and processor in `final/`, written to a temporary folder and renamed into place,
-    so a crash mid-save never leaves a folder that looks complete."""
+    so a crash mid-save never leaves a folder that looks complete. Every rank takes part (FSDP and ZeRO-3 gather
+    the weights collectively); the main process writes, the others wait until final/ is in place."""
+    from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.distributed.saving import save_consolidated
+
     final_dir = output_dir / "final"
     staging = output_dir / ".final.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
-    processor.save_pretrained(str(staging))
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    staging.rename(final_dir)
+    if ranks.is_main_process():
+        shutil.rmtree(staging, ignore_errors=True)
+    ranks.barrier()
+    save_consolidated(trainer, staging)
+    if ranks.is_main_process():
+        processor.save_pretrained(str(staging))
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        staging.rename(final_dir)
+    ranks.barrier()
     return final_dir
 
 

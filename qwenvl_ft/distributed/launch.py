@@ -1,0 +1,253 @@
+"""Starting the processes of a run, and recognising processes that someone else started.
+
+`qwenvl-ft train dist=ddp ...` is a launcher itself: `plan` decides how many processes this machine runs, and
+`launch` starts them through torch's own launcher API (`torch.distributed.run`, i.e. torchrun: rendezvous, process
+supervision, restarts, multi-node; nothing hand-written), each running `python -m qwenvl_ft train` with the same
+overrides plus the values resolved once here: `run_name`, the output folder, the number of processes. Every rank
+therefore composes the same config; the main process records it (config.yaml, with dist.world_size) and the others
+check theirs against it (training/common.py `start_run`).
+
+Started by someone else (`torchrun -m qwenvl_ft ...`, `accelerate launch -m qwenvl_ft ...`, `srun python -m
+qwenvl_ft ...`), a process is a worker from the start: `prepare_worker` (called by the CLI before Hydra composes
+anything) maps SLURM's task variables to torch's, and makes the ranks agree on one run name and one launch id
+through the launcher's rendezvous store, so that a default (time-stamped) run name cannot split the run over two
+folders.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from qwenvl_ft.config.schema import ConfigError, DistEngine, TrainConfig
+from qwenvl_ft.distributed import ranks
+
+log = logging.getLogger("qwenvl_ft")
+
+RUN_NAME_FORMAT = "%Y-%m-%d_%H-%M-%S"  # the default run_name of conf/train.yaml (${now:...}); a test compares them
+_STORE_PREFIX = "qwenvl_ft"
+_kept_alive = []  # the rendezvous store: on rank 0 it hosts the server the process group will share
+
+
+class LaunchFailed(ConfigError):
+    """A launched process failed; its own message is above (a ConfigError: shown without a traceback)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# processes started by someone else
+
+
+def is_worker() -> bool:
+    """Whether this process was started by a launcher (ours, torchrun, accelerate launch, srun): it trains."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def export_slurm_env() -> bool:
+    """`srun python -m qwenvl_ft ...` with one task per GPU: torch's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
+    / MASTER_PORT from SLURM's task variables, through submitit's own mapping when it is installed (the
+    `cluster` extra); otherwise MASTER_ADDR must be exported by the batch script. Returns whether it applied."""
+    if is_worker() or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+        return False
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        if "MASTER_ADDR" not in os.environ:
+            raise ConfigError("srun with several tasks: export MASTER_ADDR (e.g. MASTER_ADDR=$(scontrol show "
+                              "hostnames $SLURM_JOB_NODELIST | head -n 1)) or install qwenvl-ft[cluster]") from None
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        return True
+    # Each task sees all of its node's GPUs and picks one by LOCAL_RANK, as under torchrun.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
+def _rendezvous_store():
+    """The key-value store of the launch (torchrun's agent store, or one hosted by rank 0 at MASTER_ADDR:PORT that
+    the process group shares later): torch's own rendezvous, not a side channel."""
+    import torch.distributed as dist
+
+    store, _, _ = next(dist.rendezvous("env://"))
+    _kept_alive.append(store)
+    return dist.PrefixStore(_STORE_PREFIX, store)
+
+
+def prepare_worker(overrides: Sequence[str]) -> List[str]:
+    """Before Hydra composes: for a worker of someone else's launcher, the run name and launch id of rank 0 on
+    every rank. Returns the overrides to compose with (run_name=... added when the user gave none)."""
+    export_slurm_env()
+    overrides = list(overrides)
+    if not is_worker() or os.environ.get(ranks.LAUNCH_ID_ENV):  # a single process, or our own launcher's worker
+        return overrides
+    given = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "run_name"), None)
+    launch_id, run_name = ranks.launch_id() or uuid.uuid4().hex, given or time.strftime(RUN_NAME_FORMAT)
+    if ranks.is_distributed():
+        store = _rendezvous_store()
+        if ranks.is_main_process():
+            store.set("launch_id", launch_id)
+            store.set("run_name", run_name)
+        # get() waits for rank 0; a restart of the same launch finds the keys still set: same folder, resumed.
+        launch_id, run_name = store.get("launch_id").decode(), store.get("run_name").decode()
+    os.environ[ranks.LAUNCH_ID_ENV] = launch_id
+    return overrides if given else overrides + [f"run_name={run_name}"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# our own launcher
+
+
+@dataclass
+class LaunchPlan:
+    processes: int  # on this machine
+    machines: int
+    machine_rank: int
+    reason: str
+
+    @property
+    def world_size(self) -> int:
+        return self.processes * self.machines
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan(cfg: TrainConfig) -> Optional[LaunchPlan]:
+    """How many processes `qwenvl-ft train` starts on this machine, or None to train in this process."""
+    dist = cfg.dist
+    gpus = visible_gpus()
+    if dist.engine == DistEngine.none:
+        if gpus > 1:
+            # The Trainer would wrap the model in DataParallel over every visible GPU (which TRL refuses); one
+            # launched process trains on its own GPU instead.
+            return LaunchPlan(1, 1, 0, f"dist=single: one process on the first of {gpus} visible GPUs "
+                                       f"(dist=ddp trains on all of them)")
+        return None
+    processes = dist.num_processes
+    if processes is None:
+        if gpus == 0:
+            log.warning("dist=%s without visible GPUs: one CPU process. Set dist.num_processes=N to run N CPU "
+                        "processes (gloo)", dist.engine.value)
+        processes = max(gpus, 1)
+    if processes == 1 and dist.num_machines == 1:
+        return None if gpus <= 1 else LaunchPlan(1, 1, 0, "one process")
+    where = f"{dist.num_machines} machines, this one is {dist.machine_rank}" if dist.num_machines > 1 else \
+        "this machine"
+    return LaunchPlan(processes, dist.num_machines, dist.machine_rank,
+                      f"{processes} processes on {where}, {dist.engine.value}")
+
+
+def _hidden_size(cfg: TrainConfig) -> Optional[int]:
+    if cfg.model.architecture is not None:
+        return cfg.model.architecture.hidden_size
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        return config.get_text_config().hidden_size
+    except Exception:  # offline and not cached: the check runs without the bucket sizes
+        return None
+
+
+def check_before_launch(cfg: TrainConfig, launch: LaunchPlan, overrides: Sequence[str], is_sweep: bool) -> None:
+    """What would otherwise fail in every process at once, minutes later."""
+    if launch.machines > 1 and not is_sweep and not any(o.split("=", 1)[0] == "run_name" for o in overrides):
+        raise ConfigError("dist.num_machines > 1: give the run a fixed name (run_name=NAME, the same on every "
+                          "machine), so that all machines write to one run folder")
+    if cfg.dist.engine == DistEngine.deepspeed:
+        from qwenvl_ft.distributed.zero import check_deepspeed_config
+
+        check_deepspeed_config(cfg, launch.world_size, _hidden_size(cfg))
+
+
+def torchrun_arguments(cfg: TrainConfig, launch: LaunchPlan, command: Sequence[str]) -> List[str]:
+    """The command line torchrun's own parser takes for this launch."""
+    dist = cfg.dist
+    arguments = [f"--nproc-per-node={launch.processes}", f"--max-restarts={dist.max_restarts}",
+                 "--monitor-interval=1"]
+    if launch.machines == 1:
+        arguments.append("--standalone")  # a free local port: concurrent runs on one machine never collide
+    else:
+        arguments += [f"--nnodes={launch.machines}", f"--node-rank={launch.machine_rank}", "--rdzv-backend=static",
+                      f"--master-addr={dist.main_process_ip}", f"--master-port={dist.main_process_port}"]
+    return arguments + ["--module", *command]
+
+
+def worker_command(command: str, overrides: Sequence[str], cfg: TrainConfig, launch: LaunchPlan) -> List[str]:
+    """`qwenvl_ft COMMAND` with the user's overrides and what was resolved here once for all ranks."""
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("run_name", "dist.num_processes",
+                                                                            "dist.world_size")]
+    return ["qwenvl_ft", command, *keep, f"run_name={cfg.run_name}", f"hydra.run.dir={cfg.output_dir}",
+            f"dist.num_processes={launch.processes}", f"dist.world_size={launch.world_size}"]
+
+
+def launch(cfg: TrainConfig, launch_plan: LaunchPlan, overrides: Sequence[str], is_sweep: bool = False,
+           command: str = "train") -> Dict:
+    """Run the workers through torchrun's API and wait for them; the metrics rank 0 wrote, or the interruption.
+    A worker's config or data error was printed by that worker; here it becomes LaunchFailed with its status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    check_before_launch(cfg, launch_plan, overrides, is_sweep)
+    launch_id = uuid.uuid4().hex
+    os.environ[ranks.LAUNCH_ID_ENV] = launch_id  # inherited by every worker of this launch
+    argv = torchrun_arguments(cfg, launch_plan, worker_command(command, overrides, cfg, launch_plan))
+    log.info("launching %s (launch id %s): torchrun %s", launch_plan.reason, launch_id, " ".join(argv))
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as err:
+        statuses = sorted({failure.exitcode for failure in err.failures.values()})
+        return _failed(cfg, statuses, err)
+    finally:
+        os.environ.pop(ranks.LAUNCH_ID_ENV, None)
+    return _results(cfg)
+
+
+def _failed(cfg: TrainConfig, statuses: List[int], err) -> Dict:
+    from qwenvl_ft.runtime import INTERRUPTED_EXIT_STATUS
+
+    if statuses == [INTERRUPTED_EXIT_STATUS]:  # stopped by SIGTERM with a checkpoint saved: resumable
+        metrics = _results(cfg)
+        metrics.setdefault("interrupted", True)
+        return metrics
+    raise LaunchFailed(f"the launched processes failed (exit status {', '.join(map(str, statuses))}); "
+                       f"{'their message is above' if statuses == [2] else err}") from None
+
+
+def _results(cfg: TrainConfig) -> Dict:
+    import json
+
+    summary = Path(cfg.output_dir) / "summary.json"
+    if summary.is_file():  # rank 0's run_task wrote it: status and metrics of the run
+        return json.loads(summary.read_text()).get("metrics", {})
+    metrics = Path(cfg.output_dir) / "metrics.json"
+    return json.loads(metrics.read_text()) if metrics.is_file() else {}
+
+
+def launch_if_needed(cfg: TrainConfig) -> Optional[Dict]:
+    """Called where a train run starts: None when this process trains itself (a single run, or a worker), else
+    the launched run's metrics."""
+    if is_worker():
+        return None
+    launch_plan = plan(cfg)
+    if launch_plan is None:
+        return None
+    overrides, is_sweep = _hydra_job()
+    return launch(cfg, launch_plan, overrides, is_sweep)
+
+
+def _hydra_job():
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    return list(hydra_cfg.overrides.task), hydra_cfg.mode == RunMode.MULTIRUN
