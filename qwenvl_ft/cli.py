@@ -112,6 +112,27 @@ def _as_worker(hydra_args: List[str], recipe_dirs: List[str]) -> List[str]:
     return hydra_args
 
 
+def _show_generated_deepspeed_config(hydra_args: List[str]) -> None:
+    """`train --cfg job` of a DeepSpeed run: after the config, the DeepSpeed config generated from it (as YAML
+    comments, so that the output stays valid YAML)."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=_overrides_only(hydra_args))
+    if cfg.dist.engine != "deepspeed":
+        return
+    from qwenvl_ft.distributed.zero import deepspeed_config
+
+    generated = json.dumps(deepspeed_config(cfg), indent=2)
+    print("# DeepSpeed config generated from dist.zero and the settings above (qwenvl_ft/distributed/zero.py);\n"
+          "# transformers fills each \"auto\" from the TrainingArguments and the model when the run starts:\n"
+          + "\n".join(f"#   {line}" for line in generated.splitlines()))
+
+
 def main(argv: List[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -151,6 +172,8 @@ def main(argv: List[str] | None = None) -> int:
         wrapped()
     except SystemExit as exit:  # a single run's config or data error (runtime.run_task): status 2, message shown
         return exit.code if isinstance(exit.code, int) else 1
+    if command == "train" and {"--cfg", "-c"} & set(hydra_args):
+        _show_generated_deepspeed_config(hydra_args)
     from qwenvl_ft import sweep
 
     return 1 if sweep.FAILED_JOBS else 0

@@ -575,6 +575,7 @@ class DistConfig:
     max_restarts: int = 0
     # Filled in when the run starts (processes x machines) so that config.yaml records it; not set by hand.
     world_size: Optional[int] = None
+    gpu_memory_gib: Optional[float] = None  # one GPU's memory: `qwenvl-ft estimate` says which options fit it
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
 
@@ -590,6 +591,7 @@ class DistConfig:
         _check(self.engine != DistEngine.none or (self.num_processes in (None, 1) and self.num_machines == 1),
                "dist=single runs one process; pick dist=ddp, fsdp, zero2, zero3 or zero3_offload for more")
         _check(self.zero.stage in (0, 1, 2, 3), "dist.zero.stage must be 0, 1, 2 or 3")
+        _check(self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "dist.gpu_memory_gib must be > 0")
         _check(self.zero.offload_param == OffloadDevice.none or self.zero.stage == 3,
                "dist.zero.offload_param needs dist.zero.stage=3 (only stage 3 partitions the parameters)")
 

@@ -34,4 +34,28 @@ def engine_arguments(cfg: TrainConfig) -> Dict:
         from qwenvl_ft.distributed.zero import deepspeed_config
 
         arguments["deepspeed"] = deepspeed_config(cfg)
+        if not torch.cuda.is_available():
+            configure_cpu_deepspeed(dist.backend or "gloo", dist.timeout_s)
+            arguments["accelerator_config"] = {"use_configured_state": True}
     return arguments
+
+
+def configure_cpu_deepspeed(backend: str, timeout_s: int) -> None:
+    """DeepSpeed between CPU processes (DeepSpeed's CPU accelerator, gloo): accelerate's own backend detection knows
+    no CPU DeepSpeed (without a GPU it leaves the backend unset and reports a world size of 1, so that DeepSpeed's
+    batch check fails). accelerate's state is configured here with the backend named, as `accelerate launch`
+    would, and the TrainingArguments take it over (`accelerator_config.use_configured_state`)."""
+    import os
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend=backend, timeout=timedelta(seconds=timeout_s))
+    finally:
+        if previous is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = previous

@@ -34,7 +34,7 @@ def fsdp_arguments(cfg: TrainConfig) -> Dict:
     fsdp_cfg = cfg.dist.fsdp
     fsdp_checkpointing = cfg.model.gradient_checkpointing and fsdp_cfg.activation_checkpointing
     return dict(
-        fsdp="full_shard" if fsdp_cfg.reshard_after_forward else "shard_grad_op",
+        fsdp=True,
         fsdp_config={
             "version": 2,
             "reshard_after_forward": fsdp_cfg.reshard_after_forward,

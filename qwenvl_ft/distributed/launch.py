@@ -132,6 +132,10 @@ def plan(cfg: TrainConfig) -> Optional[LaunchPlan]:
             return LaunchPlan(1, 1, 0, f"dist=single: one process on the first of {gpus} visible GPUs "
                                        f"(dist=ddp trains on all of them)")
         return None
+    if dist.engine == DistEngine.fsdp and gpus == 0:
+        raise ConfigError("dist=fsdp needs GPUs: accelerate applies FSDP on accelerators only (between CPU "
+                          "processes it drops the FSDP plugin and the run would silently be plain DDP). Use "
+                          "dist=ddp or dist=zero3 for CPU processes")
     processes = dist.num_processes
     if processes is None:
         if gpus == 0:
@@ -194,6 +198,7 @@ def launch(cfg: TrainConfig, launch_plan: LaunchPlan, overrides: Sequence[str], 
            command: str = "train") -> Dict:
     """Run the workers through torchrun's API and wait for them; the metrics rank 0 wrote, or the interruption.
     A worker's config or data error was printed by that worker; here it becomes LaunchFailed with its status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -205,22 +210,27 @@ def launch(cfg: TrainConfig, launch_plan: LaunchPlan, overrides: Sequence[str], 
     try:
         run(parse_args(argv))
     except ChildFailedError as err:
-        statuses = sorted({failure.exitcode for failure in err.failures.values()})
-        return _failed(cfg, statuses, err)
+        return _failed(cfg, {rank: failure.exitcode for rank, failure in err.failures.items()})
+    except SignalException as err:
+        # SIGTERM/SIGINT to this launcher: torch elastic has passed it on to the workers (which save a
+        # checkpoint and stop, see training/resume.py StopOnSignal) and waited for them.
+        log.warning("launcher received %s; the workers were stopped", err.sigval.name)
+        return _failed(cfg, {})
     finally:
         os.environ.pop(ranks.LAUNCH_ID_ENV, None)
     return _results(cfg)
 
 
-def _failed(cfg: TrainConfig, statuses: List[int], err) -> Dict:
-    from qwenvl_ft.runtime import INTERRUPTED_EXIT_STATUS
-
-    if statuses == [INTERRUPTED_EXIT_STATUS]:  # stopped by SIGTERM with a checkpoint saved: resumable
-        metrics = _results(cfg)
+def _failed(cfg: TrainConfig, statuses: Dict[int, int]) -> Dict:
+    """The outcome of a launch that did not end with status 0 everywhere: an interruption with a checkpoint saved
+    (resumable: rank 0's summary says so), or a failure."""
+    metrics = _results(cfg)
+    if metrics.get("interrupted") or not statuses:
         metrics.setdefault("interrupted", True)
         return metrics
-    raise LaunchFailed(f"the launched processes failed (exit status {', '.join(map(str, statuses))}); "
-                       f"{'their message is above' if statuses == [2] else err}") from None
+    by_rank = ", ".join(f"rank {rank}: {status}" for rank, status in sorted(statuses.items()))
+    first = "; the first failure's message is above" if 2 not in statuses.values() else "; its message is above"
+    raise LaunchFailed(f"the launched processes failed (exit status {by_rank}){first}") from None
 
 
 def _results(cfg: TrainConfig) -> Dict:

@@ -82,3 +82,18 @@ def keep_vision_in_step(model: nn.Module, always: bool):
         return args, kwargs
 
     return inner.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def vision_in_step_callback(always: bool):
+    """A Trainer callback that installs `keep_vision_in_step` when training begins (on the model the callbacks
+    get; its hooks run inside any DDP / FSDP / DeepSpeed wrapper)."""
+    from transformers import TrainerCallback
+
+    class KeepVisionInStep(TrainerCallback):
+        handle = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None and self.handle is None:
+                self.handle = keep_vision_in_step(model, always)
+
+    return KeepVisionInStep()

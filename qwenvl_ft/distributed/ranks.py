@@ -102,6 +102,19 @@ def broadcast_object(value=None):
     return box[0]
 
 
+def any_rank(flag: bool, device=None) -> bool:
+    """True on every rank when it is true on at least one (e.g. a stop signal that reached some ranks first)."""
+    if not is_distributed():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    ensure_process_group()
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def run_on_main(function, *args, **kwargs):
     """`function(*args, **kwargs)` on the main process only; every rank returns its result, or raises its error.
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_ft.config.compose import validate
-from qwenvl_ft.config.schema import ConfigError, Precision, TrainConfig
+from qwenvl_ft.config.schema import ConfigError, DistEngine, Precision, TrainConfig
 from qwenvl_ft.distributed.engine import engine_arguments
 
 log = logging.getLogger("qwenvl_ft")
@@ -67,7 +67,6 @@ def _prepare_output(typed: TrainConfig, cfg: DictConfig):
 def record_world_size(cfg: DictConfig) -> TrainConfig:
     """dist.world_size (and dist.num_processes when a launcher decided it) as this run really has them, so that
     config.yaml records them and a resume with another world size is reported as a config change."""
-    from qwenvl_ft.config.schema import DistEngine
     from qwenvl_ft.distributed import ranks
 
     world = ranks.world_size()
@@ -168,6 +167,10 @@ def training_callbacks(typed: TrainConfig) -> list:
     from qwenvl_ft.training.resume import CheckpointCompleteMarker
 
     callbacks = [CheckpointCompleteMarker()]
+    if typed.dist.engine != DistEngine.none:
+        from qwenvl_ft.distributed.modality import vision_in_step_callback
+
+        callbacks.append(vision_in_step_callback(always=typed.dist.is_sharded))
     if typed.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=typed.trainer.early_stopping_patience,
                                                early_stopping_threshold=typed.trainer.early_stopping_threshold))
