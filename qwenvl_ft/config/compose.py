@@ -69,7 +69,7 @@ def register_all(extra_recipe_dirs: Iterable[str] = ()) -> None:
 # Override checks. Hydra reports an unknown key as "Key 'lrr' is not in struct" without saying what would have
 # been valid; checking the keys against the schema first gives a message that lists the valid keys.
 
-_GROUPS = set(GROUP_SCHEMAS) | {"recipe"}
+_GROUPS = set(GROUP_SCHEMAS) | {"recipe", "sweep"}
 
 
 def _schema_fields(cls) -> dict:

@@ -618,6 +618,9 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     seed: int = 42
     run_name: str = "run"  # names the output folder outputs/<recipe>/<run_name> (the primary configs: a timestamp)
+    # What a Hydra sweeper optimises (sweep=optuna): the job returns this metric, a metrics.json key or the last
+    # logged value of a log_history.json key (eval_loss, eval_exact_match_after, train_loss, ...).
+    objective: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(not (self.adapter.method == AdapterMethod.qlora and not self.adapter.load_in_4bit),
