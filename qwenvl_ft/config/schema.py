@@ -566,7 +566,8 @@ class DistConfig:
     num_processes: Optional[int] = None
     num_machines: int = 1
     machine_rank: int = 0  # this machine's number, 0 .. num_machines-1 (machine 0 hosts the rendezvous)
-    main_process_ip: Optional[str] = None  # address of machine 0; needed with num_machines > 1
+    # Address of machine 0, reachable from all; needed with num_machines > 1 (inside a SLURM job: the first node)
+    main_process_ip: Optional[str] = None
     main_process_port: int = 29500
     backend: Optional[str] = None  # torch.distributed backend; None: nccl with GPUs, gloo on CPU
     timeout_s: int = 1800  # a collective waiting longer than this fails the run instead of hanging it
@@ -584,8 +585,6 @@ class DistConfig:
         _check(self.num_machines >= 1, "dist.num_machines must be >= 1")
         _check(0 <= self.machine_rank < self.num_machines,
                f"dist.machine_rank must be in 0..{self.num_machines - 1} (dist.num_machines={self.num_machines})")
-        _check(self.num_machines == 1 or self.main_process_ip is not None,
-               "dist.num_machines > 1 needs dist.main_process_ip (the address of machine 0, reachable from all)")
         _check(0 < self.main_process_port < 65536, "dist.main_process_port must be a port number")
         _check(self.timeout_s > 0 and self.max_restarts >= 0, "dist.timeout_s must be > 0, dist.max_restarts >= 0")
         _check(self.engine != DistEngine.none or (self.num_processes in (None, 1) and self.num_machines == 1),

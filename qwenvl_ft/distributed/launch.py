@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from qwenvl_ft.config.schema import ConfigError, DistEngine, TrainConfig
 from qwenvl_ft.distributed import ranks
@@ -109,6 +109,7 @@ class LaunchPlan:
     machines: int
     machine_rank: int
     reason: str
+    main_address: Optional[str] = None  # machine 0's, with several machines
 
     @property
     def world_size(self) -> int:
@@ -144,10 +145,30 @@ def plan(cfg: TrainConfig) -> Optional[LaunchPlan]:
         processes = max(gpus, 1)
     if processes == 1 and dist.num_machines == 1:
         return None if gpus <= 1 else LaunchPlan(1, 1, 0, "one process")
-    where = f"{dist.num_machines} machines, this one is {dist.machine_rank}" if dist.num_machines > 1 else \
-        "this machine"
-    return LaunchPlan(processes, dist.num_machines, dist.machine_rank,
-                      f"{processes} processes on {where}, {dist.engine.value}")
+    if dist.num_machines == 1:
+        return LaunchPlan(processes, 1, 0, f"{processes} processes on this machine, {dist.engine.value}")
+    machine_rank, address = dist.machine_rank, dist.main_process_ip
+    if address is None:
+        machine_rank, address = cluster_machine(dist.num_machines)
+    return LaunchPlan(processes, dist.num_machines, machine_rank,
+                      f"{processes} processes on each of {dist.num_machines} machines (this one is {machine_rank}), "
+                      f"{dist.engine.value}", address)
+
+
+def cluster_machine(machines: int) -> Tuple[int, str]:
+    """(this machine's rank, machine 0's address) inside a SLURM job (or submitit's local twin) that runs one
+    task per node, as sweep=slurm does: from submitit's view of the job."""
+    try:
+        from submitit import JobEnvironment
+
+        job = JobEnvironment()
+        nodes, node, first = job.num_nodes, job.node, job.hostnames[0]
+    except Exception:  # not in a job, or submitit not installed
+        raise ConfigError("dist.num_machines > 1 needs dist.main_process_ip (the address of machine 0, reachable "
+                          "from all) and dist.machine_rank on each machine") from None
+    if nodes != machines:
+        raise ConfigError(f"dist.num_machines={machines}, but this job runs on {nodes} node(s)")
+    return node, first
 
 
 def _hidden_size(cfg: TrainConfig) -> Optional[int]:
@@ -182,7 +203,7 @@ def torchrun_arguments(cfg: TrainConfig, launch: LaunchPlan, command: Sequence[s
         arguments.append("--standalone")  # a free local port: concurrent runs on one machine never collide
     else:
         arguments += [f"--nnodes={launch.machines}", f"--node-rank={launch.machine_rank}", "--rdzv-backend=static",
-                      f"--master-addr={dist.main_process_ip}", f"--master-port={dist.main_process_port}"]
+                      f"--master-addr={launch.main_address}", f"--master-port={dist.main_process_port}"]
     return arguments + ["--module", *command]
 
 
