@@ -49,24 +49,35 @@ def is_worker() -> bool:
 
 
 def export_slurm_env() -> bool:
-    """`srun python -m qwenvl_ft ...` with one task per GPU: torch's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
-    / MASTER_PORT from SLURM's task variables, through submitit's own mapping when it is installed (the
-    `cluster` extra); otherwise MASTER_ADDR must be exported by the batch script. Returns whether it applied."""
+    """`srun python -m qwenvl_ft ...` with one task per GPU: torch's RANK / WORLD_SIZE / LOCAL_RANK from SLURM's
+    task variables; MASTER_ADDR is the batch script's export or the job's first node (`scontrol show hostnames`),
+    MASTER_PORT the export or one derived from the job id (two jobs sharing a node do not collide). Each task sees
+    its node's GPUs and takes the one of its LOCAL_RANK, as under torchrun. Returns whether it applied."""
     if is_worker() or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
         return False
-    try:
-        from submitit.helpers import TorchDistributedEnvironment
-    except ImportError:
-        if "MASTER_ADDR" not in os.environ:
-            raise ConfigError("srun with several tasks: export MASTER_ADDR (e.g. MASTER_ADDR=$(scontrol show "
-                              "hostnames $SLURM_JOB_NODELIST | head -n 1)) or install qwenvl-ft[cluster]") from None
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
-        os.environ.setdefault("MASTER_PORT", "29500")
-        return True
-    # Each task sees all of its node's GPUs and picks one by LOCAL_RANK, as under torchrun.
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _first_node(os.environ.get("SLURM_JOB_NODELIST", ""))
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 40000))
+    tasks_per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                      LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    if tasks_per_node.isdigit():
+        os.environ["LOCAL_WORLD_SIZE"] = tasks_per_node
     return True
+
+
+def _first_node(node_list: str) -> str:
+    import subprocess
+
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", node_list], capture_output=True, text=True,
+                               check=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        hosts = []
+    if not hosts:
+        raise ConfigError("srun with several tasks: export MASTER_ADDR (the first node of the job, e.g. "
+                          "MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1))")
+    return hosts[0]
 
 
 def _rendezvous_store():
