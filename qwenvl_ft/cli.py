@@ -95,7 +95,7 @@ def _overrides_only(args: List[str]) -> List[str]:
 def _as_worker(hydra_args: List[str], recipe_dirs: List[str]) -> List[str]:
     """A distributed run's processes (launched by `qwenvl-ft train dist=...` itself, torchrun, accelerate launch
     or srun) agree on one run name before Hydra names the run folder, and every process it launches finds the same
-    recipe folders; only the main process logs below warnings."""
+    recipe folders; only the main process logs below warnings to the console."""
     import os
 
     from qwenvl_ft.config.compose import RECIPES_ENV
@@ -108,7 +108,11 @@ def _as_worker(hydra_args: List[str], recipe_dirs: List[str]) -> List[str]:
         return hydra_args
     hydra_args = launch.prepare_worker(hydra_args)
     if not ranks.is_main_process():
-        logging.getLogger("qwenvl_ft").setLevel(logging.WARNING)
+        # Each other rank logs everything to its own file in the run folder and only warnings to the console, and
+        # leaves .hydra/ (the run's composed config) to the main process.
+        hydra_args += [f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/"
+                       f"${{hydra.job.name}}.rank{ranks.rank()}.log", "+hydra.job_logging.handlers.console.level=WARNING",
+                       "hydra.output_subdir=null"]
     return hydra_args
 
 

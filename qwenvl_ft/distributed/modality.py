@@ -38,27 +38,30 @@ def dummy_image(visual: nn.Module, vision_config):
     return pixels, grid
 
 
-def _tensors(output) -> Iterable:
-    """Every tensor in a vision output (pooled features, hidden states, Qwen3-VL's deepstack features ...)."""
+# The fields of the vision output that the model's forward consumes: the merged image features, and the features
+# some families inject into decoder layers (deepstack). Only these: a tensor the real forward leaves unused must not
+# get a gradient here either, or ZeRO-3's trace of the backward (one entry per output tensor reached) would differ
+# between a text-only rank and an image rank, which DeepSpeed refuses.
+CONSUMED_OUTPUTS = ("pooler_output", "deepstack_features")
+
+
+def _tensors(value) -> Iterable:
     import torch
 
-    if isinstance(output, torch.Tensor):
-        yield output
-    elif isinstance(output, dict):  # transformers' ModelOutput is an OrderedDict
-        for value in output.values():
-            yield from _tensors(value)
-    elif isinstance(output, (list, tuple)):
-        for value in output:
-            yield from _tensors(value)
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
 
 
 def zero_vision_term(inner: nn.Module):
-    """0 x (everything the vision tower and merger produce for a dummy image): a scalar that is exactly zero and
-    carries the tower into the autograd graph."""
+    """0 x (what the vision tower and merger produce for a dummy image): a scalar that is exactly zero and carries
+    the tower into the autograd graph."""
     pixels, grid = dummy_image(inner.visual, inner.config.vision_config)
     output = inner.get_image_features(pixels, grid)
-    total = sum(t.float().sum() for t in _tensors(output) if t.is_floating_point())
-    return total * 0.0
+    consumed = [t for name in CONSUMED_OUTPUTS for t in _tensors(getattr(output, name, None))]
+    return sum(t.float().sum() for t in consumed) * 0.0
 
 
 def keep_vision_in_step(model: nn.Module, always: bool):

@@ -48,6 +48,8 @@ def start_run(cfg: DictConfig) -> RunStart:
     resume, finished = ranks.run_on_main(_prepare_output, typed, cfg)
     if not ranks.is_main_process():
         check_same_config(cfg, Path(typed.output_dir))
+        if resume is not None and finished is None:
+            log.info("rank %d of %d: resuming from %s", ranks.rank(), ranks.world_size(), resume)
     return RunStart(typed, Path(typed.output_dir), resume, finished)
 
 
@@ -85,7 +87,7 @@ def check_same_config(cfg: DictConfig, output_dir: Path) -> None:
     """A rank other than the main one: its composed config must be the one the main process recorded."""
     from qwenvl_ft.training.resume import config_changes
 
-    changed = config_changes(output_dir / "config.yaml", cfg)
+    changed = [key for key in config_changes(output_dir / "config.yaml", cfg) if key != "dist.machine_rank"]
     if changed:
         raise ConfigError(f"this rank composed a config that differs from {output_dir / 'config.yaml'} in "
                           f"{', '.join(changed)}: every process of a run must get the same arguments")

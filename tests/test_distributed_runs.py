@@ -1,0 +1,245 @@
+"""Tier 2 of the distributed engines: two processes over gloo on the tiny model, started the way users start them
+(`qwenvl-ft train dist=...`, two "machines" on localhost, torchrun), compared with one process on the same global
+batch; sweeps through submitit's local launcher and Optuna.
+
+Tolerance of the loss comparisons: relative 1e-4 (float32 sums over the tokens of two ranks are added in another
+order than over one batch; the differences measured are about 1e-7).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from qwenvl_ft.config.compose import compose
+from qwenvl_ft.training.resume import latest_complete
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+TOLERANCE = dict(rel=1e-4, abs=1e-6)
+# The demo's tiny model, few steps; the global batch is 8 rows (two processes x 4, or one process x 8).
+SMALL = ["recipe=demo", "data.shapes.num_train=32", "data.shapes.num_eval=4", "trainer.logging_steps=1",
+         "trainer.eval_generation=false", "trainer.disable_tqdm=true", "optimizer.scheduler=constant",
+         "optimizer.warmup_ratio=0", "adapter.dropout=0"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "QWENVL_FT_LAUNCH_ID", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _start(cwd: Path, log: Path, *args) -> subprocess.Popen:
+    """`qwenvl-ft train ARGS` as a user runs it, in its own session (so that it can be killed with its workers)."""
+    return subprocess.Popen([sys.executable, "-m", "qwenvl_ft", "train", *args], cwd=cwd, env=_env(),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_with_workers(proc: subprocess.Popen) -> None:
+    """SIGKILL to the launcher and its workers (torch's launcher starts each worker in a session of its own)."""
+    import psutil
+
+    processes = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for process in processes:
+        process.kill()
+    psutil.wait_procs(processes, timeout=60)
+    proc.wait(timeout=60)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+    assert proc.wait(timeout=timeout) == 0, log.read_text()[-4000:]
+    return log.read_text()
+
+
+def _losses(run: Path) -> dict:
+    return {e["step"]: e["loss"] for e in json.loads((run / "log_history.json").read_text()) if "loss" in e}
+
+
+def _single_process_losses(tmp_path: Path, name: str, *overrides) -> dict:
+    from qwenvl_ft.training import train
+
+    train(compose(list(overrides), output_dir=str(tmp_path / name)))
+    return _losses(tmp_path / name)
+
+
+def _assert_same_losses(losses: dict, reference: dict, steps: int):
+    assert sorted(losses) == sorted(reference) == list(range(1, steps + 1))
+    for step in reference:
+        assert losses[step] == pytest.approx(reference[step], **TOLERANCE), (step, losses, reference)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mixed_data(folder: Path) -> Path:
+    """LLaVA rows: images of six colours, and two text-only rows among them."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (name, colour) in enumerate([("red", (200, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 200)),
+                                        ("yellow", (200, 200, 30)), ("cyan", (30, 200, 200)),
+                                        ("magenta", (200, 30, 200))]):
+        Image.new("RGB", (56, 56), colour).save(folder / f"{name}.png")
+        rows.append({"image": f"{name}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is this?"}, {"from": "gpt", "value": f"It is {name}."}]})
+    rows.insert(1, {"conversations": [{"from": "human", "value": "Say hello."},
+                                      {"from": "gpt", "value": "Hello there."}]})
+    rows.insert(4, {"conversations": [{"from": "human", "value": "Count to three."},
+                                      {"from": "gpt", "value": "One, two, three."}]})
+    path = folder / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_ddp_lora_killed_part_way_resumes_on_both_ranks_and_equals_one_process(tmp_path):
+    """`qwenvl-ft train dist=ddp dist.num_processes=2`, killed (launcher and workers) after its first complete
+    checkpoint; the same command resumes both ranks from it. Every step's loss equals a single process's on the same
+    global batch, and the run leaves one folder with one consolidated adapter that plain PEFT loads."""
+    steps = 8  # 32 rows, global batch 8: two epochs, checkpoints every 2 steps
+    command = SMALL + ["adapter=lora", "dist=ddp", "dist.num_processes=2", "trainer.batch_size=4",
+                       f"trainer.max_steps={steps}", "trainer.save_steps=2", "trainer.save_total_limit=null",
+                       "run_name=ddp"]
+    run = tmp_path / "outputs" / "demo" / "ddp"
+    first = _start(tmp_path, tmp_path / "first.log", *command)
+    deadline = time.time() + 600
+    while latest_complete(run) is None and first.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    _kill_with_workers(first)  # the launcher and both workers, as a lost machine would
+    resumed_from = latest_complete(run)
+    assert resumed_from is not None and not (run / "final").exists(), (tmp_path / "first.log").read_text()[-3000:]
+
+    log = _finish(_start(tmp_path, tmp_path / "second.log", *command), tmp_path / "second.log")
+    assert f"resuming from {resumed_from}" in log
+    assert f"rank 1 of 2: resuming from {resumed_from}" in (run / "cli.rank1.log").read_text()
+
+    reference = _single_process_losses(tmp_path, "single", *SMALL, "adapter=lora", "trainer.batch_size=8",
+                                       f"trainer.max_steps={steps}")
+    _assert_same_losses(_losses(run), reference, steps)
+
+    assert [p.name for p in (tmp_path / "outputs" / "demo").iterdir()] == ["ddp"]  # one run folder
+    recorded = OmegaConf.load(run / "config.yaml")
+    assert (recorded.dist.engine, recorded.dist.world_size, recorded.dist.num_processes) == ("ddp", 2, 2)
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    from peft import PeftModel
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from qwenvl_ft.modeling.random_init import materialize
+
+    base = Qwen2VLForConditionalGeneration.from_pretrained(materialize(compose(SMALL, output_dir="/tmp/unused").model.architecture))
+    model = PeftModel.from_pretrained(base, str(run / "final"))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+    assert not list(run.glob(".final*"))
+
+
+def test_zero3_with_a_text_only_rank_and_an_image_rank_equals_one_process(tmp_path):
+    """DeepSpeed ZeRO-3 between two CPU processes: every step one rank gets the text-only row and the other the
+    image row (two rows, one per rank); the run finishes, each loss equals one process's on both rows, and final/
+    is one ordinary model gathered from the partitions."""
+    data = _mixed_data(tmp_path / "data")
+    rows = ["data=llava", f"data.path={data}", "data.max_length=96", "data.max_samples=2", "data.shuffle=false",
+            "trainer.max_steps=3", "adapter=full"]
+    command = SMALL + rows + ["dist=zero3", "dist.num_processes=2", "trainer.batch_size=1", "run_name=z3"]
+    _finish(_start(tmp_path, tmp_path / "zero3.log", *command), tmp_path / "zero3.log")
+    run = tmp_path / "outputs" / "demo" / "z3"
+    reference = _single_process_losses(tmp_path, "single", *SMALL, *rows, "trainer.batch_size=2")
+    _assert_same_losses(_losses(run), reference, 3)
+    assert list(run.glob("checkpoint-*/global_step*")), "DeepSpeed's own checkpoint layout"
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    tuned = Qwen2VLForConditionalGeneration.from_pretrained(str(run / "final")).state_dict()
+    single = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "single" / "final")).state_dict()
+    assert tuned.keys() == single.keys()
+    assert all(torch.allclose(tuned[k], single[k], rtol=1e-3, atol=1e-5) for k in single)
+
+
+def test_two_machines_on_localhost(tmp_path):
+    """dist.num_machines=2 as two launchers (machine ranks 0 and 1) with one process each, meeting at
+    127.0.0.1: one run, world size 2, losses equal to one process on the same global batch (full fine-tuning)."""
+    port = _free_port()
+    common = SMALL + ["adapter=full", "dist=ddp", "dist.num_processes=1", "dist.num_machines=2",
+                      "dist.main_process_ip=127.0.0.1", f"dist.main_process_port={port}", "trainer.batch_size=4",
+                      "trainer.max_steps=4", "run_name=two"]
+    machines = [_start(tmp_path, tmp_path / f"machine{rank}.log", *common, f"dist.machine_rank={rank}")
+                for rank in range(2)]
+    for rank, proc in enumerate(machines):
+        _finish(proc, tmp_path / f"machine{rank}.log")
+    run = tmp_path / "outputs" / "demo" / "two"
+    recorded = OmegaConf.load(run / "config.yaml")
+    assert (recorded.dist.world_size, recorded.dist.num_machines) == (2, 2)
+    reference = _single_process_losses(tmp_path, "single", *SMALL, "adapter=full", "trainer.batch_size=8",
+                                       "trainer.max_steps=4")
+    _assert_same_losses(_losses(run), reference, 4)
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_fsdp2_on_gloo_mixed_modality_gradients_and_losses_equal_one_process(tmp_path):
+    """FSDP2 as accelerate applies it (tests/fsdp_worker.py): decoder layers and vision blocks are the wrap
+    units; a text-only rank next to an image rank gives the single-process gradients; LoRA and full fine-tuning
+    give the single-process losses."""
+    data = _mixed_data(tmp_path / "data")
+    out = tmp_path / "fsdp.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(REPO / "tests" / "fsdp_worker.py"), str(data), str(out)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(out.read_text())
+    mixed = result["mixed_modality"]
+    assert mixed["wrap_classes"] == ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"]
+    assert {"Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"} <= set(mixed["fsdp_units"])
+    assert mixed["same_names"] and mixed["vision_grad_norm"] > 0
+    assert mixed["max_abs_diff"] <= 1e-5 * mixed["max_abs_grad"] + 1e-7
+    for adapter in ("lora", "full"):
+        assert result[adapter]["fsdp"] == pytest.approx(result[adapter]["single"], **TOLERANCE)
+    assert result["full"]["single"][-1] < result["full"]["single"][0]  # it trains
+
+
+QUICK_SWEEP = ["recipe=demo", "data.shapes.num_train=16", "data.shapes.num_eval=4", "trainer.max_steps=2",
+               "trainer.eval_generation=false", "trainer.disable_tqdm=true"]
+
+
+def _sweep(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "qwenvl_ft", "train", "-m", *QUICK_SWEEP, *args,
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_submitit_local_runs_a_two_job_sweep(tmp_path):
+    out = _sweep(tmp_path, "sweep=submitit_local", "optimizer.lr=1e-3,3e-3")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    sweep = tmp_path / "sweep"
+    rows = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert [r["overrides"][-1] for r in rows] == ["optimizer.lr=0.001", "optimizer.lr=0.003"]
+    assert list((sweep / ".submitit").iterdir()), "the jobs ran through submitit"
+    for job in ("0", "1"):
+        assert (sweep / job / "final" / "model.safetensors").is_file()
+
+
+def test_optuna_sweep_of_three_trials_picks_the_best_by_the_objective(tmp_path):
+    out = _sweep(tmp_path, "sweep=optuna", "hydra.sweeper.n_trials=3", "trainer.eval_steps=1",
+                 "trainer.max_steps=3")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    sweep = tmp_path / "sweep"
+    rows = json.loads((sweep / "sweep_summary.json").read_text())
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
+    values = {r["output_dir"]: r["objective"]["value"] for r in rows}
+    for row in rows:  # the objective is the run's last held-out loss
+        history = json.loads((Path(row["output_dir"]) / "log_history.json").read_text())
+        assert row["objective"]["value"] == [e["eval_loss"] for e in history if "eval_loss" in e][-1]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.best_value == pytest.approx(min(values.values()))
+    best_dir = min(values, key=values.get)
+    assert f"{Path(best_dir).name} (best)" in (sweep / "sweep_summary.txt").read_text()
