@@ -30,8 +30,8 @@ from typing import Dict, List
 
 from omegaconf import DictConfig
 
-from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig, \
-    TrainerKind
+from qwenvl_ft import methods
+from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -319,12 +319,10 @@ def estimate_memory(typed: TrainConfig, model=None) -> Estimate:
     rows.append(("optimizer states", state_bytes,
                  f"{typed.optimizer.name}: two states per trainable param ({'1 B' if eight_bit else 'its dtype'})"))
 
-    dpo = trainer_cfg.kind == TrainerKind.dpo
-    if dpo and not adapter_cfg.is_peft and not trainer_cfg.dpo.precompute_ref_log_probs:
-        rows.append(("reference model", counts.total * w,
-                     f"DPO full fine-tuning: a frozen copy, {counts.total / 1e9:.2f}B params x {w} B"))
+    method = methods.get(trainer_cfg.kind)
+    rows += method.memory_rows(typed, counts, w)  # e.g. DPO's frozen reference copy
     budget = batch_budget(data_cfg, trainer_cfg.batch_size, vision.spatial_merge_size,
-                          vision.patch_size * vision.spatial_merge_size, pairs=dpo)
+                          vision.patch_size * vision.spatial_merge_size, pairs=method.sequences_per_row() == 2)
     rows += _activation_rows(typed, counts, text, vision, budget, a)
     return Estimate(rows, counts, budget)
 
@@ -431,43 +429,43 @@ def estimate(cfg: DictConfig) -> Dict:
 # the sharding section: per GPU for each dist option and world size (qwenvl_ft/distributed/memory.py)
 
 
-def single_process_parts(typed: TrainConfig, result: Estimate, model):
+def single_process_parts(cfg: TrainConfig, result: Estimate, model):
     """The single-process estimate in the terms the engines shard by."""
     from qwenvl_ft.distributed import memory
     from qwenvl_ft.distributed.fsdp import wrap_classes
 
     by_name = {name: b for name, b, _ in result.rows}
     weights = sum(b for name, b, _ in result.rows if name.startswith("weights"))
-    w = DTYPE_BYTES[typed.model.dtype.value]
-    if typed.adapter.is_peft:
+    w = DTYPE_BYTES[cfg.model.dtype.value]
+    if cfg.adapter.is_peft:
         trained = by_name.get("adapter weights", 0)
     else:
         trained = result.counts.trainable * w
-    classes = set(wrap_classes(typed))
+    classes = set(wrap_classes(cfg))
     unit = max((sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in classes),
                default=0)
     return memory.SingleProcess(
-        frozen_weights=weights - (0 if typed.adapter.is_peft else trained), trained_weights=trained,
+        frozen_weights=weights - (0 if cfg.adapter.is_peft else trained), trained_weights=trained,
         gradients=by_name["gradients"], optimizer=by_name["optimizer states"],
         reference=by_name.get("reference model", 0),
         activations=sum(b for name, b, _ in result.rows if name.startswith("activations")),
         trained_params=result.counts.trainable, base_params=result.counts.total,
-        adapter_params=result.counts.trainable if typed.adapter.is_peft else 0,
+        adapter_params=result.counts.trainable if cfg.adapter.is_peft else 0,
         quantized_params=result.counts.quantized, quantized_bytes=by_name.get("weights (4-bit)", 0), unit_params=unit,
-        dtype_bytes=w, mixed_precision=typed.trainer.precision != Precision.fp32)
+        dtype_bytes=w, mixed_precision=cfg.trainer.precision != Precision.fp32)
 
 
-def sharding(typed: TrainConfig, result: Estimate, model) -> tuple:
+def sharding(cfg: TrainConfig, result: Estimate, model) -> tuple:
     from qwenvl_ft.distributed import memory
 
-    dist = typed.dist
+    dist = cfg.dist
     worlds = list(memory.WORLD_SIZES)
     if dist.num_processes is not None:
         worlds.append(dist.num_processes * dist.num_machines)
-    table, gib, fits = memory.table(single_process_parts(typed, result, model), tuple(worlds), dist.gpu_memory_gib)
+    table, gib, fits = memory.table(single_process_parts(cfg, result, model), tuple(worlds), dist.gpu_memory_gib)
     print(f"\nper GPU by dist option and world size (GiB, same per-device batch; what each engine keeps: "
           f"qwenvl_ft/distributed/memory.py):\n{table}")
-    if typed.adapter.load_in_4bit:
+    if cfg.adapter.load_in_4bit:
         print("(QLoRA: zero3 and fsdp cannot split 4-bit weights, so only ddp and zero2 are listed)")
     print("\n".join(fits))
     return gib, fits

@@ -1,5 +1,6 @@
-"""What every trainer kind (SFT, DPO) shares: starting a run, TrainingArguments, callbacks, optimizer groups,
-saving the result and stopping early on a signal."""
+"""What every training method shares: starting a run, the TrainingArguments and callbacks every method gets, the
+trainer class (mixins over the TRL trainer), the held-out generation check, saving the result, and the record of
+a run stopped by a signal. The run skeleton that uses them is training/run.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -24,13 +25,13 @@ log = logging.getLogger("qwenvl_ft")
 
 @dataclass
 class RunStart:
-    typed: TrainConfig
+    cfg: TrainConfig
     output_dir: Path
     resume: Optional[str]  # checkpoint to resume from, None for a fresh start
     finished: Optional[Dict]  # metrics of an already finished identical run: nothing left to do
 
 
-def start_run(cfg: DictConfig) -> RunStart:
+def start_run(composed: DictConfig) -> RunStart:
     """Validate, find the checkpoint to resume from, and record the resolved config in the output folder.
 
     With dist=ddp/fsdp/zero* outside a launcher, the run's processes are started here (distributed/launch.py) and
@@ -40,54 +41,54 @@ def start_run(cfg: DictConfig) -> RunStart:
     from qwenvl_ft.distributed import ranks
     from qwenvl_ft.distributed.launch import launch_if_needed
 
-    typed: TrainConfig = validate(cfg)
-    launched = launch_if_needed(typed)
+    cfg: TrainConfig = validate(composed)
+    launched = launch_if_needed(cfg)
     if launched is not None:
-        return RunStart(typed, Path(typed.output_dir), None, launched)
-    typed = record_world_size(cfg)
-    resume, finished = ranks.run_on_main(_prepare_output, typed, cfg)
+        return RunStart(cfg, Path(cfg.output_dir), None, launched)
+    cfg = record_world_size(composed)
+    resume, finished = ranks.run_on_main(_prepare_output, cfg, composed)
     if not ranks.is_main_process():
-        check_same_config(cfg, Path(typed.output_dir))
+        check_same_config(composed, Path(cfg.output_dir))
         if resume is not None and finished is None:
             log.info("rank %d of %d: resuming from %s", ranks.rank(), ranks.world_size(), resume)
-    return RunStart(typed, Path(typed.output_dir), resume, finished)
+    return RunStart(cfg, Path(cfg.output_dir), resume, finished)
 
 
-def _prepare_output(typed: TrainConfig, cfg: DictConfig):
+def _prepare_output(cfg: TrainConfig, composed: DictConfig):
     from qwenvl_ft.training.resume import finished_metrics, prepare_resume
 
-    output_dir = Path(typed.output_dir)
+    output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    resume = prepare_resume(typed, cfg)  # before config.yaml is rewritten: it warns about config changes
-    finished = finished_metrics(typed, cfg, resume)
+    resume = prepare_resume(cfg, composed)  # before config.yaml is rewritten: it warns about config changes
+    finished = finished_metrics(cfg, composed, resume)
     if finished is None:
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        log_config_summary(typed)
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(composed, resolve=True))
+        log_config_summary(cfg)
     return resume, finished
 
 
-def record_world_size(cfg: DictConfig) -> TrainConfig:
+def record_world_size(composed: DictConfig) -> TrainConfig:
     """dist.world_size (and dist.num_processes when a launcher decided it) as this run really has them, so that
     config.yaml records them and a resume with another world size is reported as a config change."""
     from qwenvl_ft.distributed import ranks
 
     world = ranks.world_size()
-    if world > 1 and cfg.dist.engine == DistEngine.none.value:
+    if world > 1 and composed.dist.engine == DistEngine.none:
         raise ConfigError(f"{world} processes were launched with dist=single: pick dist=ddp, fsdp, zero2, zero3 or "
                           f"zero3_offload")
-    if cfg.dist.world_size not in (None, world):
-        log.warning("dist.world_size=%s, but the launcher started %d processes", cfg.dist.world_size, world)
-    cfg.dist.world_size = world
-    if cfg.dist.num_processes is None and "LOCAL_WORLD_SIZE" in os.environ:
-        cfg.dist.num_processes = int(os.environ["LOCAL_WORLD_SIZE"])
-    return validate(cfg)
+    if composed.dist.world_size not in (None, world):
+        log.warning("dist.world_size=%s, but the launcher started %d processes", composed.dist.world_size, world)
+    composed.dist.world_size = world
+    if composed.dist.num_processes is None and "LOCAL_WORLD_SIZE" in os.environ:
+        composed.dist.num_processes = int(os.environ["LOCAL_WORLD_SIZE"])
+    return validate(composed)
 
 
-def check_same_config(cfg: DictConfig, output_dir: Path) -> None:
+def check_same_config(composed: DictConfig, output_dir: Path) -> None:
     """A rank other than the main one: its composed config must be the one the main process recorded."""
     from qwenvl_ft.training.resume import config_changes
 
-    changed = [key for key in config_changes(output_dir / "config.yaml", cfg) if key != "dist.machine_rank"]
+    changed = [key for key in config_changes(output_dir / "config.yaml", composed) if key != "dist.machine_rank"]
     if changed:
         raise ConfigError(f"this rank composed a config that differs from {output_dir / 'config.yaml'} in "
                           f"{', '.join(changed)}: every process of a run must get the same arguments")
@@ -102,16 +103,19 @@ def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
     (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
 
 
-def training_arguments(typed: TrainConfig) -> Dict:
-    """The transformers TrainingArguments every trainer kind shares (SFTConfig and DPOConfig extend them)."""
-    trainer_cfg, optim_cfg = typed.trainer, typed.optimizer
+def training_arguments(cfg: TrainConfig) -> Dict:
+    """The transformers TrainingArguments every method shares (SFTConfig, DPOConfig, ... extend them)."""
+    from qwenvl_ft.training.speed import check_liger
+
+    trainer_cfg, optim_cfg = cfg.trainer, cfg.optimizer
+    check_liger(cfg.model)
     has_cuda = torch.cuda.is_available()
     if trainer_cfg.tf32 and not has_cuda:
         log.warning("trainer.tf32=true ignored: no CUDA device")
     # TensorBoard event files go next to the checkpoints (transformers reads this variable).
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(typed.output_dir) / "tensorboard")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.output_dir) / "tensorboard")
     arguments = dict(
-        output_dir=typed.output_dir,
+        output_dir=cfg.output_dir,
         num_train_epochs=trainer_cfg.epochs,
         max_steps=trainer_cfg.max_steps,
         per_device_train_batch_size=trainer_cfg.batch_size,
@@ -129,7 +133,7 @@ def training_arguments(typed: TrainConfig) -> Dict:
         bf16=trainer_cfg.precision == Precision.bf16,
         fp16=trainer_cfg.precision == Precision.fp16,
         tf32=trainer_cfg.tf32 if has_cuda else None,
-        gradient_checkpointing=typed.model.gradient_checkpointing,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=trainer_cfg.logging_steps,
         logging_first_step=True,
@@ -138,13 +142,15 @@ def training_arguments(typed: TrainConfig) -> Dict:
         save_total_limit=trainer_cfg.save_total_limit,
         report_to=[r for r in trainer_cfg.report_to if r != "none"],
         disable_tqdm=trainer_cfg.disable_tqdm,
-        seed=typed.seed,
-        data_seed=typed.data.seed,
-        dataloader_num_workers=typed.data.num_workers,
+        seed=cfg.seed,
+        data_seed=cfg.data.seed,
+        dataloader_num_workers=cfg.data.num_workers,
         dataloader_pin_memory=has_cuda,  # pinned memory only helps copies to a GPU
+        # Liger's layer kernels (the Trainer applies them); TRL keeps its own fused LM head and loss
+        use_liger_kernel=cfg.model.use_liger_kernel,
         **evaluation_arguments(trainer_cfg),
     )
-    arguments.update(engine_arguments(typed))  # DDP / FSDP2 / DeepSpeed (qwenvl_ft/distributed/engine.py)
+    arguments.update(engine_arguments(cfg))  # DDP / FSDP2 / DeepSpeed (qwenvl_ft/distributed/engine.py)
     return arguments
 
 
@@ -162,36 +168,115 @@ def evaluation_arguments(trainer_cfg) -> Dict:
     )
 
 
-def training_callbacks(typed: TrainConfig) -> list:
-    """Callbacks every trainer kind shares: checkpoint completion markers (for resuming) and early stopping."""
+def training_callbacks(cfg: TrainConfig) -> list:
+    """Callbacks every method shares: checkpoint completion markers (for resuming), early stopping, and the vision
+    blocks' own gradient checkpointing setting."""
     from transformers import EarlyStoppingCallback
 
     from qwenvl_ft.training.resume import CheckpointCompleteMarker
+    from qwenvl_ft.training.speed import vision_checkpointing_callback
 
     callbacks = [CheckpointCompleteMarker()]
-    if typed.dist.engine != DistEngine.none:
+    if cfg.dist.engine != DistEngine.none:
         from qwenvl_ft.distributed.modality import vision_in_step_callback
 
-        callbacks.append(vision_in_step_callback(always=typed.dist.is_sharded))
-    if typed.trainer.early_stopping_patience is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=typed.trainer.early_stopping_patience,
-                                               early_stopping_threshold=typed.trainer.early_stopping_threshold))
+        callbacks.append(vision_in_step_callback(always=cfg.dist.is_sharded))
+    if cfg.trainer.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.trainer.early_stopping_patience,
+                                               early_stopping_threshold=cfg.trainer.early_stopping_threshold))
+    if cfg.model.vision_checkpointing != cfg.model.gradient_checkpointing:
+        callbacks.append(vision_checkpointing_callback(cfg.model.vision_checkpointing))
     return callbacks
 
 
-def build_optimizers(typed: TrainConfig, model, args) -> tuple:
-    """(optimizer, None) with separate vision tower / merger learning rates when asked; (None, None) lets the
-    Trainer build its own."""
-    from transformers import Trainer
+# ----------------------------------------------------------------------------------------------------------------
+# the trainer class: TRL's, with our mixins. Overriding public Trainer methods in a subclass is the extension point
+# transformers documents (`create_optimizer`, `get_train_dataloader`, ...); a mixin per concern keeps each override
+# small and lets every method's trainer get the same ones.
 
-    from qwenvl_ft.modeling.build import optimizer_param_groups
 
-    optim_cfg = typed.optimizer
-    if optim_cfg.vision_lr is None and optim_cfg.merger_lr is None:
-        return None, None
-    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    groups = optimizer_param_groups(model, optim_cfg, Trainer.get_decay_parameter_names(None, model))
-    return optimizer_cls(groups, **optimizer_kwargs), None
+class PerModuleLearningRates:
+    """optimizer.vision_lr / merger_lr: the Trainer's optimizer with one parameter group per learning rate.
+
+    Built inside `create_optimizer`, i.e. on the model as the Trainer trains it (after PEFT wrapping, FSDP or
+    DeepSpeed preparation): an optimizer passed in from outside is refused under FSDP and would hold the wrong
+    parameters after wrapping. `optimizer_settings` (the optimizer group) is set on the configured subclass.
+    """
+
+    optimizer_settings: Any = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            from qwenvl_ft.modeling.build import optimizer_param_groups
+
+            target = self.model if model is None else model
+            groups = optimizer_param_groups(target, self.optimizer_settings, self.get_decay_parameter_names(target))
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, target)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return super().create_optimizer(model)  # the Trainer's own bookkeeping (it keeps an optimizer it finds)
+
+
+def trainer_mixins(cfg: TrainConfig) -> tuple:
+    """The mixins this run's trainer class gets, configured."""
+    mixins = []
+    if cfg.optimizer.vision_lr is not None or cfg.optimizer.merger_lr is not None:
+        mixins.append(type("PerModuleLearningRates", (PerModuleLearningRates,),
+                           {"optimizer_settings": cfg.optimizer}))
+    return tuple(mixins)
+
+
+def trainer_class(base: type, mixins: Sequence[type]) -> type:
+    """`base` (SFTTrainer, DPOTrainer, ...) with `mixins` in front of it; `base` itself when there are none."""
+    if not mixins:
+        return base
+    return type(base.__name__, (*mixins, base), {"__module__": base.__module__})
+
+
+def finish_trainer(trainer, cfg: TrainConfig):
+    """What every method's trainer gets once built: per-sample attention for packed rows (data.packing), on the
+    policy and on a reference model when there is one."""
+    if cfg.data.packing:
+        from qwenvl_ft.training.speed import packed_attention
+
+        packed_attention([trainer.model, getattr(trainer, "ref_model", None)])
+    return trainer
+
+
+def shared_parts(cfg: TrainConfig, processor, collator, train_rows, eval_rows, model_config,
+                 train_lengths: Optional[List[int]] = None):
+    """TrainerParts with what every method shares: the common TrainingArguments, callbacks and trainer mixins."""
+    from qwenvl_ft.methods.base import TrainerParts
+
+    return TrainerParts(cfg=cfg, processor=processor, collator=collator, train_rows=train_rows,
+                        eval_rows=eval_rows, model_config=model_config, arguments=training_arguments(cfg),
+                        callbacks=training_callbacks(cfg), trainer_mixins=trainer_mixins(cfg),
+                        train_lengths=train_lengths)
+
+
+def standalone_parts(method, cfg: TrainConfig, model, processor, collator, train_rows, eval_rows,
+                     peft_config=None):
+    """TrainerParts for building a method's trainer outside the run skeleton (tests and benchmarks), holding what
+    the skeleton would have prepared."""
+    parts = shared_parts(cfg, processor, collator, train_rows, eval_rows, getattr(model, "config", None))
+    parts.model, parts.peft_config = model, peft_config
+    parts.arguments = method.trainer_arguments(parts, parts.arguments)
+    return parts
+
+
+def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, when: str) -> Dict:
+    """The before/after check: greedy answers to the held-out rows (conversations ending on the reference), on
+    the device the model trains on, with exact match, BLEU and ROUGE-L; a few predictions are logged."""
+    from qwenvl_ft.data.collate import VisionChatCollator
+    from qwenvl_ft.evaluation.generate import evaluate_rows
+
+    result = evaluate_rows(model, VisionChatCollator(processor, cfg.data), rows, cfg.trainer.eval_batch_size,
+                           cfg.trainer.max_new_tokens)
+    shown = min(cfg.trainer.num_predictions_to_print, len(rows))
+    lines = [f"held-out predictions {when} training (exact match {result['exact_match']:.1%} on {len(rows)} rows):"]
+    for prediction, reference in list(zip(result["predictions"], result["references"]))[:shown]:
+        lines.append(f"  predicted: {prediction!r:40s} reference: {reference!r}")
+    log.info("\n".join(lines))
+    return {f"eval_{name}_{when}": result[name] for name in ("exact_match", "bleu", "rouge_l")}
 
 
 def save_final(trainer, processor, output_dir: Path) -> Path:
@@ -228,18 +313,18 @@ def interrupted(trainer, output_dir: Path, metrics: Dict) -> Dict:
     return metrics
 
 
-def optimizer_steps(typed: TrainConfig, items: int, batch_size: Optional[int] = None) -> int:
+def optimizer_steps(cfg: TrainConfig, items: int, batch_size: Optional[int] = None) -> int:
     """Steps for `items` dataset items of `batch_size` (default trainer.batch_size; a packed run has 1 pack each)."""
-    t = typed.trainer
+    t = cfg.trainer
     if t.max_steps > 0:
         return t.max_steps
     per_epoch = math.ceil(math.ceil(items / (batch_size or t.batch_size)) / t.gradient_accumulation_steps)
     return math.ceil(per_epoch * t.epochs)
 
 
-def log_config_summary(typed: TrainConfig) -> None:
-    m, a, d, o = typed.model, typed.adapter, typed.data, typed.optimizer
+def log_config_summary(cfg: TrainConfig) -> None:
+    m, a, d, o = cfg.model, cfg.adapter, cfg.data, cfg.optimizer
     source = "random init (tiny)" if m.random_init else m.name_or_path
     adapter = a.method.value if not a.is_peft else f"{a.method.value} r={a.r} alpha={a.alpha} on {list(a.target_modules)}"
     log.info("run: model=%s (%s) | adapter=%s | data=%s %s | lr=%g %s | output=%s", source, m.dtype.value, adapter,
-             d.format.value, d.path or "", o.lr, o.scheduler.value, typed.output_dir)
+             d.format.value, d.path or "", o.lr, o.scheduler.value, cfg.output_dir)
