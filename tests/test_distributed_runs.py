@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from qwenvl_ft.config.compose import compose
+from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.training.resume import latest_complete
 
 pytestmark = pytest.mark.slow
@@ -122,7 +122,11 @@ def test_ddp_lora_killed_part_way_resumes_on_both_ranks_and_equals_one_process(t
 
     log = _finish(_start(tmp_path, tmp_path / "second.log", *command), tmp_path / "second.log")
     assert f"resuming from {resumed_from}" in log
-    assert f"rank 1 of 2: resuming from {resumed_from}" in (run / "cli.rank1.log").read_text()
+    rank1_log = (run / "cli.rank1.log").read_text()
+    assert f"rank 1 of 2: resuming from {resumed_from}" in rank1_log
+    # The data check ran once (on the main process) in each launch; rank 1 took its result.
+    assert "data check: the main process's result" in rank1_log and "data check:\n" not in rank1_log
+    assert len(list((run / "tensorboard").rglob("events.out.tfevents.*"))) == 2  # one per launch, main only
 
     reference = _single_process_losses(tmp_path, "single", *SMALL, "adapter=lora", "trainer.batch_size=8",
                                        f"trainer.max_steps={steps}")
@@ -137,7 +141,8 @@ def test_ddp_lora_killed_part_way_resumes_on_both_ranks_and_equals_one_process(t
 
     from qwenvl_ft.modeling.random_init import materialize
 
-    base = Qwen2VLForConditionalGeneration.from_pretrained(materialize(compose(SMALL, output_dir="/tmp/unused").model.architecture))
+    architecture = validate(compose(SMALL, output_dir="/tmp/unused")).model.architecture
+    base = Qwen2VLForConditionalGeneration.from_pretrained(materialize(architecture))
     model = PeftModel.from_pretrained(base, str(run / "final"))
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
     assert not list(run.glob(".final*"))
@@ -145,17 +150,23 @@ def test_ddp_lora_killed_part_way_resumes_on_both_ranks_and_equals_one_process(t
 
 def test_zero3_with_a_text_only_rank_and_an_image_rank_equals_one_process(tmp_path):
     """DeepSpeed ZeRO-3 between two CPU processes: every step one rank gets the text-only row and the other the
-    image row (two rows, one per rank); the run finishes, each loss equals one process's on both rows, and final/
-    is one ordinary model gathered from the partitions."""
+    image row (two rows, one per rank); the model is created partitioned; the run stops after 2 steps and a longer
+    run of the same command resumes from DeepSpeed's partitioned checkpoint. Each loss equals one process's on
+    both rows, and final/ is one ordinary model gathered from the partitions."""
     data = _mixed_data(tmp_path / "data")
     rows = ["data=llava", f"data.path={data}", "data.max_length=96", "data.max_samples=2", "data.shuffle=false",
-            "trainer.max_steps=3", "adapter=full"]
+            "adapter=full", "trainer.save_steps=1", "optimizer.vision_lr=1e-3"]
     command = SMALL + rows + ["dist=zero3", "dist.num_processes=2", "trainer.batch_size=1", "run_name=z3"]
-    _finish(_start(tmp_path, tmp_path / "zero3.log", *command), tmp_path / "zero3.log")
+    _finish(_start(tmp_path, tmp_path / "first.log", *command, "trainer.max_steps=2"), tmp_path / "first.log")
     run = tmp_path / "outputs" / "demo" / "z3"
-    reference = _single_process_losses(tmp_path, "single", *SMALL, *rows, "trainer.batch_size=2")
+    assert list((run / "checkpoint-2").glob("global_step2/*optim_states.pt")), "DeepSpeed's partitioned states"
+    log = _finish(_start(tmp_path, tmp_path / "second.log", *command, "trainer.max_steps=3"), tmp_path / "second.log")
+    assert f"resuming from {run / 'checkpoint-2'}" in log
+    for rank_log in (log, (run / "cli.rank1.log").read_text()):
+        assert "model created partitioned by ZeRO-3: this process holds" in rank_log
+    reference = _single_process_losses(tmp_path, "single", *SMALL, *rows, "trainer.batch_size=2",
+                                       "trainer.max_steps=3")
     _assert_same_losses(_losses(run), reference, 3)
-    assert list(run.glob("checkpoint-*/global_step*")), "DeepSpeed's own checkpoint layout"
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 

@@ -10,6 +10,8 @@ DDP, FSDP2, DeepSpeed ZeRO); nothing here re-implements them.
 - `fsdp`: FSDP2 arguments (full shard, decoder layers and vision blocks as wrap units).
 - `engine`: what the TrainingArguments get for the configured engine.
 - `modality`: every rank runs the vision tower every step (mixed text-only / image batches never hang).
+- `placement`: each QLoRA process's GPU; how much of a ZeRO-3 partitioned model a process holds.
+- `saving`: one consolidated final/ whatever the engine.
 - `memory`: per-GPU memory of each engine and world size, for `qwenvl-ft estimate`.
 
 Heavy imports (torch, deepspeed) happen inside functions: composing a config stays torch-free.
