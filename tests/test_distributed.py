@@ -152,6 +152,14 @@ def test_launch_plan_and_the_torchrun_command(monkeypatch):
         launch.check_before_launch(two, plan, ["dist=zero3"], is_sweep=False)
     with pytest.raises(ConfigError, match="main_process_ip"):
         launch.plan(_typed("recipe=demo", "dist=ddp", "dist.num_machines=2"))
+    # srun with one task per node (an sbatch script): each task is a machine running this launcher, its rank and
+    # the main node taken from the job
+    for name, value in dict(SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="2", SLURM_PROCID="1",
+                            SLURM_NODEID="1", MASTER_ADDR="10.0.0.9").items():
+        monkeypatch.setenv(name, value)
+    assert not launch.export_slurm_env() and not launch.is_worker()
+    plan = launch.plan(_typed("recipe=demo", "dist=ddp", "dist.num_machines=2"))
+    assert (plan.machine_rank, plan.main_address, plan.world_size) == (1, "10.0.0.9", 8)
 
 
 def _free_port() -> int:

@@ -52,8 +52,11 @@ def export_slurm_env() -> bool:
     """`srun python -m qwenvl_ft ...` with one task per GPU: torch's RANK / WORLD_SIZE / LOCAL_RANK from SLURM's
     task variables; MASTER_ADDR is the batch script's export or the job's first node (`scontrol show hostnames`),
     MASTER_PORT the export or one derived from the job id (two jobs sharing a node do not collide). Each task sees
-    its node's GPUs and takes the one of its LOCAL_RANK, as under torchrun. Returns whether it applied."""
-    if is_worker() or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+    its node's GPUs and takes the one of its LOCAL_RANK, as under torchrun. With one task per node each task is a
+    machine running qwenvl-ft's own launcher instead (`cluster_machine`). Returns whether it applied."""
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+    if is_worker() or tasks <= 1 or tasks == nodes or "SLURM_PROCID" not in os.environ:
         return False
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = _first_node(os.environ.get("SLURM_JOB_NODELIST", ""))
@@ -167,16 +170,20 @@ def plan(cfg: TrainConfig) -> Optional[LaunchPlan]:
 
 
 def cluster_machine(machines: int) -> Tuple[int, str]:
-    """(this machine's rank, machine 0's address) inside a SLURM job (or submitit's local twin) that runs one
-    task per node, as sweep=slurm does: from submitit's view of the job."""
+    """(this machine's rank, machine 0's address) inside a SLURM job that runs one task per node (sweep=slurm's
+    jobs through submitit's view of the job, or `srun` in a batch script through SLURM's variables)."""
     try:
         from submitit import JobEnvironment
 
         job = JobEnvironment()
         nodes, node, first = job.num_nodes, job.node, job.hostnames[0]
-    except Exception:  # not in a job, or submitit not installed
-        raise ConfigError("dist.num_machines > 1 needs dist.main_process_ip (the address of machine 0, reachable "
-                          "from all) and dist.machine_rank on each machine") from None
+    except Exception:  # not a submitit job, or submitit not installed
+        if "SLURM_NODEID" not in os.environ:
+            raise ConfigError("dist.num_machines > 1 needs dist.main_process_ip (the address of machine 0, "
+                              "reachable from all) and dist.machine_rank on each machine") from None
+        nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+        node = int(os.environ["SLURM_NODEID"])
+        first = os.environ.get("MASTER_ADDR") or _first_node(os.environ.get("SLURM_JOB_NODELIST", ""))
     if nodes != machines:
         raise ConfigError(f"dist.num_machines={machines}, but this job runs on {nodes} node(s)")
     return node, first
