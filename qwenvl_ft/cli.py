@@ -118,9 +118,9 @@ def _as_worker(hydra_args: List[str], recipe_dirs: List[str]) -> List[str]:
     if not ranks.is_main_process():
         # Each other rank logs everything to its own file in the run folder and only warnings to the console, and
         # leaves .hydra/ (the run's composed config) to the main process.
-        hydra_args += [f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/"
-                       f"${{hydra.job.name}}.rank{ranks.rank()}.log", "+hydra.job_logging.handlers.console.level=WARNING",
-                       "hydra.output_subdir=null"]
+        own_log = f"${{hydra.runtime.output_dir}}/${{hydra.job.name}}.rank{ranks.rank()}.log"
+        hydra_args += [f"hydra.job_logging.handlers.file.filename={own_log}",
+                       "+hydra.job_logging.handlers.console.level=WARNING", "hydra.output_subdir=null"]
     return hydra_args
 
 

@@ -75,8 +75,11 @@ def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
         summary["error"] = str(err)
         log.error("%s", err)
         if not is_sweep:
+            from qwenvl_ft.distributed import ranks
+
             write_summary(output_dir, summary)
-            print(f"qwenvl-ft: {err}", file=sys.stderr)
+            if ranks.is_main_process():  # the other ranks of a distributed run stop on the same error
+                print(f"qwenvl-ft: {err}", file=sys.stderr)
             sys.exit(2)
     except Exception as err:
         summary["error"] = f"{type(err).__name__}: {err}"

@@ -124,6 +124,7 @@ def test_launch_plan_and_the_torchrun_command(monkeypatch):
     monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
     assert launch.plan(_typed("recipe=demo")) is None
     assert launch.plan(_typed("recipe=demo", "dist=ddp")) is None  # no GPU, no count: one process (with a warning)
+    assert launch.plan(_typed("recipe=demo", "dist=zero3")).world_size == 1  # DeepSpeed needs its launch env
     typed = _typed("recipe=demo", "dist=ddp", "dist.num_processes=2", "run_name=exp1")
     plan = launch.plan(typed)
     assert (plan.processes, plan.machines, plan.world_size) == (2, 1, 2)

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.training.resume import latest_complete
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 REPO = Path(__file__).resolve().parent.parent
 TOLERANCE = dict(rel=1e-4, abs=1e-6)
@@ -41,6 +41,13 @@ def _start(cwd: Path, log: Path, *args) -> subprocess.Popen:
     """`qwenvl-ft train ARGS` as a user runs it, in its own session (so that it can be killed with its workers)."""
     return subprocess.Popen([sys.executable, "-m", "qwenvl_ft", "train", *args], cwd=cwd, env=_env(),
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _start_torchrun(cwd: Path, log: Path, *args) -> subprocess.Popen:
+    """`torchrun --nproc-per-node 2 -m qwenvl_ft train ARGS`: the processes started by someone else's launcher."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "qwenvl_ft", "train", *args], cwd=cwd, env=_env(), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _kill_with_workers(proc: subprocess.Popen) -> None:
@@ -151,8 +158,8 @@ def test_ddp_lora_killed_part_way_resumes_on_both_ranks_and_equals_one_process(t
 def test_zero3_with_a_text_only_rank_and_an_image_rank_equals_one_process(tmp_path):
     """DeepSpeed ZeRO-3 between two CPU processes: every step one rank gets the text-only row and the other the
     image row (two rows, one per rank); the model is created partitioned; the run stops after 2 steps and a longer
-    run of the same command resumes from DeepSpeed's partitioned checkpoint. Each loss equals one process's on
-    both rows, and final/ is one ordinary model gathered from the partitions."""
+    run, started by torchrun this time, resumes from DeepSpeed's partitioned checkpoint. Each loss equals one
+    process's on both rows, and final/ is one ordinary model gathered from the partitions."""
     data = _mixed_data(tmp_path / "data")
     rows = ["data=llava", f"data.path={data}", "data.max_length=96", "data.max_samples=2", "data.shuffle=false",
             "adapter=full", "trainer.save_steps=1", "optimizer.vision_lr=1e-3"]
@@ -160,7 +167,8 @@ def test_zero3_with_a_text_only_rank_and_an_image_rank_equals_one_process(tmp_pa
     _finish(_start(tmp_path, tmp_path / "first.log", *command, "trainer.max_steps=2"), tmp_path / "first.log")
     run = tmp_path / "outputs" / "demo" / "z3"
     assert list((run / "checkpoint-2").glob("global_step2/*optim_states.pt")), "DeepSpeed's partitioned states"
-    log = _finish(_start(tmp_path, tmp_path / "second.log", *command, "trainer.max_steps=3"), tmp_path / "second.log")
+    log = _finish(_start_torchrun(tmp_path, tmp_path / "second.log", *command, "trainer.max_steps=3"),
+                  tmp_path / "second.log")
     assert f"resuming from {run / 'checkpoint-2'}" in log
     for rank_log in (log, (run / "cli.rank1.log").read_text()):
         assert "model created partitioned by ZeRO-3: this process holds" in rank_log

@@ -7,12 +7,11 @@ from __future__ import annotations
 from typing import Dict
 
 from qwenvl_ft.config.schema import DistEngine, TrainConfig
-from qwenvl_ft.distributed import ranks
 
 
 def engine_arguments(cfg: TrainConfig) -> Dict:
     dist = cfg.dist
-    if not ranks.is_distributed():
+    if dist.engine == DistEngine.none:
         return {}
     import torch
 

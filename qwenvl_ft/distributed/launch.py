@@ -157,8 +157,8 @@ def plan(cfg: TrainConfig) -> Optional[LaunchPlan]:
             log.warning("dist=%s without visible GPUs: one CPU process. Set dist.num_processes=N to run N CPU "
                         "processes (gloo)", dist.engine.value)
         processes = max(gpus, 1)
-    if processes == 1 and dist.num_machines == 1:
-        return None if gpus <= 1 else LaunchPlan(1, 1, 0, "one process")
+    if processes == 1 and dist.num_machines == 1 and dist.engine == DistEngine.ddp and gpus <= 1:
+        return None  # DDP of one process is a plain run; DeepSpeed and FSDP still need their launch environment
     if dist.num_machines == 1:
         return LaunchPlan(processes, 1, 0, f"{processes} processes on this machine, {dist.engine.value}")
     machine_rank, address = dist.machine_rank, dist.main_process_ip
@@ -215,8 +215,7 @@ def check_before_launch(cfg: TrainConfig, launch: LaunchPlan, overrides: Sequenc
 def torchrun_arguments(cfg: TrainConfig, launch: LaunchPlan, command: Sequence[str]) -> List[str]:
     """The command line torchrun's own parser takes for this launch."""
     dist = cfg.dist
-    arguments = [f"--nproc-per-node={launch.processes}", f"--max-restarts={dist.max_restarts}",
-                 "--monitor-interval=1"]
+    arguments = [f"--nproc-per-node={launch.processes}", f"--max-restarts={dist.max_restarts}"]
     if launch.machines == 1:
         arguments.append("--standalone")  # a free local port: concurrent runs on one machine never collide
     else:
