@@ -49,10 +49,11 @@ def launch_id() -> Optional[str]:
 
 
 def default_backend() -> str:
-    """What accelerate picks: NCCL between GPUs, gloo between CPU processes."""
+    """NCCL between GPUs (with gloo for CPU tensors: FSDP's CPU offloading and full state dicts gather on the CPU,
+    which is why accelerate picks the same pair for them), gloo between CPU processes."""
     import torch
 
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
 
 
 def ensure_process_group(backend: Optional[str] = None, timeout_s: int = 1800) -> None:
@@ -63,7 +64,7 @@ def ensure_process_group(backend: Optional[str] = None, timeout_s: int = 1800) -
     if not is_distributed() or dist.is_initialized():
         return
     backend = backend or default_backend()
-    if backend == "nccl":
+    if "nccl" in backend:
         torch.cuda.set_device(local_rank())  # before the first collective, or every rank would use GPU 0
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 

@@ -46,6 +46,7 @@ def start_run(composed: DictConfig) -> RunStart:
     if launched is not None:
         return RunStart(cfg, Path(cfg.output_dir), None, launched)
     cfg = record_world_size(composed)
+    ranks.ensure_process_group(cfg.dist.backend, cfg.dist.timeout_s)  # accelerate and DeepSpeed reuse it
     resume, finished = ranks.run_on_main(_prepare_output, cfg, composed)
     if not ranks.is_main_process():
         check_same_config(composed, Path(cfg.output_dir))
