@@ -8,7 +8,8 @@ activation checkpointing a GPU run gets, and compares with one unsharded process
 
 - mixed modality: rank 0 a text-only row, rank 1 an image row (the vision tower kept in step by
   qwenvl_ft.distributed.modality); the full gradients equal the single-process ones;
-- three AdamW steps of LoRA and of full fine-tuning: the global losses equal the single-process ones.
+- three AdamW steps of LoRA and of full fine-tuning: the global losses equal the single-process ones, and the
+  consolidated state dict (what final/ gets) has the unwrapped model's names and the single-process weights.
 
 Usage: torchrun --nproc-per-node 2 tests/fsdp_worker.py DATA.jsonl OUT.json
 """
@@ -136,12 +137,26 @@ def losses_over_steps(data_path, adapter, rank, world, steps=3):
     sharded, _ = shard(model, typed, rank)
     keep_vision_in_step(sharded, always=True)
     result = {"fsdp": run(sharded, True)}
+    consolidated = full_state_dict(sharded)  # collective: every rank
     if rank == 0:
         torch.manual_seed(0)
         reference = build_model(typed.model, typed.adapter)
         reference.train()
         result["single"] = run(reference, False)
+        expected = reference.state_dict()
+        result["state_dict_keys_match"] = sorted(consolidated) == sorted(expected)
+        result["state_dict_max_abs_diff"] = max(float((consolidated[k] - v).abs().max()) for k, v in expected.items()
+                                                if k in consolidated)
     return result
+
+
+def full_state_dict(model):
+    """What accelerate's `get_state_dict` returns for an FSDP2 model (and distributed/saving.py saves as final/):
+    the full state dict on rank 0, names as in the unwrapped model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def main(data_path, out_path):
