@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
 
 
 class ConfigError(ValueError):
@@ -155,14 +157,22 @@ class DataFormat(str, Enum):
     llava_preference = "llava_preference"  # `image`, `prompt` (text, optional <image>), `chosen`, `rejected` (text)
     messages_preference = "messages_preference"  # HF / TRL: `images` + `prompt` / `chosen` / `rejected` messages
     shapes_preference = "shapes_preference"  # generated: the right description of a shape image vs a wrong one
+    # Prompt rows for trainer.kind=grpo (qwenvl_ft/data/prompts.py): image(s), a prompt, a reference for the rewards
+    llava_prompt = "llava_prompt"  # `image`, `prompt`/`question`/`problem` (text, optional <image>), `solution`
+    messages_prompt = "messages_prompt"  # HF / TRL: `images` + `prompt` messages (+ `solution`)
+    shapes_prompt = "shapes_prompt"  # generated: a shape image, "What is in the image?", solution "a red circle"
 
     @property
     def is_preference(self) -> bool:
         return self in (DataFormat.llava_preference, DataFormat.messages_preference, DataFormat.shapes_preference)
 
     @property
+    def is_prompt(self) -> bool:
+        return self in (DataFormat.llava_prompt, DataFormat.messages_prompt, DataFormat.shapes_prompt)
+
+    @property
     def is_generated(self) -> bool:
-        return self in (DataFormat.shapes, DataFormat.shapes_preference)
+        return self in (DataFormat.shapes, DataFormat.shapes_preference, DataFormat.shapes_prompt)
 
 
 @dataclass
@@ -381,6 +391,7 @@ class OptimizerConfig:
 class TrainerKind(str, Enum):
     sft = "sft"  # supervised fine-tuning on conversations (qwenvl_ft/training/sft.py)
     dpo = "dpo"  # direct preference optimisation on chosen/rejected pairs (qwenvl_ft/training/dpo.py)
+    grpo = "grpo"  # group relative policy optimisation with reward functions on prompt rows (methods/grpo.py)
 
 
 class DpoLossType(str, Enum):
@@ -435,6 +446,125 @@ class DpoConfig:
                "trainer.dpo.precompute_ref_batch_size must be > 0")
 
 
+class GrpoLossType(str, Enum):
+    """TRL 1.16 GRPOTrainer losses (see trl.GRPOConfig.loss_type)."""
+
+    grpo = "grpo"  # per-sequence mean of the token losses (the paper; biased towards short correct answers)
+    dapo = "dapo"  # token losses over the tokens of the whole accumulated batch (DAPO; TRL's default)
+    dr_grpo = "dr_grpo"  # token losses over batch x max_completion_length (Dr. GRPO)
+    bnpo = "bnpo"  # token losses over the tokens of the local batch
+    cispo = "cispo"  # clipped importance weights times log-probabilities (MiniMax-M1); epsilon_high ~ 5
+    sapo = "sapo"  # a smooth temperature-controlled gate instead of clipping (SAPO)
+    luspo = "luspo"  # GSPO's sequence loss scaled by length; wants importance_sampling_level=sequence
+    vespo = "vespo"  # Gamma-weighted sequence importance weights (VESPO)
+
+
+class ImportanceSampling(str, Enum):
+    token = "token"  # one ratio per token (GRPO)
+    sequence = "sequence"  # one ratio per completion (GSPO)
+
+
+class RewardScaling(str, Enum):
+    group = "group"  # advantages divided by the std of their prompt's group (GRPO)
+    batch = "batch"  # ... by the std of the whole batch
+    none = "none"  # not divided (Dr. GRPO: scaling biases towards too easy and too hard prompts)
+
+
+class RewardAggregation(str, Enum):
+    sum_then_normalize = "sum_then_normalize"  # weighted sum of the rewards, then the group normalisation
+    normalize_then_sum = "normalize_then_sum"  # each reward normalised in its group first, then summed (GDPO)
+
+
+@dataclass
+class RewardConfig:
+    """One reward function of trainer.kind=grpo (qwenvl_ft/rewards). The total reward of a completion is the
+    weighted sum of the rewards that apply to its row."""
+
+    # A built-in (exact_match, normalised_match, number_match, choice_match, format, valid_json, box_iou) or your
+    # own: "package.module:function" (importable) or "path/to/file.py:function".
+    function: str = MISSING
+    name: Optional[str] = None  # label in logs, TensorBoard and reports (default: the function's name)
+    weight: float = 1.0
+    options: Dict[str, Any] = field(default_factory=dict)  # the built-in's options, or keyword arguments of yours
+
+
+@dataclass
+class VllmConfig:
+    """Generation with vLLM inside the training process (TRL's colocate mode): much faster sampling on GPUs, the
+    policy's weights copied into vLLM after every optimizer step. Needs `pip install vllm` and CUDA."""
+
+    enabled: bool = False
+    gpu_memory_utilization: float = 0.3  # share of each GPU vLLM may take (weights + KV cache)
+    tensor_parallel_size: int = 1
+    enable_sleep_mode: bool = False  # offload vLLM's weights and cache during the optimizer step
+    max_model_length: Optional[int] = None  # vLLM context (None: data.max_length + max_completion_length)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.gpu_memory_utilization < 1, "trainer.grpo.vllm.gpu_memory_utilization must be in (0, 1)")
+        _check(self.tensor_parallel_size >= 1, "trainer.grpo.vllm.tensor_parallel_size must be >= 1")
+        _check(self.max_model_length is None or self.max_model_length > 0,
+               "trainer.grpo.vllm.max_model_length must be > 0")
+
+
+@dataclass
+class GrpoConfig:
+    """Settings of trainer.kind=grpo, handed to TRL's GRPOConfig (qwenvl_ft/methods/grpo.py).
+
+    Each optimizer step samples `num_generations` completions of every prompt, scores them with the reward
+    functions, and pushes each completion's probability up or down by how its reward compares with the others of
+    its group. trainer.batch_size counts completions (per device): a batch of 8 with num_generations=4 holds 2
+    prompts, and batch_size x gradient_accumulation_steps x devices must be a multiple of num_generations.
+    The reference policy (the KL term, weight `beta`) is the starting model: for LoRA/DoRA/QLoRA the same weights
+    with the adapter disabled (no second copy in memory), for full fine-tuning a second, frozen copy; beta=0 drops
+    the KL term and with it the reference.
+    """
+
+    num_generations: int = 8  # group size G: completions sampled per prompt
+    max_completion_length: int = 256  # tokens per completion (data.max_length bounds the prompt)
+    temperature: float = 1.0  # sampling settings of the completions
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    beta: float = 0.04  # KL coefficient towards the reference (DeepSeekMath: 0.04; 0: no KL, no reference)
+    epsilon: float = 0.2  # clipping of the probability ratio: [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[float] = None  # None: epsilon (DAPO's clip-higher: 0.28)
+    loss_type: GrpoLossType = GrpoLossType.dapo
+    importance_sampling_level: ImportanceSampling = ImportanceSampling.token
+    scale_rewards: RewardScaling = RewardScaling.group
+    reward_aggregation: RewardAggregation = RewardAggregation.sum_then_normalize
+    num_iterations: int = 1  # optimizer passes over each batch of completions (mu)
+    mask_truncated_completions: bool = False  # completions cut at max_completion_length add no loss (DAPO)
+    # Full fine-tuning only: move the reference towards the policy every ref_model_sync_steps (TR-DPO style).
+    sync_ref_model: bool = False
+    ref_model_sync_steps: int = 512
+    ref_model_mixup_alpha: float = 0.6
+    rewards: List[RewardConfig] = field(default_factory=list)
+    log_completions: int = 4  # sampled completions (with their rewards) written to TensorBoard per logging step
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.num_generations >= 2, "trainer.grpo.num_generations must be >= 2 (advantages compare the "
+                                          "completions of a group)")
+        _check(self.max_completion_length > 0, "trainer.grpo.max_completion_length must be > 0")
+        _check(self.temperature > 0, "trainer.grpo.temperature must be > 0")
+        _check(0 < self.top_p <= 1, "trainer.grpo.top_p must be in (0, 1]")
+        _check(self.top_k >= 0, "trainer.grpo.top_k must be >= 0")
+        _check(self.min_p is None or 0 <= self.min_p <= 1, "trainer.grpo.min_p must be in [0, 1]")
+        _check(self.repetition_penalty > 0, "trainer.grpo.repetition_penalty must be > 0")
+        _check(self.beta >= 0, "trainer.grpo.beta must be >= 0")
+        _check(self.epsilon > 0 and (self.epsilon_high is None or self.epsilon_high > 0),
+               "trainer.grpo.epsilon and epsilon_high must be > 0")
+        _check(self.num_iterations >= 1, "trainer.grpo.num_iterations must be >= 1")
+        _check(self.log_completions >= 0, "trainer.grpo.log_completions must be >= 0")
+        _check(self.ref_model_sync_steps > 0 and 0 <= self.ref_model_mixup_alpha <= 1,
+               "trainer.grpo.ref_model_sync_steps must be > 0 and ref_model_mixup_alpha in [0, 1]")
+        _check(not self.sync_ref_model or self.beta > 0,
+               "trainer.grpo.sync_ref_model needs trainer.grpo.beta > 0 (without the KL term there is no reference)")
+        _check(self.loss_type != GrpoLossType.luspo or self.importance_sampling_level == ImportanceSampling.sequence,
+               "trainer.grpo.loss_type=luspo needs trainer.grpo.importance_sampling_level=sequence")
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -474,6 +604,7 @@ class TrainerConfig:
     early_stopping_patience: Optional[int] = None  # stop after this many evaluations without improvement
     early_stopping_threshold: float = 0.0  # an improvement must beat the best by more than this
     dpo: DpoConfig = field(default_factory=DpoConfig)  # used by kind=dpo only
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)  # used by kind=grpo only
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0 or self.max_steps > 0, "trainer.epochs or trainer.max_steps must be > 0")
@@ -533,6 +664,16 @@ class TrainConfig:
                f"data=messages_preference or data=shapes_preference")
         _check(kind != TrainerKind.sft or not data_format.is_preference,
                f"data.format={data_format.value} holds preference pairs: train it with trainer=dpo")
+        _check(kind != TrainerKind.grpo or data_format.is_prompt,
+               f"trainer=grpo needs prompt rows, but data.format={data_format.value}; use data=llava_prompt, "
+               f"data=messages_prompt or data=shapes_prompt (LLaVA and messages SFT rows load there too: their last "
+               f"answer becomes the reference)")
+        _check(kind == TrainerKind.grpo or not data_format.is_prompt,
+               f"data.format={data_format.value} holds prompt rows: train it with trainer=grpo")
+        _check(kind != TrainerKind.grpo or not (self.data.packing or self.data.max_tokens_per_batch is not None
+                                                or self.data.group_by_length),
+               "data.packing, data.max_tokens_per_batch and data.group_by_length are for trainer=sft; a GRPO batch is "
+               "trainer.batch_size completions, num_generations per prompt")
         sft_batching = self.data.max_tokens_per_batch is not None or self.data.group_by_length
         _check(kind != TrainerKind.dpo or not sft_batching,
                "data.max_tokens_per_batch and data.group_by_length are for trainer=sft; DPO batches are "

@@ -280,12 +280,15 @@ class CheckedData:
     report: DataReport
 
 
-def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42) -> CheckedData:
+def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, load=load_split_rows,
+               measurer=None) -> CheckedData:
     """Read both splits, measure every row, and report. Raises DataError only for what makes the dataset
-    unusable as a whole (a missing or unreadable file, a hub id that does not load); bad rows are in the report."""
-    collator = VisionChatCollator(processor, cfg)
+    unusable as a whole (a missing or unreadable file, a hub id that does not load); bad rows are in the report.
+    `load(cfg, problems)` reads the rows and `measurer.measure(row)` checks one (default: SFT conversations and
+    the SFT collator; GRPO passes its prompt rows and data.prompts.PromptMeasurer)."""
+    collator = measurer if measurer is not None else VisionChatCollator(processor, cfg)
     load_problems: List[Problem] = []
-    train_rows, eval_rows = load_split_rows(cfg, load_problems)
+    train_rows, eval_rows = load(cfg, load_problems)
     train, train_report = check_rows(train_rows, collator, "train", cfg.num_workers)
     evaluation, eval_report = check_rows(eval_rows, collator, "eval", cfg.num_workers)
     splits = {"train": train_report} if not eval_rows else {"train": train_report, "eval": eval_report}
@@ -304,10 +307,12 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42) 
     return CheckedData(train, evaluation, report)
 
 
-def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int = 42, output_dir=None):
+def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int = 42, output_dir=None,
+                        load=load_split_rows, measurer=None, as_dataset=to_dataset):
     """(train dataset, eval dataset or None, report) for training: the check first, and a refusal to go on with
-    invalid rows unless data.skip_invalid (then they are left out and counted)."""
-    checked = check_data(cfg, processor, batch_size, seed)
+    invalid rows unless data.skip_invalid (then they are left out and counted). `load` and `measurer` as in
+    check_data; `as_dataset` turns the kept rows into a datasets.Dataset."""
+    checked = check_data(cfg, processor, batch_size, seed, load, measurer)
     report = checked.report
     listing = _write_report(report, output_dir)
     log.info("data check:\n%s", report.text(problems=False))
@@ -317,7 +322,7 @@ def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int =
         log.warning("data.skip_invalid=true: %d invalid row(s) left out", len(report.problems))
     if not checked.train:
         raise DataError(f"{cfg.path or 'shapes'}: no training rows left after the data check")
-    return to_dataset(checked.train), (to_dataset(checked.eval) if checked.eval else None), report
+    return as_dataset(checked.train), (as_dataset(checked.eval) if checked.eval else None), report
 
 
 def _write_report(report: DataReport, output_dir) -> Optional[str]:
