@@ -97,6 +97,18 @@ class ArchitectureConfig:
 
 
 @dataclass
+class StartFromConfig:
+    """model.start_from: the weights a run starts from are the `final/` of another training run, which
+    `qwenvl-ft train` trains first (in-process) when it has none yet; eval, infer and merge load it as the base. It
+    must be a full model (a recipe with adapter=full). The model group still names the architecture and processor
+    (data-check and estimate use them before that run exists). Delete its folder to train it again."""
+
+    recipe: str = MISSING  # the recipe of that run
+    output_dir: str = MISSING  # where it is (or will be) trained; its final/ is the starting model
+    overrides: List[str] = field(default_factory=list)  # overrides of that run, as on the command line
+
+
+@dataclass
 class ModelConfig:
     """Which checkpoint to load and what of it to train."""
 
@@ -118,6 +130,7 @@ class ModelConfig:
     freeze_merger: bool = True  # the patch merger that projects vision features into the language model
     freeze_language_model: bool = False  # embeddings, decoder layers and lm_head
     trust_remote_code: bool = False
+    start_from: Optional[StartFromConfig] = None  # start from the result of another run (see StartFromConfig)
 
     def __post_init__(self) -> None:
         _check(not self.random_init or self.architecture is not None,

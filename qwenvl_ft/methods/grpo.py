@@ -277,8 +277,11 @@ def format_rewards(summary: Dict[str, Optional[float]]) -> str:
 
 
 def train(cfg) -> Dict:
+    from qwenvl_ft.config.compose import validate
     from qwenvl_ft.training.common import interrupted, optimizer_steps, save_final, start_run, write_history
+    from qwenvl_ft.training.start_from import train_start_model
 
+    train_start_model(validate(cfg))
     run = start_run(cfg)
     if run.finished is not None:
         return run.finished

@@ -12,16 +12,28 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, DataConfig, ModelConfig, ModelFamily, \
-    OptimizerConfig
+from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, ConfigError, DataConfig, ModelConfig, \
+    ModelFamily, OptimizerConfig
 
 log = logging.getLogger("qwenvl_ft")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def model_source(model_cfg: ModelConfig) -> str:
-    """Hub id or folder to load from; random models are written to a cache folder first."""
+def model_source(model_cfg: ModelConfig, weights: bool = True) -> str:
+    """Hub id or folder to load from; random models are written to a cache folder first. With model.start_from,
+    that run's final/; when it is not trained yet, loading weights is a ConfigError, while the processor
+    (`weights=False`) comes from the model group, which that run starts from too."""
+    start = model_cfg.start_from
+    if start is not None:
+        from pathlib import Path
+
+        final = Path(start.output_dir).expanduser() / "final"
+        if final.is_dir():
+            return str(final)
+        if weights:
+            raise ConfigError(f"model.start_from: {final} does not exist yet; `qwenvl-ft train` with this config "
+                              f"trains it first (recipe={start.recipe})")
     if model_cfg.random_init:
         from qwenvl_ft.modeling.random_init import materialize
 
@@ -32,7 +44,7 @@ def model_source(model_cfg: ModelConfig) -> str:
 def build_processor(model_cfg: ModelConfig, data_cfg: DataConfig, source: Optional[str] = None):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(source or model_source(model_cfg),
+    processor = AutoProcessor.from_pretrained(source or model_source(model_cfg, weights=False),
                                               trust_remote_code=model_cfg.trust_remote_code)
     if data_cfg.min_pixels is not None or data_cfg.max_pixels is not None:
         # Image resolution bounds through `size` (min/max_pixels keywords are deprecated in transformers 5);

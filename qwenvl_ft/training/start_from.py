@@ -1,0 +1,33 @@
+"""model.start_from: train the run a config starts from, when it has no final/ yet (the GRPO demo starts from a
+short SFT run of the demo recipe; any method can start from any full-model run)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qwenvl_ft.config.schema import ConfigError, TrainConfig
+
+log = logging.getLogger("qwenvl_ft")
+
+
+def train_start_model(typed: TrainConfig) -> None:
+    """Trains `model.start_from` in-process unless its final/ exists; ConfigError when what it leaves is not a full
+    model (an adapter cannot be a base to load)."""
+    start = typed.model.start_from
+    if start is None:
+        return
+    output_dir = Path(start.output_dir).expanduser()
+    final = output_dir / "final"
+    if not final.is_dir():
+        from qwenvl_ft.config.compose import compose_run
+        from qwenvl_ft.training import train
+
+        overrides = [f"recipe={start.recipe}", *start.overrides]
+        log.info("model.start_from: training %s first (%s) in %s", start.recipe, " ".join(overrides[1:]) or
+                 "no overrides", output_dir)
+        train(compose_run(overrides, str(output_dir)))
+    if not (final / "config.json").is_file():
+        raise ConfigError(f"model.start_from: {final} holds no full model (config.json); the run it starts from must "
+                          f"train the whole model (adapter=full) or be merged first (qwenvl-ft merge)")
+    log.info("model.start_from: starting from %s", final)
