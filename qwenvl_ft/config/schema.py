@@ -12,20 +12,13 @@ This module imports only the standard library, omegaconf and hydra: `--cfg job` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
-from typing import Any, Dict, List, Optional
-
-from omegaconf import MISSING
+from typing import List, Optional
 
 
-class ConfigError(ValueError):
-    """A config value is out of range or inconsistent with another value."""
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+from qwenvl_ft import methods
+from qwenvl_ft.config.base import ConfigError, check as _check  # noqa: F401 (ConfigError is re-exported)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,12 +92,13 @@ class ArchitectureConfig:
 @dataclass
 class StartFromConfig:
     """model.start_from: the weights a run starts from are the `final/` of another training run, which
-    `qwenvl-ft train` trains first (in-process) when it has none yet; eval, infer and merge load it as the base. It
-    must be a full model (a recipe with adapter=full). The model group still names the architecture and processor
-    (data-check and estimate use them before that run exists). Delete its folder to train it again."""
+    `qwenvl-ft train` trains first (in-process) when it has none yet; eval, infer and merge load it as the base
+    (until it exists, the model group's own weights, with a warning). It must be a full model (a recipe with
+    adapter=full). The model group still names the architecture and the processor, which data-check and estimate
+    use. Delete its folder to train it again."""
 
-    recipe: str = MISSING  # the recipe of that run
-    output_dir: str = MISSING  # where it is (or will be) trained; its final/ is the starting model
+    recipe: str = "???"  # the recipe of that run (required)
+    output_dir: str = "???"  # where it is (or will be) trained; its final/ is the starting model (required)
     overrides: List[str] = field(default_factory=list)  # overrides of that run, as on the command line
 
 
@@ -156,36 +150,23 @@ class ModelConfig:
 # data
 
 
-class DataFormat(str, Enum):
-    shapes = "shapes"  # generated offline: coloured shapes and questions about them (the demo)
-    llava = "llava"  # `conversations` with from/value and <image> placeholders, `image` path(s) or base64
-    messages = "messages"  # OpenAI / TRL style `messages` with content lists and an `images` column
-    self_llm = "self_llm"  # caption layout: image path between <|vision_start|> and <|vision_end|> in user text
-    amazon = "amazon"  # column formatter for philschmid/amazon-product-descriptions-vlm
-    columns = "columns"  # any table: data.columns names the image and answer columns, data.prompt the user text
-    # Detected per row: `messages` -> messages; `conversations` -> self_llm when the first user text embeds
-    # <|vision_start|>path<|vision_end|>, llava otherwise.
-    auto = "auto"
-    # Preference pairs for trainer.kind=dpo (qwenvl_ft/data/preference.py):
-    llava_preference = "llava_preference"  # `image`, `prompt` (text, optional <image>), `chosen`, `rejected` (text)
-    messages_preference = "messages_preference"  # HF / TRL: `images` + `prompt` / `chosen` / `rejected` messages
-    shapes_preference = "shapes_preference"  # generated: the right description of a shape image vs a wrong one
-    # Prompt rows for trainer.kind=grpo (qwenvl_ft/data/prompts.py): image(s), a prompt, a reference for the rewards
-    llava_prompt = "llava_prompt"  # `image`, `prompt`/`question`/`problem` (text, optional <image>), `solution`
-    messages_prompt = "messages_prompt"  # HF / TRL: `images` + `prompt` messages (+ `solution`)
-    shapes_prompt = "shapes_prompt"  # generated: a shape image, "What is in the image?", solution "a red circle"
-
+class _DataFormatBase(str, Enum):
     @property
-    def is_preference(self) -> bool:
-        return self in (DataFormat.llava_preference, DataFormat.messages_preference, DataFormat.shapes_preference)
-
-    @property
-    def is_prompt(self) -> bool:
-        return self in (DataFormat.llava_prompt, DataFormat.messages_prompt, DataFormat.shapes_prompt)
+    def method(self):
+        """The training method that reads this format (qwenvl_ft/methods/)."""
+        return methods.format_owner(self)
 
     @property
     def is_generated(self) -> bool:
-        return self in (DataFormat.shapes, DataFormat.shapes_preference, DataFormat.shapes_prompt)
+        """Made in-process (the demos' shapes): no data.path."""
+        return self.value in self.method.generated_formats
+
+
+# Every training method declares the formats it reads (`Method.data_formats`: SFT the conversation layouts
+# shapes, llava, messages, self_llm, amazon, columns and auto; DPO the preference-pair layouts; ...), so a new
+# method brings its own formats without an edit here.
+DataFormat = _DataFormatBase("DataFormat", [(name, name) for method in methods.registry().values()
+                                            for name in method.data_formats])
 
 
 @dataclass
@@ -401,181 +382,8 @@ class OptimizerConfig:
 # trainer
 
 
-class TrainerKind(str, Enum):
-    sft = "sft"  # supervised fine-tuning on conversations (qwenvl_ft/training/sft.py)
-    dpo = "dpo"  # direct preference optimisation on chosen/rejected pairs (qwenvl_ft/training/dpo.py)
-    grpo = "grpo"  # group relative policy optimisation with reward functions on prompt rows (methods/grpo.py)
-
-
-class DpoLossType(str, Enum):
-    """TRL 1.16 DPOTrainer losses (see trl.DPOConfig.loss_type)."""
-
-    sigmoid = "sigmoid"  # the original DPO loss
-    hinge = "hinge"  # SLiC
-    ipo = "ipo"  # IPO; beta is its regularisation tau
-    exo_pair = "exo_pair"  # EXO; needs label_smoothing > 0 (paper: 1e-3)
-    nca_pair = "nca_pair"
-    robust = "robust"  # robust DPO; label_smoothing = probability a label is flipped, in [0, 0.5)
-    bco_pair = "bco_pair"
-    sppo_hard = "sppo_hard"
-    aot = "aot"
-    aot_unpaired = "aot_unpaired"
-    apo_zero = "apo_zero"  # chosen answers better than the model's own
-    apo_down = "apo_down"  # chosen answers worse than the model's own
-    discopop = "discopop"
-    sft = "sft"  # negative log-likelihood of the chosen answer (combine with sigmoid for RPO/MPO-style mixes)
-    sigmoid_norm = "sigmoid_norm"  # sigmoid on length-normalised log-ratios
-
-
-@dataclass
-class DpoConfig:
-    """Settings of trainer.kind=dpo, handed to TRL's DPOConfig.
-
-    The reference policy is the starting model: for LoRA/DoRA/QLoRA the same weights with the adapter disabled (no
-    second copy in memory), for full fine-tuning a second, frozen copy. Sequence length is data.max_length (prompt +
-    answer, never cut inside an image); TRL 1.16 has no separate prompt/completion limits.
-    """
-
-    beta: float = 0.1  # strength of the pull towards the reference: higher stays closer
-    loss_type: List[DpoLossType] = field(default_factory=lambda: [DpoLossType.sigmoid])  # several are summed
-    loss_weights: Optional[List[float]] = None  # one per loss_type (None: all 1.0)
-    label_smoothing: float = 0.0  # robust / exo_pair only
-    # Compute the reference log-probabilities of every pair once before training (one pass over the data) instead
-    # of a reference forward per step: about a quarter less compute per step, and full fine-tuning frees the
-    # reference copy before the first step. Held-out rows are precomputed too.
-    precompute_ref_log_probs: bool = False
-    precompute_ref_batch_size: Optional[int] = None  # batch size of that pass (None: trainer.batch_size)
-
-    def __post_init__(self) -> None:
-        _check(self.beta > 0, "trainer.dpo.beta must be > 0")
-        _check(len(self.loss_type) > 0, "trainer.dpo.loss_type must name at least one loss")
-        _check(len(set(self.loss_type)) == len(self.loss_type), "trainer.dpo.loss_type lists a loss twice")
-        _check(self.loss_weights is None or len(self.loss_weights) == len(self.loss_type),
-               f"trainer.dpo.loss_weights needs one weight per loss_type ({len(self.loss_type)})")
-        _check(0.0 <= self.label_smoothing < 0.5, "trainer.dpo.label_smoothing must be in [0, 0.5)")
-        _check(DpoLossType.exo_pair not in self.loss_type or self.label_smoothing > 0,
-               "trainer.dpo.loss_type=exo_pair needs trainer.dpo.label_smoothing > 0 (the EXO paper uses 1e-3)")
-        _check(self.precompute_ref_batch_size is None or self.precompute_ref_batch_size > 0,
-               "trainer.dpo.precompute_ref_batch_size must be > 0")
-
-
-class GrpoLossType(str, Enum):
-    """TRL 1.16 GRPOTrainer losses (see trl.GRPOConfig.loss_type)."""
-
-    grpo = "grpo"  # per-sequence mean of the token losses (the paper; biased towards short correct answers)
-    dapo = "dapo"  # token losses over the tokens of the whole accumulated batch (DAPO; TRL's default)
-    dr_grpo = "dr_grpo"  # token losses over batch x max_completion_length (Dr. GRPO)
-    bnpo = "bnpo"  # token losses over the tokens of the local batch
-    cispo = "cispo"  # clipped importance weights times log-probabilities (MiniMax-M1); epsilon_high ~ 5
-    sapo = "sapo"  # a smooth temperature-controlled gate instead of clipping (SAPO)
-    luspo = "luspo"  # GSPO's sequence loss scaled by length; wants importance_sampling_level=sequence
-    vespo = "vespo"  # Gamma-weighted sequence importance weights (VESPO)
-
-
-class ImportanceSampling(str, Enum):
-    token = "token"  # one ratio per token (GRPO)
-    sequence = "sequence"  # one ratio per completion (GSPO)
-
-
-class RewardScaling(str, Enum):
-    group = "group"  # advantages divided by the std of their prompt's group (GRPO)
-    batch = "batch"  # ... by the std of the whole batch
-    none = "none"  # not divided (Dr. GRPO: scaling biases towards too easy and too hard prompts)
-
-
-class RewardAggregation(str, Enum):
-    sum_then_normalize = "sum_then_normalize"  # weighted sum of the rewards, then the group normalisation
-    normalize_then_sum = "normalize_then_sum"  # each reward normalised in its group first, then summed (GDPO)
-
-
-@dataclass
-class RewardConfig:
-    """One reward function of trainer.kind=grpo (qwenvl_ft/rewards). The total reward of a completion is the
-    weighted sum of the rewards that apply to its row."""
-
-    # A built-in (exact_match, normalised_match, number_match, choice_match, format, valid_json, box_iou) or your
-    # own: "package.module:function" (importable) or "path/to/file.py:function".
-    function: str = MISSING
-    name: Optional[str] = None  # label in logs, TensorBoard and reports (default: the function's name)
-    weight: float = 1.0
-    options: Dict[str, Any] = field(default_factory=dict)  # the built-in's options, or keyword arguments of yours
-
-
-@dataclass
-class VllmConfig:
-    """Generation with vLLM inside the training process (TRL's colocate mode): much faster sampling on GPUs, the
-    policy's weights copied into vLLM after every optimizer step. Needs `pip install vllm` and CUDA."""
-
-    enabled: bool = False
-    gpu_memory_utilization: float = 0.3  # share of each GPU vLLM may take (weights + KV cache)
-    tensor_parallel_size: int = 1
-    enable_sleep_mode: bool = False  # offload vLLM's weights and cache during the optimizer step
-    max_model_length: Optional[int] = None  # vLLM context (None: data.max_length + max_completion_length)
-
-    def __post_init__(self) -> None:
-        _check(0 < self.gpu_memory_utilization < 1, "trainer.grpo.vllm.gpu_memory_utilization must be in (0, 1)")
-        _check(self.tensor_parallel_size >= 1, "trainer.grpo.vllm.tensor_parallel_size must be >= 1")
-        _check(self.max_model_length is None or self.max_model_length > 0,
-               "trainer.grpo.vllm.max_model_length must be > 0")
-
-
-@dataclass
-class GrpoConfig:
-    """Settings of trainer.kind=grpo, handed to TRL's GRPOConfig (qwenvl_ft/methods/grpo.py).
-
-    Each optimizer step samples `num_generations` completions of every prompt, scores them with the reward
-    functions, and pushes each completion's probability up or down by how its reward compares with the others of
-    its group. trainer.batch_size counts completions (per device): a batch of 8 with num_generations=4 holds 2
-    prompts, and batch_size x gradient_accumulation_steps x devices must be a multiple of num_generations.
-    The reference policy (the KL term, weight `beta`) is the starting model: for LoRA/DoRA/QLoRA the same weights
-    with the adapter disabled (no second copy in memory), for full fine-tuning a second, frozen copy; beta=0 drops
-    the KL term and with it the reference.
-    """
-
-    num_generations: int = 8  # group size G: completions sampled per prompt
-    max_completion_length: int = 256  # tokens per completion (data.max_length bounds the prompt)
-    temperature: float = 1.0  # sampling settings of the completions
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    min_p: Optional[float] = None
-    repetition_penalty: float = 1.0
-    beta: float = 0.04  # KL coefficient towards the reference (DeepSeekMath: 0.04; 0: no KL, no reference)
-    epsilon: float = 0.2  # clipping of the probability ratio: [1 - epsilon, 1 + epsilon_high]
-    epsilon_high: Optional[float] = None  # None: epsilon (DAPO's clip-higher: 0.28)
-    loss_type: GrpoLossType = GrpoLossType.dapo
-    importance_sampling_level: ImportanceSampling = ImportanceSampling.token
-    scale_rewards: RewardScaling = RewardScaling.group
-    reward_aggregation: RewardAggregation = RewardAggregation.sum_then_normalize
-    num_iterations: int = 1  # optimizer passes over each batch of completions (mu)
-    mask_truncated_completions: bool = False  # completions cut at max_completion_length add no loss (DAPO)
-    # Full fine-tuning only: move the reference towards the policy every ref_model_sync_steps (TR-DPO style).
-    sync_ref_model: bool = False
-    ref_model_sync_steps: int = 512
-    ref_model_mixup_alpha: float = 0.6
-    rewards: List[RewardConfig] = field(default_factory=list)
-    log_completions: int = 4  # sampled completions (with their rewards) written to TensorBoard per logging step
-    vllm: VllmConfig = field(default_factory=VllmConfig)
-
-    def __post_init__(self) -> None:
-        _check(self.num_generations >= 2, "trainer.grpo.num_generations must be >= 2 (advantages compare the "
-                                          "completions of a group)")
-        _check(self.max_completion_length > 0, "trainer.grpo.max_completion_length must be > 0")
-        _check(self.temperature > 0, "trainer.grpo.temperature must be > 0")
-        _check(0 < self.top_p <= 1, "trainer.grpo.top_p must be in (0, 1]")
-        _check(self.top_k >= 0, "trainer.grpo.top_k must be >= 0")
-        _check(self.min_p is None or 0 <= self.min_p <= 1, "trainer.grpo.min_p must be in [0, 1]")
-        _check(self.repetition_penalty > 0, "trainer.grpo.repetition_penalty must be > 0")
-        _check(self.beta >= 0, "trainer.grpo.beta must be >= 0")
-        _check(self.epsilon > 0 and (self.epsilon_high is None or self.epsilon_high > 0),
-               "trainer.grpo.epsilon and epsilon_high must be > 0")
-        _check(self.num_iterations >= 1, "trainer.grpo.num_iterations must be >= 1")
-        _check(self.log_completions >= 0, "trainer.grpo.log_completions must be >= 0")
-        _check(self.ref_model_sync_steps > 0 and 0 <= self.ref_model_mixup_alpha <= 1,
-               "trainer.grpo.ref_model_sync_steps must be > 0 and ref_model_mixup_alpha in [0, 1]")
-        _check(not self.sync_ref_model or self.beta > 0,
-               "trainer.grpo.sync_ref_model needs trainer.grpo.beta > 0 (without the KL term there is no reference)")
-        _check(self.loss_type != GrpoLossType.luspo or self.importance_sampling_level == ImportanceSampling.sequence,
-               "trainer.grpo.loss_type=luspo needs trainer.grpo.importance_sampling_level=sequence")
+# One choice per registered training method (qwenvl_ft/methods/: sft, dpo, ...).
+TrainerKind = Enum("TrainerKind", [(name, name) for name in methods.names()], type=str)
 
 
 class Precision(str, Enum):
@@ -585,8 +393,9 @@ class Precision(str, Enum):
 
 
 @dataclass
-class TrainerConfig:
-    """The training loop: length, batch, precision, logging and checkpoints."""
+class TrainerSettings:
+    """The training loop: length, batch, precision, logging and checkpoints. `TrainerConfig` below adds one
+    sub-config per training method that has settings of its own (`trainer.dpo.*`, ...)."""
 
     kind: TrainerKind = TrainerKind.sft
     epochs: float = 1.0
@@ -616,8 +425,6 @@ class TrainerConfig:
     greater_is_better: Optional[bool] = None  # None: False for metrics ending in "loss", else True
     early_stopping_patience: Optional[int] = None  # stop after this many evaluations without improvement
     early_stopping_threshold: float = 0.0  # an improvement must beat the best by more than this
-    dpo: DpoConfig = field(default_factory=DpoConfig)  # used by kind=dpo only
-    grpo: GrpoConfig = field(default_factory=GrpoConfig)  # used by kind=grpo only
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0 or self.max_steps > 0, "trainer.epochs or trainer.max_steps must be > 0")
@@ -642,6 +449,14 @@ class TrainerConfig:
         _check(self.early_stopping_patience is None or self.early_stopping_patience > 0,
                "trainer.early_stopping_patience must be > 0")
         _check(self.early_stopping_threshold >= 0, "trainer.early_stopping_threshold must be >= 0")
+
+
+TrainerConfig = make_dataclass(
+    "TrainerConfig",
+    [(m.name, m.settings, field(default_factory=m.settings)) for m in methods.registry().values() if m.settings],
+    bases=(TrainerSettings,),
+)
+TrainerConfig.__doc__ = TrainerSettings.__doc__
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -671,26 +486,12 @@ class TrainConfig:
         else:
             trains_something = not (m.freeze_language_model and m.freeze_merger and m.freeze_vision_tower)
         _check(trains_something, "model.freeze_* and the adapter settings leave nothing to train")
-        kind, data_format = self.trainer.kind, self.data.format
-        _check(kind != TrainerKind.dpo or data_format.is_preference,
-               f"trainer=dpo needs preference pairs, but data.format={data_format.value}; use data=llava_preference, "
-               f"data=messages_preference or data=shapes_preference")
-        _check(kind != TrainerKind.sft or not data_format.is_preference,
-               f"data.format={data_format.value} holds preference pairs: train it with trainer=dpo")
-        _check(kind != TrainerKind.grpo or data_format.is_prompt,
-               f"trainer=grpo needs prompt rows, but data.format={data_format.value}; use data=llava_prompt, "
-               f"data=messages_prompt or data=shapes_prompt (LLaVA and messages SFT rows load there too: their last "
-               f"answer becomes the reference)")
-        _check(kind == TrainerKind.grpo or not data_format.is_prompt,
-               f"data.format={data_format.value} holds prompt rows: train it with trainer=grpo")
-        _check(kind != TrainerKind.grpo or not (self.data.packing or self.data.max_tokens_per_batch is not None
-                                                or self.data.group_by_length),
-               "data.packing, data.max_tokens_per_batch and data.group_by_length are for trainer=sft; a GRPO batch is "
-               "trainer.batch_size completions, num_generations per prompt")
-        sft_batching = self.data.max_tokens_per_batch is not None or self.data.group_by_length
-        _check(kind != TrainerKind.dpo or not sft_batching,
-               "data.max_tokens_per_batch and data.group_by_length are for trainer=sft; DPO batches are "
-               "trainer.batch_size pairs (data.packing=true runs each of them without padding)")
+        # Each data format belongs to the method that reads it; the method checks the rest of its settings.
+        method, owner = methods.get(self.trainer.kind), self.data.format.method
+        _check(owner is method, f"trainer={method.name} needs {method.row_kind}, but data.format="
+                                f"{self.data.format.value} holds {owner.row_kind}: train it with trainer={owner.name}, "
+                                f"or use data={', data='.join(method.data_formats)}")
+        method.check_config(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------

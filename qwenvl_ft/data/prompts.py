@@ -221,12 +221,12 @@ def generate_prompts(cfg: ShapesConfig) -> Tuple[List[dict], List[dict]]:
 def load_prompt_rows(cfg: DataConfig, problems: Optional[List[Problem]] = None) -> Tuple[List[dict], List[dict]]:
     """(train rows, eval rows) of canonical prompt rows: read (or generated), seeded shuffle and split,
     data.max_samples. With `problems`, rows whose structure is wrong are recorded there and left out."""
-    if not cfg.format.is_prompt:
-        raise DataError(f"data.format={cfg.format.value} does not hold GRPO prompt rows")
     if cfg.format == DataFormat.shapes_prompt:
         train, evaluation = generate_prompts(cfg.shapes)
-    else:
+    elif cfg.format in CONVERTERS:
         train, evaluation = read_and_split(cfg, problems, CONVERTERS)
+    else:
+        raise DataError(f"data.format={cfg.format.value} does not hold GRPO prompt rows")
     if cfg.max_samples is not None:
         train = train[: cfg.max_samples]
     return train, evaluation
@@ -334,13 +334,3 @@ class PromptImages:
                 loaded[key] = [tvF.to_pil_image(pixels) for pixels in visuals.images]
             out.append({**row, "images": loaded[key]})
         return out
-
-
-def load_prompt_splits(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, output_dir=None):
-    """(train dataset, eval dataset or None, report) for GRPO training: every row read and measured first (the
-    data check, data_check.json), invalid rows refused unless data.skip_invalid, prompts over data.max_length
-    dropped."""
-    from qwenvl_ft.data.check import load_checked_splits
-
-    return load_checked_splits(cfg, processor, batch_size, seed, output_dir, load=load_prompt_rows,
-                               measurer=PromptMeasurer(processor, cfg), as_dataset=to_prompt_dataset)

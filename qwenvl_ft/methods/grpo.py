@@ -32,21 +32,323 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from qwenvl_ft.config.schema import ConfigError, TrainConfig
+from qwenvl_ft.config.base import ConfigError, check
+from qwenvl_ft.methods.base import Method, TrainerParts
 
 log = logging.getLogger("qwenvl_ft")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# settings: trainer.grpo
+
+
+class GrpoLossType(str, Enum):
+    """TRL 1.16 GRPOTrainer losses (see trl.GRPOConfig.loss_type)."""
+
+    grpo = "grpo"  # per-sequence mean of the token losses (the paper; favours short correct answers)
+    dapo = "dapo"  # token losses over the tokens of the whole accumulated batch (DAPO; TRL's default)
+    dr_grpo = "dr_grpo"  # token losses over batch x max_completion_length (Dr. GRPO)
+    bnpo = "bnpo"  # token losses over the tokens of the local batch
+    cispo = "cispo"  # clipped importance weights times log-probabilities (MiniMax-M1); epsilon_high ~ 5
+    sapo = "sapo"  # a smooth temperature-controlled gate instead of clipping (SAPO)
+    luspo = "luspo"  # GSPO's sequence loss scaled by length; needs importance_sampling_level=sequence
+    vespo = "vespo"  # Gamma-weighted sequence importance weights (VESPO)
+
+
+class ImportanceSampling(str, Enum):
+    token = "token"  # one probability ratio per token (GRPO)
+    sequence = "sequence"  # one per completion (GSPO)
+
+
+class RewardScaling(str, Enum):
+    group = "group"  # advantages divided by the std of their prompt's group (GRPO)
+    batch = "batch"  # ... by the std of the whole batch
+    none = "none"  # not divided (Dr. GRPO: scaling favours too easy and too hard prompts)
+
+
+class RewardAggregation(str, Enum):
+    sum_then_normalize = "sum_then_normalize"  # weighted sum of the rewards, then the group normalisation
+    normalize_then_sum = "normalize_then_sum"  # each reward normalised in its group first, then summed (GDPO)
+
+
+@dataclass
+class RewardConfig:
+    """One reward function (qwenvl_ft/rewards). A completion's reward is the weighted sum of the rewards that apply
+    to its row."""
+
+    # A built-in (exact_match, normalised_match, number_match, choice_match, format, valid_json, box_iou), or your
+    # own: "package.module:function" (importable) or "path/to/file.py:function". Required ("???" is OmegaConf's
+    # missing value).
+    function: str = "???"
+    name: Optional[str] = None  # label in logs, TensorBoard and reports (default: the function's name)
+    weight: float = 1.0
+    options: Dict[str, Any] = field(default_factory=dict)  # the built-in's options, or keyword arguments of yours
+
+
+@dataclass
+class VllmConfig:
+    """Generation with vLLM inside the training process (TRL's colocate mode): much faster sampling on GPUs, the
+    policy's weights copied into vLLM after every optimizer step. Needs `pip install vllm` and CUDA."""
+
+    enabled: bool = False
+    gpu_memory_utilization: float = 0.3  # share of each GPU vLLM may take (weights + KV cache)
+    tensor_parallel_size: int = 1
+    enable_sleep_mode: bool = False  # offload vLLM's weights and cache during the optimizer step
+    max_model_length: Optional[int] = None  # vLLM context (None: data.max_length + max_completion_length)
+
+    def __post_init__(self) -> None:
+        check(0 < self.gpu_memory_utilization < 1, "trainer.grpo.vllm.gpu_memory_utilization must be in (0, 1)")
+        check(self.tensor_parallel_size >= 1, "trainer.grpo.vllm.tensor_parallel_size must be >= 1")
+        check(self.max_model_length is None or self.max_model_length > 0,
+              "trainer.grpo.vllm.max_model_length must be > 0")
+
+
+@dataclass
+class GrpoConfig:
+    """`trainer.grpo.*`, handed to TRL's GRPOConfig.
+
+    Each step samples `num_generations` completions of every prompt, scores them with the reward functions, and
+    makes each completion more or less likely by how its reward compares with its group's. trainer.batch_size counts
+    completions per device: a batch of 8 with num_generations=4 holds 2 prompts, and batch_size x
+    gradient_accumulation_steps x devices must be a multiple of num_generations. The reference (the KL term, weight
+    `beta`) is the starting model: for LoRA/DoRA/QLoRA the same weights with the adapter disabled (no second copy),
+    for full fine-tuning a frozen copy; beta=0 drops the KL term and the reference with it.
+    """
+
+    num_generations: int = 8  # group size G: completions sampled per prompt
+    max_completion_length: int = 256  # tokens per completion (data.max_length bounds the prompt)
+    temperature: float = 1.0  # sampling of the completions
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    beta: float = 0.04  # KL coefficient towards the reference (DeepSeekMath: 0.04; 0: no KL, no reference)
+    epsilon: float = 0.2  # clipping of the probability ratio to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[float] = None  # None: epsilon (DAPO's clip-higher: 0.28)
+    loss_type: GrpoLossType = GrpoLossType.dapo
+    importance_sampling_level: ImportanceSampling = ImportanceSampling.token
+    scale_rewards: RewardScaling = RewardScaling.group
+    reward_aggregation: RewardAggregation = RewardAggregation.sum_then_normalize
+    num_iterations: int = 1  # optimizer passes over each batch of completions (mu)
+    mask_truncated_completions: bool = False  # completions cut at max_completion_length add no loss (DAPO)
+    # Full fine-tuning only: move the reference towards the policy every ref_model_sync_steps (TR-DPO style).
+    sync_ref_model: bool = False
+    ref_model_sync_steps: int = 512
+    ref_model_mixup_alpha: float = 0.6
+    rewards: List[RewardConfig] = field(default_factory=list)
+    log_completions: int = 4  # sampled completions (with their rewards) written to TensorBoard per logging step
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+    def __post_init__(self) -> None:
+        check(self.num_generations >= 2, "trainer.grpo.num_generations must be >= 2 (advantages compare the "
+                                         "completions of a group)")
+        check(self.max_completion_length > 0, "trainer.grpo.max_completion_length must be > 0")
+        check(self.temperature > 0, "trainer.grpo.temperature must be > 0")
+        check(0 < self.top_p <= 1, "trainer.grpo.top_p must be in (0, 1]")
+        check(self.top_k >= 0, "trainer.grpo.top_k must be >= 0")
+        check(self.min_p is None or 0 <= self.min_p <= 1, "trainer.grpo.min_p must be in [0, 1]")
+        check(self.repetition_penalty > 0, "trainer.grpo.repetition_penalty must be > 0")
+        check(self.beta >= 0, "trainer.grpo.beta must be >= 0")
+        check(self.epsilon > 0 and (self.epsilon_high is None or self.epsilon_high > 0),
+              "trainer.grpo.epsilon and epsilon_high must be > 0")
+        check(self.num_iterations >= 1, "trainer.grpo.num_iterations must be >= 1")
+        check(self.log_completions >= 0, "trainer.grpo.log_completions must be >= 0")
+        check(self.ref_model_sync_steps > 0 and 0 <= self.ref_model_mixup_alpha <= 1,
+              "trainer.grpo.ref_model_sync_steps must be > 0 and ref_model_mixup_alpha in [0, 1]")
+        check(not self.sync_ref_model or self.beta > 0,
+              "trainer.grpo.sync_ref_model needs trainer.grpo.beta > 0 (without the KL term there is no reference)")
+        check(self.loss_type != GrpoLossType.luspo or self.importance_sampling_level == ImportanceSampling.sequence,
+              "trainer.grpo.loss_type=luspo needs trainer.grpo.importance_sampling_level=sequence")
+
+
+FORMATS = {
+    "llava_prompt": "`image`, `prompt`/`question`/`problem` (text, optional <image>), `solution`/`answer`; or LLaVA "
+                    "`conversations` whose last answer is the solution",
+    "messages_prompt": "HF / TRL: `images` + `prompt` messages (or `messages` ending on the answer), `solution`",
+    "shapes_prompt": "generated: a shape image, \"What is in the image?\", solution \"a red circle\"",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the method
+
+
+class Grpo(Method):
+    name = "grpo"
+    summary = "group relative policy optimisation: sampled completions scored by reward functions (TRL GRPOTrainer)"
+    demo_recipe = "grpo_demo"
+    settings = GrpoConfig
+    data_formats = FORMATS
+    generated_formats = ("shapes_prompt",)
+    row_kind = "prompts"
+    batch_unit = "completions"
+
+    def check_config(self, cfg) -> None:
+        """Besides the base rules: no packing (a GRPO batch is built inside TRL), and the rewards resolved, so that
+        an unknown reward, a bad path or a signature TRL cannot call fails at validation, before anything loads."""
+        from qwenvl_ft.rewards import build_rewards
+
+        super().check_config(cfg)
+        check(not cfg.data.packing, "data.packing is for trainer=sft and trainer=dpo; TRL's GRPOTrainer builds the "
+                                    "batches of prompts and completions itself")
+        build_rewards(cfg.trainer.grpo.rewards)
+
+    # -- data ----------------------------------------------------------------------------------------------------
+
+    def read_rows(self, data_cfg, problems: Optional[list] = None) -> Tuple[List[dict], List[dict]]:
+        from qwenvl_ft.data.prompts import load_prompt_rows
+
+        return load_prompt_rows(data_cfg, problems)
+
+    def measurer(self, processor, data_cfg):
+        from qwenvl_ft.data.prompts import PromptMeasurer
+
+        return PromptMeasurer(processor, data_cfg).measure
+
+    def to_dataset(self, rows: List[dict]):
+        from qwenvl_ft.data.prompts import to_prompt_dataset
+
+        return to_prompt_dataset(rows)
+
+    def collator(self, processor, data_cfg):
+        from qwenvl_ft.data.prompts import PromptImages
+
+        return PromptImages(processor, data_cfg)
+
+    # -- training ------------------------------------------------------------------------------------------------
+
+    def trainer_arguments(self, parts: TrainerParts, common: Dict):
+        from trl import GRPOConfig
+
+        from qwenvl_ft.rewards import build_rewards, check_fields
+
+        cfg = parts.cfg
+        g = cfg.trainer.grpo
+        rewards = build_rewards(g.rewards)
+        check_fields(rewards, parts.train_rows.column_names)
+        check_group_batch(cfg, world_size())
+        check_vllm(cfg)
+        parts.state["rewards"] = rewards
+        log.info("grpo: %d completions per prompt, at most %d tokens; beta=%g, epsilon=%g, loss=%s; rewards: %s",
+                 g.num_generations, g.max_completion_length, g.beta, g.epsilon, g.loss_type.value,
+                 ", ".join(f"{r.name} ({r.origin}) x {r.weight:g}" for r in rewards))
+        return GRPOConfig(**common, **grpo_arguments(cfg, rewards))
+
+    def build_trainer(self, parts: TrainerParts):
+        trainer = build_trainer(parts.cfg, parts.model, parts.peft_config, parts.processor, parts.state["rewards"],
+                                parts.train_rows, parts.eval_rows, parts)
+        parts.state["reference"] = reference_kind(trainer)
+        log.info("reference: %s", parts.state["reference"])
+        return trainer
+
+    def before_training(self, trainer, parts: TrainerParts) -> Dict:
+        return {"reference": parts.state["reference"], **self._held_out(trainer, parts, "before")}
+
+    def training_metrics(self, trainer, result) -> Dict:
+        metrics = super().training_metrics(trainer, result)
+        history = [entry for entry in trainer.state.log_history if "reward" in entry]
+        metrics["first_logged_reward"] = history[0]["reward"] if history else None
+        metrics["last_logged_reward"] = history[-1]["reward"] if history else None
+        return metrics
+
+    def after_training(self, trainer, parts: TrainerParts) -> Dict:
+        # final/ is saved by now: what loads it later gets the processor as build_processor leaves it
+        parts.processor.tokenizer.padding_side = "right"
+        return self._held_out(trainer, parts, "after")
+
+    def _held_out(self, trainer, parts: TrainerParts, when: str) -> Dict:
+        cfg = parts.cfg
+        if not cfg.trainer.eval_generation or parts.eval_rows is None:
+            return {}
+        rows = [parts.eval_rows[i] for i in range(len(parts.eval_rows))]
+        result = held_out_rewards(trainer.model, parts.processor, cfg.data, rows, parts.state["rewards"],
+                                  cfg.trainer.eval_batch_size, cfg.trainer.max_new_tokens)
+        log_held_out(result, rows, cfg.trainer.num_predictions_to_print, when)
+        return {f"eval_rewards_{when}": result["summary"]}
+
+    def result_line(self, metrics: Dict) -> str:
+        first, last = metrics.get("first_logged_reward"), metrics.get("last_logged_reward")
+        line = f"logged mean reward {_number(first)} -> {_number(last)} (sampled completions)"
+        before, after = metrics.get("eval_rewards_before"), metrics.get("eval_rewards_after")
+        if before and after:
+            line += (f"; held-out mean reward {_number(before['reward'])} -> {_number(after['reward'])} ("
+                     + ", ".join(f"{name} {_number(before[name])} -> {_number(after[name])}"
+                                 for name in before if name != "reward") + ")")
+        return line
+
+    # -- evaluation (`qwenvl-ft eval`) -------------------------------------------------------------------------
+
+    def generation_rows(self, rows: List[dict]) -> List[dict]:
+        """Each prompt answered by its solution (empty for a prompt-only row)."""
+        return [{"messages": list(row["prompt"]) + [{"role": "assistant", "content": [
+            {"type": "text", "text": row.get("solution") or ""}]}], "images": row.get("images") or [],
+            "videos": [], "source": row.get("source", "?")} for row in rows]
+
+    def evaluate_models(self, models: Dict, rows: List[dict], processor, cfg,
+                        predictions: Optional[Dict[str, List[str]]] = None) -> Dict[str, Dict]:
+        """The configured rewards of each side's completions (the greedy answers `eval` generated): each reward's
+        mean over the rows it applies to, and `reward`, the mean weighted total."""
+        from qwenvl_ft.rewards import build_rewards
+
+        rewards = build_rewards(cfg.trainer.grpo.rewards)
+        out = {}
+        for side, completions in (predictions or {}).items():
+            summary = score_completions(rewards, rows, completions)["summary"]
+            out[side] = {f"reward/{name}" if name != "reward" else "reward": value
+                         for name, value in summary.items() if value is not None}
+        return out
+
+    # -- estimate ----------------------------------------------------------------------------------------------
+
+    def batch_data(self, cfg):
+        """A training row is a prompt (at most data.max_length) plus its completion."""
+        from dataclasses import replace
+
+        length = cfg.data.max_length
+        return replace(cfg.data, max_length=None if length is None else length + cfg.trainer.grpo.max_completion_length)
+
+    def memory_rows(self, cfg, counts, weight_bytes: int) -> List[tuple]:
+        from qwenvl_ft.estimate import hf_config
+
+        g, t = cfg.trainer.grpo, cfg.trainer
+        rows = []
+        if not cfg.adapter.is_peft and g.beta > 0:
+            rows.append(("reference model", counts.total * weight_bytes,
+                         f"GRPO full fine-tuning with beta > 0: a frozen copy, {counts.total / 1e9:.2f}B params x "
+                         f"{weight_bytes} B"))
+        if cfg.data.max_length is None:
+            return rows
+        text = hf_config(cfg.model).get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        completions = t.batch_size * t.gradient_accumulation_steps  # one generation batch per device
+        tokens = completions * (cfg.data.max_length + g.max_completion_length)
+        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * weight_bytes
+        if not g.vllm.enabled:
+            rows.append(("generation: KV cache", per_token * tokens,
+                         f"{completions} completions x ({cfg.data.max_length} prompt + {g.max_completion_length} "
+                         f"generated) tokens x {per_token} B; freed before the loss forward, so an upper bound"))
+        return rows
+
+
+METHOD = Grpo()
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # config -> TRL
 
 
-def check_group_batch(typed: TrainConfig, world_size: int) -> None:
+def check_group_batch(cfg, world_size: int) -> None:
     """GRPO samples num_generations completions per prompt and a generation batch must hold whole groups."""
-    t, g = typed.trainer, typed.trainer.grpo
+    t, g = cfg.trainer, cfg.trainer.grpo
     completions = t.batch_size * t.gradient_accumulation_steps * world_size
     if completions % g.num_generations:
         raise ConfigError(
@@ -58,10 +360,10 @@ def check_group_batch(typed: TrainConfig, world_size: int) -> None:
                           f"of trainer.grpo.num_generations={g.num_generations} for evaluation during training")
 
 
-def grpo_arguments(typed: TrainConfig, rewards: Sequence[Any]) -> Dict[str, Any]:
+def grpo_arguments(cfg, rewards: Sequence[Any]) -> Dict[str, Any]:
     """The GRPO-specific GRPOConfig arguments (training_arguments supplies the rest): a pure function of the config
     and the built rewards (their weights)."""
-    g = typed.trainer.grpo
+    g = cfg.trainer.grpo
     arguments: Dict[str, Any] = dict(
         remove_unused_columns=False,  # the rewards read the dataset's columns
         num_generations=g.num_generations,
@@ -85,7 +387,6 @@ def grpo_arguments(typed: TrainConfig, rewards: Sequence[Any]) -> Dict[str, Any]
         ref_model_mixup_alpha=g.ref_model_mixup_alpha,
         reward_weights=[reward.weight for reward in rewards],
         log_completions=False,  # parquet files and rich tables; CompletionSamples writes TensorBoard text instead
-        use_liger_kernel=typed.model.use_liger_kernel,
     )
     if g.vllm.enabled:
         arguments.update(
@@ -95,15 +396,15 @@ def grpo_arguments(typed: TrainConfig, rewards: Sequence[Any]) -> Dict[str, Any]
             vllm_tensor_parallel_size=g.vllm.tensor_parallel_size,
             vllm_enable_sleep_mode=g.vllm.enable_sleep_mode,
             vllm_max_model_length=g.vllm.max_model_length or (
-                None if typed.data.max_length is None else typed.data.max_length + g.max_completion_length),
+                None if cfg.data.max_length is None else cfg.data.max_length + g.max_completion_length),
         )
     return arguments
 
 
-def check_vllm(typed: TrainConfig) -> None:
+def check_vllm(cfg) -> None:
     import importlib.util
 
-    if not typed.trainer.grpo.vllm.enabled:
+    if not cfg.trainer.grpo.vllm.enabled:
         return
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("trainer.grpo.vllm.enabled=true needs the vllm package (pip install vllm) and a CUDA GPU")
@@ -118,42 +419,38 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def build_trainer(typed: TrainConfig, base, peft_config, processor, rewards, train_rows, eval_rows):
+def build_trainer(cfg, base, peft_config, processor, rewards, train_rows, eval_rows,
+                  parts: Optional[TrainerParts] = None):
     """GRPOTrainer around the base model; `peft_config` (None for full fine-tuning) is applied by TRL, which then
-    takes the reference with the adapter disabled."""
-    from trl import GRPOConfig, GRPOTrainer
+    takes the reference with the adapter disabled. `parts` carries what the run skeleton prepared; without it
+    (tests) the same is built here from `cfg`."""
+    from trl import GRPOTrainer
 
     from qwenvl_ft.data.prompts import PromptImages
-    from qwenvl_ft.training.common import build_optimizers, training_arguments, training_callbacks
-    from qwenvl_ft.training.speed import check_liger, vision_checkpointing_callback
+    from qwenvl_ft.training.common import finish_trainer, standalone_parts, trainer_class
 
-    check_liger(typed.model)
-    check_vllm(typed)
-    check_group_batch(typed, world_size())
+    collator = parts.collator if parts is not None else PromptImages(processor, cfg.data)
+    if parts is None:
+        parts = standalone_parts(METHOD, cfg, base, processor, collator, train_rows, eval_rows, peft_config)
     processor.tokenizer.padding_side = "left"  # see the module docstring: mm_token_type_ids must align
-    callbacks = training_callbacks(typed)
-    if typed.model.vision_checkpointing != typed.model.gradient_checkpointing:
-        callbacks.append(vision_checkpointing_callback(typed.model.vision_checkpointing))
-    if typed.trainer.grpo.log_completions and "tensorboard" in typed.trainer.report_to:
-        callbacks.append(completion_samples(rewards, typed.trainer.grpo.log_completions,
-                                            Path(typed.output_dir) / "tensorboard"))
-    args = GRPOConfig(**training_arguments(typed), **grpo_arguments(typed, rewards))
-    trainer = GRPOTrainer(
+    callbacks = list(parts.callbacks)
+    if cfg.trainer.grpo.log_completions and "tensorboard" in cfg.trainer.report_to:
+        callbacks.append(completion_samples(rewards, cfg.trainer.grpo.log_completions,
+                                            Path(cfg.output_dir) / "tensorboard"))
+    trainer = trainer_class(GRPOTrainer, parts.trainer_mixins)(
         model=base,
         reward_funcs=list(rewards),
-        args=args,
+        args=parts.arguments,
         train_dataset=train_rows,
-        eval_dataset=eval_rows if typed.trainer.eval_steps is not None else None,
+        eval_dataset=eval_rows if cfg.trainer.eval_steps is not None else None,
         processing_class=processor,  # the processor, not the tokenizer: TRL treats the model as a VLM
         peft_config=peft_config,
         callbacks=callbacks,
     )
     # GRPOTrainer hands Trainer its identity collator; the DataLoaders read `data_collator` when they are built
     # (at train / evaluate), so the checked image loading goes in here.
-    trainer.data_collator = PromptImages(processor, typed.data)
-    # Separate vision / merger learning rates need the parameters as trained, after TRL's PEFT wrapping.
-    trainer.optimizer, _ = build_optimizers(typed, trainer.model, args)
-    return trainer
+    trainer.data_collator = collator
+    return finish_trainer(trainer, cfg)
 
 
 def reference_kind(trainer) -> str:
@@ -269,103 +566,14 @@ def held_out_rewards(model, processor, data_cfg, rows: Sequence[dict], rewards, 
 
 
 def format_rewards(summary: Dict[str, Optional[float]]) -> str:
-    return ", ".join(f"{name} {'n/a' if value is None else f'{value:.3f}'}" for name, value in summary.items())
+    return ", ".join(f"{name} {_number(value)}" for name, value in summary.items())
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the run (top to bottom, as training/dpo.py)
-
-
-def train(cfg) -> Dict:
-    from qwenvl_ft.config.compose import validate
-    from qwenvl_ft.training.common import interrupted, optimizer_steps, save_final, start_run, write_history
-    from qwenvl_ft.training.start_from import train_start_model
-
-    train_start_model(validate(cfg))
-    run = start_run(cfg)
-    if run.finished is not None:
-        return run.finished
-    typed, output_dir, resume = run.typed, run.output_dir, run.resume
-    from transformers import set_seed
-
-    from qwenvl_ft.data.prompts import load_prompt_splits
-    from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, count_parameters, \
-        model_source
-    from qwenvl_ft.rewards import build_rewards, check_fields
-    from qwenvl_ft.training.resume import ReloadConvertedWeights, StopOnSignal
-
-    g, t = typed.trainer.grpo, typed.trainer
-    rewards = build_rewards(g.rewards)
-    check_group_batch(typed, world_size())
-    check_vllm(typed)
-    log.info("grpo: %d completions per prompt, at most %d tokens; beta=%g, epsilon=%g, loss=%s; rewards: %s",
-             g.num_generations, g.max_completion_length, g.beta, g.epsilon, g.loss_type.value,
-             ", ".join(f"{r.name} ({r.origin}) x {r.weight:g}" for r in rewards))
-    set_seed(typed.seed)
-    source = model_source(typed.model)
-    processor = build_processor(typed.model, typed.data, source)
-    train_rows, eval_rows, _ = load_prompt_splits(typed.data, processor, t.batch_size, typed.data.seed, output_dir)
-    check_fields(rewards, train_rows.column_names)
-    log.info("data: %d training prompts, %d held-out prompts", len(train_rows), len(eval_rows) if eval_rows else 0)
-    if t.eval_steps is not None and eval_rows is None:
-        raise ConfigError("trainer.eval_steps needs held-out prompts: set data.eval_size or data.eval_path")
-
-    base = build_base_model(typed.model, typed.adapter, source)
-    metrics: Dict = {}
-    held_out = [eval_rows[i] for i in range(len(eval_rows))] if eval_rows is not None and t.eval_generation else []
-    if held_out:
-        before = held_out_rewards(base, processor, typed.data, held_out, rewards, t.eval_batch_size,
-                                  t.max_new_tokens)
-        metrics["eval_rewards_before"] = before["summary"]
-        _show(before, held_out, t.num_predictions_to_print, "before")
-
-    peft_config = build_lora_config(base, typed.model, typed.adapter) if typed.adapter.is_peft else None
-    trainer = build_trainer(typed, base, peft_config, processor, rewards, train_rows, eval_rows)
-    trainable, total = count_parameters(trainer.model)
-    log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    metrics["reference"] = reference_kind(trainer)
-    log.info("reference: %s", metrics["reference"])
-    steps = optimizer_steps(typed, len(train_rows) * g.num_generations)
-    log.info("training: %d optimizer steps (%s epochs, %d completions per device step x accumulation %d)", steps,
-             t.epochs if t.max_steps <= 0 else "-", t.batch_size, t.gradient_accumulation_steps)
-    stop = StopOnSignal()
-    trainer.add_callback(stop)
-    trainer.add_callback(ReloadConvertedWeights(resume))
-    with stop.installed():
-        result = trainer.train(resume_from_checkpoint=resume)
-    if stop.interrupted(trainer.state):
-        return interrupted(trainer, output_dir, metrics)
-    history = [entry for entry in trainer.state.log_history if "reward" in entry]
-    metrics.update(train_loss=result.training_loss, train_runtime_s=result.metrics.get("train_runtime"),
-                   global_step=trainer.state.global_step,
-                   first_logged_reward=history[0]["reward"] if history else None,
-                   last_logged_reward=history[-1]["reward"] if history else None)
-
-    processor.tokenizer.padding_side = "right"  # as build_processor leaves it, for whoever loads final/
-    final_dir = save_final(trainer, processor, output_dir)
-    if held_out:
-        after = held_out_rewards(trainer.model, processor, typed.data, held_out, rewards, t.eval_batch_size,
-                                 t.max_new_tokens)
-        metrics["eval_rewards_after"] = after["summary"]
-        _show(after, held_out, t.num_predictions_to_print, "after")
-    write_history(trainer, output_dir, metrics)
-    log.info("saved %s to %s", "adapter" if typed.adapter.is_peft else "model", final_dir)
-    if held_out:
-        b, a = metrics["eval_rewards_before"]["reward"], metrics["eval_rewards_after"]["reward"]
-        log.info("result: held-out mean reward %s -> %s (%s -> %s)", _fmt(b), _fmt(a),
-                 format_rewards(metrics["eval_rewards_before"]), format_rewards(metrics["eval_rewards_after"]))
-    return metrics
-
-
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _show(result: Dict[str, Any], rows: Sequence[dict], count: int, when: str) -> None:
-    from qwenvl_ft.rewards.builtins import completion_text
-
-    lines = [f"held-out completions {when} training (mean reward {_fmt(result['summary']['reward'])} on "
-             f"{len(rows)} prompts: {format_rewards(result['summary'])}):"]
+def log_held_out(result: Dict[str, Any], rows: Sequence[dict], count: int, when: str) -> None:
+    lines = [f"held-out completions {when} training (mean reward {_number(result['summary']['reward'])} on "
+             f"{len(rows)} prompts; {format_rewards(result['summary'])}):"]
     for index in range(min(count, len(rows))):
         lines.append(f"  completion: {result['completions'][index]!r:40s} solution: {rows[index].get('solution')!r}")
     log.info("\n".join(lines))
+
+

@@ -12,8 +12,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, ConfigError, DataConfig, ModelConfig, \
-    ModelFamily, OptimizerConfig
+from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, DataConfig, ModelConfig, ModelFamily, \
+    OptimizerConfig
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -22,8 +22,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def model_source(model_cfg: ModelConfig, weights: bool = True) -> str:
     """Hub id or folder to load from; random models are written to a cache folder first. With model.start_from,
-    that run's final/; when it is not trained yet, loading weights is a ConfigError, while the processor
-    (`weights=False`) comes from the model group, which that run starts from too."""
+    that run's final/ once it exists (`qwenvl-ft train` trains it first); before, the model group's own, which that
+    run starts from too (a warning says so when weights, not just the processor, are loaded from it)."""
     start = model_cfg.start_from
     if start is not None:
         from pathlib import Path
@@ -32,8 +32,8 @@ def model_source(model_cfg: ModelConfig, weights: bool = True) -> str:
         if final.is_dir():
             return str(final)
         if weights:
-            raise ConfigError(f"model.start_from: {final} does not exist yet; `qwenvl-ft train` with this config "
-                              f"trains it first (recipe={start.recipe})")
+            log.warning("model.start_from: %s is not trained yet (qwenvl-ft train with this config trains it "
+                        "first); loading the model group's own weights instead", final)
     if model_cfg.random_init:
         from qwenvl_ft.modeling.random_init import materialize
 

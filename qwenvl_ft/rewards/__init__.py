@@ -8,7 +8,7 @@ anything loads: an unknown built-in (the valid names are listed), an option a bu
 wrong type, a path that does not import, a function whose signature TRL cannot call. `check_fields` does the rest
 once the rows are read: every column a reward reads must exist.
 
-This package imports only the standard library (and qwenvl_ft.config for ConfigError), so checking a config stays
+This package imports only the standard library (and qwenvl_ft.config.base for ConfigError), so checking a config stays
 fast and torch-free.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.config.base import ConfigError
 from qwenvl_ft.rewards import builtins
 from qwenvl_ft.rewards.builtins import check_extract
 
@@ -154,7 +154,7 @@ def build_rewards(configs: Sequence[Any]) -> List[Reward]:
 
 
 def _build_one(where: str, spec: Any, name: Optional[str], weight: Any, options: Dict[str, Any]) -> Reward:
-    if not isinstance(spec, str) or not spec.strip():
+    if not isinstance(spec, str) or not spec.strip() or spec == "???":
         raise ConfigError(f"{where}.function is required: a built-in ({', '.join(BUILTINS)}) or "
                           f"module:function / path/to/file.py:function")
     if weight is None or isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):

@@ -11,10 +11,10 @@ from qwenvl_ft.config.schema import ConfigError, TrainConfig
 log = logging.getLogger("qwenvl_ft")
 
 
-def train_start_model(typed: TrainConfig) -> None:
+def train_start_model(cfg: TrainConfig) -> None:
     """Trains `model.start_from` in-process unless its final/ exists; ConfigError when what it leaves is not a full
     model (an adapter cannot be a base to load)."""
-    start = typed.model.start_from
+    start = cfg.model.start_from
     if start is None:
         return
     output_dir = Path(start.output_dir).expanduser()
