@@ -250,10 +250,13 @@ class Grpo(Method):
         return {"reference": parts.state["reference"], **self._held_out(trainer, parts, "before")}
 
     def training_metrics(self, trainer, result) -> Dict:
+        """Besides the loss: the mean reward of the sampled completions over the first and the last quarter of the
+        logged steps (one step's few prompts are too noisy to compare)."""
         metrics = super().training_metrics(trainer, result)
-        history = [entry for entry in trainer.state.log_history if "reward" in entry]
-        metrics["first_logged_reward"] = history[0]["reward"] if history else None
-        metrics["last_logged_reward"] = history[-1]["reward"] if history else None
+        rewards = [entry["reward"] for entry in trainer.state.log_history if entry.get("reward") is not None]
+        quarter = max(1, len(rewards) // 4)
+        metrics["logged_reward_start"] = sum(rewards[:quarter]) / quarter if rewards else None
+        metrics["logged_reward_end"] = sum(rewards[-quarter:]) / quarter if rewards else None
         return metrics
 
     def after_training(self, trainer, parts: TrainerParts) -> Dict:
@@ -272,8 +275,8 @@ class Grpo(Method):
         return {f"eval_rewards_{when}": result["summary"]}
 
     def result_line(self, metrics: Dict) -> str:
-        first, last = metrics.get("first_logged_reward"), metrics.get("last_logged_reward")
-        line = f"logged mean reward {_number(first)} -> {_number(last)} (sampled completions)"
+        start, end = metrics.get("logged_reward_start"), metrics.get("logged_reward_end")
+        line = f"mean reward of the sampled completions {_number(start)} -> {_number(end)} (first -> last quarter)"
         before, after = metrics.get("eval_rewards_before"), metrics.get("eval_rewards_after")
         if before and after:
             line += (f"; held-out mean reward {_number(before['reward'])} -> {_number(after['reward'])} ("

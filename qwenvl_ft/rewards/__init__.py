@@ -143,6 +143,8 @@ def build_rewards(configs: Sequence[Any]) -> List[Reward]:
                           f"{', '.join(BUILTINS)}; or your own as module:function)")
     rewards, names = [], set()
     for index, config in enumerate(configs):
+        if isinstance(config, dict):
+            config = {"weight": 1.0, **config}
         get = config.get if isinstance(config, dict) else lambda key, c=config: getattr(c, key, None)
         where = f"trainer.grpo.rewards[{index}]"
         reward = _build_one(where, get("function"), get("name"), get("weight"), dict(get("options") or {}))
