@@ -316,7 +316,10 @@ class Grpo(Method):
         return replace(cfg.data, max_length=None if length is None else length + cfg.trainer.grpo.max_completion_length)
 
     def memory_rows(self, cfg, counts, weight_bytes: int) -> List[tuple]:
-        from qwenvl_ft.estimate import hf_config
+        """A frozen reference copy (full fine-tuning with beta > 0); the generation batch (trainer.batch_size x
+        gradient_accumulation_steps completions, sampled at once): its KV cache and the pixel values TRL keeps for
+        every completion (it processes each copy of a prompt's images, in float32)."""
+        from qwenvl_ft.estimate import batch_budget, hf_config
 
         g, t = cfg.trainer.grpo, cfg.trainer
         rows = []
@@ -326,15 +329,23 @@ class Grpo(Method):
                          f"{weight_bytes} B"))
         if cfg.data.max_length is None:
             return rows
-        text = hf_config(cfg.model).get_text_config()
+        config = hf_config(cfg.model)
+        text, vision = config.get_text_config(), config.vision_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         completions = t.batch_size * t.gradient_accumulation_steps  # one generation batch per device
-        tokens = completions * (cfg.data.max_length + g.max_completion_length)
-        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * weight_bytes
         if not g.vllm.enabled:
+            tokens = completions * (cfg.data.max_length + g.max_completion_length)
+            per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * weight_bytes
             rows.append(("generation: KV cache", per_token * tokens,
                          f"{completions} completions x ({cfg.data.max_length} prompt + {g.max_completion_length} "
                          f"generated) tokens x {per_token} B; freed before the loss forward, so an upper bound"))
+        one = batch_budget(self.batch_data(cfg), 1, vision.spatial_merge_size,
+                           vision.patch_size * vision.spatial_merge_size)
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        if one.vision_patches:
+            rows.append(("generation: pixel values", completions * one.vision_patches * patch * 4,
+                         f"{completions} completions x {one.vision_patches} patches x {patch} fp32 (each completion "
+                         f"carries its prompt's images)"))
         return rows
 
 

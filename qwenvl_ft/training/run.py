@@ -31,7 +31,10 @@ def train(composed: DictConfig) -> Dict:
 
     from qwenvl_ft.training.start_from import train_start_model
 
-    train_start_model(cfg)  # model.start_from: the run this one starts from, trained first when it is missing
+    # model.start_from: the run this one starts from, trained first when it is missing
+    stopped = train_start_model(cfg, train)
+    if stopped is not None:
+        return stopped
 
     from qwenvl_ft import methods
     from qwenvl_ft.data.check import load_checked_splits
