@@ -30,8 +30,8 @@ def scores(function, completions, references, **options):
 def test_completion_text_reads_every_completion_form():
     assert completion_text("plain") == "plain"
     assert completion_text([{"role": "assistant", "content": "chat"}]) == "chat"
-    assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "a"},
-                                                               {"type": "image"}, {"type": "text", "text": "b"}]}]) == "ab"
+    content = [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}]
+    assert completion_text([{"role": "assistant", "content": content}]) == "ab"
     assert completion_text([]) == "" and completion_text(None) == ""
 
 
@@ -175,13 +175,13 @@ def test_built_ins_resolve_with_their_options():
     assert [r.weight for r in rewards] == [1.0, 0.5, 1.0]
     assert [r.fields for r in rewards] == [("solution",), (), ("answer",)]
     check_fields(rewards, ["prompt", "images", "solution", "answer"])
-    with pytest.raises(ConfigError, match="reward 'number_match' .* reads the field 'answer'.*fields: images, solution"):
+    with pytest.raises(ConfigError, match="'number_match' .* reads the field 'answer'.*fields: images, solution"):
         check_fields(rewards, ["prompt", "images", "solution"])
 
 
 @pytest.mark.parametrize("config, message", [
     ([], "trainer.grpo.rewards is empty"),
-    ([{"function": "exact_mach"}], r"unknown reward 'exact_mach'. Did you mean 'exact_match'\?.*Built-ins: exact_match"),
+    ([{"function": "exact_mach"}], r"unknown reward 'exact_mach'. Did you mean 'exact_match'\?.*Built-ins: exact"),
     ([{"function": "???"}], r"rewards\[0\].function is required"),
     ([{"function": "exact_match", "options": {"tolerance": 1}}], "'tolerance' is not an option of exact_match"),
     ([{"function": "number_match", "options": {"tolerance": -1}}], r"options.tolerance must be a number in \[0"),

@@ -313,7 +313,8 @@ class Grpo(Method):
         from dataclasses import replace
 
         length = cfg.data.max_length
-        return replace(cfg.data, max_length=None if length is None else length + cfg.trainer.grpo.max_completion_length)
+        completion = cfg.trainer.grpo.max_completion_length
+        return replace(cfg.data, max_length=None if length is None else length + completion)
 
     def memory_rows(self, cfg, counts, weight_bytes: int) -> List[tuple]:
         """A frozen reference copy (full fine-tuning with beta > 0); the generation batch (trainer.batch_size x
@@ -421,7 +422,8 @@ def check_vllm(cfg) -> None:
     if not cfg.trainer.grpo.vllm.enabled:
         return
     if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("trainer.grpo.vllm.enabled=true needs the vllm package (pip install vllm) and a CUDA GPU")
+        raise ConfigError("trainer.grpo.vllm.enabled=true needs the vllm package (pip install \"qwenvl-ft[vllm]\", "
+                          "the versions TRL supports) and a CUDA GPU")
     import torch
 
     if not torch.cuda.is_available():
