@@ -332,7 +332,8 @@ def test_lora_grpo_trains_with_the_disabled_adapter_as_reference(tmp_path):
     """A few LoRA steps with beta > 0 and a user reward given by file path. GRPOTrainer builds no second model:
     the reference is the base with the adapter disabled (TRL's PEFT branch: ref_model None, one adapter), which
     after training still computes exactly what a freshly loaded base does, while the adapter moved the policy.
-    Rewards and their components reach TensorBoard every step, with sampled completions as text."""
+    Rewards and their components reach TensorBoard every step, with sampled completions as text; evaluation during
+    training (trainer.eval_steps) samples and scores the held-out prompts through the same checked image loading."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import PreTrainedModel, Qwen2VLForConditionalGeneration
 
@@ -346,7 +347,8 @@ def test_lora_grpo_trains_with_the_disabled_adapter_as_reference(tmp_path):
     rewards_override = ("trainer.grpo.rewards=[{function: normalised_match}, "
                         f"{{function: '{tmp_path / 'my_reward.py'}:vowel_share', weight: 0.5}}]")
     cfg = validate(compose(QUICK + [rewards_override, "trainer.report_to=[tensorboard]", "trainer.max_steps=3",
-                                    "optimizer.lr=2e-2"], output_dir=str(out)))
+                                    "optimizer.lr=2e-2", "trainer.eval_steps=3", "trainer.eval_batch_size=4"],
+                           output_dir=str(out)))
     assert cfg.trainer.grpo.beta > 0
     method = methods.get("grpo")
     processor = build_processor(cfg.model, cfg.data)
@@ -368,6 +370,8 @@ def test_lora_grpo_trains_with_the_disabled_adapter_as_reference(tmp_path):
     assert len(logged) == 3 and all("rewards/vowel_share/mean" in e and "kl" in e for e in logged)
     assert any(e["reward_std"] > 0 for e in logged), "no reward variance: nothing to learn from"
     assert all(math.isfinite(e["loss"]) for e in logged)
+    evaluated = [e for e in trainer.state.log_history if "eval_reward" in e]  # trainer.eval_steps: TRL's evaluation
+    assert len(evaluated) == 1 and "eval_rewards/vowel_share/mean" in evaluated[0]
 
     batch = PromptImages(processor, cfg.data)([eval_rows[i] for i in range(2)])
     chat = [as_chat_row(row) for row in batch]
