@@ -5,6 +5,7 @@ The browser test needs Debian's chromium and chromium-driver (`apt-get install c
 skips, saying so, without them.
 """
 
+import importlib.util
 import shutil
 import threading
 import time
@@ -18,7 +19,9 @@ from qwenvl_ft.config.schema import ConfigError, GenerationSettings
 from qwenvl_ft.errors import DataError
 from data_helpers import write_image, write_video
 
-pytest.importorskip("gradio", reason="the ui extra (gradio) is not installed")
+# Checked without importing Gradio (seconds): collecting the suite must stay cheap.
+needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None,
+                                  reason="needs the ui extra: pip install '.[ui]'")
 
 GREEDY = GenerationSettings(max_new_tokens=8)
 QUESTION = "What is in the image?"
@@ -96,6 +99,13 @@ def test_turns_become_the_collators_rows():
         user_turn("  ", [])
 
 
+def test_a_missing_model_folder_fails_before_loading(tmp_path):
+    from qwenvl_ft.chat.engine import ChatEngine
+
+    with pytest.raises(ConfigError, match="chat.model_path=.*no such folder.*chat.model_path=null"):
+        ChatEngine.load(validate(_chat_config(tmp_path / "outputs" / "demo" / "nope" / "final")))
+
+
 def test_chat_without_gradio_names_the_extra(monkeypatch):
     import sys
 
@@ -141,6 +151,7 @@ def test_streamed_answers_equal_generate_and_base_is_the_adapter_switched_off(en
 
 
 @pytest.mark.slow
+@needs_gradio
 def test_gradio_client_side_by_side_multi_turn_and_streaming(served, engine, images):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -175,6 +186,7 @@ def _last_answer(messages):
 
 
 @pytest.mark.slow
+@needs_gradio
 def test_chat_command_serves_on_localhost_and_prints_the_url(adapter, capsys):
     import gradio as gr
 
@@ -221,6 +233,7 @@ def _browser():
 
 
 @pytest.mark.slow
+@needs_gradio
 def test_page_in_a_real_browser(served, engine, images, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

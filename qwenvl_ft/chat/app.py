@@ -76,7 +76,7 @@ def build_app(engine: ChatEngine, chat_cfg: ChatConfig, system_message: str = No
                                           elem_id="chat-tuned")}
         message = gr.MultimodalTextbox(placeholder="Ask about an image or a video (attach several with the clip)",
                                        file_types=["image", "video"], file_count="multiple", show_label=False,
-                                       elem_id="message")
+                                       stop_btn=True, elem_id="message")
         clear = gr.Button("Clear conversation", size="sm")
         with gr.Accordion("Generation settings", open=False):
             system = gr.Textbox(system_message or "", label="System message", lines=1)

@@ -91,6 +91,10 @@ class ChatEngine:
         from qwenvl_ft.modeling.load import kind_of, load_base, load_processor, load_tuned
 
         path = Path(os.path.normpath(cfg.chat.model_path)) if cfg.chat.model_path else None
+        if path is not None and not path.exists():
+            raise ConfigError(f"chat.model_path={path}: no such folder. Name the training run with run_name=NAME "
+                              f"(as given to `qwenvl-ft train`), give the folder with chat.model_path=PATH, or chat "
+                              f"with the base model: chat.model_path=null")
         kind = kind_of(path) if path is not None else None  # fails before anything loads
         processor = load_processor(cfg.model, cfg.data, path)
         model = load_base(cfg.model, cfg.adapter) if path is None else load_tuned(cfg.model, cfg.adapter, path)

@@ -343,6 +343,12 @@ def _loss_section(log_history: List[Dict], points: int = 8) -> str:
              f"-> {logged[-1][1]:.4g} at step {logged[-1][0]} (lowest {low:.4g} at step {low_step}; "
              f"{len(logged)} logged values)", "", "| step | training loss |" + (" held-out loss |" if evals else ""),
              "|---|---|" + ("---|" if evals else "")]
+    if evals:
+        best_step = min(evals, key=evals.get)
+        first_step, last_step = min(evals), max(evals)
+        lines.insert(1, f"\nHeld-out loss during training: {evals[first_step]:.4g} at step {first_step} -> "
+                        f"{evals[last_step]:.4g} at step {last_step} (lowest {evals[best_step]:.4g} at step "
+                        f"{best_step}).")
     for i in picks:
         step, value = logged[i]
         lines.append(f"| {step} | {value:.4g} |" + (f" {evals[step]:.4g} |" if step in evals else
@@ -388,7 +394,8 @@ def _usage_section(record: RunRecord, kind: str, where: str) -> str:
     if kind == "adapter":
         notes.append("A plain transformers model without PEFT: `model = model.merge_and_unload()`, or "
                      f"`{_command('merge', record)}` (writes `merged/` with its own card).")
-    notes.append(f"Chat with it in the browser: `{_command('chat', record)}`.")
+    chat = _command("chat", record) + (" chat.model_path=PATH/TO/merged" if kind == "merged" else "")
+    notes.append(f"Chat with it in the browser: `{chat}`.")
     return "## How to use\n\n```python\n" + load + "\n```\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
