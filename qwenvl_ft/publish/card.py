@@ -251,8 +251,9 @@ def _title(record: RunRecord, kind: str, where: str) -> str:
     method = _METHOD_NAMES[cfg.adapter.method.value]
     what = {"adapter": f"a {method} adapter for", "model": "a full fine-tune of",
             "merged": f"a {method} adapter merged into"}[kind]
-    trainer = "supervised fine-tuning (SFT)" if cfg.trainer.kind.value == "sft" else "direct preference " \
-                                                                                      "optimisation (DPO)"
+    kind_name = cfg.trainer.kind.value
+    trainer = {"sft": "supervised fine-tuning (SFT)", "dpo": "direct preference optimisation (DPO)"}.get(
+        kind_name, kind_name.upper())
     return (f"# {_name(record, where)}\n\n"
             f"This is {what} `{_base_name(cfg)}`, trained with {trainer} on {_data_name(cfg)} with qwenvl-ft "
             f"(TRL, PEFT and transformers underneath).")
@@ -273,7 +274,7 @@ def _model_section(record: RunRecord, kind: str, merge_info: Optional[Dict]) -> 
                          f"device; precision {t.precision.value}"),
             ("optimizer", f"{o.name}, lr {o.lr:g} ({o.scheduler.value}, warmup {o.warmup_ratio:g}), weight decay "
                           f"{o.weight_decay:g}")]
-    if t.kind.value == "dpo":
+    if t.kind.value == "dpo" and getattr(t, "dpo", None) is not None:
         rows.append(("DPO", f"beta {t.dpo.beta:g}, loss {', '.join(x.value for x in t.dpo.loss_type)}"))
     if merge_info:
         rows.append(("merge", f"adapter folded into the base in {merge_info.get('dtype')} on "
