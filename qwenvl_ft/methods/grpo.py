@@ -272,16 +272,19 @@ class Grpo(Method):
         result = held_out_rewards(trainer.model, parts.processor, cfg.data, rows, parts.state["rewards"],
                                   cfg.trainer.eval_batch_size, cfg.trainer.max_new_tokens)
         log_held_out(result, rows, cfg.trainer.num_predictions_to_print, when)
-        return {f"eval_rewards_{when}": result["summary"]}
+        # flat numbers, as every method's metrics.json holds them (model cards, sweep summaries read them)
+        return {f"eval_{key}_{when}": value for key, value in reward_metrics(result["summary"]).items()}
 
     def result_line(self, metrics: Dict) -> str:
         start, end = metrics.get("logged_reward_start"), metrics.get("logged_reward_end")
         line = f"mean reward of the sampled completions {_number(start)} -> {_number(end)} (first -> last quarter)"
-        before, after = metrics.get("eval_rewards_before"), metrics.get("eval_rewards_after")
-        if before and after:
-            line += (f"; held-out mean reward {_number(before['reward'])} -> {_number(after['reward'])} ("
-                     + ", ".join(f"{name} {_number(before[name])} -> {_number(after[name])}"
-                                 for name in before if name != "reward") + ")")
+        names = [k[len("eval_"):-len("_before")] for k in metrics if k.startswith("eval_reward")
+                 and k.endswith("_before")]
+        if "reward" in names and "eval_reward_after" in metrics:
+            parts = [f"{name[len('reward/'):]} {_number(metrics[f'eval_{name}_before'])} -> "
+                     f"{_number(metrics.get(f'eval_{name}_after'))}" for name in names if name != "reward"]
+            line += (f"; held-out mean reward {_number(metrics['eval_reward_before'])} -> "
+                     f"{_number(metrics['eval_reward_after'])} ({', '.join(parts)})")
         return line
 
     # -- evaluation (`qwenvl-ft eval`) -------------------------------------------------------------------------
@@ -299,12 +302,8 @@ class Grpo(Method):
         from qwenvl_ft.rewards import build_rewards
 
         rewards = build_rewards(cfg.trainer.grpo.rewards)
-        out = {}
-        for side, completions in (predictions or {}).items():
-            summary = score_completions(rewards, rows, completions)["summary"]
-            out[side] = {f"reward/{name}" if name != "reward" else "reward": value
-                         for name, value in summary.items() if value is not None}
-        return out
+        return {side: reward_metrics(score_completions(rewards, rows, completions)["summary"])
+                for side, completions in (predictions or {}).items()}
 
     # -- estimate ----------------------------------------------------------------------------------------------
 
@@ -579,6 +578,13 @@ def held_out_rewards(model, processor, data_cfg, rows: Sequence[dict], rewards, 
     result = score_completions(rewards, rows, completions)
     result["completions"] = completions
     return result
+
+
+def reward_metrics(summary: Dict[str, Optional[float]]) -> Dict[str, float]:
+    """`summarise`'s means as metric names: `reward` (the weighted total) and `reward/<name>` per reward; a reward
+    that applied to no row is left out."""
+    return {name if name == "reward" else f"reward/{name}": value for name, value in summary.items()
+            if value is not None}
 
 
 def format_rewards(summary: Dict[str, Optional[float]]) -> str:
