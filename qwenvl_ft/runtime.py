@@ -72,13 +72,15 @@ def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
             return value  # what a sweeper (Optuna) optimises
         return metrics
     except UserFacingError as err:  # config and data errors: the message says everything
-        summary["error"] = str(err)
-        log.error("%s", err)
-        if not is_sweep:
-            from qwenvl_ft.distributed import ranks
+        from qwenvl_ft.distributed import ranks
 
+        summary["error"] = str(err)
+        # The other ranks of a distributed run stop on the same error: the main process shows it, they log it.
+        main = ranks.is_main_process()
+        (log.error if main else log.info)("%s", err)
+        if not is_sweep:
             write_summary(output_dir, summary)
-            if ranks.is_main_process():  # the other ranks of a distributed run stop on the same error
+            if main:
                 print(f"qwenvl-ft: {err}", file=sys.stderr)
             sys.exit(2)
     except Exception as err:

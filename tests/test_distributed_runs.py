@@ -204,6 +204,22 @@ def test_two_machines_on_localhost(tmp_path):
     assert (run / "final" / "model.safetensors").is_file()
 
 
+def test_a_data_error_stops_every_process_with_one_message(tmp_path):
+    """The main process's data check finds an invalid row: every process stops on it (none waits for the others
+    until a timeout), the message is printed once, without a traceback, and the launcher exits with status 2."""
+    data = _mixed_data(tmp_path / "data")
+    with data.open("a") as f:
+        f.write(json.dumps({"image": "missing.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Nothing."}]}) + "\n")
+    proc = _start(tmp_path, tmp_path / "bad.log", *SMALL, "data=llava", f"data.path={data}", "dist=ddp",
+                  "dist.num_processes=2", "run_name=bad")
+    assert proc.wait(timeout=600) == 2
+    text = (tmp_path / "bad.log").read_text()
+    assert text.count("missing.png") >= 1 and "Traceback" not in text
+    assert text.count("qwenvl-ft: ") == 2  # the worker's message, then the launcher's line
+    assert "the launched processes stopped (exit status rank 0: 2, rank 1: 2)" in text
+
+
 def test_fsdp2_on_gloo_mixed_modality_gradients_and_losses_equal_one_process(tmp_path):
     """FSDP2 as accelerate applies it (tests/fsdp_worker.py): decoder layers and vision blocks are the wrap
     units; a text-only rank next to an image rank gives the single-process gradients; LoRA and full fine-tuning
@@ -225,6 +241,27 @@ def test_fsdp2_on_gloo_mixed_modality_gradients_and_losses_equal_one_process(tmp
         # the consolidated weights after three AdamW steps at lr 1e-2 (measured: at most 1.2e-5 apart)
         assert result[adapter]["state_dict_keys_match"] and result[adapter]["state_dict_max_abs_diff"] < 1e-4
     assert result["full"]["single"][-1] < result["full"]["single"][0]  # it trains
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_fsdp_through_the_trainer_on_two_gpus(tmp_path, adapter):
+    """dist=fsdp as users run it (accelerate applies FSDP on GPUs only): losses equal one process's, and final/ is
+    one consolidated adapter or model gathered from the shards."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    command = SMALL + [f"adapter={adapter}", "dist=fsdp", "dist.num_processes=2", "trainer.batch_size=4",
+                       "trainer.max_steps=4", "trainer.save_steps=2", "model.gradient_checkpointing=true",
+                       "run_name=fsdp"]
+    _finish(_start(tmp_path, tmp_path / "fsdp.log", *command), tmp_path / "fsdp.log")
+    run = tmp_path / "outputs" / "demo" / "fsdp"
+    reference = _single_process_losses(tmp_path, "single", *SMALL, f"adapter={adapter}", "trainer.batch_size=8",
+                                       "trainer.max_steps=4", "model.gradient_checkpointing=true")
+    _assert_same_losses(_losses(run), reference, 4)
+    weights = "adapter_model.safetensors" if adapter == "lora" else "model.safetensors"
+    assert (run / "final" / weights).is_file()
 
 
 QUICK_SWEEP = ["recipe=demo", "data.shapes.num_train=16", "data.shapes.num_eval=4", "trainer.max_steps=2",

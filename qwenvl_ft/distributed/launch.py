@@ -35,8 +35,12 @@ _STORE_PREFIX = "qwenvl_ft"
 _kept_alive = []  # the rendezvous store: on rank 0 it hosts the server the process group will share
 
 
-class LaunchFailed(ConfigError):
-    """A launched process failed; its own message is above (a ConfigError: shown without a traceback)."""
+class WorkersStopped(ConfigError):
+    """The launched processes stopped on a config or data error; its message is above (no traceback: exit 2)."""
+
+
+class WorkersFailed(RuntimeError):
+    """A launched process failed otherwise; its traceback is above."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,7 +239,8 @@ def worker_command(command: str, overrides: Sequence[str], cfg: TrainConfig, lau
 def launch(cfg: TrainConfig, launch_plan: LaunchPlan, overrides: Sequence[str], is_sweep: bool = False,
            command: str = "train") -> Dict:
     """Run the workers through torchrun's API and wait for them; the metrics rank 0 wrote, or the interruption.
-    A worker's config or data error was printed by that worker; here it becomes LaunchFailed with its status."""
+    A worker's config or data error was printed by that worker; here it becomes WorkersStopped (exit status 2),
+    any other failure WorkersFailed."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -267,8 +272,10 @@ def _failed(cfg: TrainConfig, statuses: Dict[int, int]) -> Dict:
         metrics.setdefault("interrupted", True)
         return metrics
     by_rank = ", ".join(f"rank {rank}: {status}" for rank, status in sorted(statuses.items()))
-    first = "; the first failure's message is above" if 2 not in statuses.values() else "; its message is above"
-    raise LaunchFailed(f"the launched processes failed (exit status {by_rank}){first}") from None
+    if set(statuses.values()) == {2}:
+        raise WorkersStopped(f"the launched processes stopped (exit status {by_rank}); the message is above")
+    raise WorkersFailed(f"the launched processes failed (exit status {by_rank}); the first failure's traceback is "
+                        f"above") from None
 
 
 def _results(cfg: TrainConfig) -> Dict:
