@@ -39,6 +39,8 @@ def test_dist_options_compose_and_their_rules_hold():
         ("dist=ddp", "dist.num_machines=2", "dist.machine_rank=2"): "machine_rank must be in 0..1",
         ("dist=zero2", "dist.zero.offload_param=cpu"): "needs dist.zero.stage=3",
         ("dist=zero2", "dist.zero.stage=5"): "must be 0, 1, 2 or 3",
+        # the silent drop: an added TrainingArguments key names the dist group instead
+        ("+trainer.deepspeed=zero3.json",): "unknown config key 'trainer.deepspeed'. .* the dist group's",
     }
     for overrides, message in refused.items():
         with pytest.raises(ConfigError, match=message):

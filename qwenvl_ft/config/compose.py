@@ -76,6 +76,9 @@ def _schema_fields(cls) -> dict:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+_ENGINE_KEYS = ("deepspeed", "fsdp", "fsdp_config", "ddp_backend")  # TrainingArguments names users try
+
+
 def check_override_keys(overrides: Sequence[str], root=TrainConfig) -> None:
     """Raise ConfigError naming the first override whose key is not in the schema."""
     import typing
@@ -88,7 +91,9 @@ def check_override_keys(overrides: Sequence[str], root=TrainConfig) -> None:
         raise ConfigError(str(err)) from None
     for override in parsed:
         key = override.key_or_group
-        if key.startswith("hydra") or override.is_add() or override.is_delete() or "@" in key:
+        # `+key=value` is checked too: Hydra would add an unknown key and the typed config would drop it silently
+        # (`+trainer.deepspeed=ds.json` trained without DeepSpeed).
+        if key.startswith("hydra") or override.is_delete() or "@" in key:
             continue
         if key in _GROUPS:  # group choice: Hydra lists the available options itself
             continue
@@ -99,6 +104,8 @@ def check_override_keys(overrides: Sequence[str], root=TrainConfig) -> None:
                 where = ".".join(walked) or "the top level"
                 hint = difflib.get_close_matches(part, fields, n=1)
                 suggestion = f" Did you mean '{'.'.join(walked + hint)}'?" if hint else ""
+                if part in _ENGINE_KEYS:
+                    suggestion = " Several GPUs and engines are the dist group's: dist=ddp|fsdp|zero2|zero3|zero3_offload."
                 raise ConfigError(
                     f"unknown config key '{key}'.{suggestion} Valid keys of {where}: {', '.join(fields)}"
                 )
