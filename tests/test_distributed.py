@@ -357,3 +357,19 @@ def test_objective_values_and_the_best_job(tmp_path):
     assert best_job(rows)["output_dir"] == "/s/1"
     assert best_job(rows, "maximize")["output_dir"] == "/s/0"
     assert "1 (best)" in format_table(rows)
+
+
+def test_qlora_loads_each_process_model_onto_its_own_gpu(monkeypatch):
+    """bitsandbytes quantises while loading onto a device: under a launcher every process names its own GPU (its
+    LOCAL_RANK), never the first one; one process, or a model that is not 4-bit, leaves placement to the engine."""
+    import torch
+
+    from qwenvl_ft.distributed.placement import device_map
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    qlora, lora = _typed("recipe=demo", "adapter=qlora", "dist=ddp"), _typed("recipe=demo", "adapter=lora", "dist=ddp")
+    for name, value in dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1").items():
+        monkeypatch.setenv(name, value)
+    assert device_map(qlora) == {"": 1} and device_map(lora) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert device_map(qlora) is None
