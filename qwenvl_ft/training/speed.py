@@ -43,12 +43,12 @@ def set_vision_checkpointing(model, enabled: bool) -> int:
 
     from qwenvl_ft.modeling.build import model_parts
 
-    visual, _, _ = model_parts(model)
-    for block in visual.blocks:
+    blocks = model_parts(model).vision_blocks
+    for block in blocks:
         if enabled:  # non-reentrant, like every checkpointing qwenvl-ft sets up
             block._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
         block.gradient_checkpointing = enabled
-    return len(visual.blocks)
+    return len(blocks)
 
 
 def vision_checkpointing_callback(enabled: bool):
@@ -66,11 +66,12 @@ def vision_checkpointing_callback(enabled: bool):
 
 def speed_setup(typed: TrainConfig, collator, train_rows, model=None) -> SpeedSetup:
     from qwenvl_ft.data.batching import training_batches
+    from qwenvl_ft.data.packing import position_function
 
     check_liger(typed.model)
-    vision_config = getattr(getattr(model, "config", None), "vision_config", None)
+    positions = position_function(model.config) if model is not None else None
     batches = training_batches(typed.data, typed.trainer.batch_size, collator, train_rows, typed.data.seed,
-                               tokens_per_second=getattr(vision_config, "tokens_per_second", None))
+                               positions=positions)
     log.info("batches: %s", batches.summary)
     if typed.data.packing and model is not None:
         from qwenvl_ft.modeling.varlen_attention import NAME, use_for_language_model
