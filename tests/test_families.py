@@ -104,3 +104,14 @@ def test_every_family_has_a_test_model_option():
 
     options = {p.stem for p in (config_dir() / "model").glob("*.yaml")}
     assert set(TEST_MODELS) <= options
+
+
+def test_a_checkpoint_of_another_family_is_refused_before_loading():
+    from qwenvl_ft.config.schema import ConfigError, ModelConfig, ModelFamily
+    from qwenvl_ft.modeling.build import check_family, model_source
+
+    typed = validate(compose(["recipe=demo"], output_dir="/tmp/unused"))
+    source = model_source(typed.model)  # a qwen2_vl checkpoint
+    check_family(typed.model, source)
+    with pytest.raises(ConfigError, match="model.family=qwen3_vl but .* is a qwen2_vl checkpoint"):
+        check_family(ModelConfig(name_or_path=source, family=ModelFamily.qwen3_vl), source)

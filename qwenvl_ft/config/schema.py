@@ -187,7 +187,7 @@ class ShapesConfig:
 
 class Overlength(str, Enum):
     """What happens to a sample longer than data.max_length. A cut never falls inside a vision span (that is what
-    makes Qwen2-VL fail with "image features and image tokens do not match")."""
+    makes the model fail with "image features and image tokens do not match")."""
 
     truncate_text = "truncate_text"  # cut the text after the last vision span; a row that cannot be cut so is dropped
     drop = "drop"  # drop the row

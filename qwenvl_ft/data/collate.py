@@ -1,7 +1,8 @@
 """The multimodal collator: canonical rows -> model inputs with labels on assistant turns only.
 
 Why our own: TRL's `DataCollatorForVisionLanguageModeling` trains on assistant tokens only through
-`{% generation %}` markers, which Qwen2-VL's real chat template does not have, and it cannot say which row broke.
+`{% generation %}` markers, which the Qwen-VL models' real chat templates do not have, and it cannot say which row
+broke.
 
 The work is split so that other batch layouts (packing) reuse the per-sample part:
   `encode(row)`  -> one sample's token ids, labels, M-RoPE token types and vision tensors (1-D / per-image);

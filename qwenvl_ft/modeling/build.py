@@ -33,6 +33,21 @@ def model_class(model_cfg: ModelConfig):
     return family_of(model_cfg).load_model_class()
 
 
+def check_family(model_cfg: ModelConfig, source: str) -> None:
+    """A checkpoint of another family would load into model.family's class with a warning and garbage weights: say
+    so before loading. Reads only config.json."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code).model_type
+    except (OSError, ValueError):
+        return  # from_pretrained will say what is missing
+    family = family_of(model_cfg)
+    if model_type != family.name and model_type in families.names():
+        raise ConfigError(f"model.family={family.name} but {source} is a {model_type} checkpoint (its config.json); "
+                          f"set model.family={model_type}, or pick the model option of that family")
+
+
 def model_source(model_cfg: ModelConfig) -> str:
     """Hub id or folder to load from; random models are written to a cache folder first."""
     if model_cfg.random_init:
@@ -101,8 +116,10 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
     PeftModel TRL wraps itself gets the base with the adapter disabled as reference, where one wrapped here would
     get a second "ref" adapter copied from the first."""
     quant = quantization_config(model_cfg, adapter_cfg)
+    source = source or model_source(model_cfg)
+    check_family(model_cfg, source)
     model = model_class(model_cfg).from_pretrained(
-        source or model_source(model_cfg),
+        source,
         dtype=DTYPES[model_cfg.dtype.value],
         attn_implementation=model_cfg.attn_implementation.value,
         quantization_config=quant,
