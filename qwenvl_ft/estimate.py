@@ -32,9 +32,8 @@ from typing import Dict, List
 
 from omegaconf import DictConfig
 
-from qwenvl_ft import families
-from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig, \
-    TrainerKind
+from qwenvl_ft import families, methods
+from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig
 from qwenvl_ft.families.base import language_linear_inputs
 
 log = logging.getLogger("qwenvl_ft")
@@ -259,12 +258,11 @@ def estimate_memory(typed: TrainConfig, model=None) -> Estimate:
     rows.append(("optimizer states", state_bytes,
                  f"{typed.optimizer.name}: two states per trainable param ({'1 B' if eight_bit else 'its dtype'})"))
 
-    dpo = trainer_cfg.kind == TrainerKind.dpo
-    if dpo and not adapter_cfg.is_peft and not trainer_cfg.dpo.precompute_ref_log_probs:
-        rows.append(("reference model", counts.total * w,
-                     f"DPO full fine-tuning: a frozen copy, {counts.total / 1e9:.2f}B params x {w} B"))
+    method = methods.get(trainer_cfg.kind)
+    rows += method.memory_rows(typed, counts, w)  # e.g. DPO's frozen reference copy
     family = families.of_config(config)
-    budget = batch_budget(data_cfg, trainer_cfg.batch_size, family, pairs=dpo)
+    budget = batch_budget(method.batch_data(typed), trainer_cfg.batch_size, family,
+                          pairs=method.sequences_per_row() == 2)
     rows += _activation_rows(typed, counts, family, text, vision, budget, a)
     return Estimate(rows, counts, budget)
 

@@ -48,8 +48,20 @@ def check_family(model_cfg: ModelConfig, source: str) -> None:
                           f"set model.family={model_type}, or pick the model option of that family")
 
 
-def model_source(model_cfg: ModelConfig) -> str:
-    """Hub id or folder to load from; random models are written to a cache folder first."""
+def model_source(model_cfg: ModelConfig, weights: bool = True) -> str:
+    """Hub id or folder to load from; random models are written to a cache folder first. With model.start_from,
+    that run's final/ once it exists (`qwenvl-ft train` trains it first); before, the model group's own, which that
+    run starts from too (a warning says so when weights, not just the processor, are loaded from it)."""
+    start = model_cfg.start_from
+    if start is not None:
+        from pathlib import Path
+
+        final = Path(start.output_dir).expanduser() / "final"
+        if final.is_dir():
+            return str(final)
+        if weights:
+            log.warning("model.start_from: %s is not trained yet (qwenvl-ft train with this config trains it "
+                        "first); loading the model group's own weights instead", final)
     if model_cfg.random_init:
         from qwenvl_ft.modeling.random_init import materialize
 
@@ -60,7 +72,7 @@ def model_source(model_cfg: ModelConfig) -> str:
 def build_processor(model_cfg: ModelConfig, data_cfg: DataConfig, source: Optional[str] = None):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(source or model_source(model_cfg),
+    processor = AutoProcessor.from_pretrained(source or model_source(model_cfg, weights=False),
                                               trust_remote_code=model_cfg.trust_remote_code)
     if data_cfg.min_pixels is not None or data_cfg.max_pixels is not None:
         # Image resolution bounds through `size` (min/max_pixels keywords are deprecated in transformers 5);

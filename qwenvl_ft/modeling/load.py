@@ -86,5 +86,5 @@ def load_tuned(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, path: Path,
 
 def load_processor(model_cfg: ModelConfig, data_cfg: DataConfig, path: Optional[Path] = None):
     """The processor saved with the fine-tuned result when there is one, else the base's."""
-    source = str(path) if path is not None and _has_processor(path) else model_source(model_cfg)
+    source = str(path) if path is not None and _has_processor(path) else model_source(model_cfg, weights=False)
     return build_processor(model_cfg, data_cfg, source)
