@@ -18,6 +18,7 @@ from qwenvl_ft import families
 from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, ConfigError, DataConfig, ModelConfig, \
     OptimizerConfig
 from qwenvl_ft.families import Family, ModelParts
+from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -127,6 +128,7 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
     it), with the freezing of full fine-tuning done. DPO hands it to TRL with `build_lora_config`'s config: a
     PeftModel TRL wraps itself gets the base with the adapter disabled as reference, where one wrapped here would
     get a second "ref" adapter copied from the first."""
+    keep_cudnn_out_of_sdpa()
     quant = quantization_config(model_cfg, adapter_cfg)
     source = source or model_source(model_cfg)
     check_family(model_cfg, source)

@@ -19,6 +19,7 @@ from torch import nn
 from qwenvl_ft.config.schema import AdapterConfig, ConfigError, DataConfig, ModelConfig
 from qwenvl_ft.modeling.build import DTYPES, build_processor, check_family, model_class, model_source, \
     quantization_config
+from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -47,6 +48,7 @@ def _load_for_generation(model_cfg: ModelConfig, source: str, dtype: Optional[st
     # Generation runs on one device: the first GPU when there is one (4-bit weights are quantised as they land).
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
     check_family(model_cfg, source)
+    keep_cudnn_out_of_sdpa()
     model = model_class(model_cfg).from_pretrained(
         source, dtype=DTYPES[dtype or model_cfg.dtype.value],
         attn_implementation=model_cfg.attn_implementation.value, quantization_config=quant,
