@@ -15,6 +15,7 @@ import torch
 
 from qwenvl_ft.config.compose import compose, config_dir, validate
 from qwenvl_ft.config.schema import ConfigError, DistEngine
+from qwenvl_ft.families import all_families
 
 DIST_OPTIONS = sorted(p.stem for p in (config_dir() / "dist").glob("*.yaml"))
 ZERO_OPTIONS = ["zero2", "zero3", "zero3_offload"]
@@ -100,8 +101,10 @@ def test_fsdp_arguments_wrap_decoder_layers_and_vision_blocks():
     from qwenvl_ft.distributed.fsdp import fsdp_arguments, wrap_classes
     from qwenvl_ft.modeling.build import build_model
 
-    for model_option in ("tiny", "tiny_qwen2_5_vl"):
-        typed = _typed("recipe=demo", f"model={model_option}", "dist=fsdp", "model.gradient_checkpointing=true")
+    from qwenvl_ft import families
+
+    for family in families.all_families():  # each family's tiny model: its declared units are its layers
+        typed = _typed("recipe=demo", f"model={family.test_model}", "dist=fsdp", "model.gradient_checkpointing=true")
         args = TrainingArguments(output_dir="/tmp/unused", report_to=[], **fsdp_arguments(typed))
         plugin = args.fsdp_plugin_args
         assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True
@@ -109,9 +112,8 @@ def test_fsdp_arguments_wrap_decoder_layers_and_vision_blocks():
         assert plugin["state_dict_type"] == "SHARDED_STATE_DICT"
         classes = wrap_classes(typed)
         assert plugin["transformer_cls_names_to_wrap"] == ",".join(classes)
-        model = build_model(typed.model, typed.adapter)
-        inner = model.model
-        assert {type(inner.language_model.layers[0]).__name__, type(inner.visual.blocks[0]).__name__} == set(classes)
+        parts = family.parts(build_model(typed.model, typed.adapter))
+        assert [type(parts.decoder_layers[0]).__name__, type(parts.vision_blocks[0]).__name__] == classes
     own = _typed("recipe=demo", "dist=fsdp", "dist.fsdp.wrap_classes=[Qwen2VLDecoderLayer]")
     assert wrap_classes(own) == ["Qwen2VLDecoderLayer"]
     no_checkpointing = fsdp_arguments(_typed("recipe=demo", "dist=fsdp", "model.gradient_checkpointing=false"))
@@ -211,7 +213,7 @@ def test_a_single_process_is_left_alone(monkeypatch):
     ranks.barrier()  # nothing to wait for
 
 
-@pytest.mark.parametrize("model_option", ["tiny", "tiny_qwen2_5_vl"])
+@pytest.mark.parametrize("model_option", [family.test_model for family in all_families()])
 def test_the_vision_pass_of_a_text_only_batch_changes_no_loss_and_no_gradient(model_option):
     """The dummy image's contribution is zero: same loss, same gradients; the vision tower and merger get exact
     zeros instead of no gradient (what DDP needs, and the collectives FSDP/ZeRO-3 run)."""

@@ -15,16 +15,15 @@ _STATE_DICT_TYPES = {FsdpStateDict.sharded: "SHARDED_STATE_DICT", FsdpStateDict.
 
 
 def wrap_classes(cfg: TrainConfig) -> List[str]:
-    """Class names of the wrap units: dist.fsdp.wrap_classes, else the model class's own `_no_split_modules`
-    (for every Qwen-VL family: its decoder layer and its vision block). Read off the class, not an instance:
-    the arguments are built before the model exists."""
+    """Class names of the wrap units: dist.fsdp.wrap_classes, else the model family's declaration (its decoder
+    layer and its vision block, qwenvl_ft/families/). Names, not an instance: the arguments are built before the
+    model exists."""
     if cfg.dist.fsdp.wrap_classes:
         return list(cfg.dist.fsdp.wrap_classes)
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from qwenvl_ft import families
 
-    model_class = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[cfg.model.family.value])
-    return list(model_class._no_split_modules)
+    family = families.get(cfg.model.family.value)
+    return [family.decoder_layer_class, family.vision_block_class]
 
 
 def fsdp_arguments(cfg: TrainConfig) -> Dict:

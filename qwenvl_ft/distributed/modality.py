@@ -78,11 +78,20 @@ def keep_vision_in_step(model: nn.Module, always: bool):
         if not always and not (module.training and torch.is_grad_enabled()):
             return None
         embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            embeds = module.get_input_embeddings()(input_ids)  # first, as the forward does: same collective order
-        kwargs["inputs_embeds"] = embeds + zero_vision_term(module).to(embeds.dtype)
-        return args, kwargs
+        if embeds is not None:
+            kwargs["inputs_embeds"] = embeds + zero_vision_term(module).to(embeds.dtype)
+            return args, kwargs
+        # The term joins the token embeddings right after they are computed, inside the forward: the same module
+        # order as an image batch (embeddings, then the vision tower: the same collectives under ZeRO-3/FSDP), and
+        # input_ids stay for what reads them (positions; Qwen3-VL refuses input_ids together with inputs_embeds).
+        embedding = module.get_input_embeddings()
+
+        def add_zero_term(_embedding, _inputs, output):
+            once.remove()
+            return output + zero_vision_term(module).to(output.dtype)
+
+        once = embedding.register_forward_hook(add_zero_term)
+        return None
 
     return inner.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
