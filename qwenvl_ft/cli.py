@@ -92,6 +92,9 @@ def _overrides_only(args: List[str]) -> List[str]:
 
 
 def main(argv: List[str] | None = None) -> int:
+    from qwenvl_ft.quiet import silence_library_noise
+
+    silence_library_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

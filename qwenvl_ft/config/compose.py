@@ -55,10 +55,17 @@ def available_recipes(extra: Iterable[str] = ()) -> dict:
     return found
 
 
+def recipe_folder(recipe: Optional[str]) -> str:
+    """The output folder of a recipe: its name, or `custom` for a run composed without one."""
+    return recipe or "custom"
+
+
 def register_all(extra_recipe_dirs: Iterable[str] = ()) -> None:
     from hydra.core.config_store import ConfigStore
 
     register_schemas()
+    # The primary configs' hydra.run.dir: `oc.select` cannot default a choice that exists but is null (recipe: null).
+    OmegaConf.register_new_resolver("recipe_folder", recipe_folder, replace=True)
     store = ConfigStore.instance()
     for name, path in available_recipes(extra_recipe_dirs).items():
         node = OmegaConf.load(path)

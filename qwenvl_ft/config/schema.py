@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 
 class ConfigError(ValueError):
@@ -248,6 +248,9 @@ class DataConfig:
     overlength: Overlength = Overlength.truncate_text  # samples over max_length (see Overlength)
     # Rows that fail validation are dropped and counted instead of stopping data-check and training.
     skip_invalid: bool = False
+    # Loss on the whole sequence (system and user turns, template tokens) instead of the answers only, as some
+    # tutorials train; image and video tokens are never targets. SFT only.
+    train_on_prompt: bool = False
 
     def __post_init__(self) -> None:
         _check(self.format.is_generated or self.path is not None,
@@ -361,6 +364,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     scheduler: LrScheduler = LrScheduler.constant
     warmup_ratio: float = 0.0  # fraction of all optimizer steps spent warming up
+    warmup_steps: Optional[int] = None  # warm up for this many optimizer steps instead (warmup_ratio must be 0)
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
@@ -371,6 +375,9 @@ class OptimizerConfig:
         _check(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas must be two values in [0, 1)")
         _check(0 <= self.warmup_ratio < 1, "optimizer.warmup_ratio must be in [0, 1)")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
+        _check(self.warmup_steps is None or self.warmup_ratio == 0,
+               "optimizer.warmup_steps and optimizer.warmup_ratio are alternatives: set one (warmup_ratio=0)")
         _check(self.max_grad_norm >= 0, "optimizer.max_grad_norm must be >= 0")
 
 
@@ -436,9 +443,44 @@ class DpoConfig:
 
 
 class Precision(str, Enum):
+    auto = "auto"  # bf16 where the accelerator supports it, else fp32 (CPU)
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+class SaveStrategy(str, Enum):
+    steps = "steps"  # a checkpoint every trainer.save_steps optimizer steps
+    epoch = "epoch"  # a checkpoint at the end of every epoch
+
+
+class Tracker(str, Enum):
+    """Experiment trackers (transformers' own integrations). Each but TensorBoard is an optional extra:
+    pip install "qwenvl-ft[wandb]", "qwenvl-ft[swanlab]", "qwenvl-ft[mlflow]"."""
+
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    swanlab = "swanlab"
+    mlflow = "mlflow"
+    none = "none"  # alone: no tracker (same as [])
+
+
+@dataclass
+class TrackerConfig:
+    """What the experiment trackers of trainer.report_to call the run (TensorBoard needs none of it)."""
+
+    # W&B and SwanLab project, MLflow experiment (None: the tracker's environment variable WANDB_PROJECT,
+    # SWANLAB_PROJECT or MLFLOW_EXPERIMENT_NAME, else "qwenvl-ft")
+    project: Optional[str] = None
+    run_name: Optional[str] = None  # the run's name in the tracker (None: the run folder's name)
+    tags: List[str] = field(default_factory=list)  # W&B and SwanLab tags, MLflow tag keys
+    # Held-out rows shown in the prediction gallery (image, prompt, prediction, reference) before training, at
+    # each evaluation (trainer.eval_steps) and after training; 0: no gallery.
+    gallery_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.gallery_size >= 0, "trainer.tracker.gallery_size must be >= 0")
+        _check(all(tag.strip() for tag in self.tags), "trainer.tracker.tags has an empty tag")
 
 
 @dataclass
@@ -451,12 +493,19 @@ class TrainerConfig:
     batch_size: int = 4  # per device
     eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    precision: Precision = Precision.bf16  # mixed-precision autocast
+    precision: Precision = Precision.auto  # mixed-precision autocast (auto: bf16 where supported, else fp32)
     tf32: bool = False  # TF32 matmuls on Ampere and newer GPUs (ignored without CUDA)
     logging_steps: int = 10
+    save_strategy: SaveStrategy = SaveStrategy.steps  # when checkpoints are written: every save_steps, or per epoch
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
-    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    # Experiment trackers, any of tensorboard, wandb, swanlab, mlflow ([] or [none]: none); trainer.tracker names
+    # the run. Each gets the resolved config, the training curves, the held-out metrics and the prediction gallery.
+    report_to: List[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    # Any other field of the method's TRL config (SFTConfig, DPOConfig; TrainingArguments' fields included), e.g.
+    # {lr_scheduler_kwargs: {min_lr: 1e-6}, torch_compile: true}. Keys are checked against that dataclass.
+    extra_args: Dict[str, Any] = field(default_factory=dict)
     # Generate on the held-out rows before and after training and report the metric (needs eval rows).
     eval_generation: bool = True
     max_new_tokens: int = 64
@@ -481,9 +530,9 @@ class TrainerConfig:
         _check(self.gradient_accumulation_steps > 0, "trainer.gradient_accumulation_steps must be > 0")
         _check(self.logging_steps > 0 and self.save_steps > 0, "trainer.logging_steps and save_steps must be > 0")
         _check(self.max_new_tokens > 0, "trainer.max_new_tokens must be > 0")
-        valid_reporters = {"tensorboard", "wandb", "none"}
-        unknown = set(self.report_to) - valid_reporters
-        _check(not unknown, f"trainer.report_to has {sorted(unknown)}; valid: {sorted(valid_reporters)}")
+        _check(Tracker.none not in self.report_to or len(self.report_to) == 1,
+               "trainer.report_to: none cannot be combined with a tracker (use [] or [none] for no tracker)")
+        _check(len(set(self.report_to)) == len(self.report_to), "trainer.report_to lists a tracker twice")
         _check(self.resume_from is None or self.resume_from.strip() != "",
                "trainer.resume_from must be auto, a checkpoint folder or null")
         _check(self.eval_steps is None or self.eval_steps > 0, "trainer.eval_steps must be > 0")
@@ -493,6 +542,8 @@ class TrainerConfig:
         _check(not needs_eval or self.eval_steps is not None,
                f"trainer.{needs_eval[0] if needs_eval else ''} needs trainer.eval_steps (evaluation during training)")
         # The Trainer can only load the best checkpoint if every evaluation step is also a save step.
+        _check(not self.load_best_model_at_end or self.save_strategy == SaveStrategy.steps,
+               "trainer.load_best_model_at_end needs trainer.save_strategy=steps (a checkpoint at every evaluation)")
         _check(not self.load_best_model_at_end or self.eval_steps is None or self.save_steps % self.eval_steps == 0,
                "trainer.load_best_model_at_end needs trainer.save_steps to be a multiple of trainer.eval_steps")
         _check(self.early_stopping_patience is None or self.early_stopping_patience > 0,
@@ -534,6 +585,9 @@ class TrainConfig:
         _check(kind != TrainerKind.sft or not data_format.is_preference,
                f"data.format={data_format.value} holds preference pairs: train it with trainer=dpo")
         sft_batching = self.data.max_tokens_per_batch is not None or self.data.group_by_length
+        _check(kind != TrainerKind.dpo or not self.data.train_on_prompt,
+               "data.train_on_prompt is for trainer=sft: DPO compares the answers' log-probabilities (the prompt "
+               "is the same in both and cancels out)")
         _check(kind != TrainerKind.dpo or not sft_batching,
                "data.max_tokens_per_batch and data.group_by_length are for trainer=sft; DPO batches are "
                "trainer.batch_size pairs (data.packing=true runs each of them without padding)")
