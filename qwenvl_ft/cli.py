@@ -129,7 +129,7 @@ def main(argv: List[str] | None = None) -> int:
         recipe_files, hydra_args = _split_recipe_file(hydra_args)
         register_all(recipe_dirs, recipe_files)
         if recipe_files:
-            hydra_args.append(f"recipe={Path(recipe_files[0]).stem}")
+            hydra_args.insert(0, f"recipe={Path(recipe_files[0]).stem}")  # before any flag (Hydra's argparse)
         if command == "recipes":
             for name, path in available_recipes(recipe_dirs).items():
                 print(f"{name:28s} {path}")

@@ -32,10 +32,11 @@ class RunStart:
 def start_run(cfg: DictConfig) -> RunStart:
     """Validate, find the checkpoint to resume from, and record the resolved config in the output folder."""
     from qwenvl_ft.training.preflight import preflight
-    from qwenvl_ft.training.resume import finished_metrics, prepare_resume
 
     typed: TrainConfig = validate(cfg)
     preflight(typed)  # trackers installed, precision supported, trainer.extra_args: before anything loads
+    from qwenvl_ft.training.resume import finished_metrics, prepare_resume
+
     output_dir = Path(typed.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume = prepare_resume(typed, cfg)  # before config.yaml is rewritten: it warns about config changes

@@ -65,6 +65,25 @@ def effective_precision(precision: Precision) -> Precision:
     return precision
 
 
+# What each method sets in its TRL config beyond the shared TrainingArguments (training/sft.py, training/dpo.py),
+# and from where: trainer.extra_args may not set these either.
+METHOD_ARGUMENT_SOURCES = {
+    "sft": {"remove_unused_columns": "qwenvl-ft (its collator needs the raw rows)",
+            "dataset_kwargs": "qwenvl-ft (rows are processed by its collator)",
+            "max_length": "data.max_length (the collator truncates, never inside an image)",
+            "packing": "data.packing", "padding_free": "data.packing",
+            "train_sampling_strategy": "data.group_by_length / data.max_tokens_per_batch",
+            "use_liger_kernel": "model.use_liger_kernel"},
+    "dpo": {"remove_unused_columns": "qwenvl-ft (its collator needs the raw rows)",
+            "max_length": "data.max_length (the collator truncates, never inside an image)",
+            "beta": "trainer.dpo.beta", "loss_type": "trainer.dpo.loss_type",
+            "loss_weights": "trainer.dpo.loss_weights", "label_smoothing": "trainer.dpo.label_smoothing",
+            "precompute_ref_log_probs": "trainer.dpo.precompute_ref_log_probs",
+            "precompute_ref_batch_size": "trainer.dpo.precompute_ref_batch_size",
+            "padding_free": "data.packing", "use_liger_kernel": "model.use_liger_kernel"},
+}
+
+
 def arguments_class(kind: str) -> type:
     """The TRL config dataclass the training method builds (its fields include TrainingArguments')."""
     if kind == "dpo":
@@ -87,10 +106,11 @@ def check_extra_args(cfg: TrainConfig) -> None:
     kind = getattr(cfg.trainer.kind, "value", cfg.trainer.kind)
     cls = arguments_class(kind)
     fields = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    sources = {**ARGUMENT_SOURCES, **METHOD_ARGUMENT_SOURCES.get(kind, {})}
     for key in extra:
-        if key in ARGUMENT_SOURCES:
-            raise ConfigError(f"trainer.extra_args.{key}: qwenvl-ft sets {key} from {ARGUMENT_SOURCES[key]}; set "
-                              f"that instead")
+        if key in sources:
+            raise ConfigError(f"trainer.extra_args.{key}: qwenvl-ft sets {key} from {sources[key]}; set that "
+                              f"instead")
         if key not in fields:
             hint = difflib.get_close_matches(key, fields, n=1)
             suggestion = f" Did you mean 'trainer.extra_args.{hint[0]}'?" if hint else ""
