@@ -20,9 +20,11 @@ a sweep's next job start a run of its own. Everything is logged from the main pr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -75,22 +77,34 @@ def predict_gallery(model, collator, rows: Sequence[dict], batch_size: int, max_
     return gallery_entries(rows, predictions)
 
 
+def plain(value: Any) -> Any:
+    """Enums as their values, containers rebuilt: what every tracker's config serialiser takes."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
 def flat_config(node: Dict, prefix: str = "") -> Dict[str, Any]:
-    """Dotted keys -> scalar values (lists and None as text): the form every tracker's hyperparameter table takes."""
+    """Dotted keys -> scalar values (lists as JSON, None as "null"): the form of a hyperparameter table (MLflow's
+    parameters, TensorBoard's HParams)."""
     out: Dict[str, Any] = {}
-    for key, value in node.items():
+    for key, value in plain(node).items():
         if not prefix and key in NOT_HYPERPARAMETERS:
             continue
         if isinstance(value, dict) and value:
             out.update(flat_config(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
     return out
 
 
 def hyperparameters(resolved: Dict) -> Dict:
     """The resolved config as nested hyperparameters (W&B and SwanLab show nested keys dotted)."""
-    return {key: value for key, value in resolved.items() if key not in NOT_HYPERPARAMETERS}
+    return {key: value for key, value in plain(resolved).items() if key not in NOT_HYPERPARAMETERS}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ class SwanLabTracker:
         import swanlab
 
         self.swanlab = swanlab
-        self.owned = swanlab.get_run() is None
+        self.owned = not swanlab.has_run()  # (swanlab 0.10: get_run() raises without one)
         if self.owned:
             # swanlog/ next to the run's other outputs, unless SWANLAB_LOG_DIR says otherwise
             log_dir = None if os.environ.get("SWANLAB_LOG_DIR") else str(Path(output_dir) / "swanlog")
@@ -245,6 +259,11 @@ class MlflowTracker:
             self.mlflow.end_run(status="FINISHED" if ok else "FAILED")
 
 
+def _metric_name(key: str, when: str) -> str:
+    key = key[len("eval_"):] if key.startswith("eval_") else key
+    return key[: -len(f"_{when}")] if key.endswith(f"_{when}") else key
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -284,8 +303,9 @@ class Trackers(TrainerCallback):
 
     def held_out(self, when: str, metrics: Dict[str, Any], step: int,
                  entries: Optional[List[GalleryEntry]] = None) -> None:
-        """Held-out metrics of `when` ("before" / "after" training) as `held_out_<when>/<name>`, and its gallery."""
-        numbers = {f"held_out_{when}/{key}": float(value) for key, value in metrics.items()
+        """Held-out metrics of `when` ("before" / "after" training) as `held_out_<when>/<name>`, and its gallery.
+        Names may carry the metrics.json form (`eval_exact_match_after`): the prefix and suffix are dropped."""
+        numbers = {f"held_out_{when}/{_metric_name(key, when)}": float(value) for key, value in metrics.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if numbers:
             self._log("metrics", numbers, step)
