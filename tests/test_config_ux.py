@@ -200,3 +200,36 @@ def test_library_noise_is_filtered_and_the_rest_kept(caplog):
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("a warning that matters", UserWarning)
     assert [str(w.message) for w in caught] == ["a warning that matters"]
+
+
+# -- eval / infer / merge start from the run's saved config --------------------------------------------------------
+
+
+def test_a_named_runs_saved_config_is_the_starting_point(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from qwenvl_ft.config.saved_run import with_saved_run
+
+    run = tmp_path / "outputs" / "mine" / "exp1"
+    run.mkdir(parents=True)
+    trained = compose(["recipe=demo", "data=llava", "data.path=/data/train.json", "data.eval_size=5", "adapter=dora",
+                       "trainer.max_new_tokens=12"], output_dir=str(run))
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(trained, resolve=True))
+
+    def evaluate(*overrides):
+        composed = compose(["recipe=demo", *overrides], config_name="eval", output_dir=str(run / "eval"))
+        return validate(with_saved_run(composed, overrides))
+
+    cfg = evaluate()  # nothing repeated: the run's data, adapter and settings
+    assert (cfg.data.format.value, cfg.data.path, cfg.data.eval_size) == ("llava", "/data/train.json", 5)
+    assert cfg.adapter.method.value == "dora" and cfg.eval.generation.max_new_tokens == 12
+    with caplog.at_level(logging.WARNING, logger="qwenvl_ft"):
+        cfg = evaluate("data.path=/data/other.json", "adapter.r=4", "eval.num_samples=2")
+    assert (cfg.data.path, cfg.data.eval_size, cfg.adapter.r, cfg.eval.num_samples) == ("/data/other.json", 5, 4, 2)
+    assert "data.path: '/data/other.json' (the run trained on '/data/train.json')" in caplog.text
+    assert cfg.adapter.method.value == "dora"
+    cfg = evaluate("adapter=lora")  # a group swapped on the command line replaces the run's group
+    assert cfg.adapter.method.value == "lora" and cfg.data.path == "/data/train.json"
+    # no saved config (a run that is not there): the composed config as it is
+    elsewhere = compose(["recipe=demo"], config_name="eval", output_dir=str(tmp_path / "none" / "eval"))
+    assert with_saved_run(elsewhere, []) is elsewhere
