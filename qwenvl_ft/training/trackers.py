@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -267,6 +268,27 @@ def _metric_name(key: str, when: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def run_trackers(cfg, composed, method, processor, eval_rows) -> "Trackers":
+    """The Trackers callback of a training run: the resolved config, and a gallery of the first
+    trainer.tracker.gallery_size held-out rows (as the method's `generation_rows` turns them into conversations),
+    generated greedily like the before/after check."""
+    from omegaconf import OmegaConf
+
+    from qwenvl_ft.data.collate import VisionChatCollator
+
+    size = cfg.trainer.tracker.gallery_size
+    rows = method.generation_rows(list(eval_rows))[:size] if eval_rows is not None and size else []
+    gallery = None
+    if rows:
+        collator = VisionChatCollator(processor, cfg.data)
+
+        def gallery(model):
+            return predict_gallery(model, collator, rows, cfg.trainer.eval_batch_size, cfg.trainer.max_new_tokens)
+
+    resolved = OmegaConf.to_container(composed, resolve=True)
+    return Trackers(cfg, resolved, OmegaConf.to_yaml(composed, resolve=True), gallery)
+
+
 class Trackers(TrainerCallback):
     """The run's trackers, opened on the main process when the Trainer is built, closed by `close`.
 
@@ -301,16 +323,25 @@ class Trackers(TrainerCallback):
 
     # -- what the run skeleton calls ---------------------------------------------------------------------------
 
-    def held_out(self, when: str, metrics: Dict[str, Any], step: int,
-                 entries: Optional[List[GalleryEntry]] = None) -> None:
-        """Held-out metrics of `when` ("before" / "after" training) as `held_out_<when>/<name>`, and its gallery.
-        Names may carry the metrics.json form (`eval_exact_match_after`): the prefix and suffix are dropped."""
+    def held_out(self, when: str, metrics: Dict[str, Any], step: int, model=None) -> None:
+        """Held-out metrics of `when` ("before" / "after" training) as `held_out_<when>/<name>`, and the gallery of
+        `model` then. Names may carry the metrics.json form (`eval_exact_match_after`): prefix and suffix go."""
         numbers = {f"held_out_{when}/{_metric_name(key, when)}": float(value) for key, value in metrics.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if numbers:
             self._log("metrics", numbers, step)
-        if entries and self.gallery is not None:
-            self._log("gallery", when, entries[: self.cfg.trainer.tracker.gallery_size], step)
+        if model is not None and self.wants_gallery:
+            self._log("gallery", when, self.gallery(model), step)
+
+    @contextmanager
+    def closing(self):
+        """Close the trackers when the block ends: finished if it returned, failed if it raised."""
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            self.close(ok)
 
     @property
     def wants_gallery(self) -> bool:
