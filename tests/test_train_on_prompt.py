@@ -83,5 +83,5 @@ def test_a_cut_that_leaves_no_answer_still_drops_the_row(tiny_processor):
 
 
 def test_train_on_prompt_is_for_sft():
-    with pytest.raises(ConfigError, match="data.train_on_prompt is for trainer=sft"):
+    with pytest.raises(ConfigError, match="data.train_on_prompt puts a token loss on the prompt too, for trainer=sft; trainer=dpo"):
         compose(["recipe=dpo_demo", "data.train_on_prompt=true"], output_dir="/tmp/unused")

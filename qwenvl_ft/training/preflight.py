@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import importlib.util
 
 from qwenvl_ft.config.schema import ConfigError, Precision, TrainConfig, Tracker
@@ -65,48 +66,25 @@ def effective_precision(precision: Precision) -> Precision:
     return precision
 
 
-# What each method sets in its TRL config beyond the shared TrainingArguments (training/sft.py, training/dpo.py),
-# and from where: trainer.extra_args may not set these either.
-METHOD_ARGUMENT_SOURCES = {
-    "sft": {"remove_unused_columns": "qwenvl-ft (its collator needs the raw rows)",
-            "dataset_kwargs": "qwenvl-ft (rows are processed by its collator)",
-            "max_length": "data.max_length (the collator truncates, never inside an image)",
-            "packing": "data.packing", "padding_free": "data.packing",
-            "train_sampling_strategy": "data.group_by_length / data.max_tokens_per_batch",
-            "use_liger_kernel": "model.use_liger_kernel"},
-    "dpo": {"remove_unused_columns": "qwenvl-ft (its collator needs the raw rows)",
-            "max_length": "data.max_length (the collator truncates, never inside an image)",
-            "beta": "trainer.dpo.beta", "loss_type": "trainer.dpo.loss_type",
-            "loss_weights": "trainer.dpo.loss_weights", "label_smoothing": "trainer.dpo.label_smoothing",
-            "precompute_ref_log_probs": "trainer.dpo.precompute_ref_log_probs",
-            "precompute_ref_batch_size": "trainer.dpo.precompute_ref_batch_size",
-            "padding_free": "data.packing", "use_liger_kernel": "model.use_liger_kernel"},
-}
-
-
-def arguments_class(kind: str) -> type:
+def arguments_class(method) -> type:
     """The TRL config dataclass the training method builds (its fields include TrainingArguments')."""
-    if kind == "dpo":
-        from trl import DPOConfig
-
-        return DPOConfig
-    from trl import SFTConfig
-
-    return SFTConfig
+    module, name = method.arguments_class.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def check_extra_args(cfg: TrainConfig) -> None:
     """trainer.extra_args: every key a field of the method's TRL config (with a did-you-mean), and none that
     qwenvl-ft sets from a config key of its own (that key is named instead)."""
+    from qwenvl_ft import methods
     from qwenvl_ft.training.common import ARGUMENT_SOURCES
 
     extra = cfg.trainer.extra_args
     if not extra:
         return
-    kind = getattr(cfg.trainer.kind, "value", cfg.trainer.kind)
-    cls = arguments_class(kind)
+    method = methods.get(cfg.trainer.kind)
+    cls = arguments_class(method)
     fields = sorted(f.name for f in dataclasses.fields(cls) if f.init)
-    sources = {**ARGUMENT_SOURCES, **METHOD_ARGUMENT_SOURCES.get(kind, {})}
+    sources = {**ARGUMENT_SOURCES, **method.argument_sources}
     for key in extra:
         if key in sources:
             raise ConfigError(f"trainer.extra_args.{key}: qwenvl-ft sets {key} from {sources[key]}; set that "
@@ -115,5 +93,5 @@ def check_extra_args(cfg: TrainConfig) -> None:
             hint = difflib.get_close_matches(key, fields, n=1)
             suggestion = f" Did you mean 'trainer.extra_args.{hint[0]}'?" if hint else ""
             raise ConfigError(f"trainer.extra_args.{key} is not a field of {cls.__module__.split('.')[0]}."
-                              f"{cls.__name__} (trainer={kind}).{suggestion}")
+                              f"{cls.__name__} (trainer={method.name}).{suggestion}")
 
