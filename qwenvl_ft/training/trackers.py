@@ -305,6 +305,7 @@ class Trackers(TrainerCallback):
         self.resolved, self.yaml_text = resolved, yaml_text
         self.gallery = gallery if cfg.trainer.tracker.gallery_size > 0 else None
         self.open_trackers: Optional[list] = None  # None until on_init_end; [] on other processes
+        self.gallery_step: Optional[int] = None  # step of the last evaluation's gallery
         self.pending: List[tuple] = []
 
     # -- Trainer events ----------------------------------------------------------------------------------------
@@ -318,7 +319,10 @@ class Trackers(TrainerCallback):
         self.pending.clear()
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if self.open_trackers and self.gallery is not None and model is not None:
+        # once per step: a method's own evaluation after training (DPO's held-out rewards) repeats the last one
+        if self.open_trackers and self.gallery is not None and model is not None \
+                and state.global_step != self.gallery_step:
+            self.gallery_step = state.global_step
             self._log("gallery", "eval", self.gallery(model), state.global_step)
 
     # -- what the run skeleton calls ---------------------------------------------------------------------------
