@@ -102,10 +102,45 @@ def test_extra_args_reach_the_methods_config_and_are_checked_against_it():
         preflight(validate(compose(["recipe=dpo_demo", "+trainer.extra_args.beta=0.5"], output_dir="/tmp/o")))
 
 
+def test_grpo_extra_args_are_checked_against_grpoconfig():
+    from trl import GRPOConfig
+
+    from qwenvl_ft.methods.grpo import grpo_arguments
+    from qwenvl_ft.rewards import build_rewards
+    from qwenvl_ft.training.common import training_arguments
+    from qwenvl_ft.training.preflight import preflight
+
+    def grpo(*overrides):
+        return validate(compose(["recipe=grpo_demo", *overrides], output_dir="/tmp/o"))
+
+    cfg = grpo("+trainer.extra_args.steps_per_generation=2", "+trainer.extra_args.shuffle_dataset=false")
+    preflight(cfg)
+    args = GRPOConfig(**training_arguments(cfg), **grpo_arguments(cfg, build_rewards(cfg.trainer.grpo.rewards)))
+    assert (args.steps_per_generation, args.shuffle_dataset) == (2, False)
+    with pytest.raises(ConfigError, match="qwenvl-ft sets num_generations from trainer.grpo.num_generations"):
+        preflight(grpo("+trainer.extra_args.num_generations=4"))
+    with pytest.raises(ConfigError, match="Did you mean 'num_generations'. qwenvl-ft sets it from trainer.grpo"):
+        preflight(grpo("+trainer.extra_args.num_generation=4"))  # a typo of a key qwenvl-ft sets: its own key
+    with pytest.raises(ConfigError, match="not a field of trl.GRPOConfig"):
+        preflight(grpo("+trainer.extra_args.assistant_only_loss=true"))  # SFT's, not GRPO's
+
+
 def test_every_argument_qwenvl_ft_sets_names_its_config_key():
+    import dataclasses
+
+    from qwenvl_ft import methods
+    from qwenvl_ft.methods.grpo import grpo_arguments
+    from qwenvl_ft.rewards import build_rewards
     from qwenvl_ft.training.common import ARGUMENT_SOURCES, training_arguments
+    from qwenvl_ft.training.preflight import arguments_class
 
     assert set(training_arguments(_cfg())) <= set(ARGUMENT_SOURCES)
+    for method in methods.registry().values():  # a method names only real fields of its TRL config
+        fields = {f.name for f in dataclasses.fields(arguments_class(method))}
+        assert set(method.argument_sources) | set(ARGUMENT_SOURCES) <= fields, method.name
+    cfg = validate(compose(["recipe=grpo_demo", "trainer.grpo.vllm.enabled=true"], output_dir="/tmp/o"))
+    assert set(grpo_arguments(cfg, build_rewards(cfg.trainer.grpo.rewards))) <= set(
+        methods.get("grpo").argument_sources)
 
 
 def test_warmup_steps_and_save_strategy():
@@ -165,8 +200,8 @@ def test_help_lists_every_key_with_the_schemas_description():
             if f.name in comments:
                 assert re.sub(r"\s+", " ", one_line(comments[f.name])) in text, key
             nested = [t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)]
-            if nested:
-                check(nested[0], key + ".")
+            if nested:  # a group, or a list of them (trainer.grpo.rewards[].function)
+                check(nested[0], key + ("[]." if typing.get_origin(hints[f.name]) is list else "."))
 
     for group, schema in GROUP_SCHEMAS.items():
         check(schema, f"{group}.")

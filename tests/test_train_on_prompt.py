@@ -82,6 +82,8 @@ def test_a_cut_that_leaves_no_answer_still_drops_the_row(tiny_processor):
     assert kept["input_ids"].numel() == limit + 2
 
 
-def test_train_on_prompt_is_for_sft():
-    with pytest.raises(ConfigError, match="data.train_on_prompt puts a token loss on the prompt too, for trainer=sft; trainer=dpo"):
-        compose(["recipe=dpo_demo", "data.train_on_prompt=true"], output_dir="/tmp/unused")
+@pytest.mark.parametrize("recipe, method", [("dpo_demo", "dpo"), ("grpo_demo", "grpo")])
+def test_train_on_prompt_is_for_sft(recipe, method):
+    with pytest.raises(ConfigError, match=f"data.train_on_prompt puts a token loss on the prompt too, for "
+                                          f"trainer=sft; trainer={method}"):
+        compose([f"recipe={recipe}", "data.train_on_prompt=true"], output_dir="/tmp/unused")

@@ -75,6 +75,15 @@ def _unwrap_optional(tp):
     return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
 
 
+def list_element(tp):
+    """The dataclass of a list-of-dataclasses field's elements (None for any other type)."""
+    tp = _unwrap_optional(tp)
+    if typing.get_origin(tp) in (list, List):
+        element = typing.get_args(tp)[0]
+        return element if dataclasses.is_dataclass(element) else None
+    return None
+
+
 def _type_name(tp) -> str:
     tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
@@ -121,6 +130,12 @@ def field_rows(cls, prefix: str) -> List[Tuple[str, str]]:
             doc = comments.get(f.name) or _first_line(nested.__doc__)
             rows.append((f"{key}.*", doc))
             rows += field_rows(nested, key + ".")
+            continue
+        element = list_element(hints[f.name])
+        if element is not None:  # a list of settings (trainer.grpo.rewards): the list, then one element's keys
+            rows.append((f"{key}: {_type_name(hints[f.name])} {_default(f)}".rstrip(),
+                         comments.get(f.name) or _first_line(element.__doc__)))
+            rows += field_rows(element, key + "[].")
             continue
         rows.append((f"{key}: {_type_name(hints[f.name])} {_default(f)}".rstrip(), comments.get(f.name, "")))
     return rows

@@ -91,7 +91,8 @@ def check_extra_args(cfg: TrainConfig) -> None:
                               f"instead")
         if key not in fields:
             hint = difflib.get_close_matches(key, fields, n=1)
-            suggestion = f" Did you mean 'trainer.extra_args.{hint[0]}'?" if hint else ""
+            suggestion = f" Did you mean '{hint[0]}'? qwenvl-ft sets it from {sources[hint[0]]}" \
+                if hint and hint[0] in sources else f" Did you mean 'trainer.extra_args.{hint[0]}'?" if hint else ""
             raise ConfigError(f"trainer.extra_args.{key} is not a field of {cls.__module__.split('.')[0]}."
                               f"{cls.__name__} (trainer={method.name}).{suggestion}")
 

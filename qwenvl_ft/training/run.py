@@ -5,30 +5,40 @@ Reads top to bottom: validate and find the checkpoint to resume from -> processo
 the method's own reader and measurer -> the method's TRL arguments (before the model: DeepSpeed ZeRO-3 partitions
 a model at load time only when its config already exists) -> model (+4-bit, + the adapter's config) -> the method's
 TRL trainer (opening the experiment trackers) -> held-out figures before -> train (stopping cleanly on SIGTERM)
--> save final/ -> held-out figures after, each also sent to the trackers with a prediction gallery. What differs
-between SFT, DPO, GRPO, ... is in qwenvl_ft/methods/; what they share is in common.py.
+-> save final/ -> held-out figures after, each also sent to the trackers with a prediction gallery -> the model
+card of final/ (and the upload with hub.push). What differs between SFT, DPO, GRPO, ... is in qwenvl_ft/methods/;
+what they share is in common.py.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Dict
 
 from omegaconf import DictConfig
 
 from qwenvl_ft.config.schema import ConfigError, TrainConfig
-from qwenvl_ft.training.common import interrupted, optimizer_steps, save_final, shared_parts, start_run, \
-    write_history
+from qwenvl_ft.training.common import finish_final, interrupted, optimizer_steps, save_final, shared_parts, \
+    start_run, write_history
 
 log = logging.getLogger("qwenvl_ft")
 
 
 def train(composed: DictConfig) -> Dict:
+    started = time.time()
     run = start_run(composed)
     if run.finished is not None:
         return run.finished
     cfg, output_dir = run.cfg, run.output_dir
     from transformers import AutoConfig, set_seed
+
+    from qwenvl_ft.training.start_from import train_start_model
+
+    # model.start_from: the run this one starts from, trained first when it is missing
+    stopped = train_start_model(cfg, train)
+    if stopped is not None:
+        return stopped
 
     from qwenvl_ft import methods
     from qwenvl_ft.data.check import load_checked_splits
@@ -80,6 +90,8 @@ def train(composed: DictConfig) -> Dict:
         write_history(trainer, output_dir, metrics)
     log.info("saved %s to %s", "adapter" if cfg.adapter.is_peft else "model", final_dir)
     log.info("result: %s", method.result_line(metrics))
+    if trainer.is_world_process_zero():  # the model card of final/ (and the upload when hub.push), once
+        finish_final(output_dir, started_at=started)
     return metrics
 
 
