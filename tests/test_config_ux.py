@@ -184,7 +184,9 @@ def test_help_lists_every_key_with_the_schemas_description():
     import re
     import typing
 
-    from qwenvl_ft.config.describe import field_comments, one_line
+    from qwenvl_ft.cli import COMMANDS
+    from qwenvl_ft.config.describe import command_sections, field_comments, one_line
+    from qwenvl_ft.config.schema import root_schema
 
     code = ("import sys; from qwenvl_ft.cli import main; rc = main(['train', '--help']); "
             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
@@ -205,6 +207,10 @@ def test_help_lists_every_key_with_the_schemas_description():
 
     for group, schema in GROUP_SCHEMAS.items():
         check(schema, f"{group}.")
+    # every key of every command has its one line: a comment in the schema, or its group's docstring
+    undocumented = {key for name, _ in COMMANDS.values() for _, _, rows in command_sections(root_schema(name))
+                    for key, doc in rows if not doc}
+    assert not undocumented, sorted(undocumented)
     assert "optimizer.warmup_steps: int = null warm up for this many optimizer steps instead" in text
     assert "(options: adapter=dora|full|lora|qlora)" in text
     assert main(["eval", "--help"]) == 0

@@ -224,3 +224,30 @@ def test_only_the_main_process_opens_and_logs(monkeypatch):
     other.held_out("after", {"exact_match": 1.0}, 3)
     other.close()
     assert opened == [] and other.pending == [] and not other.wants_gallery
+
+
+# -- GRPO: held-out rewards and the gallery through the same skeleton ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_grpo_run_reports_held_out_rewards_and_gallery(tmp_path):
+    """A GRPO run's held-out figures are its rewards (eval_reward_before/_after, per reward too): they and the
+    gallery of prompt, greedy completion and solution reach the trackers as an SFT run's metrics do."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from qwenvl_ft.training import train
+
+    run = tmp_path / "grpo"
+    metrics = train(compose(["recipe=grpo_demo", "model.start_from=null", "data.shapes.num_train=8",
+                             "data.shapes.num_eval=2", "trainer.max_steps=1", "trainer.batch_size=4",
+                             "trainer.grpo.num_generations=4", "trainer.grpo.max_completion_length=2",
+                             "trainer.max_new_tokens=2", "trainer.disable_tqdm=true", "trainer.report_to=[tensorboard]",
+                             "trainer.tracker.gallery_size=1"], output_dir=str(run)))
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    for when, step in (("before", 0), ("after", 1)):
+        for name in ("reward", "reward/accuracy", "reward/format"):
+            logged, = events.Scalars(f"held_out_{when}/{name}")
+            assert (logged.step, logged.value) == (step, pytest.approx(metrics[f"eval_{name}_{when}"]))
+    assert [e.step for e in events.Images("gallery/00")] == [0, 1]
+    cards = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("gallery/00/text_summary")]
+    assert all("**prompt:** What is in the image?" in c and "**reference:** a " in c for c in cards)

@@ -175,25 +175,29 @@ def command_help(command: str, summary: str, root) -> str:
     from qwenvl_ft.config.compose import available_recipes, config_dir
 
     conf = config_dir()
-    hints = typing.get_type_hints(root)
-    comments = field_comments(root)
     lines = [f"usage: qwenvl-ft {command} [RECIPE.yaml | recipe=NAME] [group=option ...] [key=value ...] "
              f"[--cfg job] [-m]", "", summary, "",
              f"recipes (recipe=NAME; `qwenvl-ft recipes` shows their files): {', '.join(available_recipes())}",
-             "`--cfg job` prints the config a recipe and overrides resolve to; the defaults below are the schema's.",
-             ""]
-    top = [f for f in dataclasses.fields(root) if not dataclasses.is_dataclass(_unwrap_optional(hints[f.name]))]
-    lines.append("run")
-    lines += _format_rows([(f"{f.name}: {_type_name(hints[f.name])} {_default(f)}".rstrip(),
-                            comments.get(f.name, "")) for f in top])
-    for f in dataclasses.fields(root):
-        group = _unwrap_optional(hints[f.name])
-        if not dataclasses.is_dataclass(group):
-            continue
-        options = group_options(conf, f.name)
-        lines += ["", f"{f.name}" + (f"  (options: {f.name}={'|'.join(options)})" if options else "")]
-        doc = _first_line(group.__doc__)
+             "`--cfg job` prints the config a recipe and overrides resolve to; the defaults below are the schema's."]
+    for title, doc, rows in command_sections(root):
+        options = group_options(conf, title) if title != "run" else []
+        lines += ["", title + (f"  (options: {title}={'|'.join(options)})" if options else "")]
         if doc:
             lines.append(f"  {doc}")
-        lines += _format_rows(field_rows(group, f.name + "."))
+        lines += _format_rows(rows)
     return "\n".join(lines)
+
+
+def command_sections(root) -> List[Tuple[str, str, List[Tuple[str, str]]]]:
+    """(title, the group's one-line doc, its rows) of a command's config: "run" for the top-level keys, then one
+    per group (model, data, ..., eval, hub)."""
+    hints = typing.get_type_hints(root)
+    comments = field_comments(root)
+    top = [f for f in dataclasses.fields(root) if not dataclasses.is_dataclass(_unwrap_optional(hints[f.name]))]
+    sections = [("run", "", [(f"{f.name}: {_type_name(hints[f.name])} {_default(f)}".rstrip(),
+                              comments.get(f.name, "")) for f in top])]
+    for f in dataclasses.fields(root):
+        group = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(group):
+            sections.append((f.name, _first_line(group.__doc__), field_rows(group, f.name + ".")))
+    return sections
