@@ -458,7 +458,7 @@ class TrainerSettings:
     # the run. Each gets the resolved config, the training curves, the held-out metrics and the prediction gallery.
     report_to: List[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
-    # Any other field of the method's TRL config (SFTConfig, DPOConfig; TrainingArguments' fields included), e.g.
+    # Any other field of the method's TRL config (SFTConfig, DPOConfig, GRPOConfig; TrainingArguments' included), e.g.
     # {lr_scheduler_kwargs: {min_lr: 1e-6}, torch_compile: true}. Keys are checked against that dataclass.
     extra_args: Dict[str, Any] = field(default_factory=dict)
     # Generate on the held-out rows before and after training and report the metric (needs eval rows).
