@@ -8,7 +8,9 @@ library's internals rather than the user's run:
 - DeepSpeed logs, when it is imported (by accelerate or peft), that it fell back to its CPU accelerator; on a GPU
   machine it says nothing, and DeepSpeed is not in use unless the config asks for it;
 - rouge-score logs "Using default tokenizer." through absl at INFO on every score;
-- transformers warns that `is_gradient_checkpointing` is deprecated, each time TRL reads it.
+- transformers warns that `is_gradient_checkpointing` is deprecated, each time TRL reads it;
+- MLflow logs at INFO that it creates and upgrades the tables of its default SQLite store, on every run that
+  reports to it (where that store is, the trackers' own line says).
 
 Filters match the message itself, so anything else these loggers say still shows. Messages that do concern the
 user (a deprecated config value, a data problem, a fallback the user chose) are left alone on purpose.
@@ -25,6 +27,7 @@ import warnings
 NOISY_LOG_MESSAGES = {
     "bitsandbytes.backends.cpu.ops": [r"Failed to load CPU gemm_4bit_forward from kernels-community"],
     "DeepSpeed": [r"Setting accelerator to CPU"],
+    "mlflow.store.db.utils": [r"Creating initial MLflow database tables", r"Updating database tables"],
 }
 QUIET_LOGGERS = {"absl": logging.WARNING}  # rouge-score's "Using default tokenizer." on every score
 NOISY_WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]

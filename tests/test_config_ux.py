@@ -221,6 +221,18 @@ def test_runs_without_a_recipe_go_to_custom(tmp_path, monkeypatch):
     assert main(["data-check", "run_name=r1", "data.shapes.num_train=2", "data.shapes.num_eval=1"]) == 0
     assert (tmp_path / "outputs" / "custom" / "r1" / "data_check.json").is_file()
     assert not (tmp_path / "outputs" / "None").exists()
+    # every command's folder is decided the same way (the chat page's, which starts a server, included)
+    from omegaconf import OmegaConf
+
+    from qwenvl_ft.config.compose import config_dir, register_all
+
+    register_all()
+    for primary in ("train", "eval", "infer", "merge", "chat"):
+        run_dir = OmegaConf.to_container(OmegaConf.load(config_dir() / f"{primary}.yaml").hydra.run)["dir"]
+        for recipe, folder in ((None, "custom"), ("demo", "demo")):
+            resolved = OmegaConf.create({"hydra": {"runtime": {"choices": {"recipe": recipe}}, "dir": run_dir},
+                                         "run_name": "r1"}).hydra.dir
+            assert resolved.startswith(f"outputs/{folder}/r1"), (primary, resolved)
 
 
 def test_library_noise_is_filtered_and_the_rest_kept(caplog):
@@ -232,6 +244,7 @@ def test_library_noise_is_filtered_and_the_rest_kept(caplog):
         noisy.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'")
         noisy.warning("something that matters")
         logging.getLogger("absl").info("Using default tokenizer.")
+        logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
     assert [r.getMessage() for r in caplog.records] == ["something that matters"]
     import warnings
 
@@ -271,6 +284,9 @@ def test_a_named_runs_saved_config_is_the_starting_point(tmp_path, caplog):
     assert cfg.adapter.method.value == "dora"
     cfg = evaluate("adapter=lora")  # a group swapped on the command line replaces the run's group
     assert cfg.adapter.method.value == "lora" and cfg.data.path == "/data/train.json"
+    # chat too: the run's model is the base its adapter goes on
+    chat = compose(["recipe=demo", "model=tiny_qwen2_5_vl"], config_name="chat", output_dir=str(run / "chat"))
+    assert validate(with_saved_run(chat, [])).model.family.value == trained.model.family
     # no saved config (a run that is not there): the composed config as it is
     elsewhere = compose(["recipe=demo"], config_name="eval", output_dir=str(tmp_path / "none" / "eval"))
     assert with_saved_run(elsewhere, []) is elsewhere

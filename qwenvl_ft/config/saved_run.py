@@ -1,4 +1,4 @@
-"""`eval`, `infer` and `merge` of a named run use the config that run trained with.
+"""`eval`, `infer`, `merge` and `chat` of a named run use the config that run trained with.
 
 `qwenvl-ft eval recipe=R run_name=X` composes the same groups as `train`, but the run in outputs/R/X may have been
 trained with overrides (`data.path=my.json`, `model=qwen2_vl_2b`, ...) that this command line does not repeat. Its

@@ -233,6 +233,11 @@ class MlflowTracker:
             mlflow.set_experiment(project)
             mlflow.start_run(run_name=name, tags={tag: "" for tag in tags})
 
+    def log_location(self) -> None:
+        uri = self.mlflow.get_tracking_uri()
+        experiment = self.mlflow.get_experiment(self.mlflow.active_run().info.experiment_id).name
+        log.info("mlflow: experiment %s in %s (browse it: mlflow ui --backend-store-uri %s)", experiment, uri, uri)
+
     def log_config(self, resolved: Dict, yaml_text: str) -> None:
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
@@ -391,4 +396,7 @@ class Trackers(TrainerCallback):
         for tracker in opened:
             tracker.log_config(self.resolved, self.yaml_text)
         log.info("trackers: %s (run %s)", ", ".join(self.names), name)
+        for tracker in opened:
+            if isinstance(tracker, MlflowTracker):  # say where it goes: MLflow 3's default is ./mlflow.db
+                tracker.log_location()
         return opened
