@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_helpers import assistant, user, write_video
 from qwenvl_ft.config.compose import compose
 from qwenvl_ft.config.schema import ConfigError, DataConfig
 from qwenvl_ft.data.collate import IGNORE_INDEX, RowDropped, VisionChatCollator
@@ -80,6 +81,28 @@ def test_a_cut_that_leaves_no_answer_still_drops_the_row(tiny_processor):
         collator.encode(row)
     kept = VisionChatCollator(tiny_processor, DataConfig(max_length=limit + 2, train_on_prompt=True)).encode(row)
     assert kept["input_ids"].numel() == limit + 2
+
+
+def test_a_videos_timestamps_are_never_targets(processor_of, tmp_path):
+    """Qwen3-VL expands a video into timestamped spans (text tokens between the vision markers): with the whole
+    sequence trained, the timestamps stand for the video like its pads, and only the conversation's text is a
+    target."""
+    processor = processor_of("tiny_qwen3_vl")
+    row = {"messages": [user("What?", videos=1), assistant("a red box")], "images": [],
+           "videos": [str(write_video(tmp_path / "v.mp4"))], "source": "t:0"}
+    sizes = dict(video_min_pixels=28 * 28, video_max_pixels=56 * 56)
+    sample = VisionChatCollator(processor, DataConfig(train_on_prompt=True, **sizes)).encode(row)
+    ids, labels = sample["input_ids"], sample["labels"]
+    ids_of = processor.tokenizer.convert_tokens_to_ids
+    starts, ends = (torch.nonzero(ids == ids_of(t)).flatten() for t in ("<|vision_start|>", "<|vision_end|>"))
+    span = torch.zeros_like(ids, dtype=torch.bool)
+    span[starts[0]: ends[-1] + 1] = True
+    texts = span & (ids != ids_of("<|video_pad|>")) & (ids != ids_of("<|vision_start|>")) \
+        & (ids != ids_of("<|vision_end|>"))
+    assert texts.any(), "no timestamps in the video span: the family expands videos differently now"
+    assert not (labels[span] != IGNORE_INDEX).any()
+    targets = processor.tokenizer.decode(ids[labels != IGNORE_INDEX])
+    assert targets == "<|im_start|>user\nWhat?<|im_end|>\n<|im_start|>assistant\na red box<|im_end|>\n"
 
 
 @pytest.mark.parametrize("recipe, method", [("dpo_demo", "dpo"), ("grpo_demo", "grpo")])
