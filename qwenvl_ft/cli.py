@@ -127,6 +127,51 @@ def _overrides_only(args: List[str]) -> List[str]:
     return out
 
 
+def _as_worker(hydra_args: List[str], recipe_dirs: List[str]) -> List[str]:
+    """A distributed run's processes (launched by `qwenvl-ft train dist=...` itself, torchrun, accelerate launch
+    or srun) agree on one run name before Hydra names the run folder, and every process it launches finds the same
+    recipe folders; only the main process logs below warnings to the console."""
+    import os
+
+    from qwenvl_ft.config.compose import RECIPES_ENV
+    from qwenvl_ft.distributed import launch, ranks
+
+    if recipe_dirs:
+        os.environ[RECIPES_ENV] = os.pathsep.join([d for d in os.environ.get(RECIPES_ENV, "").split(os.pathsep)
+                                                   if d] + [str(Path(d).resolve()) for d in recipe_dirs])
+    if any(arg in ("--cfg", "-c", "--help", "-h", "--info", "-i", "-m", "--multirun") for arg in hydra_args):
+        return hydra_args
+    hydra_args = launch.prepare_worker(hydra_args)
+    if not ranks.is_main_process():
+        # Each other rank logs everything to its own file in the run folder and only warnings to the console, and
+        # leaves .hydra/ (the run's composed config) to the main process.
+        own_log = f"${{hydra.runtime.output_dir}}/${{hydra.job.name}}.rank{ranks.rank()}.log"
+        hydra_args += [f"hydra.job_logging.handlers.file.filename={own_log}",
+                       "+hydra.job_logging.handlers.console.level=WARNING", "hydra.output_subdir=null"]
+    return hydra_args
+
+
+def _show_generated_deepspeed_config(hydra_args: List[str]) -> None:
+    """`train --cfg job` of a DeepSpeed run: after the config, the DeepSpeed config generated from it (as YAML
+    comments, so that the output stays valid YAML)."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=_overrides_only(hydra_args))
+    if cfg.dist.engine != "deepspeed":
+        return
+    from qwenvl_ft.distributed.zero import deepspeed_config
+
+    generated = json.dumps(deepspeed_config(cfg), indent=2)
+    print("# DeepSpeed config generated from dist.zero and the settings above (qwenvl_ft/distributed/zero.py);\n"
+          "# transformers fills each \"auto\" from the TrainingArguments and the model when the run starts:\n"
+          + "\n".join(f"#   {line}" for line in generated.splitlines()))
+
+
 def main(argv: List[str] | None = None) -> int:
     from qwenvl_ft.quiet import silence_library_noise
 
@@ -161,6 +206,8 @@ def main(argv: List[str] | None = None) -> int:
         recipe = available_recipes(recipe_dirs, recipe_files).get(chosen_recipe(overrides) or "")
         if recipe is not None:
             check_recipe_keys(recipe, root)
+        if command == "train":  # launched processes find a recipe file through its folder
+            hydra_args = _as_worker(hydra_args, recipe_dirs + [str(Path(f).parent) for f in recipe_files])
     except ConfigError as err:
         print(f"qwenvl-ft: config error: {err}", file=sys.stderr)
         return 2
@@ -178,6 +225,8 @@ def main(argv: List[str] | None = None) -> int:
         wrapped()
     except SystemExit as exit:  # a single run's config or data error (runtime.run_task): status 2, message shown
         return exit.code if isinstance(exit.code, int) else 1
+    if command == "train" and {"--cfg", "-c"} & set(hydra_args):
+        _show_generated_deepspeed_config(hydra_args)
     from qwenvl_ft import sweep
 
     return 1 if sweep.FAILED_JOBS else 0

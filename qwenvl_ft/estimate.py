@@ -347,7 +347,8 @@ def estimate(cfg: DictConfig) -> Dict:
     from qwenvl_ft.config.compose import validate
 
     typed: TrainConfig = validate(cfg)
-    result = estimate_memory(typed)
+    model = meta_model(typed.model)
+    result = estimate_memory(typed, model)
     c, b = result.counts, result.budget
     parts = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sorted(c.by_part.items()))
     print(f"model: {typed.model.name_or_path} ({typed.model.family.value}), {c.total / 1e9:.3f}B parameters "
@@ -357,5 +358,53 @@ def estimate(cfg: DictConfig) -> Dict:
           f"{'on' if typed.model.gradient_checkpointing else 'off'}")
     print(f"batch per device step: {b.note}")
     print(result.table())
+    sharded, fits = sharding(typed, result, model)
     return {"predicted_peak_gib": round(result.total / GiB, 2), "parameters": c.total, "trainable": c.trainable,
-            "tokens_per_step": b.tokens, "components_gib": {n: round(v / GiB, 3) for n, v, _ in result.rows}}
+            "tokens_per_step": b.tokens, "components_gib": {n: round(v / GiB, 3) for n, v, _ in result.rows},
+            "per_gpu_gib_by_dist": sharded, "fits": fits}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sharding section: per GPU for each dist option and world size (qwenvl_ft/distributed/memory.py)
+
+
+def single_process_parts(cfg: TrainConfig, result: Estimate, model):
+    """The single-process estimate in the terms the engines shard by."""
+    from qwenvl_ft.distributed import memory
+    from qwenvl_ft.distributed.fsdp import wrap_classes
+
+    by_name = {name: b for name, b, _ in result.rows}
+    weights = sum(b for name, b, _ in result.rows if name.startswith("weights"))
+    w = DTYPE_BYTES[cfg.model.dtype.value]
+    if cfg.adapter.is_peft:
+        trained = by_name.get("adapter weights", 0)
+    else:
+        trained = result.counts.trainable * w
+    classes = set(wrap_classes(cfg))
+    unit = max((sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in classes),
+               default=0)
+    return memory.SingleProcess(
+        frozen_weights=weights - (0 if cfg.adapter.is_peft else trained), trained_weights=trained,
+        gradients=by_name["gradients"], optimizer=by_name["optimizer states"],
+        reference=by_name.get("reference model", 0),
+        activations=sum(b for name, b, _ in result.rows if name.startswith("activations")),
+        trained_params=result.counts.trainable, base_params=result.counts.total,
+        adapter_params=result.counts.trainable if cfg.adapter.is_peft else 0,
+        quantized_params=result.counts.quantized, quantized_bytes=by_name.get("weights (4-bit)", 0), unit_params=unit,
+        dtype_bytes=w, mixed_precision=cfg.trainer.precision != Precision.fp32)
+
+
+def sharding(cfg: TrainConfig, result: Estimate, model) -> tuple:
+    from qwenvl_ft.distributed import memory
+
+    dist = cfg.dist
+    worlds = list(memory.WORLD_SIZES)
+    if dist.num_processes is not None:
+        worlds.append(dist.num_processes * dist.num_machines)
+    table, gib, fits = memory.table(single_process_parts(cfg, result, model), tuple(worlds), dist.gpu_memory_gib)
+    print(f"\nper GPU by dist option and world size (GiB, same per-device batch; what each engine keeps: "
+          f"qwenvl_ft/distributed/memory.py):\n{table}")
+    if cfg.adapter.load_in_4bit:
+        print("(QLoRA: zero3 and fsdp cannot split 4-bit weights, so only ddp and zero2 are listed)")
+    print("\n".join(fits))
+    return gib, fits

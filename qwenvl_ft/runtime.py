@@ -41,6 +41,10 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def write_summary(output_dir: str, payload: Dict) -> None:
+    from qwenvl_ft.distributed import ranks
+
+    if not ranks.is_main_process():  # one run folder, one writer: the main process of a distributed run
+        return
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / "summary.json").write_text(json.dumps(payload, indent=2, default=str))
@@ -62,13 +66,22 @@ def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
                   f"{metrics.get('checkpoint')}. Run the same command again to resume.", file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT_STATUS)
         summary.update(status="completed", metrics=metrics)
+        value = objective_value(cfg, metrics)
+        if value is not None:
+            summary["objective"] = {"name": cfg.objective, "value": value}
+            return value  # what a sweeper (Optuna) optimises
         return metrics
     except UserFacingError as err:  # config and data errors: the message says everything
+        from qwenvl_ft.distributed import ranks
+
         summary["error"] = str(err)
-        log.error("%s", err)
+        # The other ranks of a distributed run stop on the same error: the main process shows it, they log it.
+        main = ranks.is_main_process()
+        (log.error if main else log.info)("%s", err)
         if not is_sweep:
             write_summary(output_dir, summary)
-            print(f"qwenvl-ft: {err}", file=sys.stderr)
+            if main:
+                print(f"qwenvl-ft: {err}", file=sys.stderr)
             sys.exit(2)
     except Exception as err:
         summary["error"] = f"{type(err).__name__}: {err}"
@@ -79,4 +92,21 @@ def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
     finally:
         if summary["status"] == "completed" or is_sweep:
             write_summary(output_dir, summary)
-    return {}
+    return float("nan") if cfg.get("objective") else {}  # a failed trial, for a sweeper that optimises
+
+
+def objective_value(cfg: DictConfig, metrics: Dict):
+    """The value of `cfg.objective` this run reports: from its metrics, else the last logged one (log_history.json,
+    e.g. eval_loss); NaN when it reports none (Optuna then counts the trial as failed). None without objective."""
+    name = cfg.get("objective")
+    if not name:
+        return None
+    if isinstance(metrics.get(name), (int, float)):
+        return float(metrics[name])
+    history = Path(cfg.output_dir) / "log_history.json"
+    if history.is_file():
+        logged = [entry[name] for entry in json.loads(history.read_text()) if name in entry]
+        if logged:
+            return float(logged[-1])
+    log.warning("objective=%s: the run reported no such metric", name)
+    return float("nan")

@@ -10,7 +10,8 @@ from qwenvl_ft.config.compose import available_recipes, compose, validate
 from qwenvl_ft.config.schema import AdapterMethod, ConfigError, ModelFamily
 
 # Recipes whose data lives on the user's disk need data.path to validate.
-NEEDS_PATH = {"lora_2b_coco", "full_7b_llava", "lora_qwen25vl_3b_llava", "dpo_lora_2b", "lora_qwen3vl_8b_llava"}
+NEEDS_PATH = {"lora_2b_coco", "full_7b_llava", "lora_qwen25vl_3b_llava", "dpo_lora_2b", "lora_qwen3vl_8b_llava",
+              "lora_7b_llava_ddp"}
 
 
 @pytest.mark.parametrize("recipe", sorted(available_recipes()))

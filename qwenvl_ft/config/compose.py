@@ -83,11 +83,14 @@ def register_all(extra_recipe_dirs: Iterable[str] = (), recipe_files: Iterable[s
 # Override checks. Hydra reports an unknown key as "Key 'lrr' is not in struct" without saying what would have
 # been valid; checking the keys against the schema first gives a message that lists the valid keys.
 
-_GROUPS = set(GROUP_SCHEMAS) | {"recipe"}
+_GROUPS = set(GROUP_SCHEMAS) | {"recipe", "sweep"}
 
 
 def _schema_fields(cls) -> dict:
     return {f.name: f for f in dataclasses.fields(cls)}
+
+
+_ENGINE_KEYS = ("deepspeed", "fsdp", "fsdp_config", "ddp_backend")  # TrainingArguments names users try
 
 
 def check_override_keys(overrides: Sequence[str], root=TrainConfig) -> None:
@@ -100,7 +103,9 @@ def check_override_keys(overrides: Sequence[str], root=TrainConfig) -> None:
         raise ConfigError(str(err)) from None
     for override in parsed:
         key = override.key_or_group
-        if key.startswith("hydra") or override.is_add() or override.is_delete() or "@" in key:
+        # `+key=value` is checked too: Hydra would add an unknown key and the typed config would drop it silently
+        # (`+trainer.deepspeed=ds.json` trained without DeepSpeed).
+        if key.startswith("hydra") or override.is_delete() or "@" in key:
             continue
         if key in _GROUPS:  # group choice: Hydra lists the available options itself
             continue
@@ -120,6 +125,8 @@ def unknown_key(key: str, root=TrainConfig) -> Optional[str]:
             where = ".".join(walked) or "the top level"
             hint = difflib.get_close_matches(part, fields, n=1)
             suggestion = f" Did you mean '{'.'.join(walked + hint)}'?" if hint else ""
+            if part in _ENGINE_KEYS:
+                suggestion = " Several GPUs and engines are the dist group's: dist=ddp|fsdp|zero2|zero3|zero3_offload."
             return f"unknown config key '{key}'.{suggestion} Valid keys of {where}: {', '.join(fields)}"
         walked.append(part)
         nested = _unwrap_optional(typing.get_type_hints(cls)[part])

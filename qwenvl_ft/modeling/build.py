@@ -123,7 +123,8 @@ def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source: Opti
     return get_peft_model(model, build_lora_config(model, model_cfg, adapter_cfg))
 
 
-def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source: Optional[str] = None) -> nn.Module:
+def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source: Optional[str] = None,
+                     device_map=None) -> nn.Module:
     """The model before any adapter: loaded (in 4-bit and prepared for k-bit training when the adapter asks for
     it), with the freezing of full fine-tuning done. DPO hands it to TRL with `build_lora_config`'s config: a
     PeftModel TRL wraps itself gets the base with the adapter disabled as reference, where one wrapped here would
@@ -138,6 +139,7 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
         attn_implementation=model_cfg.attn_implementation.value,
         quantization_config=quant,
         trust_remote_code=model_cfg.trust_remote_code,
+        device_map=device_map,  # a distributed QLoRA run: each process's GPU (distributed/placement.py)
     )
     model.config.use_cache = False
     if quant is not None:
@@ -257,7 +259,7 @@ def optimizer_param_groups(model: nn.Module, optimizer_cfg: OptimizerConfig, dec
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 partitioned parameter's numel() is its shard
         # 4-bit weights are packed two per byte
         if p.__class__.__name__ == "Params4bit":
             n *= 2

@@ -17,7 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_ft.config.compose import validate
-from qwenvl_ft.config.schema import HubConfig, Precision, TrainConfig
+from qwenvl_ft.config.schema import ConfigError, DistEngine, HubConfig, Precision, TrainConfig
+from qwenvl_ft.distributed.engine import engine_arguments
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -31,11 +32,32 @@ class RunStart:
 
 
 def start_run(composed: DictConfig) -> RunStart:
-    """Validate, find the checkpoint to resume from, and record the resolved config in the output folder."""
+    """Validate, find the checkpoint to resume from, and record the resolved config in the output folder.
+
+    With dist=ddp/fsdp/zero* outside a launcher, the run's processes are started here (distributed/launch.py) and
+    their result is returned as `finished`. Inside a distributed run the main process prepares the folder (it alone
+    removes half-written checkpoints and writes config.yaml, with dist.world_size); every other rank gets its
+    decision and checks that its own config is the one recorded."""
+    from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.distributed.launch import launch_if_needed
     from qwenvl_ft.training.preflight import preflight
 
     cfg: TrainConfig = validate(composed)
     preflight(cfg)  # trackers installed, precision supported, trainer.extra_args: before anything loads
+    launched = launch_if_needed(cfg)
+    if launched is not None:
+        return RunStart(cfg, Path(cfg.output_dir), None, launched)
+    cfg = record_world_size(composed)
+    ranks.ensure_process_group(cfg.dist.backend, cfg.dist.timeout_s)  # accelerate and DeepSpeed reuse it
+    resume, finished = ranks.run_on_main(_prepare_output, cfg, composed)
+    if not ranks.is_main_process():
+        check_same_config(composed, Path(cfg.output_dir))
+        if resume is not None and finished is None:
+            log.info("rank %d of %d: resuming from %s", ranks.rank(), ranks.world_size(), resume)
+    return RunStart(cfg, Path(cfg.output_dir), resume, finished)
+
+
+def _prepare_output(cfg: TrainConfig, composed: DictConfig):
     from qwenvl_ft.training.resume import finished_metrics, prepare_resume
 
     output_dir = Path(cfg.output_dir)
@@ -47,10 +69,41 @@ def start_run(composed: DictConfig) -> RunStart:
         log_config_summary(cfg)
     elif cfg.hub.push:  # the same command again after a failed upload: only the upload is left to do
         publish_final(output_dir, cfg.hub)
-    return RunStart(cfg, output_dir, resume, finished)
+    return resume, finished
+
+
+def record_world_size(composed: DictConfig) -> TrainConfig:
+    """dist.world_size (and dist.num_processes when a launcher decided it) as this run really has them, so that
+    config.yaml records them and a resume with another world size is reported as a config change."""
+    from qwenvl_ft.distributed import ranks
+
+    world = ranks.world_size()
+    if world > 1 and composed.dist.engine == DistEngine.none:
+        raise ConfigError(f"{world} processes were launched with dist=single: pick dist=ddp, fsdp, zero2, zero3 or "
+                          f"zero3_offload")
+    if composed.dist.world_size not in (None, world):
+        log.warning("dist.world_size=%s, but the launcher started %d processes", composed.dist.world_size, world)
+    composed.dist.world_size = world
+    if composed.dist.num_processes is None and "LOCAL_WORLD_SIZE" in os.environ:
+        composed.dist.num_processes = int(os.environ["LOCAL_WORLD_SIZE"])
+    return validate(composed)
+
+
+def check_same_config(composed: DictConfig, output_dir: Path) -> None:
+    """A rank other than the main one: its composed config must be the one the main process recorded."""
+    from qwenvl_ft.training.resume import config_changes
+
+    changed = [key for key in config_changes(output_dir / "config.yaml", composed) if key != "dist.machine_rank"]
+    if changed:
+        raise ConfigError(f"this rank composed a config that differs from {output_dir / 'config.yaml'} in "
+                          f"{', '.join(changed)}: every process of a run must get the same arguments")
 
 
 def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
+    from qwenvl_ft.distributed import ranks
+
+    if not ranks.is_main_process():
+        return
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
 
@@ -99,7 +152,7 @@ def training_arguments(cfg: TrainConfig) -> Dict:
         log.warning("trainer.tf32=true ignored: no CUDA device")
     # TensorBoard event files go next to the checkpoints (transformers reads this variable).
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.output_dir) / "tensorboard")
-    return dict(
+    arguments = dict(
         output_dir=cfg.output_dir,
         num_train_epochs=trainer_cfg.epochs,
         max_steps=trainer_cfg.max_steps,
@@ -138,6 +191,8 @@ def training_arguments(cfg: TrainConfig) -> Dict:
         **evaluation_arguments(trainer_cfg),
         **trainer_cfg.extra_args,
     )
+    arguments.update(engine_arguments(cfg))  # DDP / FSDP2 / DeepSpeed (qwenvl_ft/distributed/engine.py)
+    return arguments
 
 
 # TrainingArguments that qwenvl-ft sets -> the config key it sets them from (trainer.extra_args may not set them;
@@ -199,6 +254,10 @@ def training_callbacks(cfg: TrainConfig) -> list:
     from qwenvl_ft.training.speed import vision_checkpointing_callback
 
     callbacks = [CheckpointCompleteMarker()]
+    if cfg.dist.engine != DistEngine.none:
+        from qwenvl_ft.distributed.modality import vision_in_step_callback
+
+        callbacks.append(vision_in_step_callback(always=cfg.dist.is_sharded))
     if cfg.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.trainer.early_stopping_patience,
                                                early_stopping_threshold=cfg.trainer.early_stopping_threshold))
@@ -283,12 +342,31 @@ def standalone_parts(method, cfg: TrainConfig, model, processor, collator, train
 
 def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, when: str) -> Dict:
     """The before/after check: greedy answers to the held-out rows (conversations ending on the reference), on
-    the device the model trains on, with exact match, BLEU and ROUGE-L; a few predictions are logged."""
-    from qwenvl_ft.data.collate import VisionChatCollator
-    from qwenvl_ft.evaluation.generate import evaluate_rows
+    the device the model trains on, with exact match, BLEU and ROUGE-L; a few predictions are logged.
 
-    result = evaluate_rows(model, VisionChatCollator(processor, cfg.data), rows, cfg.trainer.eval_batch_size,
-                           cfg.trainer.max_new_tokens)
+    In a distributed run the main process generates alone when every process holds the whole model (DDP, ZeRO-1/2;
+    the others wait), and every process generates its share of the rows when the model is sharded (FSDP, ZeRO-3:
+    each forward gathers weights from all of them). Before training, DeepSpeed and FSDP have not yet put the model
+    on its devices (ZeRO-3 holds it partitioned, FSDP shards it when training starts), so the check is left out
+    there; `qwenvl-ft eval` compares the base with final/."""
+    from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
+    from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.evaluation.generate import generate_answers
+    from qwenvl_ft.evaluation.metrics import compute
+
+    collator = VisionChatCollator(processor, cfg.data)
+    batch, new_tokens = cfg.trainer.eval_batch_size, cfg.trainer.max_new_tokens
+    placed_late = cfg.dist.engine in (DistEngine.fsdp, DistEngine.deepspeed)
+    if ranks.is_distributed() and when == "before" and placed_late:
+        log.info("held-out generation before training: left out under dist.engine=%s (the model is placed on its "
+                 "devices when training starts)", cfg.dist.engine.value)
+        return {}
+    if ranks.is_distributed() and cfg.dist.is_sharded:
+        predictions = sharded_answers(model, collator, rows, batch, new_tokens)
+    else:
+        predictions = ranks.run_on_main(generate_answers, model, collator, rows, batch, new_tokens)
+    references = [reference_answer(row) for row in rows]
+    result = {**compute(predictions, references), "predictions": predictions, "references": references}
     shown = min(cfg.trainer.num_predictions_to_print, len(rows))
     lines = [f"held-out predictions {when} training (exact match {result['exact_match']:.1%} on {len(rows)} rows):"]
     for prediction, reference in list(zip(result["predictions"], result["references"]))[:shown]:
@@ -297,17 +375,46 @@ def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, wh
     return {f"eval_{name}_{when}": result[name] for name in ("exact_match", "bleu", "rouge_l")}
 
 
+def sharded_answers(model, collator, rows: List[dict], batch_size: int, max_new_tokens: int) -> List[str]:
+    """Greedy answers to `rows` from a model sharded over the processes: each process answers a contiguous share
+    (padded to the same number of batches, so that every process runs the same number of forwards), with
+    `synced_gpus` (transformers keeps a finished process stepping until all are done); the shares are gathered in
+    order."""
+    import torch.distributed as dist
+
+    from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.evaluation.generate import generate_answers
+
+    world, rank = ranks.world_size(), ranks.rank()
+    share = math.ceil(len(rows) / world)
+    mine = rows[rank * share:(rank + 1) * share]
+    padded = mine + [rows[0]] * (share - len(mine))  # answers to the padding are dropped below
+    answers = generate_answers(model, collator, padded, batch_size,
+                               generation=dict(max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=True))
+    gathered: List[Optional[List[str]]] = [None] * world
+    dist.all_gather_object(gathered, answers[:len(mine)])
+    return [answer for part in gathered for answer in part]
+
+
 def save_final(trainer, processor, output_dir: Path) -> Path:
     """Adapter (or full model) and processor in `final/`, written to a temporary folder and renamed into place,
-    so a crash mid-save never leaves a folder that looks complete."""
+    so a crash mid-save never leaves a folder that looks complete. Every rank takes part (FSDP and ZeRO-3 gather
+    the weights collectively); the main process writes, the others wait until final/ is in place."""
+    from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.distributed.saving import save_consolidated
+
     final_dir = output_dir / "final"
     staging = output_dir / ".final.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
-    processor.save_pretrained(str(staging))
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    staging.rename(final_dir)
+    if ranks.is_main_process():
+        shutil.rmtree(staging, ignore_errors=True)
+    ranks.barrier()
+    save_consolidated(trainer, staging)
+    if ranks.is_main_process():
+        processor.save_pretrained(str(staging))
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        staging.rename(final_dir)
+    ranks.barrier()
     return final_dir
 
 

@@ -141,6 +141,9 @@ class CheckpointCompleteMarker(TrainerCallback):
     """Marks a checkpoint folder as complete once the Trainer has written all of it."""
 
     def on_save(self, args, state, control, **kwargs):
+        from qwenvl_ft.distributed import ranks
+
+        ranks.barrier()  # every rank's part (its shard, its RNG state) is on disk before the folder is marked
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -200,6 +203,7 @@ class StopOnSignal(TrainerCallback):
     def __init__(self, signals=(signal.SIGTERM,)):
         self.signals = tuple(signals)
         self.received: Optional[int] = None
+        self.stopping = False
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
@@ -225,11 +229,16 @@ class StopOnSignal(TrainerCallback):
                 signal.signal(s, previous)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        from qwenvl_ft.distributed import ranks
+
+        # The ranks of a distributed run stop at the same step, or the checkpoint's collectives would hang: the
+        # signal may reach one rank a step before the others.
+        if ranks.any_rank(self.received is not None, args.device):
+            self.stopping = True
             control.should_save = True
             control.should_training_stop = True
         return control
 
     def interrupted(self, state) -> bool:
-        """True when a signal stopped training before its last step."""
-        return self.received is not None and state.global_step < state.max_steps
+        """True when a signal (to this rank or another one of the run) stopped training before its last step."""
+        return self.stopping and state.global_step < state.max_steps

@@ -42,6 +42,8 @@ def train(composed: DictConfig) -> Dict:
 
     from qwenvl_ft import methods
     from qwenvl_ft.data.check import load_checked_splits
+    from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.distributed.placement import describe_placement, device_map
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, count_parameters, \
         model_source
     from qwenvl_ft.training.resume import ReloadConvertedWeights, StopOnSignal
@@ -49,11 +51,15 @@ def train(composed: DictConfig) -> Dict:
 
     method = methods.get(cfg.trainer.kind)
     set_seed(cfg.seed)
-    source = model_source(cfg.model)
+    with ranks.main_process_first():  # a random model is built once and found in the cache by the others
+        source = model_source(cfg.model)
     processor = build_processor(cfg.model, cfg.data, source)
     # Every row read, decoded and measured before the model loads; invalid rows stop the run (data.skip_invalid).
-    train_rows, eval_rows, report = load_checked_splits(cfg.data, processor, cfg.trainer.batch_size, cfg.data.seed,
-                                                        output_dir)
+    # In a distributed run the main process checks and the others get its result (and its error, if any).
+    train_rows, eval_rows, report = ranks.run_on_main(load_checked_splits, cfg.data, processor,
+                                                      cfg.trainer.batch_size, cfg.data.seed, output_dir)
+    if not ranks.is_main_process():
+        log.info("data check: the main process's result, %d training %s", len(train_rows), method.row_kind)
     log.info("data: %d training %s, %d held-out", len(train_rows), method.row_kind, len(eval_rows or []))
     if cfg.trainer.eval_steps is not None and eval_rows is None:
         raise ConfigError("trainer.eval_steps needs held-out rows: set data.eval_size or data.eval_path")
@@ -64,7 +70,9 @@ def train(composed: DictConfig) -> Dict:
     trackers = run_trackers(cfg, composed, method, processor, eval_rows)
     parts.callbacks.append(trackers)  # opens the trackers' runs when the trainer is built (main process only)
     parts.arguments = method.trainer_arguments(parts, parts.arguments)
-    parts.model = build_base_model(cfg.model, cfg.adapter, source)
+    # After the arguments: under ZeRO-3 transformers creates the model partitioned over the processes.
+    parts.model = build_base_model(cfg.model, cfg.adapter, source, device_map=device_map(cfg))
+    describe_placement(parts.model, cfg)
     parts.peft_config = build_lora_config(parts.model, cfg.model, cfg.adapter) if cfg.adapter.is_peft else None
     trainer = method.build_trainer(parts)
     trainable, total = count_parameters(trainer.model)

@@ -1,0 +1,40 @@
+"""Where the model's weights live in a distributed run.
+
+- QLoRA: bitsandbytes quantises while loading onto a device; without a device map every process of a DDP / ZeRO-2
+  run would load onto the current (first) GPU. Each process gets its own (its LOCAL_RANK).
+- ZeRO-3: transformers creates the model partitioned when the TrainingArguments with the ZeRO-3 config exist
+  before `from_pretrained` (the run skeleton builds them first); `describe_placement` says how much of the model
+  this process holds, so that a run log shows that no process materialised all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from qwenvl_ft.config.schema import TrainConfig
+from qwenvl_ft.distributed import ranks
+
+log = logging.getLogger("qwenvl_ft")
+
+
+def device_map(cfg: TrainConfig):
+    """`device_map` for from_pretrained: this process's GPU for a distributed 4-bit model, else None (the Trainer,
+    FSDP or DeepSpeed place the model)."""
+    import torch
+
+    if cfg.adapter.load_in_4bit and ranks.is_distributed() and torch.cuda.is_available():
+        return {"": ranks.local_rank()}
+    return None
+
+
+def describe_placement(model, cfg: TrainConfig) -> None:
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_numel")]
+    if partitioned:
+        held = sum(p.ds_tensor.numel() for p in partitioned)
+        total = sum(p.ds_numel for p in partitioned)
+        log.info("model created partitioned by ZeRO-3: this process holds %s of its %s parameters (%.1f%%)",
+                 f"{held:,}", f"{total:,}", 100 * held / max(total, 1))
+    elif ranks.is_distributed():
+        device = next(model.parameters()).device
+        log.info("model loaded whole on %s by process %d of %d (%s places it)", device, ranks.rank(),
+                 ranks.world_size(), cfg.dist.engine.value)
