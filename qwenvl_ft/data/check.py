@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from qwenvl_ft.config.schema import DataConfig
 from qwenvl_ft.data.collate import RowDropped, SampleStats, VisionChatCollator
 from qwenvl_ft.data.sources import Problem, load_split_rows, to_dataset
+from qwenvl_ft.data.workers import check_workers
 from qwenvl_ft.errors import DataError
 
 log = logging.getLogger("qwenvl_ft")
@@ -286,8 +287,9 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42) 
     collator = VisionChatCollator(processor, cfg)
     load_problems: List[Problem] = []
     train_rows, eval_rows = load_split_rows(cfg, load_problems)
-    train, train_report = check_rows(train_rows, collator, "train", cfg.num_workers)
-    evaluation, eval_report = check_rows(eval_rows, collator, "eval", cfg.num_workers)
+    workers = check_workers(cfg.num_workers)
+    train, train_report = check_rows(train_rows, collator, "train", workers)
+    evaluation, eval_report = check_rows(eval_rows, collator, "eval", workers)
     splits = {"train": train_report} if not eval_rows else {"train": train_report, "eval": eval_report}
     settings = {
         "format": cfg.format.value, "path": cfg.path or "generated", "eval_path": cfg.eval_path,

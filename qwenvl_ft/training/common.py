@@ -45,14 +45,24 @@ def start_run(cfg: DictConfig) -> RunStart:
 
 
 def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
+    """metrics.json and log_history.json; the run's performance figures (training/telemetry.py) join `metrics`,
+    so that summary.json carries them too, and their line is printed."""
+    from qwenvl_ft.training.telemetry import summary_metrics
+
+    metrics.update(summary_metrics(trainer))
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
 
 
 def training_arguments(typed: TrainConfig) -> Dict:
     """The transformers TrainingArguments every trainer kind shares (SFTConfig and DPOConfig extend them)."""
+    from qwenvl_ft.data.workers import training_workers
+
     trainer_cfg, optim_cfg = typed.trainer, typed.optimizer
     has_cuda = torch.cuda.is_available()
+    workers = training_workers(typed.data.num_workers)
+    log.info("data loader: %d worker process(es)%s (%s)", workers.num_workers,
+             ", persistent, prefetching" if workers.persistent else "", workers.why)
     if trainer_cfg.tf32 and not has_cuda:
         log.warning("trainer.tf32=true ignored: no CUDA device")
     # TensorBoard event files go next to the checkpoints (transformers reads this variable).
@@ -87,8 +97,8 @@ def training_arguments(typed: TrainConfig) -> Dict:
         disable_tqdm=trainer_cfg.disable_tqdm,
         seed=typed.seed,
         data_seed=typed.data.seed,
-        dataloader_num_workers=typed.data.num_workers,
         dataloader_pin_memory=has_cuda,  # pinned memory only helps copies to a GPU
+        **workers.training_arguments(),
         **evaluation_arguments(trainer_cfg),
     )
 
@@ -108,12 +118,14 @@ def evaluation_arguments(trainer_cfg) -> Dict:
 
 
 def training_callbacks(typed: TrainConfig) -> list:
-    """Callbacks every trainer kind shares: checkpoint completion markers (for resuming) and early stopping."""
+    """Callbacks every trainer kind shares: checkpoint completion markers (for resuming), the run's telemetry
+    (fed by the trainer class's TelemetryMixin) and early stopping."""
     from transformers import EarlyStoppingCallback
 
     from qwenvl_ft.training.resume import CheckpointCompleteMarker
+    from qwenvl_ft.training.telemetry import RunTelemetry
 
-    callbacks = [CheckpointCompleteMarker()]
+    callbacks = [CheckpointCompleteMarker(), RunTelemetry(typed)]
     if typed.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=typed.trainer.early_stopping_patience,
                                                early_stopping_threshold=typed.trainer.early_stopping_threshold))
