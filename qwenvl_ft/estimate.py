@@ -528,16 +528,24 @@ def training_flops(typed: TrainConfig, model=None) -> TrainingFlops:
     vision_attention = (3 if vision_reached else 1) * 4 * vision_width
     flops = TrainingFlops(per_token, per_token_pair, per_patch, vision_attention * full_blocks,
                           vision_attention * window_blocks)
-    dpo = typed.trainer.kind == TrainerKind.dpo
-    if dpo and not typed.trainer.dpo.precompute_ref_log_probs:
-        flops = flops + reference_forward_flops(parts, text, vision, lm_width)
+    if _has_reference(typed):
+        flops = flops + _base_forward(parts, config)
     return flops
 
 
-def reference_forward_flops(parts: Dict[str, _PartMatmuls], text, vision, lm_width: int) -> TrainingFlops:
-    """DPO's reference policy: one forward of the base model (the adapter disabled, or the frozen copy)."""
-    merge_unit = vision.spatial_merge_size ** 2
+def forward_flops(typed: TrainConfig, model=None) -> TrainingFlops:
+    """One forward of the base model, without adapters: what DPO's reference policy costs per step (the adapter
+    disabled, or the frozen copy), in the units of `TrainingFlops`."""
+    model = model if model is not None else meta_model(typed.model)
+    return _base_forward(_part_matmuls(typed, model), model.config)
+
+
+def _base_forward(parts: Dict[str, _PartMatmuls], config) -> TrainingFlops:
+    text, vision = config.get_text_config(), config.vision_config
+    heads = text.num_attention_heads
+    lm_width = heads * (getattr(text, "head_dim", None) or text.hidden_size // heads)
     vision_width, full_blocks, window_blocks = vision_attention_blocks(vision)
+    merge_unit = vision.spatial_merge_size ** 2
     return TrainingFlops(2 * (parts["decoder"].base + parts["lm_head"].base),
                          4 * lm_width * text.num_hidden_layers,
                          2 * (parts["patch_embed"].base + parts["vision"].base + parts["merger"].base / merge_unit),
