@@ -616,8 +616,8 @@ def estimate(cfg: DictConfig) -> Dict:
     flops = training_flops(typed, model)
     work = worst_case_work(b, model.config.vision_config)
     step_flops = flops.step(work)
-    print(f"model FLOPs per device step of this batch: {step_flops / 1e12:.2f} TFLOP, {step_flops / b.tokens / 1e9:.2f} "
-          f"GFLOP per token (forward + backward{', reference forward' if _has_reference(typed) else ''}; "
+    print(f"model FLOPs per device step of this batch: {step_flops / 1e12:.2f} TFLOP, "
+          f"{step_flops / b.tokens / 1e9:.2f} GFLOP per token (forward + backward{', reference forward' if _has_reference(typed) else ''}; "
           f"the run's telemetry divides the FLOP/s of its real batches by the GPU's peak for MFU)")
     return {"predicted_peak_gib": round(result.total / GiB, 2), "parameters": c.total, "trainable": c.trainable,
             "tokens_per_step": b.tokens, "components_gib": {n: round(v / GiB, 3) for n, v, _ in result.rows},

@@ -253,6 +253,9 @@ def test_auto_workers():
     assert loader_workers("auto", cuda=True, cpus=16, ranks=8).num_workers == 1  # 2 CPUs per rank, one is its own
     assert loader_workers("auto", cuda=True, cpus=4).num_workers == 3
     assert loader_workers("auto", cuda=False, cpus=2).num_workers == CPU_ONLY_WORKERS
+    # the Trainer fetches a whole optimizer step's micro-batches at once: that many must be ready
+    assert loader_workers(1, cuda=True, cpus=2, accumulation=8).prefetch_factor == 8
+    assert loader_workers("auto", cuda=True, cpus=16, accumulation=8).prefetch_factor == 2
     none = loader_workers(0, cuda=True, cpus=16)
     assert (none.num_workers, none.persistent, none.prefetch_factor) == (0, False, None)
     assert validate(compose(["recipe=demo"], output_dir="/tmp/unused")).data.num_workers == "auto"

@@ -287,9 +287,8 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42) 
     collator = VisionChatCollator(processor, cfg)
     load_problems: List[Problem] = []
     train_rows, eval_rows = load_split_rows(cfg, load_problems)
-    workers = check_workers(cfg.num_workers)
-    train, train_report = check_rows(train_rows, collator, "train", workers)
-    evaluation, eval_report = check_rows(eval_rows, collator, "eval", workers)
+    train, train_report = check_rows(train_rows, collator, "train", check_workers(cfg.num_workers, len(train_rows)))
+    evaluation, eval_report = check_rows(eval_rows, collator, "eval", check_workers(cfg.num_workers, len(eval_rows)))
     splits = {"train": train_report} if not eval_rows else {"train": train_report, "eval": eval_report}
     settings = {
         "format": cfg.format.value, "path": cfg.path or "generated", "eval_path": cfg.eval_path,

@@ -5,8 +5,10 @@ on one core (docs/performance.md, "Data path"), so a QLoRA 7B step of 4 x 8 such
 work that only worker processes can overlap with the GPU. `auto` gives each rank its share of the CPUs (minus
 one for the rank's own process, which drives the GPU), capped: beyond a few workers per GPU the input pipeline is
 far ahead of any VLM step (bench/input_pipeline.py measures it) and every extra worker costs memory and start-up.
-Workers are persistent (no re-forking every epoch and evaluation) and prefetch two batches each (PyTorch's default,
-stated so that it is visible here).
+Workers are persistent (no re-forking every epoch and evaluation) and prefetch enough batches for a whole optimizer
+step: the Trainer fetches all `gradient_accumulation_steps` micro-batches of a step before computing any of them
+(`Trainer.get_batch_samples`), so with PyTorch's default of two batches per worker a step of 4 x 8 rows on one
+worker waits for six collations with the GPU idle (bench/input_pipeline.py measures both).
 
 On a CPU-only run the workers compete with the training computation for the same cores; `auto` there is what
 measured fastest on the project's 2-core CI machine (docs/performance.md, "Workers on CPU").
@@ -17,6 +19,7 @@ collators are deterministic (tests/test_telemetry.py compares 0 and 2 workers ba
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -54,31 +57,42 @@ def local_world_size() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def loader_workers(setting: Union[int, str], cuda: bool, cpus: int, ranks: int = 1) -> LoaderWorkers:
-    """Workers for training batches: `setting` is data.num_workers."""
+def prefetch_factor(workers: int, accumulation: int) -> Optional[int]:
+    """Batches each worker keeps ready: together at least one optimizer step's micro-batches."""
+    if workers == 0:
+        return None
+    return max(PREFETCH_FACTOR, math.ceil(accumulation / workers))
+
+
+def loader_workers(setting: Union[int, str], cuda: bool, cpus: int, ranks: int = 1,
+                   accumulation: int = 1) -> LoaderWorkers:
+    """Workers for training batches: `setting` is data.num_workers, `accumulation` the micro-batches per step."""
     if setting != "auto":
-        count = int(setting)
-        return LoaderWorkers(count, count > 0, PREFETCH_FACTOR if count > 0 else None, "data.num_workers")
-    if not cuda:
-        count = min(CPU_ONLY_WORKERS, max(0, cpus - 1))
-        return LoaderWorkers(count, count > 0, PREFETCH_FACTOR if count > 0 else None,
-                             f"auto: CPU-only run, {cpus} CPUs")
-    count = max(1, min(GPU_WORKER_CAP, cpus // ranks - 1))
-    return LoaderWorkers(count, True, PREFETCH_FACTOR,
-                         f"auto: {cpus} CPUs / {ranks} rank(s) on this machine, minus the rank's own, at most "
-                         f"{GPU_WORKER_CAP}")
+        count, why = int(setting), "data.num_workers"
+    elif not cuda:
+        count, why = min(CPU_ONLY_WORKERS, max(0, cpus - 1)), f"auto: CPU-only run, {cpus} CPUs"
+    else:
+        count = max(1, min(GPU_WORKER_CAP, cpus // ranks - 1))
+        why = (f"auto: {cpus} CPUs / {ranks} rank(s) on this machine, minus the rank's own, at most "
+               f"{GPU_WORKER_CAP}")
+    return LoaderWorkers(count, count > 0, prefetch_factor(count, accumulation), why)
 
 
-def training_workers(setting: Union[int, str]) -> LoaderWorkers:
+def training_workers(setting: Union[int, str], accumulation: int = 1) -> LoaderWorkers:
     import torch
 
-    return loader_workers(setting, torch.cuda.is_available(), available_cpus(), local_world_size())
+    return loader_workers(setting, torch.cuda.is_available(), available_cpus(), local_world_size(), accumulation)
 
 
-def check_workers(setting: Union[int, str]) -> int:
-    """Workers for data-check: nothing else runs then, so with `auto` every CPU of this rank's share decodes
-    (one worker alone would only add inter-process copies to the main process's own work)."""
+# data-check with `auto` measures fewer rows than this in its own process: a small image row takes under a
+# millisecond, less than handing it to a worker process and back.
+CHECK_ROWS_PER_WORKER = 128
+
+
+def check_workers(setting: Union[int, str], rows: int) -> int:
+    """Workers for data-check of `rows` rows: nothing else runs then, so with `auto` every CPU of this rank's
+    share decodes (one worker alone would only add inter-process copies to the main process's own work)."""
     if setting != "auto":
         return int(setting)
-    count = min(GPU_WORKER_CAP, available_cpus() // local_world_size())
+    count = min(GPU_WORKER_CAP, available_cpus() // local_world_size(), rows // CHECK_ROWS_PER_WORKER)
     return count if count > 1 else 0

@@ -21,6 +21,9 @@ from qwenvl_ft.config.schema import Precision, TrainConfig
 log = logging.getLogger("qwenvl_ft")
 
 
+PHASES_BEFORE_TRAINER = "processor, data check, model load, held-out generation"
+
+
 @dataclass
 class RunStart:
     typed: TrainConfig
@@ -30,10 +33,17 @@ class RunStart:
 
 
 def start_run(cfg: DictConfig) -> RunStart:
-    """Validate, find the checkpoint to resume from, and record the resolved config in the output folder."""
+    """Validate, find the checkpoint to resume from, and record the resolved config in the output folder. Starts
+    the run's start-up budget (training/startup.py) and does the heavy imports up front, so that they are one
+    line of it instead of hiding in the phases that first touch them."""
+    from qwenvl_ft.training import startup
+
+    startup.begin_run()
+    typed: TrainConfig = validate(cfg)
+    import_training_libraries(typed)
+    startup.mark("imports (torch, transformers, TRL, PEFT)")
     from qwenvl_ft.training.resume import finished_metrics, prepare_resume
 
-    typed: TrainConfig = validate(cfg)
     output_dir = Path(typed.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume = prepare_resume(typed, cfg)  # before config.yaml is rewritten: it warns about config changes
@@ -41,15 +51,28 @@ def start_run(cfg: DictConfig) -> RunStart:
     if finished is None:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         log_config_summary(typed)
+    startup.mark("run folder and resume check")
     return RunStart(typed, output_dir, resume, finished)
+
+
+def import_training_libraries(typed: TrainConfig) -> None:
+    """The libraries every training run needs, and the method's TRL trainer (TRL imports its trainers lazily)."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    import trl
+
+    getattr(trl, "DPOTrainer" if typed.trainer.kind.value == "dpo" else "SFTTrainer")
 
 
 def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
     """metrics.json and log_history.json; the run's performance figures (training/telemetry.py) join `metrics`,
     so that summary.json carries them too, and their line is printed."""
+    from qwenvl_ft.training import startup
     from qwenvl_ft.training.telemetry import summary_metrics
 
     metrics.update(summary_metrics(trainer))
+    if startup.current() is not None:
+        metrics.update(startup.current().metrics())
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
 
@@ -60,9 +83,9 @@ def training_arguments(typed: TrainConfig) -> Dict:
 
     trainer_cfg, optim_cfg = typed.trainer, typed.optimizer
     has_cuda = torch.cuda.is_available()
-    workers = training_workers(typed.data.num_workers)
+    workers = training_workers(typed.data.num_workers, trainer_cfg.gradient_accumulation_steps)
     log.info("data loader: %d worker process(es)%s (%s)", workers.num_workers,
-             ", persistent, prefetching" if workers.persistent else "", workers.why)
+             f", persistent, {workers.prefetch_factor} batches ready each" if workers.num_workers else "", workers.why)
     if trainer_cfg.tf32 and not has_cuda:
         log.warning("trainer.tf32=true ignored: no CUDA device")
     # TensorBoard event files go next to the checkpoints (transformers reads this variable).
@@ -122,9 +145,12 @@ def training_callbacks(typed: TrainConfig) -> list:
     (fed by the trainer class's TelemetryMixin) and early stopping."""
     from transformers import EarlyStoppingCallback
 
+    from qwenvl_ft.training import startup
     from qwenvl_ft.training.resume import CheckpointCompleteMarker
     from qwenvl_ft.training.telemetry import RunTelemetry
 
+    # Until the run skeleton marks its phases one by one, what ran since start_run is one line of the budget.
+    startup.mark(PHASES_BEFORE_TRAINER)
     callbacks = [CheckpointCompleteMarker(), RunTelemetry(typed)]
     if typed.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=typed.trainer.early_stopping_patience,

@@ -66,11 +66,15 @@ def vision_checkpointing_callback(enabled: bool):
 
 def speed_setup(typed: TrainConfig, collator, train_rows, model=None) -> SpeedSetup:
     from qwenvl_ft.data.batching import training_batches
+    from qwenvl_ft.training import startup
+    from qwenvl_ft.training.common import PHASES_BEFORE_TRAINER
 
     check_liger(typed.model)
     vision_config = getattr(getattr(model, "config", None), "vision_config", None)
+    startup.mark(PHASES_BEFORE_TRAINER)
     batches = training_batches(typed.data, typed.trainer.batch_size, collator, train_rows, typed.data.seed,
                                tokens_per_second=getattr(vision_config, "tokens_per_second", None))
+    startup.mark("batch plan (row lengths)")
     log.info("batches: %s", batches.summary)
     if typed.data.packing and model is not None:
         from qwenvl_ft.modeling.varlen_attention import NAME, use_for_language_model

@@ -206,10 +206,20 @@ class RunTelemetry(TrainerCallback):
 
     # -- set-up ----------------------------------------------------------------------------------------------
 
+    def on_init_end(self, args, state, control, **kwargs):
+        from qwenvl_ft.training import startup
+
+        startup.mark("trainer build")
+
     def on_train_begin(self, args, state, control, **kwargs):
         import torch
 
         from qwenvl_ft.estimate import meta_model, training_flops
+        from qwenvl_ft.training import startup
+
+        startup.mark("training loop set-up (data loader, optimizer, checkpoint)")
+        if startup.current() is not None and state.is_world_process_zero:
+            log.info("%s", startup.current().report())
 
         self.world = args.world_size
         try:  # the model's architecture on the meta device: about 0.1 s, no weights
@@ -235,6 +245,10 @@ class RunTelemetry(TrainerCallback):
                 self.window.counts = counts if self.window.counts is None else self.window.counts + counts
 
     def on_step_end(self, args, state, control, **kwargs):
+        from qwenvl_ft.training import startup
+
+        if startup.current() is not None:
+            startup.current().first_step_done()
         if self._step_started is not None:
             self.window.step_s += time.perf_counter() - self._step_started
             self.window.steps += 1
