@@ -181,7 +181,7 @@ def run(model_name, method, layout, args, rows, tmp):
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.sources import to_dataset
     from qwenvl_ft.modeling.build import build_model
-    from qwenvl_ft.training.sft import build_trainer
+    from qwenvl_ft.methods.sft import build_trainer
 
     cuda = torch.cuda.is_available()
     overrides = common_overrides(model_name, method, args, cuda)
@@ -261,7 +261,7 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
     from qwenvl_ft.data.preference import to_pair_dataset
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config
-    from qwenvl_ft.training.dpo import build_trainer, remove_redundant_work
+    from qwenvl_ft.methods.dpo import build_trainer, remove_redundant_work
 
     cuda = torch.cuda.is_available()
     overrides = common_overrides(model_name, method, args, cuda)

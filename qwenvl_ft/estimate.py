@@ -30,8 +30,8 @@ from typing import Dict, List
 
 from omegaconf import DictConfig
 
-from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig, \
-    TrainerKind
+from qwenvl_ft import methods
+from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -320,12 +320,10 @@ def estimate_memory(typed: TrainConfig, model=None) -> Estimate:
     rows.append(("optimizer states", state_bytes,
                  f"{typed.optimizer.name}: two states per trainable param ({'1 B' if eight_bit else 'its dtype'})"))
 
-    dpo = trainer_cfg.kind == TrainerKind.dpo
-    if dpo and not adapter_cfg.is_peft and not trainer_cfg.dpo.precompute_ref_log_probs:
-        rows.append(("reference model", counts.total * w,
-                     f"DPO full fine-tuning: a frozen copy, {counts.total / 1e9:.2f}B params x {w} B"))
+    method = methods.get(trainer_cfg.kind)
+    rows += method.memory_rows(typed, counts, w)  # e.g. DPO's frozen reference copy
     budget = batch_budget(data_cfg, trainer_cfg.batch_size, vision.spatial_merge_size,
-                          vision.patch_size * vision.spatial_merge_size, pairs=dpo)
+                          vision.patch_size * vision.spatial_merge_size, pairs=method.sequences_per_row() == 2)
     rows += _activation_rows(typed, counts, text, vision, budget, a)
     return Estimate(rows, counts, budget)
 
@@ -528,7 +526,7 @@ def training_flops(typed: TrainConfig, model=None) -> TrainingFlops:
     vision_attention = (3 if vision_reached else 1) * 4 * vision_width
     flops = TrainingFlops(per_token, per_token_pair, per_patch, vision_attention * full_blocks,
                           vision_attention * window_blocks)
-    if _has_reference(typed):
+    for _ in range(methods.get(typed.trainer.kind).reference_forwards(typed)):
         flops = flops + _base_forward(parts, config)
     return flops
 
@@ -625,4 +623,4 @@ def estimate(cfg: DictConfig) -> Dict:
 
 
 def _has_reference(typed: TrainConfig) -> bool:
-    return typed.trainer.kind == TrainerKind.dpo and not typed.trainer.dpo.precompute_ref_log_probs
+    return methods.get(typed.trainer.kind).reference_forwards(typed) > 0

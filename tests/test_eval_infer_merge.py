@@ -95,7 +95,7 @@ def test_sampling_settings_reach_generate_only_when_sampling():
 
 
 def _train(out, *overrides):
-    from qwenvl_ft.training.sft import train
+    from qwenvl_ft.training import train
 
     return train(compose(QUICK + list(overrides), output_dir=str(out)))
 

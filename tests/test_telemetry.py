@@ -142,25 +142,22 @@ class KeepBatches:
 ROWS = [_row(i, size=[(56, 56), (84, 56), (112, 84)][i % 3], words=1 + i % 6) for i in range(16)]
 
 
-def _trainer(tmp_path, monkeypatch, *overrides, delay=0.0):
-    """A tiny SFT trainer built as the run builds it, with the telemetry in its class, and a recording collator."""
-    import trl
-
+def _trainer(tmp_path, *overrides, delay=0.0):
+    """A tiny SFT trainer built as the run builds it (the telemetry is one of the trainer class's mixins), also
+    keeping the batches the loop received."""
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.methods.sft import METHOD, build_trainer
     from qwenvl_ft.modeling.build import build_model, build_processor
-    from qwenvl_ft.training.sft import build_trainer
-    from qwenvl_ft.training.telemetry import TelemetryMixin
+    from qwenvl_ft.training.common import standalone_parts
 
-    # Until the run skeleton builds the trainer class from TRAINER_MIXINS, the mixin is put in here.
-    from trl.trainer.sft_trainer import SFTTrainer
-
-    monkeypatch.setattr(trl, "SFTTrainer", type("SFTTrainer", (TelemetryMixin, KeepBatches, SFTTrainer), {}))
     typed = _typed("data.num_workers=0", *overrides, output_dir=str(tmp_path))
     processor = build_processor(typed.model, typed.data)
     model = build_model(typed.model, typed.adapter)
-    trainer = build_trainer(typed, model, processor, VisionChatCollator(processor, typed.data), to_dataset(ROWS),
-                            None)
+    collator, rows = VisionChatCollator(processor, typed.data), to_dataset(ROWS)
+    parts = standalone_parts(METHOD, typed, model, processor, collator, rows, None)
+    parts.trainer_mixins += (KeepBatches,)
+    trainer = build_trainer(typed, model, processor, collator, rows, None, parts)
     if delay:
         trainer.data_collator = SlowCollator(trainer.data_collator, delay)
     return trainer
@@ -168,14 +165,14 @@ def _trainer(tmp_path, monkeypatch, *overrides, delay=0.0):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_telemetry_counts_the_collated_batches(tmp_path, monkeypatch, layout):
+def test_telemetry_counts_the_collated_batches(tmp_path, layout):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from qwenvl_ft.training.common import write_history
     from qwenvl_ft.training.telemetry import COUNTS, find_telemetry
 
     extra = ["data.packing=true", "data.max_tokens_per_batch=256"] if layout == "packed" else []
-    trainer = _trainer(tmp_path, monkeypatch, "trainer.batch_size=3", "trainer.gradient_accumulation_steps=2",
+    trainer = _trainer(tmp_path, "trainer.batch_size=3", "trainer.gradient_accumulation_steps=2",
                        "trainer.max_steps=4", *extra)
     trainer.train()
     telemetry = find_telemetry(trainer)
@@ -212,12 +209,12 @@ def test_telemetry_counts_the_collated_batches(tmp_path, monkeypatch, layout):
 
 
 @pytest.mark.slow
-def test_data_wait_rises_with_a_slow_collator(tmp_path, monkeypatch):
+def test_data_wait_rises_with_a_slow_collator(tmp_path):
     from qwenvl_ft.training.telemetry import find_telemetry
 
     delay, runs = 0.3, {}
     for name, wait in (("fast", 0.0), ("slow", delay)):
-        trainer = _trainer(tmp_path / name, monkeypatch, "trainer.batch_size=4", "trainer.max_steps=4",
+        trainer = _trainer(tmp_path / name, "trainer.batch_size=4", "trainer.max_steps=4",
                            delay=wait)
         trainer.train()
         runs[name] = find_telemetry(trainer).total
@@ -264,10 +261,10 @@ def test_auto_workers():
 
 
 @pytest.mark.slow
-def test_zero_and_two_workers_give_the_same_batches(tmp_path, monkeypatch):
+def test_zero_and_two_workers_give_the_same_batches(tmp_path):
     loaded = {}
     for workers in (0, 2):
-        trainer = _trainer(tmp_path / str(workers), monkeypatch, "trainer.batch_size=3",
+        trainer = _trainer(tmp_path / str(workers), "trainer.batch_size=3",
                            f"data.num_workers={workers}")
         assert trainer.args.dataloader_num_workers == workers
         loaded[workers] = list(trainer.get_train_dataloader())

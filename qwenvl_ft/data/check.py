@@ -1,9 +1,10 @@
 """Validate a whole dataset before any GPU time is spent: `qwenvl-ft data-check`, and the first step of training.
 
 Every row is read, converted, its images and videos opened and decoded, its text rendered and tokenised, and its
-length fitted to data.max_length, through the collator's own code (`VisionChatCollator.measure`: `encode` without
-the pixel arithmetic), so a row that passes here does not fail in the middle of training. Only the processor is
-loaded, never the model. The result is the valid rows and a `DataReport`: rows with problems (file, row, field,
+length fitted to data.max_length, through the collator's own code (the training method's measurer, e.g.
+`VisionChatCollator.measure`: `encode` without the pixel arithmetic), so a row that passes here does not fail in
+the middle of training. The method that reads data.format supplies the reader and the measurer, so conversations,
+preference pairs and prompts are all checked the same way. Only the processor is loaded, never the model. The result is the valid rows and a `DataReport`: rows with problems (file, row, field,
 reason), image sizes and visual tokens, text tokens, sequence lengths, rows truncated or dropped by
 data.overlength, and the padding expected at the configured batch size.
 """
@@ -17,13 +18,15 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from qwenvl_ft.config.schema import DataConfig
 from qwenvl_ft.data.collate import RowDropped, SampleStats, VisionChatCollator
-from qwenvl_ft.data.sources import Problem, load_split_rows, to_dataset
+from qwenvl_ft.data.sources import Problem
 from qwenvl_ft.data.workers import check_workers
 from qwenvl_ft.errors import DataError
+
+Measure = Callable[[dict], SampleStats]  # a training method's measurer (methods/base.py)
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -34,9 +37,9 @@ MAX_PROBLEMS_SHOWN = 50
 # checking rows
 
 
-def _measure_one(collator: VisionChatCollator, row: dict):
+def _measure_one(measure: Measure, row: dict):
     try:
-        return "ok", collator.measure(row)
+        return "ok", measure(row)
     except RowDropped as err:
         return "dropped", str(err)
     except DataError as err:
@@ -48,27 +51,27 @@ def _measure_one(collator: VisionChatCollator, row: dict):
 class _Measured:
     """Map-style dataset: item i is row i measured (what the DataLoader workers run)."""
 
-    def __init__(self, rows: Sequence[dict], collator: VisionChatCollator):
-        self.rows, self.collator = rows, collator
+    def __init__(self, rows: Sequence[dict], measure: Measure):
+        self.rows, self.measure = rows, measure
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int):
-        return _measure_one(self.collator, self.rows[index])
+        return _measure_one(self.measure, self.rows[index])
 
 
 def _as_is(items):
     return items
 
 
-def _measure_all(rows: Sequence[dict], collator: VisionChatCollator, workers: int) -> List[Tuple[str, object]]:
+def _measure_all(rows: Sequence[dict], measure: Measure, workers: int) -> List[Tuple[str, object]]:
     if workers == 0 or len(rows) < 2 * workers:
-        return [_measure_one(collator, row) for row in rows]
+        return [_measure_one(measure, row) for row in rows]
     from torch.utils.data import DataLoader
 
     # The same worker processes (and pickled collator) training uses; one row per item keeps results in order.
-    loader = DataLoader(_Measured(rows, collator), batch_size=None, num_workers=workers, collate_fn=_as_is)
+    loader = DataLoader(_Measured(rows, measure), batch_size=None, num_workers=workers, collate_fn=_as_is)
     return list(loader)
 
 
@@ -87,12 +90,12 @@ class SplitReport:
         return sum(1 for s in self.stats if s.truncated)
 
 
-def check_rows(rows: Sequence[dict], collator: VisionChatCollator, name: str = "train",
+def check_rows(rows: Sequence[dict], measure: Measure, name: str = "train",
                workers: int = 0) -> Tuple[List[dict], SplitReport]:
     """(rows to train on, report): every row measured once; invalid and dropped rows left out and recorded."""
     report = SplitReport(name, rows=len(rows))
     kept = []
-    for row, (outcome, result) in zip(rows, _measure_all(rows, collator, workers)):
+    for row, (outcome, result) in zip(rows, _measure_all(rows, measure, workers)):
         if outcome == "ok":
             kept.append(row)
             report.stats.append(result)
@@ -206,7 +209,8 @@ class DataReport:
             return f"  {label}: " + "  ".join(f"{k} {v:,.0f}{unit}" for k, v in p.items())
 
         s = self.settings
-        lines = [f"data: format={s['format']} path={s['path']} | max_length={s['max_length']} "
+        lines = [f"data: format={s['format']} ({s['rows']} for trainer={s['method']}) path={s['path']} | "
+                 f"max_length={s['max_length']} "
                  f"(overlength={s['overlength']}) | image pixels {s['min_pixels']:,}..{s['max_pixels']:,}"
                  + (f" (fixed {s['resized']})" if s.get("resized") else "")]
         read = len(self.problems) + sum(len(x.stats) + len(x.dropped) for x in self.splits.values())
@@ -283,15 +287,19 @@ class CheckedData:
 
 def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42) -> CheckedData:
     """Read both splits, measure every row, and report. Raises DataError only for what makes the dataset
-    unusable as a whole (a missing or unreadable file, a hub id that does not load); bad rows are in the report."""
-    collator = VisionChatCollator(processor, cfg)
+    unusable as a whole (a missing or unreadable file, a hub id that does not load); bad rows are in the report.
+    The training method that reads data.format reads and measures the rows."""
+    method = cfg.format.method
+    measure = method.measurer(processor, cfg)
+    collator = VisionChatCollator(processor, cfg)  # the image and video bounds the report states
     load_problems: List[Problem] = []
-    train_rows, eval_rows = load_split_rows(cfg, load_problems)
-    train, train_report = check_rows(train_rows, collator, "train", check_workers(cfg.num_workers, len(train_rows)))
-    evaluation, eval_report = check_rows(eval_rows, collator, "eval", check_workers(cfg.num_workers, len(eval_rows)))
+    train_rows, eval_rows = method.read_rows(cfg, load_problems)
+    train, train_report = check_rows(train_rows, measure, "train", check_workers(cfg.num_workers, len(train_rows)))
+    evaluation, eval_report = check_rows(eval_rows, measure, "eval", check_workers(cfg.num_workers, len(eval_rows)))
     splits = {"train": train_report} if not eval_rows else {"train": train_report, "eval": eval_report}
     settings = {
-        "format": cfg.format.value, "path": cfg.path or "generated", "eval_path": cfg.eval_path,
+        "format": cfg.format.value, "method": method.name, "rows": method.row_kind,
+        "path": cfg.path or "generated", "eval_path": cfg.eval_path,
         "max_length": cfg.max_length, "overlength": cfg.overlength.value, "min_pixels": collator.min_pixels,
         "max_pixels": collator.max_pixels, "video_min_pixels": collator.video_min_pixels,
         "video_max_pixels": collator.video_max_pixels, "batch_size": batch_size,
@@ -307,7 +315,8 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42) 
 
 def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int = 42, output_dir=None):
     """(train dataset, eval dataset or None, report) for training: the check first, and a refusal to go on with
-    invalid rows unless data.skip_invalid (then they are left out and counted)."""
+    invalid rows unless data.skip_invalid (then they are left out and counted). The datasets are the training
+    method's (`Method.to_dataset`); the report's train stats hold each kept row's length, in order."""
     checked = check_data(cfg, processor, batch_size, seed)
     report = checked.report
     listing = _write_report(report, output_dir)
@@ -317,7 +326,8 @@ def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int =
     if report.problems:
         log.warning("data.skip_invalid=true: %d invalid row(s) left out", len(report.problems))
     if not checked.train:
-        raise DataError(f"{cfg.path or 'shapes'}: no training rows left after the data check")
+        raise DataError(f"{cfg.path or cfg.format.value}: no training rows left after the data check")
+    to_dataset = cfg.format.method.to_dataset
     return to_dataset(checked.train), (to_dataset(checked.eval) if checked.eval else None), report
 
 
@@ -330,21 +340,21 @@ def _write_report(report: DataReport, output_dir) -> Optional[str]:
     return str(path)
 
 
-def data_check(cfg) -> Dict:
+def data_check(composed) -> Dict:
     """`qwenvl-ft data-check`: the report on stdout and in data_check.json; status 2 when a row is invalid
     (unless data.skip_invalid)."""
     from qwenvl_ft.config.compose import validate
     from qwenvl_ft.modeling.build import build_processor
 
-    typed = validate(cfg)
-    processor = build_processor(typed.model, typed.data)
-    checked = check_data(typed.data, processor, typed.trainer.batch_size, typed.data.seed)
+    cfg = validate(composed)
+    processor = build_processor(cfg.model, cfg.data)
+    checked = check_data(cfg.data, processor, cfg.trainer.batch_size, cfg.data.seed)
     report = checked.report
-    listing = _write_report(report, typed.output_dir)
+    listing = _write_report(report, cfg.output_dir)
     print(report.text())
     if listing:
         print(f"report: {listing}")
-    if report.problems and not typed.data.skip_invalid:
+    if report.problems and not cfg.data.skip_invalid:
         raise report.error(listing, listed_above=True)
     if report.problems:
         print(f"data.skip_invalid=true: {len(report.problems)} invalid row(s) would be left out")

@@ -188,21 +188,29 @@ def to_pair_dataset(rows: List[dict]):
     return datasets.Dataset.from_list(table, features=features)
 
 
-def load_pair_splits(cfg: DataConfig) -> Tuple[Any, Optional[Any]]:
-    """(train dataset, eval dataset or None) of canonical preference pairs. With data.skip_invalid, rows whose
-    structure is wrong are left out and counted instead of stopping the run."""
-    if not cfg.format.is_preference:
-        raise DataError(f"data.format={cfg.format.value} does not hold preference pairs")
-    problems: Optional[List[Problem]] = [] if cfg.skip_invalid else None
+def load_pair_rows(cfg: DataConfig, problems: Optional[List[Problem]] = None) -> Tuple[List[dict], List[dict]]:
+    """(train pairs, held-out pairs) as lists of canonical pairs, data.max_samples applied. The first bad row
+    raises DataError, or with `problems` every bad row is recorded there and left out."""
     if cfg.format == DataFormat.shapes_preference:
         train, evaluation = generate_pairs(cfg.shapes)
-    else:
+    elif cfg.format in CONVERTERS:
         train, evaluation = read_and_split(cfg, problems, CONVERTERS)
+    else:
+        raise DataError(f"data.format={cfg.format.value} does not hold preference pairs")
+    if cfg.max_samples is not None:
+        train = train[: cfg.max_samples]
+    return train, evaluation
+
+
+def load_pair_splits(cfg: DataConfig) -> Tuple[Any, Optional[Any]]:
+    """(train dataset, eval dataset or None) of canonical preference pairs, without opening images (training and
+    data-check go through qwenvl_ft.data.check, which does). With data.skip_invalid, rows whose structure is wrong
+    are left out and counted instead of stopping."""
+    problems: Optional[List[Problem]] = [] if cfg.skip_invalid else None
+    train, evaluation = load_pair_rows(cfg, problems)
     if problems:
         shown = "\n".join(f"  {p.message}" for p in problems[:5])
         log.warning("data.skip_invalid: left out %d invalid pair(s), the first:\n%s", len(problems), shown)
-    if cfg.max_samples is not None:
-        train = train[: cfg.max_samples]
     if not train:
         raise DataError(f"{cfg.path or 'shapes_preference'}: no training pairs")
     return to_pair_dataset(train), (to_pair_dataset(evaluation) if evaluation else None)

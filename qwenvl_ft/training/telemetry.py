@@ -190,10 +190,11 @@ class RunTelemetry(TrainerCallback):
     """Counters and constants of the run's telemetry (see the module docstring); `training_callbacks` adds it."""
 
     def __init__(self, typed):
-        from qwenvl_ft.config.schema import TrainerKind
+        from qwenvl_ft import methods
 
         self.typed = typed
-        self.pairs = typed.trainer.kind == TrainerKind.dpo  # batches of (chosen, rejected) pairs
+        # DPO: a batch holds a chosen and a rejected sequence per pair, with the pair's images repeated
+        self.pairs = methods.get(typed.trainer.kind).sequences_per_row() == 2
         self.peak_override = getattr(typed.trainer, "peak_tflops", None)
         self.flops = None  # estimate.TrainingFlops, set when training begins
         self.vision = None  # the model's vision config
@@ -205,11 +206,6 @@ class RunTelemetry(TrainerCallback):
         self._step_started: Optional[float] = None
 
     # -- set-up ----------------------------------------------------------------------------------------------
-
-    def on_init_end(self, args, state, control, **kwargs):
-        from qwenvl_ft.training import startup
-
-        startup.mark("trainer build")
 
     def on_train_begin(self, args, state, control, **kwargs):
         import torch

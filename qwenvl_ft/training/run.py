@@ -1,0 +1,89 @@
+"""The run skeleton every training method goes through: composed config in, trained adapter (or model) +
+processor + metrics out.
+
+Reads top to bottom: validate and find the checkpoint to resume from -> processor -> the data, read and checked by
+the method's own reader and measurer -> the method's TRL arguments (before the model: DeepSpeed ZeRO-3 partitions
+a model at load time only when its config already exists) -> model (+4-bit, + the adapter's config) -> the method's
+TRL trainer -> held-out figures before -> train (stopping cleanly on SIGTERM) -> save final/ -> held-out figures
+after. What differs between SFT, DPO, GRPO, ... is in qwenvl_ft/methods/; what they share is in common.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict
+
+from omegaconf import DictConfig
+
+from qwenvl_ft.config.schema import ConfigError, TrainConfig
+from qwenvl_ft.training.common import interrupted, optimizer_steps, save_final, shared_parts, start_run, \
+    write_history
+
+log = logging.getLogger("qwenvl_ft")
+
+
+def train(composed: DictConfig) -> Dict:
+    run = start_run(composed)
+    if run.finished is not None:
+        return run.finished
+    cfg, output_dir = run.cfg, run.output_dir
+    from transformers import AutoConfig, set_seed
+
+    from qwenvl_ft import methods
+    from qwenvl_ft.data.check import load_checked_splits
+    from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, count_parameters, \
+        model_source
+    from qwenvl_ft.training import startup
+    from qwenvl_ft.training.resume import ReloadConvertedWeights, StopOnSignal
+
+    method = methods.get(cfg.trainer.kind)
+    set_seed(cfg.seed)
+    source = model_source(cfg.model)
+    processor = build_processor(cfg.model, cfg.data, source)
+    startup.mark("processor")
+    # Every row read, decoded and measured before the model loads; invalid rows stop the run (data.skip_invalid).
+    train_rows, eval_rows, report = load_checked_splits(cfg.data, processor, cfg.trainer.batch_size, cfg.data.seed,
+                                                        output_dir)
+    startup.mark("data check")
+    log.info("data: %d training %s, %d held-out", len(train_rows), method.row_kind, len(eval_rows or []))
+    if cfg.trainer.eval_steps is not None and eval_rows is None:
+        raise ConfigError("trainer.eval_steps needs held-out rows: set data.eval_size or data.eval_path")
+
+    model_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    parts = shared_parts(cfg, processor, method.collator(processor, cfg.data), train_rows, eval_rows, model_config,
+                         train_lengths=[stats.length for stats in report.splits["train"].stats])
+    parts.arguments = method.trainer_arguments(parts, parts.arguments)
+    startup.mark("training arguments and batch plan")
+    parts.model = build_base_model(cfg.model, cfg.adapter, source)
+    parts.peft_config = build_lora_config(parts.model, cfg.model, cfg.adapter) if cfg.adapter.is_peft else None
+    startup.mark("model load")
+    trainer = method.build_trainer(parts)
+    startup.mark("trainer build")
+    trainable, total = count_parameters(trainer.model)
+    log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    metrics: Dict = method.before_training(trainer, parts)
+    startup.mark("held-out generation before training")
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    trainer.add_callback(ReloadConvertedWeights(run.resume))
+    log_plan(cfg, method, len(trainer.train_dataset), trainer.args.per_device_train_batch_size)
+    with stop.installed():
+        result = trainer.train(resume_from_checkpoint=run.resume)
+    if stop.interrupted(trainer.state):
+        return interrupted(trainer, output_dir, metrics)
+    metrics.update(method.training_metrics(trainer, result))
+
+    final_dir = save_final(trainer, processor, output_dir)
+    metrics.update(method.after_training(trainer, parts))
+    write_history(trainer, output_dir, metrics)
+    log.info("saved %s to %s", "adapter" if cfg.adapter.is_peft else "model", final_dir)
+    log.info("result: %s", method.result_line(metrics))
+    return metrics
+
+
+def log_plan(cfg: TrainConfig, method, items: int, per_device_batch: int) -> None:
+    steps = optimizer_steps(cfg, items, per_device_batch)
+    log.info("training: %d optimizer steps (%s epochs, batch %d %s x accumulation %d)", steps,
+             cfg.trainer.epochs if cfg.trainer.max_steps <= 0 else "-", cfg.trainer.batch_size, method.batch_unit,
+             cfg.trainer.gradient_accumulation_steps)
