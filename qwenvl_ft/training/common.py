@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_ft.config.compose import validate
@@ -59,6 +58,7 @@ def import_training_libraries(cfg: TrainConfig) -> None:
     import importlib.util
 
     import peft  # noqa: F401
+    import torch  # noqa: F401
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
@@ -68,8 +68,8 @@ def import_training_libraries(cfg: TrainConfig) -> None:
 
 
 def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
-    """metrics.json and log_history.json; the run's performance figures (training/telemetry.py) join `metrics`,
-    so that summary.json carries them too, and their line is printed."""
+    """metrics.json and log_history.json; the run's performance figures (training/telemetry.py) and start-up
+    budget (training/startup.py) join `metrics`, so that summary.json carries them too."""
     from qwenvl_ft.training import startup
     from qwenvl_ft.training.telemetry import summary_metrics
 
@@ -82,6 +82,8 @@ def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
 
 def training_arguments(cfg: TrainConfig) -> Dict:
     """The transformers TrainingArguments every method shares (SFTConfig, DPOConfig, ... extend them)."""
+    import torch
+
     from qwenvl_ft.data.workers import training_workers
     from qwenvl_ft.training.speed import check_liger
 
@@ -280,9 +282,18 @@ def interrupted(trainer, output_dir: Path, metrics: Dict) -> Dict:
     metrics.update(interrupted=True, global_step=state.global_step, max_steps=state.max_steps,
                    checkpoint=str(checkpoint))
     write_history(trainer, output_dir, metrics)
+    log_performance(metrics)
     log.warning("interrupted at step %d of %d; checkpoint saved to %s. Run the same command again to resume.",
                 state.global_step, state.max_steps, checkpoint)
     return metrics
+
+
+def log_performance(metrics: Dict) -> None:
+    """The run's performance figures as one console line (`performance: ...`), when it has them."""
+    from qwenvl_ft.training.telemetry import performance_line
+
+    if metrics.get("performance"):
+        log.info("%s", performance_line(metrics["performance"]))
 
 
 def optimizer_steps(cfg: TrainConfig, items: int, batch_size: Optional[int] = None) -> int:

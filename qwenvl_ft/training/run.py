@@ -16,8 +16,8 @@ from typing import Dict
 from omegaconf import DictConfig
 
 from qwenvl_ft.config.schema import ConfigError, TrainConfig
-from qwenvl_ft.training.common import interrupted, optimizer_steps, save_final, shared_parts, start_run, \
-    write_history
+from qwenvl_ft.training.common import interrupted, log_performance, optimizer_steps, save_final, shared_parts, \
+    start_run, write_history
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -79,6 +79,7 @@ def train(composed: DictConfig) -> Dict:
     write_history(trainer, output_dir, metrics)
     log.info("saved %s to %s", "adapter" if cfg.adapter.is_peft else "model", final_dir)
     log.info("result: %s", method.result_line(metrics))
+    log_performance(metrics)
     return metrics
 
 

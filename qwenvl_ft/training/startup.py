@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -30,36 +30,43 @@ def process_age() -> float:
 
 
 class StartupBudget:
+    """Wall-clock and CPU seconds per phase. CPU time (this process's, all its threads) tells a phase that
+    computes from one that waits, and stays meaningful on a shared machine where wall time is inflated."""
+
     def __init__(self, since_process_start: bool):
-        now = time.perf_counter()
-        self.phases: Dict[str, float] = {}
-        self._last = now
+        self.phases: Dict[str, List[float]] = {}  # name -> [wall s, CPU s]
+        self._last = (time.perf_counter(), time.process_time())
         if since_process_start:  # the first run of this process: the interpreter, CLI and config compose
-            self.phases["interpreter, CLI and config"] = max(0.0, process_age())
+            self.phases["interpreter, CLI and config"] = [max(0.0, process_age()), time.process_time()]
         self.first_step_s: Optional[float] = None
 
     def mark(self, name: str) -> None:
-        now = time.perf_counter()
-        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        now = (time.perf_counter(), time.process_time())
+        spent = self.phases.setdefault(name, [0.0, 0.0])
+        spent[0] += now[0] - self._last[0]
+        spent[1] += now[1] - self._last[1]
         self._last = now
 
     def first_step_done(self) -> None:
         if self.first_step_s is None:
-            self.first_step_s = time.perf_counter() - self._last
+            self.first_step_s = time.perf_counter() - self._last[0]
 
     @property
     def total(self) -> float:
-        return sum(self.phases.values())
+        return sum(wall for wall, _ in self.phases.values())
 
     def report(self) -> str:
         width = max(len(name) for name in self.phases)
-        lines = [f"start-up: {self.total:.1f} s before training begins"]
-        lines += [f"  {name:<{width}}  {seconds:6.1f} s  {seconds / self.total:4.0%}"
-                  for name, seconds in self.phases.items()]
+        lines = [f"start-up: {self.total:.1f} s before training begins ({sum(c for _, c in self.phases.values()):.1f}"
+                 f" s of CPU in this process)",
+                 f"  {'phase':<{width}}  {'wall s':>7}  {'share':>5}  {'CPU s':>6}"]
+        lines += [f"  {name:<{width}}  {wall:7.1f}  {wall / self.total:5.0%}  {cpu:6.1f}"
+                  for name, (wall, cpu) in self.phases.items()]
         return "\n".join(lines)
 
     def metrics(self) -> Dict[str, object]:
-        out: Dict[str, object] = {"startup_s": {name: round(s, 3) for name, s in self.phases.items()}}
+        out: Dict[str, object] = {"startup_s": {name: round(wall, 3) for name, (wall, _) in self.phases.items()},
+                                  "startup_cpu_s": {name: round(cpu, 3) for name, (_, cpu) in self.phases.items()}}
         if self.first_step_s is not None:
             out["first_step_s"] = round(self.first_step_s, 3)
         return out

@@ -138,22 +138,23 @@ class Figures:
 
     values: Dict[str, float] = field(default_factory=dict)
 
-    def line(self) -> str:
-        """The console summary: `performance: 1,234 tokens/s, ...`."""
-        v = self.values
-        parts = [f"{v['tokens_per_s']:,.0f} tokens/s", f"{v['samples_per_s']:.2f} samples/s",
-                 f"padding {v['padding_fraction']:.1%}", f"step {v['step_time_s']:.3f} s",
-                 f"data wait {v['data_wait_fraction']:.1%}"]
-        if "peak_allocated_gib" in v:
-            parts.append(f"peak memory {v['peak_allocated_gib']:.2f} GiB allocated, "
-                         f"{v['peak_reserved_gib']:.2f} GiB reserved")
-        elif "peak_rss_gib" in v:
-            parts.append(f"peak RSS {v['peak_rss_gib']:.2f} GiB")
-        if "mfu" in v:
-            parts.append(f"MFU {v['mfu']:.1%} ({v['model_tflops_per_s_per_device']:.1f} TFLOP/s per device)")
-        elif "model_tflops_per_s_per_device" in v:
-            parts.append(f"{v['model_tflops_per_s_per_device'] * 1000:.2f} model GFLOP/s")
-        return "performance: " + ", ".join(parts)
+
+def performance_line(values: Dict[str, float]) -> str:
+    """The console summary of a run's figures: `performance: 1,234 tokens/s, ...`."""
+    v = values
+    parts = [f"{v['tokens_per_s']:,.0f} tokens/s", f"{v['samples_per_s']:.2f} samples/s",
+             f"padding {v['padding_fraction']:.1%}", f"step {v['step_time_s']:.3f} s",
+             f"data wait {v['data_wait_fraction']:.1%}"]
+    if "peak_allocated_gib" in v:
+        parts.append(f"peak memory {v['peak_allocated_gib']:.2f} GiB allocated, {v['peak_reserved_gib']:.2f} GiB "
+                     f"reserved")
+    elif "peak_rss_gib" in v:
+        parts.append(f"peak RSS {v['peak_rss_gib']:.2f} GiB")
+    if "mfu" in v:
+        parts.append(f"MFU {v['mfu']:.1%} ({v['model_tflops_per_s_per_device']:.1f} TFLOP/s per device)")
+    elif "model_tflops_per_s_per_device" in v:
+        parts.append(f"{v['model_tflops_per_s_per_device'] * 1000:.2f} model GFLOP/s")
+    return "performance: " + ", ".join(parts)
 
 
 def peak_memory() -> Dict[str, float]:
@@ -339,11 +340,11 @@ class TelemetryMixin:
         super().log(logs, start_time)
 
 
-def summary_metrics(trainer) -> Dict[str, float]:
-    """The whole run's figures for metrics.json / summary.json (`performance`), and its console line."""
+def summary_metrics(trainer) -> Dict[str, object]:
+    """The whole run's figures for metrics.json / summary.json: `performance` ({} before the Trainer's final
+    log, e.g. without a telemetry callback)."""
     telemetry = find_telemetry(trainer)
     figures = telemetry.summary if telemetry is not None else None
     if figures is None:
         return {}
-    log.info("%s", figures.line())
     return {"performance": {key: round(value, 6) for key, value in figures.values.items()}}
