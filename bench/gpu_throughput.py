@@ -181,7 +181,7 @@ def measure(trainer, model, typed, model_name, method, layout, args, predicted):
     telemetry = find_telemetry(trainer)
     trainer.add_callback(timed_steps_only(telemetry, args.warmup, cuda))
     trainer.train()
-    figures = telemetry.summary.values
+    figures = telemetry.summary
     result = dict(model=model_name, method=method, layout=layout, steps=telemetry.total.steps,
                   s_per_step=figures["step_time_s"], samples_s=figures["samples_per_s"],
                   tokens_s=figures["tokens_per_s"], padding=figures["padding_fraction"],

@@ -145,7 +145,7 @@ def cpu_training(args, photos) -> None:
                 start = time.perf_counter()
                 trainer.train()
                 wall = time.perf_counter() - start
-                figures = find_telemetry(trainer).summary.values
+                figures = find_telemetry(trainer).summary
                 runs.setdefault((data_name, workers), []).append((wall, figures["samples_per_s"],
                                                                   figures["data_wait_fraction"]))
                 print(f"  cpu {data_name} {workers} workers: {wall:.1f} s, {figures}", file=sys.stderr, flush=True)

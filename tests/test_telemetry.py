@@ -193,7 +193,7 @@ def test_telemetry_counts_the_collated_batches(tmp_path, layout):
     assert counted["patches"] == sum(int(b["image_grid_thw"].prod(-1).sum()) for b in batches)
     assert telemetry.total.steps == 4 and len(batches) >= 5  # 4 optimizer steps of up to 2 micro-batches
 
-    summary = telemetry.summary.values
+    summary = telemetry.summary
     assert summary["padding_fraction"] == pytest.approx(1 - real / counted["tensor_tokens"])
     assert summary["tokens_per_s"] == pytest.approx(real / telemetry.total.step_s)
     assert 0 < summary["data_wait_fraction"] < 1 and summary["peak_rss_gib"] > 0

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
 from transformers import TrainerCallback
@@ -132,13 +132,6 @@ class Window:
         self.steps += other.steps
 
 
-@dataclass
-class Figures:
-    """One logging window's (or the whole run's) figures, over all ranks."""
-
-    values: Dict[str, float] = field(default_factory=dict)
-
-
 def performance_line(values: Dict[str, float]) -> str:
     """The console summary of a run's figures: `performance: 1,234 tokens/s, ...`."""
     v = values
@@ -201,9 +194,7 @@ class RunTelemetry(TrainerCallback):
         self.vision = None  # the model's vision config
         self.peak_tflops: Optional[float] = None
         self.window, self.total = Window(), Window()
-        self.world = 1
-        self.last: Optional[Figures] = None  # the latest window's figures
-        self.summary: Optional[Figures] = None  # the whole run's, set by the final log
+        self.summary: Optional[Dict[str, float]] = None  # the whole run's figures, set by the Trainer's final log
         self._step_started: Optional[float] = None
 
     # -- set-up ----------------------------------------------------------------------------------------------
@@ -218,7 +209,6 @@ class RunTelemetry(TrainerCallback):
         if startup.current() is not None and state.is_world_process_zero:
             log.info("%s", startup.current().report())
 
-        self.world = args.world_size
         try:  # the model's architecture on the meta device: about 0.1 s, no weights
             model = meta_model(self.typed.model)
             self.flops, self.vision = training_flops(self.typed, model), model.config.vision_config
@@ -253,22 +243,19 @@ class RunTelemetry(TrainerCallback):
 
     # -- figures ---------------------------------------------------------------------------------------------
 
-    def close_window(self, accelerator) -> Optional[Figures]:
+    def close_window(self, accelerator) -> Optional[Dict[str, float]]:
         """Figures of the steps since the last log, over all ranks (a collective: every rank logs together)."""
         window, self.window = self.window, Window()
         self.total.add(window)
-        figures = self._figures(window, accelerator)
-        if figures is not None:
-            self.last = figures
-        return figures
+        return self._figures(window, accelerator)
 
-    def close_run(self, accelerator) -> Optional[Figures]:
+    def close_run(self, accelerator) -> Optional[Dict[str, float]]:
         self.total.add(self.window)
         self.window = Window()
         self.summary = self._figures(self.total, accelerator)
         return self.summary
 
-    def _figures(self, window: Window, accelerator) -> Optional[Figures]:
+    def _figures(self, window: Window, accelerator) -> Optional[Dict[str, float]]:
         import torch
 
         counts = window.counts
@@ -302,11 +289,13 @@ class RunTelemetry(TrainerCallback):
         if self.flops is not None:
             from qwenvl_ft.estimate import StepWork
 
-            flops = self.flops.step(StepWork(*(count[k] for k in COUNTS if k not in ("tensor_tokens", "samples"))))
+            flops = self.flops.step(StepWork(tokens=count["tokens"], token_pairs=count["token_pairs"],
+                                             patches=count["patches"], frame_pairs=count["frame_pairs"],
+                                             window_pairs=count["window_pairs"]))
             values["model_tflops_per_s_per_device"] = flops / seconds / devices / 1e12
             if self.peak_tflops:
                 values["mfu"] = values["model_tflops_per_s_per_device"] / self.peak_tflops
-        return Figures(values)
+        return values
 
 
 def find_telemetry(trainer) -> Optional[RunTelemetry]:
@@ -336,7 +325,7 @@ class TelemetryMixin:
             elif "loss" in logs and not any(key.startswith("eval_") for key in logs):
                 figures = telemetry.close_window(self.accelerator)
             if figures is not None:
-                logs.update({PREFIX + key: value for key, value in figures.values.items()})
+                logs.update({PREFIX + key: value for key, value in figures.items()})
         super().log(logs, start_time)
 
 
@@ -347,4 +336,4 @@ def summary_metrics(trainer) -> Dict[str, object]:
     figures = telemetry.summary if telemetry is not None else None
     if figures is None:
         return {}
-    return {"performance": {key: round(value, 6) for key, value in figures.values.items()}}
+    return {"performance": {key: round(value, 6) for key, value in figures.items()}}
