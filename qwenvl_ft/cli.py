@@ -24,6 +24,7 @@ commands:
   eval         generate on the held-out split with the base and the fine-tuned model; metrics side by side
   infer        one prompt over images with the base, base + adapter, or a merged model (JSONL out)
   merge        fold a LoRA/DoRA/QLoRA adapter into the base and save a plain transformers model
+  chat         a web page to chat with the base, base + adapter (side by side) or a merged model (needs [ui])
   data-check   read and validate the whole dataset (processor only, no model, no GPU) and report on it
   estimate     predict a training run's peak GPU memory from the config (no weights loaded)
   recipes      list the available recipes
@@ -39,6 +40,8 @@ examples:
   qwenvl-ft eval  recipe=demo run_name=exp1
   qwenvl-ft merge recipe=demo run_name=exp1
   qwenvl-ft infer recipe=demo run_name=exp1 "infer.images=[photo.jpg]" "infer.prompt=What is in the image?"
+  qwenvl-ft chat  recipe=demo run_name=exp1       # prints the local URL of the page
+  qwenvl-ft train recipe=demo run_name=exp1 hub.push=true hub.repo_id=me/demo-exp1
 """
 
 
@@ -58,6 +61,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "eval": ("eval", "qwenvl_ft.evaluation.evaluate:evaluate"),
     "infer": ("infer", "qwenvl_ft.inference:infer"),
     "merge": ("merge", "qwenvl_ft.modeling.merge:merge"),
+    "chat": ("chat", "qwenvl_ft.chat.app:chat"),
 }
 
 

@@ -12,6 +12,7 @@ This module imports only the standard library, omegaconf and hydra: `--cfg job` 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from typing import List, Optional, Union
@@ -454,6 +455,34 @@ TrainerConfig.__doc__ = TrainerSettings.__doc__
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# hub
+
+
+# A Hub repository id: "name" (under the logged-in user) or "owner/name"; the Hub's own rule, checked here so that a
+# typo fails at compose time rather than after training.
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class HubConfig:
+    """Uploading the result to the Hugging Face Hub: `final/` after `qwenvl-ft train`, `merged/` after `qwenvl-ft
+    merge` (model card included). Authentication is huggingface_hub's own: `hf auth login` or HF_TOKEN."""
+
+    push: bool = False  # upload after the command finished (a failed upload leaves everything saved in place)
+    repo_id: Optional[str] = None  # "name" or "owner/name"; created when missing
+    private: bool = True  # visibility of a repository created by the push (an existing one keeps its own)
+    revision: Optional[str] = None  # branch to commit to (None: main)
+    commit_message: Optional[str] = None  # None: "qwenvl-ft: <run folder>"
+
+    def __post_init__(self) -> None:
+        _check(not self.push or self.repo_id is not None, "hub.push=true needs hub.repo_id=NAME or OWNER/NAME")
+        _check(self.repo_id is None or (len(self.repo_id) <= 96 and bool(_REPO_ID.match(self.repo_id))
+                                        and ".." not in self.repo_id and "--" not in self.repo_id),
+               f"hub.repo_id={self.repo_id!r} is not a Hub repository id (NAME or OWNER/NAME: letters, digits, "
+               f"'-', '_', '.', at most 96 characters)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # root
 
 
@@ -469,6 +498,7 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     seed: int = 42
     run_name: str = "run"  # names the output folder outputs/<recipe>/<run_name> (the primary configs: a timestamp)
+    hub: HubConfig = field(default_factory=HubConfig)  # upload final/ (train) or merged/ (merge) to the Hub
 
     def __post_init__(self) -> None:
         _check(not (self.adapter.method == AdapterMethod.qlora and not self.adapter.load_in_4bit),
@@ -579,6 +609,23 @@ class MergeConfig:
 
 
 @dataclass
+class ChatConfig:
+    """`qwenvl-ft chat`: a Gradio page over the base, base + adapter, or a merged model (needs the `ui` extra)."""
+
+    # Adapter folder, full or merged model folder; null: the base model. chat.yaml defaults it to the final/ of the
+    # run named by run_name.
+    model_path: Optional[str] = None
+    host: str = "127.0.0.1"  # localhost only; 0.0.0.0 exposes the page to the network (no authentication)
+    port: Optional[int] = 7860  # None: the first free port from 7860 on
+    max_files: int = 8  # images and videos per message
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # the page's initial settings
+
+    def __post_init__(self) -> None:
+        _check(self.port is None or 0 < self.port < 65536, "chat.port must be in 1..65535 (or null: a free port)")
+        _check(self.max_files > 0, "chat.max_files must be > 0")
+
+
+@dataclass
 class EvalRunConfig(TrainConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -593,12 +640,18 @@ class MergeRunConfig(TrainConfig):
     merge: MergeConfig = field(default_factory=MergeConfig)
 
 
+@dataclass
+class ChatRunConfig(TrainConfig):
+    chat: ChatConfig = field(default_factory=ChatConfig)
+
+
 # primary config name (conf/<name>.yaml) -> root schema, registered as `<name>_schema`
 ROOT_SCHEMAS = {
     "train": TrainConfig,
     "eval": EvalRunConfig,
     "infer": InferRunConfig,
     "merge": MergeRunConfig,
+    "chat": ChatRunConfig,
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_ft.config.compose import validate
-from qwenvl_ft.config.schema import Precision, TrainConfig
+from qwenvl_ft.config.schema import HubConfig, Precision, TrainConfig
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -48,6 +48,8 @@ def start_run(composed: DictConfig) -> RunStart:
     if finished is None:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(composed, resolve=True))
         log_config_summary(cfg)
+    elif cfg.hub.push:  # the same command again after a failed upload: only the upload is left to do
+        publish_final(output_dir, cfg.hub)
     startup.mark("run folder and resume check")
     return RunStart(cfg, output_dir, resume, finished)
 
@@ -78,6 +80,36 @@ def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
         metrics.update(startup.current().metrics())
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+
+
+def finish_final(output_dir: Path, command: Optional[str] = None, started_at: Optional[float] = None) -> Path:
+    """Once final/, metrics.json and log_history.json are written (the held-out metrics after training included):
+    run_info.json (command, hardware, software, times), the model card of final/, and the upload when hub.push.
+    `command` defaults to this job's command line, `started_at` to when start_run wrote config.yaml (the start of
+    this session of the run)."""
+    from qwenvl_ft.publish.card import launch_command, run_info, typed_config, write_run_info
+
+    config_yaml = output_dir / "config.yaml"
+    started = started_at if started_at is not None else config_yaml.stat().st_mtime
+    write_run_info(output_dir, run_info(command or launch_command(), started))
+    return publish_final(output_dir, typed_config(config_yaml.read_text()).hub)
+
+
+def publish_final(output_dir: Path, hub: HubConfig) -> Path:
+    """(Re)write the card of final/ from the run folder's records, naming hub.repo_id as where to load it from
+    when set, then upload final/ when hub.push (a HubError when that fails: final/ stays as it is)."""
+    from qwenvl_ft.publish.card import build_card, launch_command, load_run, write_card
+    from qwenvl_ft.publish.hub import push_folder
+
+    final_dir = output_dir / "final"
+    kind = "adapter" if (final_dir / "adapter_config.json").is_file() else "model"
+    card = write_card(final_dir, build_card(load_run(output_dir), kind, hub.repo_id or str(final_dir)))
+    log.info("model card: %s", card)
+    if hub.push:
+        retry = (f"run the same command again (the run is finished: it only uploads):\n"
+                 f"  {launch_command() or 'qwenvl-ft train ... (the same arguments)'}")
+        push_folder(final_dir, hub, retry)
+    return card
 
 
 def training_arguments(cfg: TrainConfig) -> Dict:

@@ -5,24 +5,27 @@ Reads top to bottom: validate and find the checkpoint to resume from -> processo
 the method's own reader and measurer -> the method's TRL arguments (before the model: DeepSpeed ZeRO-3 partitions
 a model at load time only when its config already exists) -> model (+4-bit, + the adapter's config) -> the method's
 TRL trainer -> held-out figures before -> train (stopping cleanly on SIGTERM) -> save final/ -> held-out figures
-after. What differs between SFT, DPO, GRPO, ... is in qwenvl_ft/methods/; what they share is in common.py.
+after -> the model card of final/ (and the upload with hub.push). What differs between SFT, DPO, GRPO, ... is in
+qwenvl_ft/methods/; what they share is in common.py.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Dict
 
 from omegaconf import DictConfig
 
 from qwenvl_ft.config.schema import ConfigError, TrainConfig
-from qwenvl_ft.training.common import interrupted, log_performance, optimizer_steps, save_final, shared_parts, \
-    start_run, write_history
+from qwenvl_ft.training.common import finish_final, interrupted, log_performance, optimizer_steps, save_final, \
+    shared_parts, start_run, write_history
 
 log = logging.getLogger("qwenvl_ft")
 
 
 def train(composed: DictConfig) -> Dict:
+    started = time.time()
     run = start_run(composed)
     if run.finished is not None:
         return run.finished
@@ -79,6 +82,8 @@ def train(composed: DictConfig) -> Dict:
     write_history(trainer, output_dir, metrics)
     log.info("saved %s to %s", "adapter" if cfg.adapter.is_peft else "model", final_dir)
     log.info("result: %s", method.result_line(metrics))
+    if trainer.is_world_process_zero():  # the model card of final/ (and the upload when hub.push), once
+        finish_final(output_dir, started_at=started)
     log_performance(metrics)
     return metrics
 
