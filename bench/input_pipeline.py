@@ -128,10 +128,13 @@ def cpu_training(args, photos) -> None:
     from qwenvl_ft.training.telemetry import find_telemetry
 
     quiet = ["trainer.report_to=[none]", "trainer.disable_tqdm=true", "trainer.eval_generation=false",
-             "trainer.save_steps=100000", "trainer.logging_steps=100000", f"trainer.max_steps={args.cpu_steps}"]
-    datasets = {"demo shapes (56 px), batch 8": (["recipe=demo"], shape_rows(512, 56, 0, "train")),
-                "1024x768 photos, batch 4": (["recipe=demo", "data.max_length=null", "trainer.batch_size=4"],
-                                             photos)}
+             "trainer.save_steps=100000", "trainer.logging_steps=100000"]
+    photo_steps = max(2, args.cpu_steps // 5)  # a step over 4 photos costs the tiny model ~10x a shapes step
+    datasets = {f"demo shapes (56 px), batch 8, {args.cpu_steps} steps":
+                (["recipe=demo", f"trainer.max_steps={args.cpu_steps}"], shape_rows(512, 56, 0, "train")),
+                f"1024x768 photos, batch 4, {photo_steps} steps":
+                (["recipe=demo", "data.max_length=null", "trainer.batch_size=4", f"trainer.max_steps={photo_steps}"],
+                 photos)}
     runs = {}
     for _ in range(args.repeats):
         for data_name, (overrides, rows) in datasets.items():
@@ -149,7 +152,8 @@ def cpu_training(args, photos) -> None:
                 runs.setdefault((data_name, workers), []).append((wall, figures["samples_per_s"],
                                                                   figures["data_wait_fraction"]))
                 print(f"  cpu {data_name} {workers} workers: {wall:.1f} s, {figures}", file=sys.stderr, flush=True)
-    print(f"\nCPU-only training, tiny model, {args.cpu_steps} steps, median of {args.repeats} round-robin runs\n")
+    print(f"\nCPU-only training, tiny model (demo recipe), median of {args.repeats} round-robin runs; load average "
+          f"{load_average()} at the end\n")
     print("| data | workers | train() wall s | samples/s (telemetry) | data wait |")
     print("|---|---:|---:|---:|---:|")
     for (data_name, workers), values in runs.items():
