@@ -21,7 +21,9 @@ trainers get the same mixin and callback here, so that every layout is measured 
 samples/s and tokens/s (real tokens), padding fraction of the batch tensors, data-wait fraction,
 torch.cuda.max_memory_allocated() next to `qwenvl-ft estimate`'s prediction for the same config, and MFU: model
 FLOPs per second (qwenvl_ft/estimate.py: training_flops, the convention in its docstring; DPO adds the reference
-forward) over the GPU's dense bf16 peak (--peak-tflops, else the telemetry's table).
+forward) over the GPU's dense bf16 peak (--peak-tflops, else the telemetry's table); and the collator's own
+seconds per timed step (in the DataLoader's worker processes when there are workers, `data.num_workers=auto`).
+`--profile` prints torch.profiler's top operators by host and by device time for each run.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import platform
 import random
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -151,8 +154,25 @@ def telemetry_callback(typed):
     return [RunTelemetry(typed)]
 
 
-def timed_steps_only(telemetry, warmup: int, cuda: bool):
-    """Zeroes the telemetry's counters (and CUDA's peak) once the warm-up steps are done."""
+class CollateTimer:
+    """The trainer's collator, timed: seconds spent collating, summed in shared memory, so that the time DataLoader
+    workers spend (in other processes, which inherit the counter) is counted too."""
+
+    def __init__(self, inner):
+        import multiprocessing
+
+        self.inner, self.seconds = inner, multiprocessing.Value("d", 0.0)
+
+    def __call__(self, items):
+        started = time.perf_counter()
+        batch = self.inner(items)
+        with self.seconds.get_lock():
+            self.seconds.value += time.perf_counter() - started
+        return batch
+
+
+def timed_steps_only(telemetry, timer, warmup: int, cuda: bool):
+    """Zeroes the telemetry's counters, the collate timer (and CUDA's peak) once the warm-up steps are done."""
     from transformers import TrainerCallback
 
     from qwenvl_ft.training.telemetry import Window
@@ -161,6 +181,8 @@ def timed_steps_only(telemetry, warmup: int, cuda: bool):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == warmup:
                 telemetry.total, telemetry.window = Window(), Window()
+                with timer.seconds.get_lock():
+                    timer.seconds.value = 0.0
                 if cuda:
                     import torch
 
@@ -179,14 +201,25 @@ def measure(trainer, model, typed, model_name, method, layout, args, predicted):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     attn = base.config.get_text_config()._attn_implementation  # packing on sdpa switches to sdpa_varlen
     telemetry = find_telemetry(trainer)
-    trainer.add_callback(timed_steps_only(telemetry, args.warmup, cuda))
-    trainer.train()
+    timer = trainer.data_collator = CollateTimer(trainer.data_collator)
+    trainer.add_callback(timed_steps_only(telemetry, timer, args.warmup, cuda))
+    if args.profile:  # where a step's time goes: the top operators by host and by device time
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            trainer.train()
+        for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if cuda else []):
+            print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+    else:
+        trainer.train()
     figures = telemetry.summary
-    result = dict(model=model_name, method=method, layout=layout, steps=telemetry.total.steps,
+    steps = telemetry.total.steps
+    result = dict(model=model_name, method=method, layout=layout, steps=steps,
                   s_per_step=figures["step_time_s"], samples_s=figures["samples_per_s"],
                   tokens_s=figures["tokens_per_s"], padding=figures["padding_fraction"],
                   data_wait=figures["data_wait_fraction"], peak_gib=figures.get("peak_allocated_gib", float("nan")),
-                  predicted_gib=predicted, mfu=figures.get("mfu", float("nan")), attn=attn)
+                  predicted_gib=predicted, mfu=figures.get("mfu", float("nan")), attn=attn,
+                  collate_s=timer.seconds.value / max(1, steps))
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
@@ -260,6 +293,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU")
     parser.add_argument("--dpo", action="store_true",
                         help="DPO instead of SFT: layouts padded, padding-free, trl on preference pairs")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per run")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: checks the script")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -301,20 +335,20 @@ def main() -> None:
     print(f"\n{device}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{platform.platform()}; batch {args.batch_size} x max_length {args.max_length}, max_pixels "
           f"{args.max_pixels}, {args.warmup} warm-up + {args.steps} timed steps\n")
-    print("| model | method | layout | attention | s/step | samples/s | tokens/s | padding | data wait | peak GiB "
-          "| estimate GiB | MFU | vs padded |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | method | layout | attention | s/step | samples/s | tokens/s | padding | data wait | collate s/step "
+          "| peak GiB | estimate GiB | MFU | vs padded |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     padded = {(r["model"], r["method"]): r for r in results
               if r.get("layout") in ("padded", "dpo padded") and "error" not in r}
     for r in results:
         if "error" in r:
-            print(f"| {r['model']} | {r['method']} | {r['layout']} | | failed: {r['error']} | | | | | | | | |")
+            print(f"| {r['model']} | {r['method']} | {r['layout']} | | failed: {r['error']} | | | | | | | | | |")
             continue
         base = padded.get((r["model"], r["method"]))
         ratio = f"{r['samples_s'] / base['samples_s']:.2f}x" if base else ""
         print(f"| {r['model']} | {r['method']} | {r['layout']} | {r['attn']} | {r['s_per_step']:.3f} | "
               f"{r['samples_s']:.1f} | {r['tokens_s']:.0f} | {r['padding']:.1%} | {r['data_wait']:.1%} | "
-              f"{r['peak_gib']:.2f} | "
+              f"{r['collate_s']:.3f} | {r['peak_gib']:.2f} | "
               f"{r['predicted_gib']:.2f} | {r['mfu']:.1%} | {ratio} |")
 
 

@@ -322,7 +322,7 @@ def estimate_memory(typed: TrainConfig, model=None) -> Estimate:
 
     method = methods.get(trainer_cfg.kind)
     rows += method.memory_rows(typed, counts, w)  # e.g. DPO's frozen reference copy
-    budget = batch_budget(data_cfg, trainer_cfg.batch_size, vision.spatial_merge_size,
+    budget = batch_budget(method.batch_data(typed), trainer_cfg.batch_size, vision.spatial_merge_size,
                           vision.patch_size * vision.spatial_merge_size, pairs=method.sequences_per_row() == 2)
     rows += _activation_rows(typed, counts, text, vision, budget, a)
     return Estimate(rows, counts, budget)

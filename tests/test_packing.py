@@ -388,6 +388,19 @@ def test_flash_attention_varlen_packed_matches_unpacked(typed, collator):
     torch.testing.assert_close(torch.stack(packed), torch.stack(single), rtol=2e-2, atol=2e-2)
 
 
+def test_models_load_with_cudnn_out_of_sdpa(typed):
+    """Training and generation loads switch cuDNN attention off (a plan per sequence length made a GPU step 4x
+    slower, modeling/varlen_attention.py); flash and memory-efficient SDPA stay available."""
+    from qwenvl_ft.modeling.build import build_base_model
+    from qwenvl_ft.modeling.load import load_base
+
+    for load in (lambda: build_base_model(typed.model, typed.adapter), lambda: load_base(typed.model, typed.adapter)):
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        load()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+
+
 def test_sdpa_varlen_leaves_padded_batches_and_generation_unchanged(typed, collator):
     sdpa, varlen = _model(typed, "sdpa").eval(), _model(typed, "sdpa_varlen").eval()
     rows = ROWS[:3]

@@ -91,6 +91,19 @@ class ArchitectureConfig:
 
 
 @dataclass
+class StartFromConfig:
+    """model.start_from: the weights a run starts from are the `final/` of another training run, which
+    `qwenvl-ft train` trains first (in-process) when it has none yet; eval, infer and merge load it as the base
+    (until it exists, the model group's own weights, with a warning). It must be a full model (a recipe with
+    adapter=full). The model group still names the architecture and the processor, which data-check and estimate
+    use. Delete its folder to train it again."""
+
+    recipe: str = "???"  # the recipe of that run (required)
+    output_dir: str = "???"  # where it is (or will be) trained; its final/ is the starting model (required)
+    overrides: List[str] = field(default_factory=list)  # overrides of that run, as on the command line
+
+
+@dataclass
 class ModelConfig:
     """Which checkpoint to load and what of it to train."""
 
@@ -112,6 +125,7 @@ class ModelConfig:
     freeze_merger: bool = True  # the patch merger that projects vision features into the language model
     freeze_language_model: bool = False  # embeddings, decoder layers and lm_head
     trust_remote_code: bool = False
+    start_from: Optional[StartFromConfig] = None  # start from the result of another run (see StartFromConfig)
 
     def __post_init__(self) -> None:
         _check(not self.random_init or self.architecture is not None,

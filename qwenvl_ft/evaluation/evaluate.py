@@ -73,8 +73,8 @@ def evaluate(cfg: DictConfig) -> Dict:
         predictions["tuned"] = generate_answers(tuned, collator, rows, e.batch_size, generation=generation)
 
     metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}
-    for side, values in method.evaluate_models({"base": base, "tuned": tuned}, method_rows, processor,
-                                               typed).items():
+    for side, values in method.evaluate_models({"base": base, "tuned": tuned}, method_rows, processor, typed,
+                                               predictions).items():
         metrics.setdefault(side, {}).update(values)
     examples = [
         {"source": row.get("source"), "reference": references[i], **{side: p[i] for side, p in predictions.items()}}

@@ -132,13 +132,20 @@ class Method:
         """Held-out rows as conversations whose last turn is the reference answer: what `eval` generates on."""
         return list(rows)
 
-    def evaluate_models(self, models: Dict[str, Any], rows: List[dict], processor, cfg) -> Dict[str, Dict]:
+    def evaluate_models(self, models: Dict[str, Any], rows: List[dict], processor, cfg,
+                        predictions: Optional[Dict[str, List[str]]] = None) -> Dict[str, Dict]:
         """Method-specific held-out figures for `eval`, per model side ("base", "tuned"), beyond the generation
         metrics every method gets; {} when there are none. `models` maps each side to its model or None; `rows`
-        are the method's own held-out rows."""
+        are the method's own held-out rows; `predictions` the answers `eval` generated for each side, in row
+        order (GRPO scores its reward functions on them)."""
         return {}
 
     # -- estimate ----------------------------------------------------------------------------------------------
+
+    def batch_data(self, cfg):
+        """The data settings `estimate` sizes a training batch by (data.max_length tokens per row); GRPO's rows
+        are a prompt plus a generated completion."""
+        return cfg.data
 
     def sequences_per_row(self) -> int:
         """Sequences the language model runs per dataset row (DPO: 2, chosen and rejected)."""

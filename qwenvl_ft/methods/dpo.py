@@ -180,7 +180,7 @@ class Dpo(Method):
         return [{"messages": list(row["prompt"]) + list(row["chosen"]), "images": row["images"], "videos": [],
                  "source": row.get("source", "?")} for row in rows]
 
-    def evaluate_models(self, models: Dict, rows: List[dict], processor, cfg) -> Dict[str, Dict]:
+    def evaluate_models(self, models: Dict, rows: List[dict], processor, cfg, predictions=None) -> Dict[str, Dict]:
         """Implicit reward accuracy and margin of the tuned model with the base as the reference, as DPO measures
         them in training (beta = trainer.dpo.beta). An adapter's reference is the same model with the adapter
         disabled; a full model needs the base loaded next to it (`eval.compare_base`)."""

@@ -32,7 +32,8 @@ RUN_INFO = "run_info.json"  # command, hardware, software and times of the train
 CARD = "README.md"
 _SOFTWARE = ("qwenvl-ft", "torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes")
 _METRIC_NAMES = {"exact_match": "exact match", "bleu": "BLEU", "rouge_l": "ROUGE-L", "reward_accuracy":
-                 "reward accuracy", "reward_margin": "reward margin", "loss": "loss"}
+                 "reward accuracy", "reward_margin": "reward margin", "loss": "loss",
+                 "reward": "mean reward (GRPO's reward functions, weighted)"}
 
 
 @dataclass
@@ -276,6 +277,12 @@ def _model_section(record: RunRecord, kind: str, merge_info: Optional[Dict]) -> 
                           f"{o.weight_decay:g}")]
     if t.kind.value == "dpo" and getattr(t, "dpo", None) is not None:
         rows.append(("DPO", f"beta {t.dpo.beta:g}, loss {', '.join(x.value for x in t.dpo.loss_type)}"))
+    if t.kind.value == "grpo" and getattr(t, "grpo", None) is not None:
+        g = t.grpo
+        rewards = ", ".join(f"{r.name or r.function} ({r.function}) x {r.weight:g}" for r in g.rewards)
+        rows.append(("GRPO", f"{g.num_generations} completions per prompt of at most {g.max_completion_length} "
+                             f"tokens, temperature {g.temperature:g}, beta {g.beta:g}, loss {g.loss_type.value}; "
+                             f"rewards: {rewards}"))
     if merge_info:
         rows.append(("merge", f"adapter folded into the base in {merge_info.get('dtype')} on "
                               f"{merge_info.get('merged_at')}" + (" (QLoRA: into the unquantised base, not the 4-bit "

@@ -32,6 +32,13 @@ def train(composed: DictConfig) -> Dict:
     cfg, output_dir = run.cfg, run.output_dir
     from transformers import AutoConfig, set_seed
 
+    from qwenvl_ft.training.start_from import train_start_model
+
+    # model.start_from: the run this one starts from, trained first when it is missing
+    stopped = train_start_model(cfg, train)
+    if stopped is not None:
+        return stopped
+
     from qwenvl_ft import methods
     from qwenvl_ft.data.check import load_checked_splits
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, count_parameters, \
