@@ -274,6 +274,41 @@ def test_zero_and_two_workers_give_the_same_batches(tmp_path):
         assert all(torch.equal(one[key], other[key]) for key in one)
 
 
+def test_rows_without_tokens_report_time_and_memory_only():
+    """GRPO's loader yields prompt rows (tokens exist only after generation): no token figures, no FLOPs."""
+    from types import SimpleNamespace
+
+    from qwenvl_ft.training.telemetry import RunTelemetry, Window, batch_counts, performance_line
+
+    assert batch_counts([{"prompt": "p", "image": None}]) is None
+    telemetry = RunTelemetry(_typed())
+    telemetry.window = Window(counts=None, wait_s=0.5, step_s=2.0, steps=2)
+    figures = telemetry.close_run(SimpleNamespace(num_processes=1, device=torch.device("cpu")))
+    assert figures["step_time_s"] == 1.0 and figures["data_wait_fraction"] == 0.25 and figures["peak_rss_gib"] > 0
+    assert not {"tokens_per_s", "samples_per_s", "padding_fraction", "model_tflops_per_s_per_device"} & set(figures)
+    assert performance_line(figures).startswith("performance: step 1.000 s, data wait 25.0%, peak RSS ")
+
+
+def test_startup_budget_adds_up_phases():
+    from qwenvl_ft.training.startup import StartupBudget
+
+    budget = StartupBudget(since_process_start=True)
+    for phase in ("imports", "data check", "imports"):  # a phase marked twice adds up
+        time.sleep(0.01)
+        budget.mark(phase)
+    assert list(budget.phases) == ["interpreter, CLI and config", "imports", "data check"]
+    assert budget.phases["imports"][0] >= 0.02 and budget.phases["interpreter, CLI and config"][0] > 0
+    assert budget.total == pytest.approx(sum(wall for wall, _ in budget.phases.values()))
+    report = budget.report().splitlines()
+    assert report[0].startswith(f"start-up: {budget.total:.1f} s before training begins")
+    assert [line.split()[0] for line in report[2:]] == ["interpreter,", "imports", "data"]
+    assert "first_step_s" not in budget.metrics()
+    budget.first_step_done()
+    metrics = budget.metrics()
+    assert metrics["first_step_s"] >= 0 and set(metrics["startup_s"]) == set(metrics["startup_cpu_s"]) == set(
+        budget.phases)
+
+
 def test_device_peak_lookup():
     from qwenvl_ft.training.telemetry import device_peak_tflops
 

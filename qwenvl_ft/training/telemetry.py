@@ -68,7 +68,8 @@ def batch_counts(batch, vision=None, pairs: bool = False):
     are the restarts. `pairs`: DPO batches hold a chosen and a rejected sequence per sample and repeat each pair's
     images, which the model encodes once (qwenvl_ft/modeling/padding_free.py). `vision`: the model's vision config
     (attention spans of the ViT, for `estimate.vision_attention_pairs`). Anything else (a method whose batches
-    are raw rows) counts as nothing.
+    are raw rows: GRPO's loader yields prompts, which it turns into tokens only when it generates) counts as
+    nothing, and the run reports step time, data wait and memory without token figures.
     """
     import torch
 
@@ -135,9 +136,11 @@ class Window:
 def performance_line(values: Dict[str, float]) -> str:
     """The console summary of a run's figures: `performance: 1,234 tokens/s, ...`."""
     v = values
-    parts = [f"{v['tokens_per_s']:,.0f} tokens/s", f"{v['samples_per_s']:.2f} samples/s",
-             f"padding {v['padding_fraction']:.1%}", f"step {v['step_time_s']:.3f} s",
-             f"data wait {v['data_wait_fraction']:.1%}"]
+    parts = []
+    if "tokens_per_s" in v:
+        parts += [f"{v['tokens_per_s']:,.0f} tokens/s", f"{v['samples_per_s']:.2f} samples/s",
+                  f"padding {v['padding_fraction']:.1%}"]
+    parts += [f"step {v['step_time_s']:.3f} s", f"data wait {v['data_wait_fraction']:.1%}"]
     if "peak_allocated_gib" in v:
         parts.append(f"peak memory {v['peak_allocated_gib']:.2f} GiB allocated, {v['peak_reserved_gib']:.2f} GiB "
                      f"reserved")
@@ -275,18 +278,16 @@ class RunTelemetry(TrainerCallback):
             return None
         devices = ranks.shape[0]
         seconds = step_s / devices  # ranks step in lockstep: the mean step time is the wall time
-        values = {
-            "tokens_per_s": count["tokens"] / seconds,
-            "samples_per_s": count["samples"] / seconds,
-            "padding_fraction": 1 - count["tokens"] / count["tensor_tokens"] if count["tensor_tokens"] else 0.0,
-            "step_time_s": step_s / steps,
-            "data_wait_fraction": wait_s / step_s,
-        }
+        values = {"step_time_s": step_s / steps, "data_wait_fraction": wait_s / step_s}
+        counted = count["tensor_tokens"] > 0  # GRPO's loader yields prompt rows: no tokens until it generates
+        if counted:
+            values.update(tokens_per_s=count["tokens"] / seconds, samples_per_s=count["samples"] / seconds,
+                          padding_fraction=1 - count["tokens"] / count["tensor_tokens"])
         if "peak_allocated_gib" in memory:
             values.update(peak_allocated_gib=peaks[len(COUNTS) + 3], peak_reserved_gib=peaks[len(COUNTS) + 4])
         else:
             values["peak_rss_gib"] = peaks[len(COUNTS) + 3]
-        if self.flops is not None:
+        if self.flops is not None and counted:
             from qwenvl_ft.estimate import StepWork
 
             flops = self.flops.step(StepWork(tokens=count["tokens"], token_pairs=count["token_pairs"],
