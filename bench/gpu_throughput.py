@@ -335,8 +335,8 @@ def main() -> None:
     print(f"\n{device}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{platform.platform()}; batch {args.batch_size} x max_length {args.max_length}, max_pixels "
           f"{args.max_pixels}, {args.warmup} warm-up + {args.steps} timed steps\n")
-    print("| model | method | layout | attention | s/step | samples/s | tokens/s | padding | data wait | collate s/step "
-          "| peak GiB | estimate GiB | MFU | vs padded |")
+    print("| model | method | layout | attention | s/step | samples/s | tokens/s | padding | data wait "
+          "| collate s/step | peak GiB | estimate GiB | MFU | vs padded |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     padded = {(r["model"], r["method"]): r for r in results
               if r.get("layout") in ("padded", "dpo padded") and "error" not in r}
