@@ -73,8 +73,9 @@ def _attention_backward(counts):
 @pytest.mark.parametrize("overrides", [
     ["adapter=full"],  # everything trains: 6N everywhere
     ["adapter=full", "model=tiny_qwen2_5_vl"],  # window and full-attention ViT blocks, gated MLP
+    ["adapter=lora", "model=tiny_qwen3_vl"],  # learned positions, DeepStack mergers, q/k norms; ViT and mergers train
     ["adapter=lora", "model.freeze_vision_tower=true"],  # LoRA on q/v, frozen ViT, trained merger
-], ids=["full", "qwen2_5_vl", "lora"])
+], ids=["full", "qwen2_5_vl", "qwen3_vl", "lora"])
 def test_training_flops_equal_the_flop_counter(overrides):
     typed = _typed(*overrides)
     model, batch = _model_and_batch(typed, [_row(0, size=(112, 112))])
