@@ -194,6 +194,8 @@ ARGUMENT_SOURCES = {
     "save_total_limit": "trainer.save_total_limit", "report_to": "trainer.report_to",
     "run_name": "trainer.tracker.run_name", "disable_tqdm": "trainer.disable_tqdm", "seed": "seed",
     "data_seed": "data.seed", "dataloader_num_workers": "data.num_workers",
+    "dataloader_persistent_workers": "data.num_workers (persistent with workers)",
+    "dataloader_prefetch_factor": "data.num_workers and trainer.gradient_accumulation_steps (a step ready)",
     "dataloader_pin_memory": "the device (pinned only with CUDA)", "eval_strategy": "trainer.eval_steps",
     "eval_steps": "trainer.eval_steps", "prediction_loss_only": "trainer.eval_steps (loss only)",
     "load_best_model_at_end": "trainer.load_best_model_at_end",
