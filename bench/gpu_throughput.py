@@ -16,13 +16,14 @@ one of several sizes, 20-200 word captions). Layouts:
           (default: batch size x max_length, the same activation budget as a padded batch of full-length rows)
   trl     the same model through stock trl.SFTTrainer with DataCollatorForVisionLanguageModeling, batch size rows
 
-Reported per run: samples/s and tokens/s (real tokens), padding fraction of the batch tensors,
-torch.cuda.max_memory_allocated() next to `qwenvl-ft estimate`'s prediction for the same config, and MFU:
-model FLOPs per second over the GPU's dense bf16 peak. Model FLOPs per token: 2N forward, +2N for the input
-gradients, +2N for the weight gradients where weights train (so 6N full, 4N frozen base + adapters), N = the
-language model's non-embedding parameters, plus the vision tower's per patch, plus causal attention
-(4 x layers x hidden x context per token forward, x3 with the backward); gradient-checkpointing recomputation is
-not counted (hardware FLOPs would be ~1/3 higher).
+Reported per run, by the telemetry every qwenvl-ft run logs (qwenvl_ft/training/telemetry.py; the stock TRL
+trainers get the same mixin and callback here, so that every layout is measured alike), over the timed steps:
+samples/s and tokens/s (real tokens), padding fraction of the batch tensors, data-wait fraction,
+torch.cuda.max_memory_allocated() next to `qwenvl-ft estimate`'s prediction for the same config, and MFU: model
+FLOPs per second (qwenvl_ft/estimate.py: training_flops, the convention in its docstring; DPO adds the reference
+forward) over the GPU's dense bf16 peak (--peak-tflops, else the telemetry's table); and the collator's own
+seconds per timed step (in the DataLoader's worker processes when there are workers, `data.num_workers=auto`).
+`--profile` prints torch.profiler's top operators by host and by device time for each run.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0, "4090": 165.0}
 IMAGE_SIZES = [(448, 448), (640, 480), (480, 640), (336, 336), (896, 672)]
 WORDS = ("a photo of the with on in and large small red blue green white black dog cat man woman street table "
          "window tree car building sky water grass food plate cup sitting standing next to near under").split()
@@ -68,78 +68,6 @@ def caption_rows(count: int, seed: int = 0, sizes=IMAGE_SIZES, words=(20, 200)):
     return rows
 
 
-class Meter:
-    """Collator wrapper (real / tensor tokens, rows, attention work) + step timer (a TrainerCallback)."""
-
-    def __init__(self, inner, warmup: int, cuda: bool):
-        self.inner, self.warmup, self.cuda = inner, warmup, cuda
-        self.batches = []  # (real tokens, tensor tokens, rows, sum of squared sample lengths, ViT patches)
-        self.step_times = []
-        self.collate_seconds = []
-        self._last = None
-
-    def __call__(self, items):
-        started = time.perf_counter()
-        batch = self.inner(items)
-        self.collate_seconds.append(time.perf_counter() - started)
-        if "attention_mask" in batch:
-            lengths = batch["attention_mask"].sum(-1).tolist()
-        else:  # packed: sample lengths from the text positions' restarts
-            from qwenvl_ft.data.packing import sample_boundaries
-
-            starts = sample_boundaries(batch["position_ids"]) + [batch["input_ids"].shape[1]]
-            lengths = [b - a for a, b in zip(starts, starts[1:])]
-        grids = batch.get("image_grid_thw")
-        patches = int(grids.prod(-1).sum()) if grids is not None else 0
-        self.batches.append((sum(lengths), batch["input_ids"].numel(), len(lengths), sum(n * n for n in lengths),
-                             patches))
-        return batch
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        meter = self
-
-        class StepTimer(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if meter.cuda:
-                    import torch
-
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                if state.global_step == meter.warmup:
-                    if meter.cuda:
-                        import torch
-
-                        torch.cuda.reset_peak_memory_stats()
-                    meter._last = now
-                elif state.global_step > meter.warmup:
-                    meter.step_times.append(now - meter._last)
-                    meter._last = now
-
-        return StepTimer()
-
-
-def model_flops_per_step(model, typed, real_tokens: int, squared: int, patches: int,
-                         forward_only: bool = False) -> float:
-    from qwenvl_ft.modeling.build import model_parts
-
-    parts = model_parts(model)
-    visual, language_model = parts.vision, parts.language_model
-    text = model.config.get_text_config()
-    n_lm = sum(p.numel() for n, p in language_model.named_parameters() if "embed_tokens" not in n)
-    n_lm += text.vocab_size * text.hidden_size  # the LM head's matmul (tied or not)
-    n_vit = sum(p.numel() for p in visual.parameters())
-    lm_trains = not typed.adapter.is_peft and not typed.model.freeze_language_model
-    vit_trains = not typed.model.freeze_vision_tower or typed.adapter.vision_lora
-    if forward_only:
-        lm_trains = vit_trains = None
-    lm = {True: 6, False: 4, None: 2}[lm_trains] * n_lm * real_tokens
-    vit = {True: 6, False: 2, None: 2}[vit_trains] * n_vit * patches
-    attention = (1 if forward_only else 3) * 4 * text.num_hidden_layers * text.hidden_size * squared / 2
-    return lm + vit + attention
-
-
 def common_overrides(model_name, method, args, cuda: bool):
     """The config of a benchmark run, as `qwenvl-ft train` would get it on the command line."""
     attn = "flash_attention_2" if cuda and _has_flash_attn() else "sdpa"
@@ -155,6 +83,8 @@ def common_overrides(model_name, method, args, cuda: bool):
         overrides += ["model.freeze_vision_tower=true", "trainer.precision=fp32"]
     if method == "full":
         overrides += ["model.freeze_vision_tower=true", "model.freeze_merger=false"]
+    if args.peak_tflops:
+        overrides.append(f"trainer.peak_tflops={args.peak_tflops}")
     if method == "qlora":
         overrides += ["optimizer=paged_adamw_8bit"] if cuda else []
     return overrides
@@ -203,27 +133,76 @@ def run(model_name, method, layout, args, rows, tmp):
         dataset = datasets.Dataset.from_list([{"messages": r["messages"], "images": r["images"]} for r in rows])
         targs = training_arguments(typed)
         targs.update(remove_unused_columns=False, max_length=None, save_strategy="no")
-        trainer = SFTTrainer(model=model, args=SFTConfig(**targs), train_dataset=dataset, processing_class=processor)
+        trainer = with_telemetry(SFTTrainer, typed)(model=model, args=SFTConfig(**targs), train_dataset=dataset,
+                                                    processing_class=processor, callbacks=telemetry_callback(typed))
     else:
         trainer = build_trainer(typed, model, processor, collator, to_dataset(rows), None)
     return measure(trainer, model, typed, model_name, method, layout, args, predicted)
 
 
-def measure(trainer, model, typed, model_name, method, layout, args, predicted, pairs: bool = False):
-    """Train with the Meter in place; samples/s counts pairs for DPO (`pairs`), whose FLOPs add the reference
-    forward (2N per token) and whose vision tower encodes each pair's images once where qwenvl-ft shares them."""
+def with_telemetry(trainer_cls, typed):
+    """A stock TRL trainer class with the run telemetry's mixin, as qwenvl-ft's trainers have it."""
+    from qwenvl_ft.training.common import trainer_class
+    from qwenvl_ft.training.telemetry import TelemetryMixin
+
+    return trainer_class(trainer_cls, (TelemetryMixin,))
+
+
+def telemetry_callback(typed):
+    from qwenvl_ft.training.telemetry import RunTelemetry
+
+    return [RunTelemetry(typed)]
+
+
+class CollateTimer:
+    """The trainer's collator, timed: seconds spent collating, summed in shared memory, so that the time DataLoader
+    workers spend (in other processes, which inherit the counter) is counted too."""
+
+    def __init__(self, inner):
+        import multiprocessing
+
+        self.inner, self.seconds = inner, multiprocessing.Value("d", 0.0)
+
+    def __call__(self, items):
+        started = time.perf_counter()
+        batch = self.inner(items)
+        with self.seconds.get_lock():
+            self.seconds.value += time.perf_counter() - started
+        return batch
+
+
+def timed_steps_only(telemetry, timer, warmup: int, cuda: bool):
+    """Zeroes the telemetry's counters, the collate timer (and CUDA's peak) once the warm-up steps are done."""
+    from transformers import TrainerCallback
+
+    from qwenvl_ft.training.telemetry import Window
+
+    class AfterWarmup(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                telemetry.total, telemetry.window = Window(), Window()
+                with timer.seconds.get_lock():
+                    timer.seconds.value = 0.0
+                if cuda:
+                    import torch
+
+                    torch.cuda.reset_peak_memory_stats()
+
+    return AfterWarmup()
+
+
+def measure(trainer, model, typed, model_name, method, layout, args, predicted):
+    """Train; the figures are the run telemetry's over the timed steps (samples/s counts pairs for DPO)."""
     import torch
 
-    from qwenvl_ft.estimate import GiB
+    from qwenvl_ft.training.telemetry import find_telemetry
 
     cuda = torch.cuda.is_available()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     attn = base.config.get_text_config()._attn_implementation  # packing on sdpa switches to sdpa_varlen
-    meter = Meter(trainer.data_collator, args.warmup, cuda)
-    trainer.data_collator = meter
-    trainer.add_callback(meter.callback())
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    telemetry = find_telemetry(trainer)
+    timer = trainer.data_collator = CollateTimer(trainer.data_collator)
+    trainer.add_callback(timed_steps_only(telemetry, timer, args.warmup, cuda))
     if args.profile:  # where a step's time goes: the top operators by host and by device time
         from torch.profiler import ProfilerActivity, profile
 
@@ -233,23 +212,14 @@ def measure(trainer, model, typed, model_name, method, layout, args, predicted, 
             print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
     else:
         trainer.train()
-    timed = meter.batches[args.warmup: args.warmup + len(meter.step_times)]
-    seconds = sum(meter.step_times)
-    real = sum(b[0] for b in timed)
-    tensor = sum(b[1] for b in timed)
-    samples = sum(b[2] for b in timed) // (2 if pairs else 1)
-    squared = sum(b[3] for b in timed)
-    patches = sum(b[4] for b in timed) // (2 if pairs else 1)  # model FLOPs: a pair's images encoded once
-    flops = model_flops_per_step(model, typed, real, squared, patches)
-    if pairs:  # the reference forward: frozen weights, no backward
-        flops += model_flops_per_step(model, typed, real, squared, patches, forward_only=True)
-    peak = torch.cuda.max_memory_allocated() / GiB if cuda else float("nan")
-    device_peak = _peak_tflops(args) if cuda else None
-    mfu = flops / seconds / (device_peak * 1e12) if device_peak else float("nan")
-    result = dict(model=model_name, method=method, layout=layout, steps=len(meter.step_times),
-                  s_per_step=seconds / max(1, len(meter.step_times)), samples_s=samples / seconds,
-                  tokens_s=real / seconds, padding=1 - real / tensor, peak_gib=peak, predicted_gib=predicted, mfu=mfu,
-                  attn=attn, collate_s=sum(meter.collate_seconds[args.warmup:]) / max(1, len(meter.step_times)))
+    figures = telemetry.summary
+    steps = telemetry.total.steps
+    result = dict(model=model_name, method=method, layout=layout, steps=steps,
+                  s_per_step=figures["step_time_s"], samples_s=figures["samples_per_s"],
+                  tokens_s=figures["tokens_per_s"], padding=figures["padding_fraction"],
+                  data_wait=figures["data_wait_fraction"], peak_gib=figures.get("peak_allocated_gib", float("nan")),
+                  predicted_gib=predicted, mfu=figures.get("mfu", float("nan")), attn=attn,
+                  collate_s=timer.seconds.value / max(1, steps))
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
@@ -292,28 +262,20 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
                                               for p in pairs])
         targs = training_arguments(typed)
         targs.update(remove_unused_columns=False, max_length=typed.data.max_length, save_strategy="no", beta=0.1)
-        trainer = DPOTrainer(model=base, args=DPOConfig(**targs), train_dataset=dataset, processing_class=processor,
-                             peft_config=peft_config)
+        trainer = with_telemetry(DPOTrainer, typed)(model=base, args=DPOConfig(**targs), train_dataset=dataset,
+                                                    processing_class=processor, peft_config=peft_config,
+                                                    callbacks=telemetry_callback(typed))
     else:
         trainer = build_trainer(typed, base, peft_config, processor, VisionPreferenceCollator(processor, typed.data),
                                 to_pair_dataset(pairs), None)
         remove_redundant_work(trainer, typed.data.packing)
-    return measure(trainer, trainer.model, typed, model_name, method, f"dpo {layout}", args, predicted, pairs=True)
+    return measure(trainer, trainer.model, typed, model_name, method, f"dpo {layout}", args, predicted)
 
 
 def _has_flash_attn() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("flash_attn") is not None
-
-
-def _peak_tflops(args):
-    import torch
-
-    if args.peak_tflops:
-        return args.peak_tflops
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def main() -> None:
@@ -373,19 +335,20 @@ def main() -> None:
     print(f"\n{device}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{platform.platform()}; batch {args.batch_size} x max_length {args.max_length}, max_pixels "
           f"{args.max_pixels}, {args.warmup} warm-up + {args.steps} timed steps\n")
-    print("| model | method | layout | attention | s/step | samples/s | tokens/s | padding | peak GiB | estimate GiB "
-          "| MFU | vs padded |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | method | layout | attention | s/step | samples/s | tokens/s | padding | data wait "
+          "| collate s/step | peak GiB | estimate GiB | MFU | vs padded |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     padded = {(r["model"], r["method"]): r for r in results
               if r.get("layout") in ("padded", "dpo padded") and "error" not in r}
     for r in results:
         if "error" in r:
-            print(f"| {r['model']} | {r['method']} | {r['layout']} | | failed: {r['error']} | | | | | | | |")
+            print(f"| {r['model']} | {r['method']} | {r['layout']} | | failed: {r['error']} | | | | | | | | | |")
             continue
         base = padded.get((r["model"], r["method"]))
         ratio = f"{r['samples_s'] / base['samples_s']:.2f}x" if base else ""
         print(f"| {r['model']} | {r['method']} | {r['layout']} | {r['attn']} | {r['s_per_step']:.3f} | "
-              f"{r['samples_s']:.1f} | {r['tokens_s']:.0f} | {r['padding']:.1%} | {r['peak_gib']:.2f} | "
+              f"{r['samples_s']:.1f} | {r['tokens_s']:.0f} | {r['padding']:.1%} | {r['data_wait']:.1%} | "
+              f"{r['collate_s']:.3f} | {r['peak_gib']:.2f} | "
               f"{r['predicted_gib']:.2f} | {r['mfu']:.1%} | {ratio} |")
 
 

@@ -103,13 +103,24 @@ def test_separate_vision_and_merger_learning_rates(tmp_path):
     assert metrics["global_step"] == 16
 
 
-def test_demo_recipe_learns_the_task(tmp_path):
-    """The README's demo: loss falls and held-out exact match rises clearly (fixed seeds)."""
+def test_demo_recipe_learns_the_task(tmp_path, caplog):
+    """The README's demo: loss falls and held-out exact match rises clearly (fixed seeds); it prints its start-up
+    budget and ends with its performance line, both also in the metrics (and so in summary.json)."""
     cfg = compose(["recipe=demo", "trainer.disable_tqdm=true"], output_dir=str(tmp_path / "demo"))
-    metrics = train(cfg)
+    with caplog.at_level("INFO", logger="qwenvl_ft"):
+        metrics = train(cfg)
     assert metrics["last_logged_loss"] < 0.2 * metrics["first_logged_loss"]
     assert metrics["eval_exact_match_before"] <= 0.1
     assert metrics["eval_exact_match_after"] >= 0.7
+
+    phases = ["imports (torch, transformers, TRL, PEFT)", "data check", "model load", "trainer build"]
+    budget = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("start-up:"))
+    assert all(f"  {phase}  " in budget for phase in phases), budget
+    assert set(phases) <= set(metrics["startup_s"]) and set(phases) <= set(metrics["startup_cpu_s"])
+    assert metrics["first_step_s"] > 0 and all(v >= 0 for v in metrics["startup_s"].values())
+    assert caplog.records[-1].getMessage().startswith("performance: ")
+    assert {"tokens_per_s", "samples_per_s", "padding_fraction", "step_time_s", "data_wait_fraction",
+            "peak_rss_gib", "model_tflops_per_s_per_device"} <= set(metrics["performance"])
 
 
 def test_vision_lora_with_frozen_language_model(tmp_path):

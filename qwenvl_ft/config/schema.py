@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from qwenvl_ft import families, methods
 from qwenvl_ft.config.base import ConfigError, check as _check  # noqa: F401 (ConfigError is re-exported)
@@ -228,7 +228,10 @@ class DataConfig:
     max_pixels: Optional[int] = None  # upper bound of an image's pixels (None: the processor's default)
     resized_height: Optional[int] = None  # fixed resize, rounded to a multiple of patch x merge size (28, 32)
     resized_width: Optional[int] = None  # fixed resize width, rounded as resized_height
-    num_workers: int = 0  # DataLoader worker processes doing decoding and tokenisation
+    # DataLoader worker processes per rank doing decoding and tokenisation (training and data-check): a number, or
+    # auto: on a GPU, the rank's share of the CPUs up to a cap, persistent and prefetching; on CPU-only runs what
+    # measured fastest (qwenvl_ft/data/workers.py and docs/performance.md say how it was chosen).
+    num_workers: Union[int, str] = "auto"
     # Batch layout of training (docs/performance.md). Default: trainer.batch_size rows, right-padded.
     # packing: padding-free; rows are concatenated into one sequence of at most max_tokens_per_batch tokens per
     # device step, each keeping its own M-RoPE positions and attending only to itself (trainer.batch_size unused).
@@ -286,7 +289,8 @@ class DataConfig:
         _check(self.max_length is None or self.max_length > 0, "data.max_length must be positive")
         _check((self.resized_height is None) == (self.resized_width is None),
                "data.resized_height and data.resized_width must be set together")
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+               f"data.num_workers must be auto or a number >= 0, not {self.num_workers!r}")
         _check(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0,
                "data.max_tokens_per_batch must be > 0")
         _check(not self.packing or self.max_tokens_per_batch is not None or self.max_length is not None,
@@ -468,6 +472,9 @@ class TrainerSettings:
     max_new_tokens: int = 64  # tokens generated per held-out row
     num_predictions_to_print: int = 4  # held-out predictions shown in the log
     disable_tqdm: bool = False  # no progress bar (logs only)
+    # Dense bf16 peak of one GPU in TFLOP/s, the denominator of the MFU every run logs (None: looked up from the
+    # GPU's name in qwenvl_ft/training/telemetry.py; a GPU not in that table logs no MFU until this is set).
+    peak_tflops: Optional[float] = None
     # Resuming: "auto" continues from the newest complete checkpoint-* in output_dir (a fresh start when there is
     # none), a path names a checkpoint folder, null always starts fresh. A fixed `run_name` makes the same command
     # land in the same output_dir, so running it again after an interruption resumes.
@@ -486,6 +493,7 @@ class TrainerSettings:
         _check(self.gradient_accumulation_steps > 0, "trainer.gradient_accumulation_steps must be > 0")
         _check(self.logging_steps > 0 and self.save_steps > 0, "trainer.logging_steps and save_steps must be > 0")
         _check(self.max_new_tokens > 0, "trainer.max_new_tokens must be > 0")
+        _check(self.peak_tflops is None or self.peak_tflops > 0, "trainer.peak_tflops must be > 0")
         _check(Tracker.none not in self.report_to or len(self.report_to) == 1,
                "trainer.report_to: none cannot be combined with a tracker (use [] or [none] for no tracker)")
         _check(len(set(self.report_to)) == len(self.report_to), "trainer.report_to lists a tracker twice")

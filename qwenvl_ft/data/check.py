@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from qwenvl_ft.config.schema import DataConfig
 from qwenvl_ft.data.collate import RowDropped, SampleStats, VisionChatCollator
 from qwenvl_ft.data.sources import Problem
+from qwenvl_ft.data.workers import check_workers
 from qwenvl_ft.errors import DataError
 
 Measure = Callable[[dict], SampleStats]  # a training method's measurer (methods/base.py)
@@ -293,8 +294,8 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42) 
     collator = VisionChatCollator(processor, cfg)  # the image and video bounds the report states
     load_problems: List[Problem] = []
     train_rows, eval_rows = method.read_rows(cfg, load_problems)
-    train, train_report = check_rows(train_rows, measure, "train", cfg.num_workers)
-    evaluation, eval_report = check_rows(eval_rows, measure, "eval", cfg.num_workers)
+    train, train_report = check_rows(train_rows, measure, "train", check_workers(cfg.num_workers, len(train_rows)))
+    evaluation, eval_report = check_rows(eval_rows, measure, "eval", check_workers(cfg.num_workers, len(eval_rows)))
     splits = {"train": train_report} if not eval_rows else {"train": train_report, "eval": eval_report}
     settings = {
         "format": cfg.format.value, "method": method.name, "rows": method.row_kind,

@@ -165,3 +165,8 @@ class Method:
     def memory_rows(self, cfg, counts, weight_bytes: int) -> List[tuple]:
         """(component, bytes, how) rows the method adds to `estimate` (e.g. a reference model)."""
         return []
+
+    def reference_forwards(self, cfg) -> int:
+        """Forward passes of a frozen reference model per training batch, beyond the policy's forward and backward:
+        model FLOPs for the MFU every run logs (estimate.training_flops)."""
+        return 0

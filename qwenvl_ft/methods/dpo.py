@@ -213,6 +213,9 @@ class Dpo(Method):
         return [("reference model", counts.total * weight_bytes,
                  f"DPO full fine-tuning: a frozen copy, {counts.total / 1e9:.2f}B params x {weight_bytes} B")]
 
+    def reference_forwards(self, cfg) -> int:
+        return 0 if cfg.trainer.dpo.precompute_ref_log_probs else 1
+
 
 METHOD = Dpo()
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_ft.config.compose import validate
@@ -32,7 +31,9 @@ class RunStart:
 
 
 def start_run(composed: DictConfig) -> RunStart:
-    """Validate, find the checkpoint to resume from, and record the resolved config in the output folder.
+    """Validate, find the checkpoint to resume from, and record the resolved config in the output folder. Starts
+    the run's start-up budget (training/startup.py) and does the heavy imports up front, so that they are one
+    line of it instead of hiding in the phases that first touch them.
 
     With dist=ddp/fsdp/zero* outside a launcher, the run's processes are started here (distributed/launch.py) and
     their result is returned as `finished`. Inside a distributed run the main process prepares the folder (it alone
@@ -40,13 +41,17 @@ def start_run(composed: DictConfig) -> RunStart:
     decision and checks that its own config is the one recorded."""
     from qwenvl_ft.distributed import ranks
     from qwenvl_ft.distributed.launch import launch_if_needed
+    from qwenvl_ft.training import startup
     from qwenvl_ft.training.preflight import preflight
 
+    startup.begin_run()
     cfg: TrainConfig = validate(composed)
     preflight(cfg)  # trackers installed, precision supported, trainer.extra_args: before anything loads
     launched = launch_if_needed(cfg)
     if launched is not None:
         return RunStart(cfg, Path(cfg.output_dir), None, launched)
+    import_training_libraries(cfg)
+    startup.mark("imports (torch, transformers, TRL, PEFT)")
     cfg = record_world_size(composed)
     ranks.ensure_process_group(cfg.dist.backend, cfg.dist.timeout_s)  # accelerate and DeepSpeed reuse it
     resume, finished = ranks.run_on_main(_prepare_output, cfg, composed)
@@ -54,6 +59,7 @@ def start_run(composed: DictConfig) -> RunStart:
         check_same_config(composed, Path(cfg.output_dir))
         if resume is not None and finished is None:
             log.info("rank %d of %d: resuming from %s", ranks.rank(), ranks.world_size(), resume)
+    startup.mark("run folder and resume check")
     return RunStart(cfg, Path(cfg.output_dir), resume, finished)
 
 
@@ -99,9 +105,32 @@ def check_same_config(composed: DictConfig, output_dir: Path) -> None:
                           f"{', '.join(changed)}: every process of a run must get the same arguments")
 
 
-def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
-    from qwenvl_ft.distributed import ranks
+def import_training_libraries(cfg: TrainConfig) -> None:
+    """The libraries every training run needs, and the method's TRL trainer module (TRL imports its trainers
+    lazily), so that the start-up budget shows them as one line."""
+    import importlib.util
 
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+    module = f"trl.trainer.{cfg.trainer.kind.value}_trainer"
+    if importlib.util.find_spec(module) is not None:
+        importlib.import_module(module)
+
+
+def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
+    """metrics.json and log_history.json, by the main process; the run's performance figures
+    (training/telemetry.py) and start-up budget (training/startup.py) join `metrics`, so that summary.json
+    carries them too."""
+    from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.training import startup
+    from qwenvl_ft.training.telemetry import summary_metrics
+
+    metrics.update(summary_metrics(trainer))
+    if startup.current() is not None:
+        metrics.update(startup.current().metrics())
     if not ranks.is_main_process():
         return
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -141,6 +170,9 @@ def publish_final(output_dir: Path, hub: HubConfig) -> Path:
 def training_arguments(cfg: TrainConfig) -> Dict:
     """The transformers TrainingArguments every method shares (SFTConfig, DPOConfig, ... extend them), with
     trainer.extra_args added (preflight checked them against the method's config class)."""
+    import torch
+
+    from qwenvl_ft.data.workers import training_workers
     from qwenvl_ft.training.preflight import active_trackers, effective_precision
     from qwenvl_ft.training.speed import check_liger
 
@@ -148,6 +180,9 @@ def training_arguments(cfg: TrainConfig) -> Dict:
     check_liger(cfg.model)
     precision = effective_precision(trainer_cfg.precision)
     has_cuda = torch.cuda.is_available()
+    workers = training_workers(cfg.data.num_workers, trainer_cfg.gradient_accumulation_steps)
+    log.info("data loader: %d worker process(es)%s (%s)", workers.num_workers,
+             f", persistent, {workers.prefetch_factor} batches ready each" if workers.num_workers else "", workers.why)
     if trainer_cfg.tf32 and not has_cuda:
         log.warning("trainer.tf32=true ignored: no CUDA device")
     # TensorBoard event files go next to the checkpoints (transformers reads this variable).
@@ -184,8 +219,8 @@ def training_arguments(cfg: TrainConfig) -> Dict:
         disable_tqdm=trainer_cfg.disable_tqdm,
         seed=cfg.seed,
         data_seed=cfg.data.seed,
-        dataloader_num_workers=cfg.data.num_workers,
         dataloader_pin_memory=has_cuda,  # pinned memory only helps copies to a GPU
+        **workers.training_arguments(),
         # Liger's layer kernels (the Trainer applies them); TRL keeps its own fused LM head and loss
         use_liger_kernel=cfg.model.use_liger_kernel,
         **evaluation_arguments(trainer_cfg),
@@ -214,6 +249,8 @@ ARGUMENT_SOURCES = {
     "save_total_limit": "trainer.save_total_limit", "report_to": "trainer.report_to",
     "run_name": "trainer.tracker.run_name", "disable_tqdm": "trainer.disable_tqdm", "seed": "seed",
     "data_seed": "data.seed", "dataloader_num_workers": "data.num_workers",
+    "dataloader_persistent_workers": "data.num_workers (persistent with workers)",
+    "dataloader_prefetch_factor": "data.num_workers and trainer.gradient_accumulation_steps (a step ready)",
     "dataloader_pin_memory": "the device (pinned only with CUDA)", "eval_strategy": "trainer.eval_steps",
     "eval_steps": "trainer.eval_steps", "prediction_loss_only": "trainer.eval_steps (loss only)",
     "load_best_model_at_end": "trainer.load_best_model_at_end",
@@ -246,14 +283,16 @@ def evaluation_arguments(trainer_cfg) -> Dict:
 
 
 def training_callbacks(cfg: TrainConfig) -> list:
-    """Callbacks every method shares: checkpoint completion markers (for resuming), early stopping, and the vision
-    blocks' own gradient checkpointing setting."""
+    """Callbacks every method shares: checkpoint completion markers (for resuming), the run's telemetry (fed by
+    the trainer class's TelemetryMixin), early stopping, and the vision blocks' own gradient checkpointing
+    setting."""
     from transformers import EarlyStoppingCallback
 
     from qwenvl_ft.training.resume import CheckpointCompleteMarker
     from qwenvl_ft.training.speed import vision_checkpointing_callback
+    from qwenvl_ft.training.telemetry import RunTelemetry
 
-    callbacks = [CheckpointCompleteMarker()]
+    callbacks = [CheckpointCompleteMarker(), RunTelemetry(cfg)]
     if cfg.dist.engine != DistEngine.none:
         from qwenvl_ft.distributed.modality import vision_in_step_callback
 
@@ -294,8 +333,11 @@ class PerModuleLearningRates:
 
 
 def trainer_mixins(cfg: TrainConfig) -> tuple:
-    """The mixins this run's trainer class gets, configured."""
-    mixins = []
+    """The mixins this run's trainer class gets, configured: the telemetry every run logs (training/telemetry.py),
+    and what the config asks for."""
+    from qwenvl_ft.training.telemetry import TelemetryMixin
+
+    mixins = [TelemetryMixin]
     if cfg.optimizer.vision_lr is not None or cfg.optimizer.merger_lr is not None:
         mixins.append(type("PerModuleLearningRates", (PerModuleLearningRates,),
                            {"optimizer_settings": cfg.optimizer}))
@@ -425,9 +467,18 @@ def interrupted(trainer, output_dir: Path, metrics: Dict) -> Dict:
     metrics.update(interrupted=True, global_step=state.global_step, max_steps=state.max_steps,
                    checkpoint=str(checkpoint))
     write_history(trainer, output_dir, metrics)
+    log_performance(metrics)
     log.warning("interrupted at step %d of %d; checkpoint saved to %s. Run the same command again to resume.",
                 state.global_step, state.max_steps, checkpoint)
     return metrics
+
+
+def log_performance(metrics: Dict) -> None:
+    """The run's performance figures as one console line (`performance: ...`), when it has them."""
+    from qwenvl_ft.training.telemetry import performance_line
+
+    if metrics.get("performance"):
+        log.info("%s", performance_line(metrics["performance"]))
 
 
 def optimizer_steps(cfg: TrainConfig, items: int, batch_size: Optional[int] = None) -> int:

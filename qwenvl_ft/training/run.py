@@ -19,8 +19,8 @@ from typing import Dict
 from omegaconf import DictConfig
 
 from qwenvl_ft.config.schema import ConfigError, TrainConfig
-from qwenvl_ft.training.common import finish_final, interrupted, optimizer_steps, save_final, shared_parts, \
-    start_run, write_history
+from qwenvl_ft.training.common import finish_final, interrupted, log_performance, optimizer_steps, save_final, \
+    shared_parts, start_run, write_history
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -46,6 +46,7 @@ def train(composed: DictConfig) -> Dict:
     from qwenvl_ft.distributed.placement import describe_placement, device_map
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, count_parameters, \
         model_source
+    from qwenvl_ft.training import startup
     from qwenvl_ft.training.resume import ReloadConvertedWeights, StopOnSignal
     from qwenvl_ft.training.trackers import run_trackers
 
@@ -54,12 +55,14 @@ def train(composed: DictConfig) -> Dict:
     with ranks.main_process_first():  # a random model is built once and found in the cache by the others
         source = model_source(cfg.model)
     processor = build_processor(cfg.model, cfg.data, source)
+    startup.mark("processor")
     # Every row read, decoded and measured before the model loads; invalid rows stop the run (data.skip_invalid).
     # In a distributed run the main process checks and the others get its result (and its error, if any).
     train_rows, eval_rows, report = ranks.run_on_main(load_checked_splits, cfg.data, processor,
                                                       cfg.trainer.batch_size, cfg.data.seed, output_dir)
     if not ranks.is_main_process():
         log.info("data check: the main process's result, %d training %s", len(train_rows), method.row_kind)
+    startup.mark("data check")
     log.info("data: %d training %s, %d held-out", len(train_rows), method.row_kind, len(eval_rows or []))
     if cfg.trainer.eval_steps is not None and eval_rows is None:
         raise ConfigError("trainer.eval_steps needs held-out rows: set data.eval_size or data.eval_path")
@@ -70,17 +73,21 @@ def train(composed: DictConfig) -> Dict:
     trackers = run_trackers(cfg, composed, method, processor, eval_rows)
     parts.callbacks.append(trackers)  # opens the trackers' runs when the trainer is built (main process only)
     parts.arguments = method.trainer_arguments(parts, parts.arguments)
+    startup.mark("training arguments and batch plan")
     # After the arguments: under ZeRO-3 transformers creates the model partitioned over the processes.
     parts.model = build_base_model(cfg.model, cfg.adapter, source, device_map=device_map(cfg))
     describe_placement(parts.model, cfg)
     parts.peft_config = build_lora_config(parts.model, cfg.model, cfg.adapter) if cfg.adapter.is_peft else None
+    startup.mark("model load")
     trainer = method.build_trainer(parts)
+    startup.mark("trainer build")
     trainable, total = count_parameters(trainer.model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     with trackers.closing():  # the trackers' runs end as finished, or as failed if anything below raises
         metrics: Dict = method.before_training(trainer, parts)
         trackers.held_out("before", metrics, 0, trainer.model)
+        startup.mark("held-out generation before training")
         stop = StopOnSignal()
         trainer.add_callback(stop)
         trainer.add_callback(ReloadConvertedWeights(run.resume))
@@ -100,6 +107,7 @@ def train(composed: DictConfig) -> Dict:
     log.info("result: %s", method.result_line(metrics))
     if trainer.is_world_process_zero():  # the model card of final/ (and the upload when hub.push), once
         finish_final(output_dir, started_at=started)
+    log_performance(metrics)
     return metrics
 
 
