@@ -73,6 +73,11 @@ def cache_key(method: str, fingerprint: str, cfg: DataConfig) -> Dict:
             "files": file_identities(cfg)}
 
 
+def data_key(cfg: DataConfig) -> str:
+    """The data files and settings alone (no method, no processor): names the data a data_check.json describes."""
+    return key_hash({"data": data_settings(cfg), "files": file_identities(cfg)})
+
+
 def key_hash(material: Dict) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
 

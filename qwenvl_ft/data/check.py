@@ -156,6 +156,7 @@ def _split_summary(split: SplitReport) -> Dict[str, object]:
         "label_tokens": percentiles(v.column("label_tokens")),
         "visual_tokens_per_image": percentiles(v.flat("image_tokens")),
         "visual_tokens_per_video": percentiles(v.flat("video_tokens")),
+        "visual_tokens_per_row": percentiles(v.column("full_length") - v.column("text_tokens")),
         "image_width": percentiles(v.flat("image_sizes", 0)),
         "image_height": percentiles(v.flat("image_sizes", 1)),
     }
@@ -326,7 +327,7 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, 
     unusable as a whole (a missing or unreadable file, a hub id that does not load); bad rows are in the report.
     With `output_dir`, the results are cached (qwenvl_ft/data/cache.py) and a later call with the same data and
     settings reads them instead of measuring again."""
-    from qwenvl_ft.data.cache import cache_root, processor_fingerprint
+    from qwenvl_ft.data.cache import cache_root, data_key, processor_fingerprint
     from qwenvl_ft.data.prepare import prepare
     from qwenvl_ft.data.shapes import generate
     from qwenvl_ft.data.sources import CONVERTERS
@@ -351,6 +352,7 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, 
         "resized": f"{cfg.resized_height}x{cfg.resized_width}" if cfg.resized_height else None,
         "max_visual_tokens": cfg.max_visual_tokens, "skip_invalid": cfg.skip_invalid,
         "on_duplicate_id": cfg.on_duplicate_id.value,
+        "data_key": data_key(cfg),  # what `qwenvl-ft estimate` compares before it uses these measurements
     }
     if cfg.sources:
         settings["path"] = " + ".join(s.path for s in cfg.sources)
@@ -407,7 +409,11 @@ def data_check(cfg) -> Dict:
     from qwenvl_ft.config.compose import validate
     from qwenvl_ft.modeling.build import build_processor
 
+    from qwenvl_ft.runlock import lock_folder
+    from qwenvl_ft.runtime import ensure_writable
+
     typed = validate(cfg)
+    lock_folder(ensure_writable(typed.output_dir))  # it writes data_check.json and the cache there
     processor = build_processor(typed.model, typed.data)
     checked = check_data(typed.data, processor, typed.trainer.batch_size, typed.data.seed,
                          output_dir=typed.output_dir)

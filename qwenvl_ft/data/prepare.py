@@ -31,8 +31,8 @@ from qwenvl_ft.config.schema import CacheMode, DataConfig
 from qwenvl_ft.data.cache import Entry, cache_key, rank
 from qwenvl_ft.data.mixing import Duplicate, Mixture, Share, SourceSpan, SplitPlan, mix, plan_splits
 from qwenvl_ft.data.sources import Problem, handle_duplicates, iter_rows, source_config
-from qwenvl_ft.data.store import DROPPED, INVALID, OK, RowKind, RowWriter, StatsView, gather, open_rows, \
-    open_table, stats_record, stats_schema
+from qwenvl_ft.data.store import DROPPED, INVALID, OK, RowKind, RowWriter, StatsView, bookkeeping, gather, \
+    open_rows, open_table, stats_record, stats_schema
 from qwenvl_ft.errors import DataError
 
 log = logging.getLogger("qwenvl_ft")
@@ -111,10 +111,12 @@ class _Read:
     problems: List[Problem] = field(default_factory=list)
 
 
-def _progress(iterable, desc: str, enabled: bool, total: Optional[int] = None):
+def _progress(iterable, desc: str, enabled: bool, total: Optional[int] = None, delay: float = 0.0):
+    """A tqdm bar on stderr, like the Trainer's (`delay`: shown only once it has taken that long)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, unit=" rows", disable=not enabled, mininterval=1.0, leave=False)
+    return tqdm(iterable, desc=desc, total=total, unit=" rows", disable=not enabled, mininterval=1.0, delay=delay,
+                leave=False)
 
 
 def _read(cfg: DataConfig, kind: RowKind, converters, generate, writer: RowWriter, progress: bool) -> _Read:
@@ -123,7 +125,7 @@ def _read(cfg: DataConfig, kind: RowKind, converters, generate, writer: RowWrite
 
     def put(rows, origin: int, name: str) -> Tuple[SourceSpan, SourceSummary]:
         start, before = writer.count, len(problems)
-        for row, row_id in _progress(rows, f"reading {name}", progress):
+        for row, row_id in _progress(rows, f"reading {name}", progress, delay=2.0):
             writer.add({**kind.encode(row), "origin": origin, "row_id": row_id})
         read = writer.count - start
         return SourceSpan(name, start, read), SourceSummary(name, read=read + len(problems) - before,
@@ -237,17 +239,60 @@ def _source_of(spans: Sequence[SourceSpan]) -> Callable[[int], int]:
     return lambda row: bisect.bisect_right(starts, row) - 1
 
 
-def _write_split(folder: Path, name: str, kind: RowKind, rows_table, indices: List[int], length) -> None:
+def _images_are_paths(table) -> bool:
+    """True when every image of the store is a reference string (no encoded bytes): the splits then store them
+    as plain strings, as `to_dataset` does (qwenvl_ft.data.sources)."""
+    import pyarrow.compute as pc
+
+    for name in table.column_names:
+        column = table.column(name)
+        if _is_image_list(column.type):
+            flat = pc.list_flatten(column)
+            if len(flat) and pc.struct_field(flat, "bytes").null_count != len(flat):
+                return False
+    return True
+
+
+def _is_image_list(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(arrow_type) and pa.types.is_struct(arrow_type.value_type) and \
+        {f.name for f in arrow_type.value_type} == {"bytes", "path"}
+
+
+def _paths_only(table):
+    """Image lists of {"bytes": null, "path"} records as lists of their path strings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for index, name in enumerate(table.column_names):
+        column = table.column(name)
+        if _is_image_list(column.type):
+            array = column.combine_chunks()
+            paths = pa.ListArray.from_arrays(array.offsets, pc.struct_field(array.flatten(), "path"))
+            table = table.set_column(index, pa.field(name, paths.type), paths)
+    return table
+
+
+def _write_split(folder: Path, name: str, kind: RowKind, rows_table, indices: List[int], length,
+                 paths_only: bool) -> None:
     import datasets
     import numpy as np
     import pyarrow as pa
 
-    extra = {"length": datasets.Value("int32")} if length is not None else None
-    writer = RowWriter(folder / f"{name}.arrow", kind, extra)
+    extra = {"length": datasets.Value("int32")} if length is not None else {}
     columns = list(kind.features())
+    features = kind.features()
+    if paths_only:
+        for column in columns:
+            if isinstance(features[column], datasets.List) and isinstance(features[column].feature, datasets.Image):
+                extra[column] = datasets.List(datasets.Value("string"))
+    writer = RowWriter(folder / f"{name}.arrow", kind, extra)
     start = 0
     for table in gather(rows_table, indices):
         table = table.select(columns)
+        if paths_only:
+            table = _paths_only(table)
         if length is not None:
             chunk = np.asarray(indices[start: start + table.num_rows], dtype=np.int64)
             table = table.append_column("length", pa.array(length[chunk], type=pa.int32()))
@@ -259,7 +304,7 @@ def _write_split(folder: Path, name: str, kind: RowKind, rows_table, indices: Li
 def _build(folder: Path, cfg: DataConfig, kind: RowKind, converters, generate, measure, workers: int,
            stats_type, progress: bool) -> Dict:
     """Read, split, measure, mix and write the entry's files into `folder`; returns its meta.json contents."""
-    writer = RowWriter(folder / "rows.arrow", kind)
+    writer = RowWriter(folder / "rows.arrow", kind, bookkeeping())
     read = _read(cfg, kind, converters, generate, writer, progress)
     total = writer.close()
     store = open_rows(folder / "rows.arrow")
@@ -308,9 +353,10 @@ def _build(folder: Path, cfg: DataConfig, kind: RowKind, converters, generate, m
     evaluation = [r for r in plan.eval if valid(r)]
     _count(read, plan, candidates, outcome, mixture, train, source_of)
 
-    _write_split(folder, "train", kind, table, train, length)
+    paths_only = _images_are_paths(table)
+    _write_split(folder, "train", kind, table, train, length, paths_only)
     if evaluation:
-        _write_split(folder, "eval", kind, table, evaluation, length)
+        _write_split(folder, "eval", kind, table, evaluation, length, paths_only)
     meta = {"version": None, "rows": total, "train": len(train), "eval": len(evaluation),
             "measured": measure is not None,
             "problems": [dataclasses.asdict(p) for p in problems],

@@ -52,12 +52,12 @@ def messages_feature():
     return datasets.List({"role": text, "content": datasets.List({"type": text, "text": text})})
 
 
-def _bookkeeping() -> dict:
+def bookkeeping() -> dict:
+    """Columns of the store of rows as read (not of the training rows): which data.sources entry a row came from
+    (-1: data.eval_path or generated held-out rows) and its id (data.id_field)."""
     import datasets
 
-    # origin: which data.sources entry the row came from (-1: data.eval_path); row_id: its id (data.id_field)
-    return {"source": datasets.Value("string"), "origin": datasets.Value("int32"),
-            "row_id": datasets.Value("string")}
+    return {"origin": datasets.Value("int32"), "row_id": datasets.Value("string")}
 
 
 def conversation_features():
@@ -66,7 +66,7 @@ def conversation_features():
     text = datasets.Value("string")
     return datasets.Features({"messages": messages_feature(), "images": datasets.List(datasets.Image(decode=False)),
                               "videos": datasets.List({"path": text, "frames": datasets.List(text)}),
-                              **_bookkeeping()})
+                              "source": text})
 
 
 def encode_conversation(row: dict) -> dict:
@@ -93,6 +93,7 @@ class RowWriter:
         features = kind.features()
         if extra:
             features.update(extra)
+        self.features = features
         self.schema = features.arrow_schema
         self._sink = pa.OSFile(str(self.path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, self.schema)

@@ -29,8 +29,11 @@ GALLERY_MAX_SIDE = 448  # gallery images are shrunk to this, so the event file s
 def evaluate(cfg: DictConfig) -> Dict:
     typed: EvalRunConfig = validate(cfg)
     e = typed.eval
-    output_dir = Path(typed.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    from qwenvl_ft.runlock import lock_folder
+    from qwenvl_ft.runtime import ensure_writable
+
+    output_dir = ensure_writable(Path(typed.output_dir), "eval output folder")
+    lock_folder(output_dir, "eval output folder")
     model_path = Path(os.path.normpath(e.model_path)) if e.model_path else None
 
     from transformers import set_seed
@@ -58,7 +61,8 @@ def evaluate(cfg: DictConfig) -> Dict:
         set_seed(typed.seed)
         base = load_base(typed.model, typed.adapter)
         log.info("generating with the base model on %d held-out rows", len(rows))
-        predictions["base"] = generate_answers(base, collator, rows, e.batch_size, generation=generation)
+        predictions["base"] = generate_answers(base, collator, rows, e.batch_size, generation=generation,
+                                               progress="base model")
     if model_path is not None:
         set_seed(typed.seed)
         # An adapter goes onto the base already in memory; a full model replaces it.
@@ -67,7 +71,8 @@ def evaluate(cfg: DictConfig) -> Dict:
             base = None
         tuned = load_tuned(typed.model, typed.adapter, model_path, base)
         log.info("generating with %s", model_path)
-        predictions["tuned"] = generate_answers(tuned, collator, rows, e.batch_size, generation=generation)
+        predictions["tuned"] = generate_answers(tuned, collator, rows, e.batch_size, generation=generation,
+                                                progress="fine-tuned model")
 
     metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}
     examples = [

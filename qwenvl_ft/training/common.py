@@ -30,12 +30,15 @@ class RunStart:
 
 
 def start_run(cfg: DictConfig) -> RunStart:
-    """Validate, find the checkpoint to resume from, and record the resolved config in the output folder."""
+    """Validate, take the output folder (one writer per folder: a second run on it is refused; the ranks of one
+    distributed launch share it), find the checkpoint to resume from, and record the resolved config there."""
+    from qwenvl_ft.runlock import lock_folder
+    from qwenvl_ft.runtime import ensure_writable
     from qwenvl_ft.training.resume import finished_metrics, prepare_resume
 
     typed: TrainConfig = validate(cfg)
-    output_dir = Path(typed.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = ensure_writable(Path(typed.output_dir))
+    lock_folder(output_dir)
     resume = prepare_resume(typed, cfg)  # before config.yaml is rewritten: it warns about config changes
     finished = finished_metrics(typed, cfg, resume)
     if finished is None:
@@ -45,8 +48,10 @@ def start_run(cfg: DictConfig) -> RunStart:
 
 
 def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    from qwenvl_ft.runtime import write_atomically
+
+    write_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_atomically(output_dir / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
 
 
 def training_arguments(typed: TrainConfig) -> Dict:
@@ -141,8 +146,12 @@ def save_final(trainer, processor, output_dir: Path) -> Path:
     final_dir = output_dir / "final"
     staging = output_dir / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
-    processor.save_pretrained(str(staging))
+    try:
+        trainer.save_model(str(staging))
+        processor.save_pretrained(str(staging))
+    except BaseException:  # a full disk, Ctrl-C: the partial copy would only take space
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if final_dir.exists():
         shutil.rmtree(final_dir)
     staging.rename(final_dir)
@@ -150,11 +159,16 @@ def save_final(trainer, processor, output_dir: Path) -> Path:
 
 
 def interrupted(trainer, output_dir: Path, metrics: Dict) -> Dict:
-    """Stopped by a signal: the checkpoint is saved, final/ is not written (the run is not finished)."""
+    """Stopped by a signal (SIGTERM, Ctrl-C): the checkpoint is saved, final/ is not written (the run is not
+    finished). `metrics["signal_number"]` tells runtime.run_task which exit status to give."""
+    from qwenvl_ft.training.resume import StopOnSignal
+
     state = trainer.state
     checkpoint = output_dir / f"checkpoint-{state.global_step}"
+    received = [cb.received for cb in trainer.callback_handler.callbacks
+                if isinstance(cb, StopOnSignal) and cb.received is not None]
     metrics.update(interrupted=True, global_step=state.global_step, max_steps=state.max_steps,
-                   checkpoint=str(checkpoint))
+                   checkpoint=str(checkpoint), signal_number=int(received[0]) if received else None)
     write_history(trainer, output_dir, metrics)
     log.warning("interrupted at step %d of %d; checkpoint saved to %s. Run the same command again to resume.",
                 state.global_step, state.max_steps, checkpoint)
@@ -175,4 +189,5 @@ def log_config_summary(typed: TrainConfig) -> None:
     source = "random init (tiny)" if m.random_init else m.name_or_path
     adapter = a.method.value if not a.is_peft else f"{a.method.value} r={a.r} alpha={a.alpha} on {list(a.target_modules)}"
     log.info("run: model=%s (%s) | adapter=%s | data=%s %s | lr=%g %s | output=%s", source, m.dtype.value, adapter,
-             d.format.value, d.path or "", o.lr, o.scheduler.value, typed.output_dir)
+             d.format.value, d.describe_path() if d.path or d.sources else "", o.lr, o.scheduler.value,
+             typed.output_dir)

@@ -197,9 +197,11 @@ def with_reference_log_probs(trainer, dataset, batch_size: int):
     device = trainer.accelerator.device
     # With a PeftModel and no ref_model, compute_ref_log_probs disables the adapter itself.
     model = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    from tqdm.auto import tqdm
+
     chosen: List[torch.Tensor] = []
     rejected: List[torch.Tensor] = []
-    for batch in loader:
+    for batch in tqdm(loader, desc="reference log-probabilities", unit=" batches", leave=False):
         batch = {key: value.to(device) for key, value in batch.items()}
         chosen_logps, rejected_logps = trainer.compute_ref_log_probs(model, batch)
         chosen.append(chosen_logps.float().cpu())
