@@ -9,8 +9,8 @@ them, and would block the ranks of one distributed run from each other. Here:
   recipe: link fails if the name exists, and the record is never seen half-written); `O_EXCL` is the fallback on
   file systems without hard links.
 - All ranks of one distributed launch share it: the launcher sets QWENVL_FT_LAUNCH_ID to the same value on every
-  rank (else torchrun's TORCHELASTIC_RUN_ID, else SLURM_JOB_ID + SLURM_STEP_ID), and a lock taken under the same
-  launch id counts as ours.
+  rank (else torchrun's TORCHELASTIC_RUN_ID, else SLURM_JOB_ID + SLURM_STEP_ID, else the rendezvous address), and
+  a lock taken under the same launch id counts as ours.
 - It is released when the command ends (`release_all`, called by runtime.run_task; atexit as a fallback). After a
   crash it is stale: on the owner's host when that pid no longer runs (or runs a process started at another time,
   i.e. a reused pid); from another host when the owner's heartbeat, rewritten every HEARTBEAT_S seconds, is older
@@ -45,13 +45,16 @@ _HELD: List["FolderLock"] = []
 
 
 def launch_id() -> Optional[str]:
-    """What all ranks of this distributed launch share, or None for a single process."""
+    """What all ranks of this distributed launch share, or None for a single process. Last resort: the rendezvous
+    address (MASTER_ADDR:MASTER_PORT), which two launches running at the same time cannot share."""
     for name in LAUNCH_VARIABLES:
         value = os.environ.get(name, "").strip()
         if value and value.lower() != "none":  # torchrun's default run id without rendezvous is "none"
             if name == "SLURM_JOB_ID" and os.environ.get("SLURM_STEP_ID"):
                 value += "." + os.environ["SLURM_STEP_ID"]
             return f"{name}={value}"
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT") and os.environ.get("WORLD_SIZE", "1") != "1":
+        return f"MASTER={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     return None
 
 

@@ -295,8 +295,9 @@ def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
         # Inside it, StopOnSignal turns Ctrl-C into a checkpoint and `metrics["interrupted"]` above.
         summary.update(status="interrupted", error="interrupted (Ctrl-C) outside the training loop")
         note = save_summary(output_dir, summary)
-        print(f"\nqwenvl-ft: interrupted (Ctrl-C); no checkpoint was written in this step. Run the same command "
-              f"again to start it over (or resume):\n  {resume_command(cfg, overrides)}{note}", file=sys.stderr)
+        print(f"\nqwenvl-ft: interrupted (Ctrl-C) outside the training loop; nothing is half-written. The same "
+              f"command starts again (resuming from the newest complete checkpoint, if there is one):\n"
+              f"  {resume_command(cfg, overrides)}{note}", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     except Exception as err:
         message = write_failure(err, output_dir)

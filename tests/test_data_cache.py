@@ -59,7 +59,8 @@ def test_the_cache_is_reused_and_a_changed_file_or_setting_measures_again(tiny_p
     run = tmp_path / "run"
     cfg = data_cfg(dataset, eval_size=2)
     first = check_data(cfg, tiny_processor, batch_size=2, output_dir=run)
-    assert len(measure_calls) == 12 and "data check stored in" in first.report.cache
+    assert len(measure_calls) == 12 and "12 rows measured in" in first.report.cache
+    assert f"stored in {run / 'data_cache'}" in first.report.cache
     entries = list((run / "data_cache").iterdir())
     assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
 

@@ -37,7 +37,8 @@ def _holder(folder: Path, seconds: float = 60, **env) -> subprocess.Popen:
 
 @pytest.fixture(autouse=True)
 def _no_launch_id(monkeypatch):
-    for name in ("QWENVL_FT_LAUNCH_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID"):
+    for name in ("QWENVL_FT_LAUNCH_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID", "MASTER_ADDR",
+                 "MASTER_PORT", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     yield
     release_all()

@@ -333,7 +333,10 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, 
     from qwenvl_ft.data.sources import CONVERTERS
     from qwenvl_ft.data.store import CONVERSATIONS
 
+    import time
+
     collator = VisionChatCollator(processor, cfg)
+    started = time.perf_counter()
     prepared = prepare(cfg, CONVERSATIONS, CONVERTERS, generate=lambda c: generate(c.shapes),
                        measure=collator.measure, method="sft", fingerprint=processor_fingerprint(processor),
                        workers=cfg.num_workers, cache_root=cache_root(cfg, output_dir), stats_type=SampleStats,
@@ -358,10 +361,15 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, 
         settings["path"] = " + ".join(s.path for s in cfg.sources)
     problems = sorted(prepared.problems + splits["train"].invalid +
                       (splits["eval"].invalid if "eval" in splits else []), key=_file_order)
-    cache = ""
-    if prepared.folder is not None and prepared.stats is not None and cfg.cache.value != "off" and \
-            cache_root(cfg, output_dir) is not None:
-        cache = f"data check {'read from' if prepared.cached else 'stored in'} {prepared.folder}"
+    elapsed = time.perf_counter() - started
+    measured = sum(split.rows for split in splits.values())
+    if prepared.cached:
+        cache = f"data check read from {prepared.folder} in {elapsed:.1f} s ({measured:,} rows, nothing decoded)"
+    else:
+        cache = (f"data check: {measured:,} rows measured in {elapsed:.1f} s ({measured / max(elapsed, 1e-9):,.0f} "
+                 f"rows/s, {cfg.num_workers} worker(s))")
+        if cfg.cache.value != "off" and cache_root(cfg, output_dir) is not None:
+            cache += f"; stored in {prepared.folder}"
     report = DataReport(problems, splits, settings, sources=prepared.sources, duplicates=prepared.duplicates,
                         mixture=prepared.mixture, cache=cache)
     lengths = stored_lengths(prepared.train) if len(prepared.train) else []

@@ -59,8 +59,8 @@ def duplicate_positions(ids: Sequence[Optional[str]]) -> Dict[str, List[int]]:
 
     array = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), type=pa.string())
     counts = pc.value_counts(array)
-    repeated = [v.as_py() for v, c in zip(counts.field("values"), counts.field("counts"))
-                if c.as_py() > 1 and v.as_py() is not None]
+    repeated = [v for v in pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
+                if v is not None]
     if not repeated:
         return {}
     found: Dict[str, List[int]] = {value: [] for value in repeated}

@@ -425,10 +425,16 @@ def prepare(cfg: DataConfig, kind: RowKind, converters: Dict, generate: Optional
     from qwenvl_ft.data.cache import VERSION
 
     entry = Entry(cache_root, method, cache_key(method, fingerprint, cfg)) if cache_root is not None else None
+    replace = cfg.cache == CacheMode.refresh
     if entry is not None and cfg.cache == CacheMode.on:
         if entry.complete or (rank() > 0 and entry.wait()):
-            log.info("data: prepared rows and data check read from the cache %s", entry.path)
-            return _load(entry.path, stats_type, cached=True)
+            try:
+                loaded = _load(entry.path, stats_type, cached=True)
+                log.info("data: prepared rows and data check read from the cache %s", entry.path)
+                return loaded
+            except (OSError, ValueError, KeyError) as err:  # damaged by hand or by a full disk: build it again
+                log.warning("data cache %s cannot be read (%s); checking the data again", entry.path, err)
+                replace = True
     folder = entry.staging() if entry is not None else _scratch()
     try:
         meta = _build(folder, cfg, kind, converters, generate, measure, workers, stats_type, progress)
@@ -436,7 +442,7 @@ def prepare(cfg: DataConfig, kind: RowKind, converters: Dict, generate: Optional
         meta["key"] = entry.material if entry is not None else None
         (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         if entry is not None:
-            entry.commit(folder, replace=cfg.cache == CacheMode.refresh)
+            entry.commit(folder, replace=replace)
             folder = entry.path
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
