@@ -200,7 +200,9 @@ class FolderLock:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             current = self._read()
-            if current is None or current.get("token") != self.record.get("token"):
+            if current is None:  # removed (the folder was deleted): nothing left to keep alive
+                return
+            if current.get("token") != self.record.get("token"):
                 log.error("%s: the lock %s was taken over by another process", self.folder, self.path)
                 return
             self.record["heartbeat"] = time.time()

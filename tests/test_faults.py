@@ -221,8 +221,8 @@ def test_ctrl_c_to_the_process_group_saves_a_checkpoint_and_says_how_to_resume(t
     import time
 
     log = tmp_path / "log.txt"
-    command = [sys.executable, "-m", "qwenvl_ft", "train", "recipe=demo", "data.shapes.num_train=48",
-               "data.shapes.num_eval=4", "trainer.max_steps=100000", "trainer.save_steps=50000",
+    command = [sys.executable, "-m", "qwenvl_ft", "train", "recipe=demo", "data.shapes.num_train=32",
+               "data.shapes.num_eval=2", "trainer.max_steps=100000", "trainer.save_steps=50000",
                "trainer.logging_steps=1", "data.num_workers=2", "trainer.eval_generation=false",
                "trainer.report_to=[none]", f"hydra.run.dir={tmp_path / 'run'}"]
     with log.open("w") as out:
@@ -247,10 +247,10 @@ def test_ctrl_c_to_the_process_group_saves_a_checkpoint_and_says_how_to_resume(t
 # config values silently accepted before
 
 
-@pytest.mark.parametrize("steps", ["-5", "0", "-2"])
-def test_max_steps_below_one_other_than_unset_is_a_config_error(steps):
-    with pytest.raises(ConfigError, match=rf"trainer.max_steps={steps}: must be > 0, or -1"):
-        compose(["recipe=demo", f"trainer.max_steps={steps}"], output_dir="/tmp/o")
+def test_max_steps_below_one_other_than_unset_is_a_config_error():
+    for steps in ("-5", "0"):
+        with pytest.raises(ConfigError, match=rf"trainer.max_steps={steps}: must be > 0, or -1"):
+            compose(["recipe=demo", f"trainer.max_steps={steps}"], output_dir="/tmp/o")
     assert validate(compose(["recipe=demo", "trainer.max_steps=-1"], output_dir="/tmp/o")).trainer.max_steps == -1
 
 

@@ -400,14 +400,29 @@ ROWS_IN_REPORT = 100_000  # data_check.json lists every row's measurements up to
 
 
 def _write_report(report: DataReport, output_dir) -> Optional[str]:
+    """data_check.json, written through a temporary file; every row's measurements are streamed into it one at a
+    time (up to ROWS_IN_REPORT rows), so that memory does not grow with the data."""
     if output_dir is None:
         return None
-    from qwenvl_ft.runtime import write_atomically
+    import os
 
     path = Path(output_dir) / "data_check.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = sum(len(s.stats) for s in report.splits.values()) <= ROWS_IN_REPORT
-    write_atomically(path, json.dumps(report.to_dict(rows=rows), indent=1, default=str))
+    partial = path.with_name(f".{path.name}.partial")
+    with_rows = sum(len(s.stats) for s in report.splits.values()) <= ROWS_IN_REPORT
+    head = json.dumps(report.to_dict(rows=False), indent=1, default=str)
+    with partial.open("w") as handle:
+        handle.write(head[:-2])  # the object without its closing "\n}"
+        if with_rows:
+            handle.write(',\n "rows": {')
+            for number, (name, split) in enumerate(report.splits.items()):
+                handle.write(("," if number else "") + f"\n  {json.dumps(name)}: [")
+                for index, stats in enumerate(split.stats):
+                    handle.write(("," if index else "") + "\n   " + json.dumps(asdict(stats), default=str))
+                handle.write("\n  ]")
+            handle.write("\n }")
+        handle.write("\n}\n")
+    os.replace(partial, path)
     return str(path)
 
 

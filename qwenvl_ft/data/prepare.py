@@ -301,6 +301,54 @@ def _write_split(folder: Path, name: str, kind: RowKind, rows_table, indices: Li
     writer.close()
 
 
+def _plan(cfg: DataConfig, read: _Read, table) -> Tuple[SplitPlan, List[Duplicate]]:
+    """Duplicate ids (data.on_duplicate_id), then the split: which rows are trained on and held out."""
+    if cfg.format.is_generated:
+        rows = list(read.spans[0].rows)
+        train = rows[: cfg.max_samples] if cfg.max_samples else rows
+        return SplitPlan(train, list(read.eval_span.rows), [rows], held_out=[0]), []
+    spans = read.spans + ([read.eval_span] if read.eval_span else [])
+    duplicates, excluded = handle_duplicates(cfg, spans, table.column("row_id"), table.column("source"),
+                                             read.problems)
+    source_of = _source_of(read.spans)
+    for row in excluded:
+        summary = _summary_of(read, source_of, row)
+        if summary is not None:
+            summary.duplicates_left_out += 1
+            summary.invalid += int(cfg.on_duplicate_id.value == "error")
+    plan = plan_splits(cfg, read.spans, read.eval_span.rows if read.eval_span else (), excluded)
+    for summary, held in zip(read.summaries, plan.held_out):
+        summary.held_out = held
+    return plan, duplicates
+
+
+def _summary_of(read: _Read, source_of, row: int) -> Optional[SourceSummary]:
+    """The summary of the source a row number belongs to (None for rows of data.eval_path)."""
+    index = source_of(row)
+    if 0 <= index < len(read.summaries) and row < read.spans[index].start + read.spans[index].count:
+        return read.summaries[index]
+    return None
+
+
+def _choose(cfg: DataConfig, read: _Read, plan: SplitPlan, length) -> Tuple[List[int], List[int],
+                                                                           Optional[Mixture]]:
+    """(training rows, held-out rows, mixture) among the rows that passed the check (`length` >= 0)."""
+    def valid(row: int) -> bool:
+        return length is None or length[row] >= 0
+
+    evaluation = [r for r in plan.eval if valid(r)]
+    if cfg.weighted:
+        train, mixture = mix(cfg, read.spans, [[r for r in rows if valid(r)] for rows in plan.train_by_source])
+        return train, evaluation, mixture
+    train = [r for r in plan.train if valid(r)]
+    if len(read.spans) == 1:
+        return train, evaluation, None
+    counts, source_of = [0] * len(read.spans), _source_of(read.spans)
+    for row in train:
+        counts[source_of(row)] += 1
+    return train, evaluation, Mixture("concatenated", [Share(s.name, n, n) for s, n in zip(read.spans, counts)])
+
+
 def _build(folder: Path, cfg: DataConfig, kind: RowKind, converters, generate, measure, workers: int,
            stats_type, progress: bool) -> Dict:
     """Read, split, measure, mix and write the entry's files into `folder`; returns its meta.json contents."""
@@ -309,79 +357,40 @@ def _build(folder: Path, cfg: DataConfig, kind: RowKind, converters, generate, m
     total = writer.close()
     store = open_rows(folder / "rows.arrow")
     table = store.data.table
-    spans = read.spans + ([read.eval_span] if read.eval_span else [])
-    problems = read.problems
-    duplicates, excluded = [], []
-    if not cfg.format.is_generated:
-        duplicates, excluded = handle_duplicates(cfg, spans, table.column("row_id"), table.column("source"),
-                                                 problems)
-    source_of = _source_of(read.spans)
-    for row in excluded:
-        index = source_of(row)
-        if 0 <= index < len(read.summaries) and row < read.spans[index].start + read.spans[index].count:
-            read.summaries[index].duplicates_left_out += 1
-            if cfg.on_duplicate_id.value == "error":
-                read.summaries[index].invalid += 1
-    if cfg.format.is_generated:
-        rows = list(read.spans[0].rows)
-        plan = SplitPlan(rows[: cfg.max_samples] if cfg.max_samples else rows, list(read.eval_span.rows), [rows])
-        plan.held_out = [0]
-    else:
-        plan = plan_splits(cfg, read.spans, read.eval_span.rows if read.eval_span else (), excluded)
-    for summary, held in zip(read.summaries, plan.held_out):
-        summary.held_out = held
-
+    plan, duplicates = _plan(cfg, read, table)
     candidates = [r for rows in plan.train_by_source for r in rows] if cfg.weighted else plan.train
     length = outcome = None
     if measure is not None:
         needed = candidates + plan.eval
         splits = [TRAIN] * len(candidates) + [EVAL] * len(plan.eval)
         length, outcome = _measure(folder, store, needed, splits, measure, workers, stats_type, total, progress)
-
-    def valid(row: int) -> bool:
-        return length is None or length[row] >= 0
-
-    if cfg.weighted:
-        train, mixture = mix(cfg, read.spans, [[r for r in rows if valid(r)] for rows in plan.train_by_source])
-    else:
-        train = [r for r in plan.train if valid(r)]
-        counts = [0] * len(read.spans)
-        for row in train:
-            counts[source_of(row)] += 1
-        mixture = Mixture("concatenated", [Share(s.name, n, n) for s, n in zip(read.spans, counts)]) \
-            if len(read.spans) > 1 else None
-    evaluation = [r for r in plan.eval if valid(r)]
-    _count(read, plan, candidates, outcome, mixture, train, source_of)
+    train, evaluation, mixture = _choose(cfg, read, plan, length)
+    _count(read, plan, candidates, outcome, mixture, train)
 
     paths_only = _images_are_paths(table)
     _write_split(folder, "train", kind, table, train, length, paths_only)
     if evaluation:
         _write_split(folder, "eval", kind, table, evaluation, length, paths_only)
-    meta = {"version": None, "rows": total, "train": len(train), "eval": len(evaluation),
+    del store, table
+    (folder / "rows.arrow").unlink()  # the splits hold what is used; the rows as read are not needed again
+    return {"version": None, "rows": total, "train": len(train), "eval": len(evaluation),
             "measured": measure is not None,
-            "problems": [dataclasses.asdict(p) for p in problems],
+            "problems": [dataclasses.asdict(p) for p in read.problems],
             "duplicates": [dataclasses.asdict(d) for d in duplicates],
             "sources": [dataclasses.asdict(s) for s in read.summaries],
             "mixture": dataclasses.asdict(mixture) if mixture else None}
-    del store, table
-    (folder / "rows.arrow").unlink()
-    return meta
 
 
 def _count(read: _Read, plan: SplitPlan, candidates: List[int], outcome, mixture: Optional[Mixture],
-           train: List[int], source_of) -> None:
-    """Per-source counts of measured outcomes and of the mixture."""
+           train: List[int]) -> None:
+    """Per-source counts of the measured outcomes and of the mixture."""
+    source_of = _source_of(read.spans)
     if outcome is not None:
         for row in candidates + plan.eval:
-            index = source_of(row)
-            if index < 0 or index >= len(read.summaries) or row >= read.spans[index].start + read.spans[index].count:
-                continue  # a held-out file's row
-            code = outcome[row]
-            summary = read.summaries[index]
-            if code == INVALID:
-                summary.invalid += 1
-            elif code == DROPPED:
-                summary.dropped += 1
+            summary = _summary_of(read, source_of, row)
+            if summary is not None:
+                summary.invalid += int(outcome[row] == INVALID)
+                summary.dropped += int(outcome[row] == DROPPED)
     for summary, rows in zip(read.summaries, plan.train_by_source):
         summary.train_rows = sum(1 for r in rows if outcome is None or outcome[r] == OK)
     if mixture is not None:
