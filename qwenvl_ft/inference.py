@@ -63,7 +63,7 @@ def infer(cfg: DictConfig) -> Dict:
     from qwenvl_ft.runtime import ensure_writable
 
     output_file = Path(i.output_file) if i.output_file else Path(typed.output_dir) / "predictions.jsonl"
-    lock_folder(ensure_writable(output_file.parent, "infer output folder"), "infer output folder")
+    lock = lock_folder(ensure_writable(output_file.parent, "infer output folder"), "infer output folder")
 
     from transformers import set_seed
 
@@ -89,4 +89,5 @@ def infer(cfg: DictConfig) -> Dict:
     for record in records:
         print(f"{record['image']}\t{record['prediction']}")
     log.info("predictions: %s", output_file)
+    lock.release()
     return {"num_predictions": len(records), "output_file": str(output_file)}

@@ -431,17 +431,17 @@ def data_check(cfg) -> Dict:
     (unless data.skip_invalid)."""
     from qwenvl_ft.config.compose import validate
     from qwenvl_ft.modeling.build import build_processor
-
     from qwenvl_ft.runlock import lock_folder
     from qwenvl_ft.runtime import ensure_writable
 
     typed = validate(cfg)
-    lock_folder(ensure_writable(typed.output_dir))  # it writes data_check.json and the cache there
+    lock = lock_folder(ensure_writable(typed.output_dir))  # it writes data_check.json and the cache there
     processor = build_processor(typed.model, typed.data)
     checked = check_data(typed.data, processor, typed.trainer.batch_size, typed.data.seed,
                          output_dir=typed.output_dir)
     report = checked.report
     listing = _write_report(report, typed.output_dir)
+    lock.release()
     print(report.text())
     if listing:
         print(f"report: {listing}")
@@ -449,6 +449,5 @@ def data_check(cfg) -> Dict:
         raise report.error(listing, listed_above=True)
     if report.problems:
         print(f"data.skip_invalid=true: {len(report.problems)} invalid row(s) would be left out")
-
         log.warning("data.skip_invalid=true: %d invalid row(s) would be left out", len(report.problems))
     return report.summary()

@@ -33,7 +33,7 @@ def evaluate(cfg: DictConfig) -> Dict:
     from qwenvl_ft.runtime import ensure_writable
 
     output_dir = ensure_writable(Path(typed.output_dir), "eval output folder")
-    lock_folder(output_dir, "eval output folder")
+    lock = lock_folder(output_dir, "eval output folder")
     model_path = Path(os.path.normpath(e.model_path)) if e.model_path else None
 
     from transformers import set_seed
@@ -92,6 +92,7 @@ def evaluate(cfg: DictConfig) -> Dict:
     log_gallery(output_dir / "tensorboard", rows, examples[: e.num_examples], metrics)
     log.info("%s", format_table(metrics, examples[: e.num_examples], len(rows)))
     log.info("report: %s", output_dir / REPORT)
+    lock.release()
     return {f"{side}_{name}": value for side, values in metrics.items() for name, value in values.items()}
 
 

@@ -40,8 +40,8 @@ def merge(cfg: DictConfig) -> Dict:
     from qwenvl_ft.runtime import ensure_writable
 
     # Two merges into the same folder would rename over each other: one writer per destination.
-    lock_folder(ensure_writable(output_path.parent, "merge output folder"), f"merge destination {output_path}",
-                name=f".{output_path.name}.qwenvl_ft.lock")
+    lock = lock_folder(ensure_writable(output_path.parent, "merge output folder"), f"merge destination {output_path}",
+                       name=f".qwenvl_ft.lock.{output_path.name}")
 
     from qwenvl_ft.modeling.load import ADAPTER_CONFIG, attach, kind_of, load_base, load_processor
 
@@ -72,6 +72,7 @@ def merge(cfg: DictConfig) -> Dict:
         _replace(staging, output_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    lock.release()
     log.info("merged %s into the base: %s", adapter_path, output_path)
     return {"output_path": str(output_path)}
 
