@@ -123,8 +123,10 @@ def ensure_writable(folder, what: str = "output folder") -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".qwenvl_ft-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"\0" * 4096)  # a block: an empty file is created even on a full disk
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as err:
         raise ConfigError(f"cannot write the {what} {Path(os.path.abspath(folder))}: {unwritable_reason(folder, err)}."
                           f" Choose another with hydra.run.dir=DIR (or output_dir=DIR), or run from a folder "

@@ -251,6 +251,8 @@ def test_max_steps_below_one_other_than_unset_is_a_config_error():
     for steps in ("-5", "0"):
         with pytest.raises(ConfigError, match=rf"trainer.max_steps={steps}: must be > 0, or -1"):
             compose(["recipe=demo", f"trainer.max_steps={steps}"], output_dir="/tmp/o")
+    with pytest.raises(ConfigError, match=r"data.max_samples=-5: must be > 0"):
+        compose(["recipe=demo", "data.max_samples=-5"], output_dir="/tmp/o")
     assert validate(compose(["recipe=demo", "trainer.max_steps=-1"], output_dir="/tmp/o")).trainer.max_steps == -1
 
 
@@ -299,6 +301,10 @@ def test_a_top_level_object_says_where_the_list_was_expected(tmp_path):
     (tmp_path / "pretty.jsonl").write_text(json.dumps({"data": _rows()}, indent=2))
     with pytest.raises(DataError, match="its one list field is 'data'"):
         load_rows(data_cfg(tmp_path / "pretty.jsonl"), str(tmp_path / "pretty.jsonl"))
+    # a one-line .jsonl file cannot be told from a row: its row error names the list field that holds the rows
+    (tmp_path / "flat.jsonl").write_text(json.dumps({"data": _rows()}))
+    with pytest.raises(DataError, match="the rows, they are in its list field 'data' \\(3 items\\)"):
+        load_rows(data_cfg(tmp_path / "flat.jsonl"), str(tmp_path / "flat.jsonl"))
     # one row per line in a .json file is still JSONL, and a bad line is still just that line
     write_jsonl(tmp_path / "lines.json", _rows() + ['{"conversations": ['])
     problems = []

@@ -327,6 +327,8 @@ class DataConfig:
         _check((self.resized_height is None) == (self.resized_width is None),
                "data.resized_height and data.resized_width must be set together")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.max_samples is None or self.max_samples > 0,
+               f"data.max_samples={self.max_samples}: must be > 0 (or null: every row)")
         _check(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0,
                "data.max_tokens_per_batch must be > 0")
         _check(not self.packing or self.max_tokens_per_batch is not None or self.max_length is not None,
@@ -566,6 +568,8 @@ class TrainerConfig:
         _check(self.batch_size > 0 and self.eval_batch_size > 0, "trainer batch sizes must be > 0")
         _check(self.gradient_accumulation_steps > 0, "trainer.gradient_accumulation_steps must be > 0")
         _check(self.logging_steps > 0 and self.save_steps > 0, "trainer.logging_steps and save_steps must be > 0")
+        _check(self.save_total_limit is None or self.save_total_limit > 0,
+               f"trainer.save_total_limit={self.save_total_limit}: must be > 0 (or null: keep every checkpoint)")
         _check(self.max_new_tokens > 0, "trainer.max_new_tokens must be > 0")
         valid_reporters = {"tensorboard", "wandb", "none"}
         unknown = set(self.report_to) - valid_reporters

@@ -211,12 +211,26 @@ def _field(record: Any, name: str, where: str, kind=None):
     if not isinstance(record, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
     if name not in record:
-        raise DataError(f"{where}: field '{name}' is missing (fields: {', '.join(record) or 'none'})")
+        raise DataError(f"{where}: field '{name}' is missing (fields: {', '.join(record) or 'none'})"
+                        + _rows_inside_hint(record, name, where))
     value = record[name]
     if kind is not None and not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise DataError(f"{where}: field '{name}' must be {names}, got {type(value).__name__}")
     return value
+
+
+def _rows_inside_hint(record: dict, name: str, where: str) -> str:
+    """A first record that lacks `name` but holds a list of objects that have it is a file whose top level is an
+    object wrapping the rows (which a one-line JSONL file cannot tell from a row): say so."""
+    if not where.endswith((":line 1", ":row 0")):
+        return ""
+    lists = [key for key, value in record.items()
+             if isinstance(value, list) and value and isinstance(value[0], dict) and name in value[0]]
+    if len(lists) != 1:
+        return ""
+    return (f"; if the file's top level is an object wrapping the rows, they are in its list field '{lists[0]}' "
+            f"({len(record[lists[0]])} items): save that list as the file")
 
 
 def _resolve(ref: Any, base: Path) -> Any:
