@@ -383,7 +383,7 @@ def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int =
     and carry each row's `length`, which the batch layouts read instead of measuring again."""
     checked = check_data(cfg, processor, batch_size, seed, output_dir=output_dir)
     report = checked.report
-    listing = _write_report(report, output_dir)
+    listing = _write_report(report, output_dir, rows=False)
     log.info("data check:\n%s", report.text(problems=False))
     if report.problems and not cfg.skip_invalid:
         raise report.error(listing)
@@ -396,12 +396,15 @@ def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int =
     return checked.train, (checked.eval if checked.eval is not None and len(checked.eval) else None), report
 
 
-ROWS_IN_REPORT = 100_000  # data_check.json lists every row's measurements up to this many rows
+# data_check.json lists every row's measurements up to this many rows (a start should not spend seconds writing
+# them); all of them are in the cache entry's stats.arrow.
+ROWS_IN_REPORT = 20_000
 
 
-def _write_report(report: DataReport, output_dir) -> Optional[str]:
-    """data_check.json, written through a temporary file; every row's measurements are streamed into it one at a
-    time (up to ROWS_IN_REPORT rows), so that memory does not grow with the data."""
+def _write_report(report: DataReport, output_dir, rows: bool = True) -> Optional[str]:
+    """data_check.json, written through a temporary file. `rows`: every row's measurements too, streamed one at a
+    time (up to ROWS_IN_REPORT rows), so that memory does not grow with the data; a training start leaves them
+    out (they are in the cache's stats.arrow) rather than spend seconds on them."""
     if output_dir is None:
         return None
     import os
@@ -409,7 +412,7 @@ def _write_report(report: DataReport, output_dir) -> Optional[str]:
     path = Path(output_dir) / "data_check.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    with_rows = sum(len(s.stats) for s in report.splits.values()) <= ROWS_IN_REPORT
+    with_rows = rows and sum(len(s.stats) for s in report.splits.values()) <= ROWS_IN_REPORT
     head = json.dumps(report.to_dict(rows=False), indent=1, default=str)
     with partial.open("w") as handle:
         handle.write(head[:-2])  # the object without its closing "\n}"
@@ -417,8 +420,8 @@ def _write_report(report: DataReport, output_dir) -> Optional[str]:
             handle.write(',\n "rows": {')
             for number, (name, split) in enumerate(report.splits.items()):
                 handle.write(("," if number else "") + f"\n  {json.dumps(name)}: [")
-                for index, stats in enumerate(split.stats):
-                    handle.write(("," if index else "") + "\n   " + json.dumps(asdict(stats), default=str))
+                for index, record in enumerate(_columns(split.stats).records()):
+                    handle.write(("," if index else "") + "\n   " + json.dumps(record, default=str))
                 handle.write("\n  ]")
             handle.write("\n }")
         handle.write("\n}\n")

@@ -237,13 +237,19 @@ class StatsView:
         return np.asarray(pc.list_value_length(self.table.column(name).filter(self.mask)).to_numpy(
             zero_copy_only=False))
 
+    def records(self) -> Iterator[dict]:
+        """Each kept row's measurements as a plain dict (field -> value), CHUNK rows at a time: what a report
+        writes, without building result objects."""
+        if self.table is None or not len(self):
+            return
+        kept = self.table.select([f.name for f in dataclasses.fields(self.stats_type)]).filter(self.mask)
+        for start in range(0, kept.num_rows, CHUNK):
+            yield from kept.slice(start, CHUNK).to_pylist()
+
     def __iter__(self):
         hints = typing.get_type_hints(self.stats_type)
-        names = [f.name for f in dataclasses.fields(self.stats_type)]
-        for start in range(0, len(self), CHUNK):
-            rows = self.table.select(names).take(self._positions[start: start + CHUNK]).to_pylist()
-            for values in rows:
-                yield self.stats_type(**{name: _restore(values[name], hints[name]) for name in names})
+        for values in self.records():
+            yield self.stats_type(**{name: _restore(value, hints[name]) for name, value in values.items()})
 
     def __getitem__(self, index: int):
         return next(iter(StatsView(self.table, _one_hot(self._positions[index], len(self.mask)),
