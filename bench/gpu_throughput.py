@@ -75,10 +75,13 @@ class Meter:
         self.inner, self.warmup, self.cuda = inner, warmup, cuda
         self.batches = []  # (real tokens, tensor tokens, rows, sum of squared sample lengths, ViT patches)
         self.step_times = []
+        self.collate_seconds = []
         self._last = None
 
     def __call__(self, items):
+        started = time.perf_counter()
         batch = self.inner(items)
+        self.collate_seconds.append(time.perf_counter() - started)
         if "attention_mask" in batch:
             lengths = batch["attention_mask"].sum(-1).tolist()
         else:  # packed: sample lengths from the text positions' restarts
@@ -181,7 +184,7 @@ def run(model_name, method, layout, args, rows, tmp):
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.sources import to_dataset
     from qwenvl_ft.modeling.build import build_model
-    from qwenvl_ft.training.sft import build_trainer
+    from qwenvl_ft.methods.sft import build_trainer
 
     cuda = torch.cuda.is_available()
     overrides = common_overrides(model_name, method, args, cuda)
@@ -220,7 +223,15 @@ def measure(trainer, model, typed, model_name, method, layout, args, predicted, 
     trainer.add_callback(meter.callback())
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    if args.profile:  # where a step's time goes: the top operators by host and by device time
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            trainer.train()
+        for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if cuda else []):
+            print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+    else:
+        trainer.train()
     timed = meter.batches[args.warmup: args.warmup + len(meter.step_times)]
     seconds = sum(meter.step_times)
     real = sum(b[0] for b in timed)
@@ -237,7 +248,7 @@ def measure(trainer, model, typed, model_name, method, layout, args, predicted, 
     result = dict(model=model_name, method=method, layout=layout, steps=len(meter.step_times),
                   s_per_step=seconds / max(1, len(meter.step_times)), samples_s=samples / seconds,
                   tokens_s=real / seconds, padding=1 - real / tensor, peak_gib=peak, predicted_gib=predicted, mfu=mfu,
-                  attn=attn)
+                  attn=attn, collate_s=sum(meter.collate_seconds[args.warmup:]) / max(1, len(meter.step_times)))
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
@@ -261,7 +272,7 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
     from qwenvl_ft.data.preference import to_pair_dataset
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config
-    from qwenvl_ft.training.dpo import build_trainer, remove_redundant_work
+    from qwenvl_ft.methods.dpo import build_trainer, remove_redundant_work
 
     cuda = torch.cuda.is_available()
     overrides = common_overrides(model_name, method, args, cuda)
@@ -319,6 +330,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU")
     parser.add_argument("--dpo", action="store_true",
                         help="DPO instead of SFT: layouts padded, padding-free, trl on preference pairs")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per run")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: checks the script")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -17,7 +17,7 @@ for tag in manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl \
-  transformers==5.23.0 trl==1.16.0 peft==0.21.2 bitsandbytes==0.50.2 hydra-core==1.3.8 omegaconf==2.3.1 \
+  transformers==5.24.0 trl==1.16.0 peft==0.21.2 bitsandbytes==0.50.2 hydra-core==1.3.8 omegaconf==2.3.1 \
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 qwen-vl-utils==0.0.14
 python3 -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # hydra's parser; published as sdist only
 du -sh .whl

@@ -20,10 +20,11 @@ log = logging.getLogger("qwenvl_ft")
 USAGE = """usage: qwenvl-ft COMMAND [--recipe-dir DIR] [hydra arguments]
 
 commands:
-  train        fine-tune (SFT, or DPO with trainer=dpo) as the composed config says
+  train        fine-tune with the training method trainer= names (see "methods" below)
   eval         generate on the held-out split with the base and the fine-tuned model; metrics side by side
   infer        one prompt over images with the base, base + adapter, or a merged model (JSONL out)
   merge        fold a LoRA/DoRA/QLoRA adapter into the base and save a plain transformers model
+  chat         a web page to chat with the base, base + adapter (side by side) or a merged model (needs [ui])
   data-check   read and validate the whole dataset (processor only, no model, no GPU) and report on it
   estimate     predict a training run's peak GPU memory from the config (no weights loaded)
   recipes      list the available recipes
@@ -39,7 +40,17 @@ examples:
   qwenvl-ft eval  recipe=demo run_name=exp1
   qwenvl-ft merge recipe=demo run_name=exp1
   qwenvl-ft infer recipe=demo run_name=exp1 "infer.images=[photo.jpg]" "infer.prompt=What is in the image?"
+  qwenvl-ft chat  recipe=demo run_name=exp1       # prints the local URL of the page
+  qwenvl-ft train recipe=demo run_name=exp1 hub.push=true hub.repo_id=me/demo-exp1
 """
+
+
+def usage() -> str:
+    """USAGE plus the registered training methods (qwenvl_ft/methods/), each with its demo recipe."""
+    from qwenvl_ft import methods
+
+    lines = [f"  trainer={m.name:<11s}{m.summary} (demo: recipe={m.demo_recipe})" for m in methods.registry().values()]
+    return USAGE + "\nmethods:\n" + "\n".join(lines) + "\n"
 
 
 # command -> (primary config name, "module:function" run on the composed config; imported only when run)
@@ -50,6 +61,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "eval": ("eval", "qwenvl_ft.evaluation.evaluate:evaluate"),
     "infer": ("infer", "qwenvl_ft.inference:infer"),
     "merge": ("merge", "qwenvl_ft.modeling.merge:merge"),
+    "chat": ("chat", "qwenvl_ft.chat.app:chat"),
 }
 
 
@@ -94,7 +106,7 @@ def _overrides_only(args: List[str]) -> List[str]:
 def main(argv: List[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
     command, rest = argv[0], argv[1:]
     recipe_dirs, hydra_args = _split_recipe_dirs(rest)

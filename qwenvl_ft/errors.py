@@ -7,4 +7,8 @@ class DataError(ValueError):
     """A data row or file is unusable. The message names the file, the row and the field."""
 
 
-UserFacingError = (ConfigError, DataError)
+class HubError(RuntimeError):
+    """An upload to the Hugging Face Hub failed. The message says why, what is saved locally and how to retry."""
+
+
+UserFacingError = (ConfigError, DataError, HubError)

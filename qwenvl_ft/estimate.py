@@ -31,8 +31,8 @@ from typing import Dict, List
 
 from omegaconf import DictConfig
 
-from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig, \
-    TrainerKind
+from qwenvl_ft import methods
+from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -323,12 +323,10 @@ def estimate_memory(typed: TrainConfig, model=None) -> Estimate:
     rows.append(("optimizer states", state_bytes,
                  f"{typed.optimizer.name}: two states per trainable param ({'1 B' if eight_bit else 'its dtype'})"))
 
-    dpo = trainer_cfg.kind == TrainerKind.dpo
-    if dpo and not adapter_cfg.is_peft and not trainer_cfg.dpo.precompute_ref_log_probs:
-        rows.append(("reference model", counts.total * w,
-                     f"DPO full fine-tuning: a frozen copy, {counts.total / 1e9:.2f}B params x {w} B"))
-    budget = batch_budget(data_cfg, trainer_cfg.batch_size, vision.spatial_merge_size,
-                          vision.patch_size * vision.spatial_merge_size, pairs=dpo)
+    method = methods.get(trainer_cfg.kind)
+    rows += method.memory_rows(typed, counts, w)  # e.g. DPO's frozen reference copy
+    budget = batch_budget(method.batch_data(typed), trainer_cfg.batch_size, vision.spatial_merge_size,
+                          vision.patch_size * vision.spatial_merge_size, pairs=method.sequences_per_row() == 2)
     rows += _activation_rows(typed, counts, text, vision, budget, a)
     return Estimate(rows, counts, budget)
 
@@ -441,9 +439,10 @@ def measured_data(typed: TrainConfig):
     """(data config bounded by what the data check measured, where from), or None.
 
     The worst case above assumes rows of data.max_length holding the whole image budget. When the run folder
-    holds a data_check.json of the same data and settings (`qwenvl-ft data-check`, or a training start, with the
-    same run_name), its longest row and its most visual tokens in one row bound the batch instead: the data check
-    measured every row once, and its numbers are reused rather than estimated again.
+    holds a data_check.json of the same data, settings and training method (`qwenvl-ft data-check`, or a training
+    start, with the same run_name), its longest row and its most visual tokens in one row bound the batch instead:
+    the data check measured every row once (a pair's longer side for DPO, a prompt for GRPO, whose completion
+    `Method.batch_data` adds), and its numbers are reused rather than estimated again.
     """
     import json
     from pathlib import Path
@@ -451,12 +450,13 @@ def measured_data(typed: TrainConfig):
     from qwenvl_ft.data.cache import data_key
 
     path = Path(typed.output_dir) / "data_check.json"
-    if typed.trainer.kind != TrainerKind.sft or not path.is_file():
+    if not path.is_file():
         return None
     try:
         report = json.loads(path.read_text())
         train = report["summary"]["train"]
-        if report["settings"].get("data_key") != data_key(typed.data):
+        same_method = report["settings"].get("method", "sft") == methods.get(typed.trainer.kind).name
+        if report["settings"].get("data_key") != data_key(typed.data) or not same_method:
             log.info("%s describes other data or settings; not used", path)
             return None
         longest = int(train["sequence_length"]["max"])

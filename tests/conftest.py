@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -6,6 +7,20 @@ import pytest
 os.environ.setdefault("QWENVL_FT_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "qwenvl_ft_test_cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    """absl (TensorBoard imports it) creates a logging handler bound to the sys.stderr of that moment, here pytest's
+    capture file. Hydra's logging setup (every in-process `qwenvl-ft` command) closes every handler ever created
+    (logging.shutdown over logging._handlerList), and absl's close() closes its stream unless it is the *current*
+    sys.stderr: under a test that redirects stderr, pytest's capture file is closed and the session dies at
+    teardown ("I/O operation on closed file"). Bound to sys.__stderr__, which absl never closes, it is harmless
+    (it is attached to no logger)."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        return
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 def pytest_collection_modifyitems(config, items):

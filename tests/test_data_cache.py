@@ -125,3 +125,43 @@ def test_the_estimate_uses_the_measured_lengths(tiny_processor, tmp_path, capsys
 def test_the_check_shows_progress(tiny_processor, dataset, capsys):
     check_data(data_cfg(dataset), tiny_processor)
     assert "data check" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "grpo"])
+def test_pairs_and_prompts_are_stored_measured_once_and_cached_too(tiny_processor, tmp_path, monkeypatch, trainer):
+    """Each method's own rows go through the same store and cache, keyed by the method, with its own measurer."""
+    from qwenvl_ft import methods
+
+    write_image(tmp_path / "a.png", size=(56, 56))
+    if trainer == "dpo":
+        fmt, records = "llava_preference", [{"image": "a.png", "prompt": f"<image>\nq{i}", "chosen": "yes " * (i + 1),
+                                             "rejected": "no"} for i in range(6)]
+    else:
+        fmt, records = "llava_prompt", [{"image": "a.png", "prompt": f"<image>\nq{i}", "solution": str(i),
+                                         "difficulty": i % 3} for i in range(6)]
+    path = write_jsonl(tmp_path / "rows.jsonl", records)
+    method = methods.get(trainer)
+    calls = []
+    original = method.measurer
+
+    def counted(processor, cfg):
+        measure = original(processor, cfg)
+        return lambda row: calls.append(row["source"]) or measure(row)
+
+    monkeypatch.setattr(type(method), "measurer", lambda self, processor, cfg: counted(processor, cfg))
+    cfg = data_cfg(path, format=fmt, eval_size=1)
+    train, held_out, report = load_checked_splits(cfg, tiny_processor, batch_size=2, output_dir=tmp_path / "run")
+    assert len(calls) == 6 and len(train) == 5 and len(held_out) == 1
+    assert report.settings["method"] == trainer and "stored in" in report.cache
+    entry, = (tmp_path / "run" / "data_cache").iterdir()
+    assert entry.name.startswith(f"{trainer}-")
+    calls.clear()
+    again, _, report = load_checked_splits(cfg, tiny_processor, batch_size=2, output_dir=tmp_path / "run")
+    assert calls == [] and "data check read from" in report.cache
+    first = again[0]
+    if trainer == "dpo":  # the stored pair is what the collator takes, with its measured length
+        assert first["length"] == report.splits["train"].stats.column("length")[0]
+        assert method.collator(tiny_processor, cfg)([again[0], again[1]])["input_ids"].shape[0] == 4
+    else:  # the row's other columns come back with their types, for the reward functions
+        assert isinstance(first["difficulty"], int) and first["solution"].isdigit()
+        assert "difficulty" in again.column_names and "length" not in again.column_names

@@ -112,18 +112,18 @@ def test_expected_padding():
 
 def test_train_refuses_invalid_data_before_loading_the_model(tmp_path, monkeypatch):
     from qwenvl_ft.config.compose import compose
-    from qwenvl_ft.training import sft
+    from qwenvl_ft.training import train
 
     path, _ = _bad_dataset(tmp_path)
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr("qwenvl_ft.modeling.build.build_model", must_not_load)
+    monkeypatch.setattr("qwenvl_ft.modeling.build.build_base_model", must_not_load)
     cfg = compose(["recipe=demo", "data=llava", f"data.path={path}", "data.max_image_pixels=5000000"],
                   output_dir=str(tmp_path / "run"))
     with pytest.raises(DataError, match=r"13 invalid row\(s\):") as info:
-        sft.train(cfg)
+        train(cfg)
     assert f"{path}:line 8: images[0]: image file" in str(info.value)
     assert (tmp_path / "run" / "data_check.json").exists()
 
@@ -179,7 +179,7 @@ def test_data_check_command_on_a_missing_file(tmp_path, capsys):
 @pytest.mark.slow
 def test_training_with_skip_invalid_on_images_videos_and_text(tmp_path):
     from qwenvl_ft.config.compose import compose
-    from qwenvl_ft.training.sft import train
+    from qwenvl_ft.training import train
 
     from data_helpers import write_video
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import ConfigError, DataConfig, DataFormat, DpoLossType, Overlength
+from qwenvl_ft.config.schema import ConfigError, DataConfig, DataFormat, Overlength
+from qwenvl_ft.methods.dpo import DpoLossType
 from qwenvl_ft.data.preference import load_pair_splits, shapes_preference_rows
 from qwenvl_ft.data.shapes import COLOURS, SHAPES, draw
 from qwenvl_ft.errors import DataError
@@ -263,7 +264,7 @@ def _history(out, key):
 
 @pytest.mark.slow
 def test_dpo_on_shapes_raises_reward_accuracy_and_margin(tmp_path):
-    from qwenvl_ft.training.dpo import train
+    from qwenvl_ft.training import train
 
     out = tmp_path / "run"
     cfg = compose(["recipe=dpo_demo", "data.shapes.num_train=384", "data.shapes.num_eval=32",
@@ -303,7 +304,7 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled(tmp_path):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
     from qwenvl_ft.modeling.random_init import materialize
-    from qwenvl_ft.training.dpo import build_trainer
+    from qwenvl_ft.methods.dpo import build_trainer
 
     typed = validate(compose(QUICK + ["optimizer.lr=1e-2"], output_dir=str(tmp_path / "run")))
     processor = build_processor(typed.model, typed.data)
@@ -334,7 +335,7 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled(tmp_path):
 def test_qlora_dpo_runs_on_cpu(tmp_path):
     from safetensors.torch import load_file
 
-    from qwenvl_ft.training.dpo import train
+    from qwenvl_ft.training import train
 
     out = tmp_path / "run"
     # vision tower and merger frozen: everything but the LoRA adapters is 4-bit
@@ -353,7 +354,7 @@ def test_qlora_dpo_runs_on_cpu(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_precomputed_reference_gives_the_same_training(tmp_path, adapter):
-    from qwenvl_ft.training.dpo import train
+    from qwenvl_ft.training import train
 
     common = QUICK + [f"adapter={adapter}", "optimizer.lr=3e-3", "trainer.max_steps=6"]
     runs = {}
@@ -383,7 +384,7 @@ def test_train_command_dispatches_on_trainer_kind(tmp_path):
 @pytest.mark.parametrize("fmt", ["llava_preference", "messages_preference"])
 def test_dpo_trains_from_either_file_format(tmp_path, fmt):
     """Generated shape images written as PNGs, pairs written as JSON in each format, two steps of DPO."""
-    from qwenvl_ft.training.dpo import train
+    from qwenvl_ft.training import train
 
     records = []
     for index, row in enumerate(shapes_preference_rows(12, 56, seed=1, split="train")):
@@ -409,7 +410,7 @@ def test_dpo_trains_from_either_file_format(tmp_path, fmt):
 def test_vision_and_merger_learning_rates_apply_to_the_wrapped_model(tmp_path):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, model_parts
-    from qwenvl_ft.training.dpo import build_trainer
+    from qwenvl_ft.methods.dpo import build_trainer
 
     typed = validate(compose(QUICK + ["optimizer.lr=1e-3", "optimizer.vision_lr=1e-5", "optimizer.merger_lr=1e-4"],
                              output_dir=str(tmp_path / "run")))
@@ -418,6 +419,7 @@ def test_vision_and_merger_learning_rates_apply_to_the_wrapped_model(tmp_path):
     base = build_base_model(typed.model, typed.adapter)
     trainer = build_trainer(typed, base, build_lora_config(base, typed.model, typed.adapter), processor,
                             VisionPreferenceCollator(processor, typed.data), train_rows, eval_rows)
+    trainer.create_optimizer()  # what train() calls first: the groups are built on the model as trained
     visual, merger, _ = model_parts(trainer.model)
     trained = {id(p) for p in trainer.model.parameters() if p.requires_grad}
     merger_ids = {id(p) for p in merger.parameters() if p.requires_grad}

@@ -46,7 +46,7 @@ PAIRS = [
 def trainer(request, tmp_path_factory):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
-    from qwenvl_ft.training.dpo import build_trainer
+    from qwenvl_ft.methods.dpo import build_trainer
 
     out = tmp_path_factory.mktemp("dpo_packing")
     # LoRA on the language model and the vision blocks, merger trained: gradients reach every part
@@ -164,7 +164,7 @@ def test_config_allows_packing_for_dpo_only_as_padding_free():
 
 @pytest.mark.slow
 def test_padding_free_dpo_trains_like_padded(tmp_path):
-    from qwenvl_ft.training.dpo import train
+    from qwenvl_ft.training import train
 
     runs = {}
     for packing in (False, True):

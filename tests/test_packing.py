@@ -312,7 +312,7 @@ def test_liger_switch_fails_clearly_without_the_package():
 def test_sft_trainer_loss_and_gradients_packed_equal_padded(tmp_path, model_option, collator):
     from qwenvl_ft.data.sources import to_dataset
     from qwenvl_ft.modeling.build import build_model
-    from qwenvl_ft.training.sft import build_trainer
+    from qwenvl_ft.methods.sft import build_trainer
 
     typed = validate(compose(["recipe=demo", f"model={model_option}", "adapter=full", "trainer.report_to=[none]"],
                              output_dir=str(tmp_path)))
@@ -334,7 +334,7 @@ def test_sft_trainer_loss_and_gradients_packed_equal_padded(tmp_path, model_opti
 def test_packed_training_learns(tmp_path):
     import json
 
-    from qwenvl_ft.training.sft import train
+    from qwenvl_ft.training import train
 
     cfg = compose(["recipe=demo", "data.packing=true", "data.max_tokens_per_batch=640", "data.shapes.num_train=160",
                    "trainer.epochs=4", "trainer.eval_generation=false", "trainer.logging_steps=1",
@@ -346,20 +346,27 @@ def test_packed_training_learns(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
 
 
-def test_speed_setup_wires_the_switches(collator):
+def test_batch_layout_and_vision_checkpointing_are_wired(collator):
     from qwenvl_ft.data.sources import to_dataset
-    from qwenvl_ft.training.speed import speed_setup
+    from qwenvl_ft.methods.sft import METHOD
+    from qwenvl_ft.training.common import shared_parts
 
     rows = to_dataset(ROWS[:-1])
-    typed = validate(compose(["recipe=demo", "data.group_by_length=true", "model.gradient_checkpointing=true",
-                              "model.vision_gradient_checkpointing=false"], output_dir="/tmp/unused"))
-    setup = speed_setup(typed, collator, rows)
-    assert setup.arguments == {"per_device_train_batch_size": 8, "train_sampling_strategy": "group_by_length"}
-    assert len(setup.callbacks) == 1  # turns the vision blocks' checkpointing off when training starts
-    same = validate(compose(["recipe=demo", "model.vision_gradient_checkpointing=false"], output_dir="/tmp/unused"))
-    assert speed_setup(same, collator, rows).callbacks == []  # already what the Trainer does
-    packed = validate(compose(["recipe=demo", "data.packing=true"], output_dir="/tmp/unused"))
-    assert speed_setup(packed, collator, rows).arguments["per_device_train_batch_size"] == 1
+
+    def prepared(*overrides):
+        cfg = validate(compose(["recipe=demo", *overrides], output_dir="/tmp/unused"))
+        parts = shared_parts(cfg, collator.processor, collator, rows, None, None)
+        return parts, METHOD.trainer_arguments(parts, parts.arguments)
+
+    parts, args = prepared("data.group_by_length=true", "model.gradient_checkpointing=true",
+                           "model.vision_gradient_checkpointing=false")
+    assert (args.per_device_train_batch_size, args.train_sampling_strategy) == (8, "group_by_length")
+    checkpointing = [c for c in parts.callbacks if type(c).__name__ == "VisionCheckpointing"]
+    assert len(checkpointing) == 1  # turns the vision blocks' checkpointing off when training starts
+    same, _ = prepared("model.vision_gradient_checkpointing=false")
+    assert not [c for c in same.callbacks if type(c).__name__ == "VisionCheckpointing"]  # already the Trainer's
+    _, packed = prepared("data.packing=true")
+    assert packed.per_device_train_batch_size == 1
 
 
 @pytest.mark.gpu
@@ -379,6 +386,19 @@ def test_flash_attention_varlen_packed_matches_unpacked(typed, collator):
     starts = sample_boundaries(batch["position_ids"]) + [batch["input_ids"].shape[1]]
     packed = [token_losses[a:b].sum() for a, b in zip(starts, starts[1:])]
     torch.testing.assert_close(torch.stack(packed), torch.stack(single), rtol=2e-2, atol=2e-2)
+
+
+def test_models_load_with_cudnn_out_of_sdpa(typed):
+    """Training and generation loads switch cuDNN attention off (a plan per sequence length made a GPU step 4x
+    slower, modeling/varlen_attention.py); flash and memory-efficient SDPA stay available."""
+    from qwenvl_ft.modeling.build import build_base_model
+    from qwenvl_ft.modeling.load import load_base
+
+    for load in (lambda: build_base_model(typed.model, typed.adapter), lambda: load_base(typed.model, typed.adapter)):
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        load()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
 
 
 def test_sdpa_varlen_leaves_padded_batches_and_generation_unchanged(typed, collator):

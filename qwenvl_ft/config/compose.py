@@ -148,3 +148,23 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train",
         cfg.output_dir = output_dir
     validate(cfg)
     return cfg
+
+
+def compose_run(overrides: Sequence[str], output_dir: str) -> DictConfig:
+    """A `train` config composed and validated from command-line style overrides, also from inside a running
+    `qwenvl-ft` command (whose Hydra is already initialised with the same config folder and recipes)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return compose(overrides, output_dir=output_dir)
+    from hydra import compose as hydra_compose
+
+    check_override_keys(overrides, TrainConfig)
+    try:
+        cfg = hydra_compose(config_name="train", overrides=list(overrides))
+    except Exception as err:
+        cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
+        raise ConfigError(f"{err}{cause}") from None
+    cfg.output_dir = output_dir
+    validate(cfg)
+    return cfg

@@ -12,18 +12,14 @@ This module imports only the standard library, omegaconf and hydra: `--cfg job` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from typing import List, Optional
 
 
-class ConfigError(ValueError):
-    """A config value is out of range or inconsistent with another value."""
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+from qwenvl_ft import methods
+from qwenvl_ft.config.base import ConfigError, check as _check  # noqa: F401 (ConfigError is re-exported)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,6 +91,19 @@ class ArchitectureConfig:
 
 
 @dataclass
+class StartFromConfig:
+    """model.start_from: the weights a run starts from are the `final/` of another training run, which
+    `qwenvl-ft train` trains first (in-process) when it has none yet; eval, infer and merge load it as the base
+    (until it exists, the model group's own weights, with a warning). It must be a full model (a recipe with
+    adapter=full). The model group still names the architecture and the processor, which data-check and estimate
+    use. Delete its folder to train it again."""
+
+    recipe: str = "???"  # the recipe of that run (required)
+    output_dir: str = "???"  # where it is (or will be) trained; its final/ is the starting model (required)
+    overrides: List[str] = field(default_factory=list)  # overrides of that run, as on the command line
+
+
+@dataclass
 class ModelConfig:
     """Which checkpoint to load and what of it to train."""
 
@@ -116,6 +125,7 @@ class ModelConfig:
     freeze_merger: bool = True  # the patch merger that projects vision features into the language model
     freeze_language_model: bool = False  # embeddings, decoder layers and lm_head
     trust_remote_code: bool = False
+    start_from: Optional[StartFromConfig] = None  # start from the result of another run (see StartFromConfig)
 
     def __post_init__(self) -> None:
         _check(not self.random_init or self.architecture is not None,
@@ -141,28 +151,23 @@ class ModelConfig:
 # data
 
 
-class DataFormat(str, Enum):
-    shapes = "shapes"  # generated offline: coloured shapes and questions about them (the demo)
-    llava = "llava"  # `conversations` with from/value and <image> placeholders, `image` path(s) or base64
-    messages = "messages"  # OpenAI / TRL style `messages` with content lists and an `images` column
-    self_llm = "self_llm"  # caption layout: image path between <|vision_start|> and <|vision_end|> in user text
-    amazon = "amazon"  # column formatter for philschmid/amazon-product-descriptions-vlm
-    columns = "columns"  # any table: data.columns names the image and answer columns, data.prompt the user text
-    # Detected per row: `messages` -> messages; `conversations` -> self_llm when the first user text embeds
-    # <|vision_start|>path<|vision_end|>, llava otherwise.
-    auto = "auto"
-    # Preference pairs for trainer.kind=dpo (qwenvl_ft/data/preference.py):
-    llava_preference = "llava_preference"  # `image`, `prompt` (text, optional <image>), `chosen`, `rejected` (text)
-    messages_preference = "messages_preference"  # HF / TRL: `images` + `prompt` / `chosen` / `rejected` messages
-    shapes_preference = "shapes_preference"  # generated: the right description of a shape image vs a wrong one
-
+class _DataFormatBase(str, Enum):
     @property
-    def is_preference(self) -> bool:
-        return self in (DataFormat.llava_preference, DataFormat.messages_preference, DataFormat.shapes_preference)
+    def method(self):
+        """The training method that reads this format (qwenvl_ft/methods/)."""
+        return methods.format_owner(self)
 
     @property
     def is_generated(self) -> bool:
-        return self in (DataFormat.shapes, DataFormat.shapes_preference)
+        """Made in-process (the demos' shapes): no data.path."""
+        return self.value in self.method.generated_formats
+
+
+# Every training method declares the formats it reads (`Method.data_formats`: SFT the conversation layouts
+# shapes, llava, messages, self_llm, amazon, columns and auto; DPO the preference-pair layouts; ...), so a new
+# method brings its own formats without an edit here.
+DataFormat = _DataFormatBase("DataFormat", [(name, name) for method in methods.registry().values()
+                                            for name in method.data_formats])
 
 
 @dataclass
@@ -350,9 +355,10 @@ class DataConfig:
             _check(source.path not in (None, "", "???"), f"{where}.path is required")
             fmt = source.format or self.format
             _check(not fmt.is_generated, f"{where}.format={fmt.value}: generated data cannot be a source")
-            _check(fmt.is_preference == self.format.is_preference,
+            _check(fmt.method.name == self.format.method.name,
                    f"{where}.format={fmt.value} and data.format={self.format.value}: all sources must hold "
-                   f"conversations, or all preference pairs")
+                   f"{self.format.method.row_kind} (the rows of trainer={self.format.method.name}); "
+                   f"{fmt.value} holds {fmt.method.row_kind}")
             _check(source.weight is None or source.weight > 0, f"{where}.weight must be > 0")
             _check(source.max_rows is None or source.max_rows > 0, f"{where}.max_rows must be > 0")
         _check(all(w is None for w in weights) or all(w is not None for w in weights),
@@ -463,61 +469,8 @@ class OptimizerConfig:
 # trainer
 
 
-class TrainerKind(str, Enum):
-    sft = "sft"  # supervised fine-tuning on conversations (qwenvl_ft/training/sft.py)
-    dpo = "dpo"  # direct preference optimisation on chosen/rejected pairs (qwenvl_ft/training/dpo.py)
-
-
-class DpoLossType(str, Enum):
-    """TRL 1.16 DPOTrainer losses (see trl.DPOConfig.loss_type)."""
-
-    sigmoid = "sigmoid"  # the original DPO loss
-    hinge = "hinge"  # SLiC
-    ipo = "ipo"  # IPO; beta is its regularisation tau
-    exo_pair = "exo_pair"  # EXO; needs label_smoothing > 0 (paper: 1e-3)
-    nca_pair = "nca_pair"
-    robust = "robust"  # robust DPO; label_smoothing = probability a label is flipped, in [0, 0.5)
-    bco_pair = "bco_pair"
-    sppo_hard = "sppo_hard"
-    aot = "aot"
-    aot_unpaired = "aot_unpaired"
-    apo_zero = "apo_zero"  # chosen answers better than the model's own
-    apo_down = "apo_down"  # chosen answers worse than the model's own
-    discopop = "discopop"
-    sft = "sft"  # negative log-likelihood of the chosen answer (combine with sigmoid for RPO/MPO-style mixes)
-    sigmoid_norm = "sigmoid_norm"  # sigmoid on length-normalised log-ratios
-
-
-@dataclass
-class DpoConfig:
-    """Settings of trainer.kind=dpo, handed to TRL's DPOConfig.
-
-    The reference policy is the starting model: for LoRA/DoRA/QLoRA the same weights with the adapter disabled (no
-    second copy in memory), for full fine-tuning a second, frozen copy. Sequence length is data.max_length (prompt +
-    answer, never cut inside an image); TRL 1.16 has no separate prompt/completion limits.
-    """
-
-    beta: float = 0.1  # strength of the pull towards the reference: higher stays closer
-    loss_type: List[DpoLossType] = field(default_factory=lambda: [DpoLossType.sigmoid])  # several are summed
-    loss_weights: Optional[List[float]] = None  # one per loss_type (None: all 1.0)
-    label_smoothing: float = 0.0  # robust / exo_pair only
-    # Compute the reference log-probabilities of every pair once before training (one pass over the data) instead
-    # of a reference forward per step: about a quarter less compute per step, and full fine-tuning frees the
-    # reference copy before the first step. Held-out rows are precomputed too.
-    precompute_ref_log_probs: bool = False
-    precompute_ref_batch_size: Optional[int] = None  # batch size of that pass (None: trainer.batch_size)
-
-    def __post_init__(self) -> None:
-        _check(self.beta > 0, "trainer.dpo.beta must be > 0")
-        _check(len(self.loss_type) > 0, "trainer.dpo.loss_type must name at least one loss")
-        _check(len(set(self.loss_type)) == len(self.loss_type), "trainer.dpo.loss_type lists a loss twice")
-        _check(self.loss_weights is None or len(self.loss_weights) == len(self.loss_type),
-               f"trainer.dpo.loss_weights needs one weight per loss_type ({len(self.loss_type)})")
-        _check(0.0 <= self.label_smoothing < 0.5, "trainer.dpo.label_smoothing must be in [0, 0.5)")
-        _check(DpoLossType.exo_pair not in self.loss_type or self.label_smoothing > 0,
-               "trainer.dpo.loss_type=exo_pair needs trainer.dpo.label_smoothing > 0 (the EXO paper uses 1e-3)")
-        _check(self.precompute_ref_batch_size is None or self.precompute_ref_batch_size > 0,
-               "trainer.dpo.precompute_ref_batch_size must be > 0")
+# One choice per registered training method (qwenvl_ft/methods/: sft, dpo, ...).
+TrainerKind = Enum("TrainerKind", [(name, name) for name in methods.names()], type=str)
 
 
 class Precision(str, Enum):
@@ -527,8 +480,9 @@ class Precision(str, Enum):
 
 
 @dataclass
-class TrainerConfig:
-    """The training loop: length, batch, precision, logging and checkpoints."""
+class TrainerSettings:
+    """The training loop: length, batch, precision, logging and checkpoints. `TrainerConfig` below adds one
+    sub-config per training method that has settings of its own (`trainer.dpo.*`, ...)."""
 
     kind: TrainerKind = TrainerKind.sft
     epochs: float = 1.0
@@ -558,7 +512,6 @@ class TrainerConfig:
     greater_is_better: Optional[bool] = None  # None: False for metrics ending in "loss", else True
     early_stopping_patience: Optional[int] = None  # stop after this many evaluations without improvement
     early_stopping_threshold: float = 0.0  # an improvement must beat the best by more than this
-    dpo: DpoConfig = field(default_factory=DpoConfig)  # used by kind=dpo only
 
     def __post_init__(self) -> None:
         # -1 is transformers' "not set": train trainer.epochs. Any other value below 1 is a mistake, not a request.
@@ -590,6 +543,42 @@ class TrainerConfig:
         _check(self.early_stopping_threshold >= 0, "trainer.early_stopping_threshold must be >= 0")
 
 
+TrainerConfig = make_dataclass(
+    "TrainerConfig",
+    [(m.name, m.settings, field(default_factory=m.settings)) for m in methods.registry().values() if m.settings],
+    bases=(TrainerSettings,),
+)
+TrainerConfig.__doc__ = TrainerSettings.__doc__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hub
+
+
+# A Hub repository id: "name" (under the logged-in user) or "owner/name"; the Hub's own rule, checked here so that a
+# typo fails at compose time rather than after training.
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class HubConfig:
+    """Uploading the result to the Hugging Face Hub: `final/` after `qwenvl-ft train`, `merged/` after `qwenvl-ft
+    merge` (model card included). Authentication is huggingface_hub's own: `hf auth login` or HF_TOKEN."""
+
+    push: bool = False  # upload after the command finished (a failed upload leaves everything saved in place)
+    repo_id: Optional[str] = None  # "name" or "owner/name"; created when missing
+    private: bool = True  # visibility of a repository created by the push (an existing one keeps its own)
+    revision: Optional[str] = None  # branch to commit to (None: main)
+    commit_message: Optional[str] = None  # None: "qwenvl-ft: <run folder>"
+
+    def __post_init__(self) -> None:
+        _check(not self.push or self.repo_id is not None, "hub.push=true needs hub.repo_id=NAME or OWNER/NAME")
+        _check(self.repo_id is None or (len(self.repo_id) <= 96 and bool(_REPO_ID.match(self.repo_id))
+                                        and ".." not in self.repo_id and "--" not in self.repo_id),
+               f"hub.repo_id={self.repo_id!r} is not a Hub repository id (NAME or OWNER/NAME: letters, digits, "
+               f"'-', '_', '.', at most 96 characters)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # root
 
@@ -606,6 +595,7 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     seed: int = 42
     run_name: str = "run"  # names the output folder outputs/<recipe>/<run_name> (the primary configs: a timestamp)
+    hub: HubConfig = field(default_factory=HubConfig)  # upload final/ (train) or merged/ (merge) to the Hub
 
     def __post_init__(self) -> None:
         _check(not (self.adapter.method == AdapterMethod.qlora and not self.adapter.load_in_4bit),
@@ -617,16 +607,12 @@ class TrainConfig:
         else:
             trains_something = not (m.freeze_language_model and m.freeze_merger and m.freeze_vision_tower)
         _check(trains_something, "model.freeze_* and the adapter settings leave nothing to train")
-        kind, data_format = self.trainer.kind, self.data.format
-        _check(kind != TrainerKind.dpo or data_format.is_preference,
-               f"trainer=dpo needs preference pairs, but data.format={data_format.value}; use data=llava_preference, "
-               f"data=messages_preference or data=shapes_preference")
-        _check(kind != TrainerKind.sft or not data_format.is_preference,
-               f"data.format={data_format.value} holds preference pairs: train it with trainer=dpo")
-        sft_batching = self.data.max_tokens_per_batch is not None or self.data.group_by_length
-        _check(kind != TrainerKind.dpo or not sft_batching,
-               "data.max_tokens_per_batch and data.group_by_length are for trainer=sft; DPO batches are "
-               "trainer.batch_size pairs (data.packing=true runs each of them without padding)")
+        # Each data format belongs to the method that reads it; the method checks the rest of its settings.
+        method, owner = methods.get(self.trainer.kind), self.data.format.method
+        _check(owner is method, f"trainer={method.name} needs {method.row_kind}, but data.format="
+                                f"{self.data.format.value} holds {owner.row_kind}: train it with trainer={owner.name}, "
+                                f"or use data={', data='.join(method.data_formats)}")
+        method.check_config(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -720,6 +706,23 @@ class MergeConfig:
 
 
 @dataclass
+class ChatConfig:
+    """`qwenvl-ft chat`: a Gradio page over the base, base + adapter, or a merged model (needs the `ui` extra)."""
+
+    # Adapter folder, full or merged model folder; null: the base model. chat.yaml defaults it to the final/ of the
+    # run named by run_name.
+    model_path: Optional[str] = None
+    host: str = "127.0.0.1"  # localhost only; 0.0.0.0 exposes the page to the network (no authentication)
+    port: Optional[int] = 7860  # None: the first free port from 7860 on
+    max_files: int = 8  # images and videos per message
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # the page's initial settings
+
+    def __post_init__(self) -> None:
+        _check(self.port is None or 0 < self.port < 65536, "chat.port must be in 1..65535 (or null: a free port)")
+        _check(self.max_files > 0, "chat.max_files must be > 0")
+
+
+@dataclass
 class EvalRunConfig(TrainConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -734,12 +737,18 @@ class MergeRunConfig(TrainConfig):
     merge: MergeConfig = field(default_factory=MergeConfig)
 
 
+@dataclass
+class ChatRunConfig(TrainConfig):
+    chat: ChatConfig = field(default_factory=ChatConfig)
+
+
 # primary config name (conf/<name>.yaml) -> root schema, registered as `<name>_schema`
 ROOT_SCHEMAS = {
     "train": TrainConfig,
     "eval": EvalRunConfig,
     "infer": InferRunConfig,
     "merge": MergeRunConfig,
+    "chat": ChatRunConfig,
 }
 
 

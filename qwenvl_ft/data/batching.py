@@ -170,14 +170,18 @@ class TrainBatches:
 
 
 def training_batches(data_cfg: DataConfig, batch_size: int, collator, rows, seed: int,
-                     tokens_per_second: Optional[float] = None) -> TrainBatches:
+                     tokens_per_second: Optional[float] = None,
+                     lengths: Optional[Sequence[Optional[int]]] = None) -> TrainBatches:
     """The dataset, collator and per-device batch size that give the configured batch layout
-    (`tokens_per_second`: Qwen2.5-VL's, for packing its videos)."""
+    (`tokens_per_second`: Qwen2.5-VL's, for packing its videos). `lengths`: each row's token count when the data
+    check has measured them already (else every row is measured here)."""
+    if lengths is None and (data_cfg.packing or data_cfg.max_tokens_per_batch is not None
+                            or data_cfg.group_by_length):
+        lengths = row_lengths(collator, rows)
     if data_cfg.packing:
         from qwenvl_ft.data.packing import PackingCollator
 
         budget = token_budget(data_cfg, batch_size)
-        lengths = row_lengths(collator, rows)
         packs = plan_packs(lengths, budget, seed)
         tokens, count = sum(n for n in lengths if n is not None), sum(map(len, packs))
         summary = (f"packed: {count} rows in {len(packs)} packs of <= {budget} tokens ({tokens / len(packs):.0f} "
@@ -186,7 +190,6 @@ def training_batches(data_cfg: DataConfig, batch_size: int, collator, rows, seed
         return TrainBatches(grouped_dataset(packs), ExpandGroups(PackingCollator(collator, tokens_per_second), rows),
                             1, summary=summary)
     if data_cfg.max_tokens_per_batch is not None:
-        lengths = row_lengths(collator, rows)
         batches = plan_token_budget(lengths, data_cfg.max_tokens_per_batch, seed)
         count = sum(map(len, batches))
         summary = (f"token budget: {count} rows in {len(batches)} padded batches of <= "
@@ -197,7 +200,7 @@ def training_batches(data_cfg: DataConfig, batch_size: int, collator, rows, seed
         # transformers' LengthGroupedSampler reads this column (the data check's when the rows carry it); a
         # dropped row counts as 0 (the collator decides)
         if stored_lengths(rows) is None:
-            rows = rows.add_column("length", [n or 0 for n in row_lengths(collator, rows)])
+            rows = rows.add_column("length", [n or 0 for n in lengths])
         return TrainBatches(rows, collator, batch_size, "group_by_length",
                             summary=f"length-grouped padded batches of {batch_size} rows")
     return TrainBatches(rows, collator, batch_size, summary=f"padded batches of {batch_size} rows")

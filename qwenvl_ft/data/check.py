@@ -1,11 +1,14 @@
 """Validate a whole dataset before any GPU time is spent: `qwenvl-ft data-check`, and the first step of training.
 
 Every row is read, converted, its images and videos opened and decoded, its text rendered and tokenised, and its
-length fitted to data.max_length, through the collator's own code (`VisionChatCollator.measure`: `encode` without
-the pixel arithmetic), so a row that passes here does not fail in the middle of training. Only the processor is
-loaded, never the model. The result is the valid rows and a `DataReport`: rows with problems (file, row, field,
-reason), image sizes and visual tokens, text tokens, sequence lengths, rows truncated or dropped by
-data.overlength, and the padding expected at the configured batch size.
+length fitted to data.max_length, through the collator's own code (the training method's measurer, e.g.
+`VisionChatCollator.measure`: `encode` without the pixel arithmetic), so a row that passes here does not fail in
+the middle of training. The method that reads data.format supplies how its rows are stored, read and measured
+(methods/base.py), so conversations, preference pairs and prompts are all checked, cached and reused the same way
+(qwenvl_ft/data/prepare.py). Only the processor is loaded, never the model. The result is the valid rows and a
+`DataReport`: rows with problems (file, row, field, reason), image sizes and visual tokens, text tokens, sequence
+lengths, rows truncated or dropped by data.overlength, duplicate ids, the mixture of data.sources, and the padding
+expected at the configured batch size.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from qwenvl_ft.config.schema import DataConfig
 from qwenvl_ft.data.batching import stored_lengths
@@ -28,6 +31,8 @@ from qwenvl_ft.data.sources import Problem
 from qwenvl_ft.data.store import DROPPED, INVALID, OK, StatsView
 from qwenvl_ft.errors import DataError
 
+Measure = Callable[[dict], SampleStats]  # a training method's measurer (methods/base.py)
+
 log = logging.getLogger("qwenvl_ft")
 
 MAX_PROBLEMS_SHOWN = 50
@@ -37,9 +42,9 @@ MAX_PROBLEMS_SHOWN = 50
 # checking rows
 
 
-def _measure_all(rows: Sequence[dict], collator: VisionChatCollator, workers: int) -> List[Tuple[str, object]]:
+def _measure_all(rows: Sequence[dict], measure: Measure, workers: int) -> List[Tuple[str, object]]:
     names = {OK: "ok", DROPPED: "dropped", INVALID: "invalid"}
-    return [(names[code], result) for code, result in measure_all(rows, collator.measure, workers)]
+    return [(names[code], result) for code, result in measure_all(rows, measure, workers)]
 
 
 @dataclass
@@ -59,12 +64,13 @@ class SplitReport:
         return sum(1 for s in self.stats if s.truncated)
 
 
-def check_rows(rows: Sequence[dict], collator: VisionChatCollator, name: str = "train",
+def check_rows(rows: Sequence[dict], measure: Measure, name: str = "train",
                workers: int = 0) -> Tuple[List[dict], SplitReport]:
-    """(rows to train on, report): every row measured once; invalid and dropped rows left out and recorded."""
+    """(rows to train on, report) of rows in a list (no store, no cache): every row measured once; invalid and
+    dropped rows left out and recorded."""
     report = SplitReport(name, rows=len(rows))
     kept = []
-    for row, (outcome, result) in zip(rows, _measure_all(rows, collator, workers)):
+    for row, (outcome, result) in zip(rows, _measure_all(rows, measure, workers)):
         if outcome == "ok":
             kept.append(row)
             report.stats.append(result)
@@ -210,7 +216,8 @@ class DataReport:
             return f"  {label}: " + "  ".join(f"{k} {v:,.0f}{unit}" for k, v in p.items())
 
         s = self.settings
-        lines = [f"data: format={s['format']} path={s['path']} | max_length={s['max_length']} "
+        lines = [f"data: format={s['format']} ({s['rows']} for trainer={s['method']}) path={s['path']} | "
+                 f"max_length={s['max_length']} "
                  f"(overlength={s['overlength']}) | image pixels {s['min_pixels']:,}..{s['max_pixels']:,}"
                  + (f" (fixed {s['resized']})" if s.get("resized") else "")]
         read = sum(x.read for x in self.sources) if self.sources else \
@@ -325,29 +332,29 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, 
                progress: bool = True) -> CheckedData:
     """Read both splits, measure every row, and report. Raises DataError only for what makes the dataset
     unusable as a whole (a missing or unreadable file, a hub id that does not load); bad rows are in the report.
-    With `output_dir`, the results are cached (qwenvl_ft/data/cache.py) and a later call with the same data and
-    settings reads them instead of measuring again."""
-    from qwenvl_ft.data.cache import cache_root, data_key, processor_fingerprint
-    from qwenvl_ft.data.prepare import prepare
-    from qwenvl_ft.data.shapes import generate
-    from qwenvl_ft.data.sources import CONVERTERS
-    from qwenvl_ft.data.store import CONVERSATIONS
-
+    The training method that reads data.format stores, reads and measures the rows. With `output_dir`, the results
+    are cached (qwenvl_ft/data/cache.py) and a later call with the same data, settings and method reads them
+    instead of measuring again."""
     import time
 
-    collator = VisionChatCollator(processor, cfg)
+    from qwenvl_ft.data.cache import cache_root, data_key, processor_fingerprint
+    from qwenvl_ft.data.prepare import prepare
+
+    method = cfg.format.method
+    collator = VisionChatCollator(processor, cfg)  # the image and video bounds the report states
     started = time.perf_counter()
-    prepared = prepare(cfg, CONVERSATIONS, CONVERTERS, generate=lambda c: generate(c.shapes),
-                       measure=collator.measure, method="sft", fingerprint=processor_fingerprint(processor),
-                       workers=cfg.num_workers, cache_root=cache_root(cfg, output_dir), stats_type=SampleStats,
-                       progress=progress)
+    prepared = prepare(cfg, method.store_kind(), method.converters(), generate=method.generate,
+                       measure=method.measurer(processor, cfg), method=method.name,
+                       fingerprint=processor_fingerprint(processor), workers=cfg.num_workers,
+                       cache_root=cache_root(cfg, output_dir), stats_type=SampleStats, progress=progress)
     splits = {name: SplitReport(name, rows=prepared.measured(name), stats=prepared.kept(name),
                                 dropped=prepared.refused(name, DROPPED), invalid=prepared.refused(name, INVALID))
               for name in ("train", "eval")}
     if not splits["eval"].rows:
         del splits["eval"]
     settings = {
-        "format": cfg.format.value, "path": cfg.path or ("generated" if not cfg.sources else None),
+        "format": cfg.format.value, "method": method.name, "rows": method.row_kind,
+        "path": cfg.path or ("generated" if not cfg.sources else None),
         "sources": [s.path for s in cfg.sources] or None, "eval_path": cfg.eval_path,
         "max_length": cfg.max_length, "overlength": cfg.overlength.value, "min_pixels": collator.min_pixels,
         "max_pixels": collator.max_pixels, "video_min_pixels": collator.video_min_pixels,
@@ -361,26 +368,32 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, 
         settings["path"] = " + ".join(s.path for s in cfg.sources)
     problems = sorted(prepared.problems + splits["train"].invalid +
                       (splits["eval"].invalid if "eval" in splits else []), key=_file_order)
-    elapsed = time.perf_counter() - started
-    measured = sum(split.rows for split in splits.values())
-    if prepared.cached:
-        cache = f"data check read from {prepared.folder} in {elapsed:.1f} s ({measured:,} rows, nothing decoded)"
-    else:
-        cache = (f"data check: {measured:,} rows measured in {elapsed:.1f} s ({measured / max(elapsed, 1e-9):,.0f} "
-                 f"rows/s, {cfg.num_workers} worker(s))")
-        if cfg.cache.value != "off" and cache_root(cfg, output_dir) is not None:
-            cache += f"; stored in {prepared.folder}"
     report = DataReport(problems, splits, settings, sources=prepared.sources, duplicates=prepared.duplicates,
-                        mixture=prepared.mixture, cache=cache)
+                        mixture=prepared.mixture, cache=_cache_line(prepared, cfg, output_dir, splits,
+                                                                    time.perf_counter() - started))
     lengths = stored_lengths(prepared.train) if len(prepared.train) else []
     report.padding, report.padding_layout = expected_padding(lengths, cfg, batch_size, seed)
     return CheckedData(prepared.train, prepared.eval, report)
 
 
+def _cache_line(prepared, cfg: DataConfig, output_dir, splits: Dict[str, SplitReport], elapsed: float) -> str:
+    from qwenvl_ft.data.cache import cache_root
+
+    measured = sum(split.rows for split in splits.values())
+    if prepared.cached:
+        return f"data check read from {prepared.folder} in {elapsed:.1f} s ({measured:,} rows, nothing decoded)"
+    line = (f"data check: {measured:,} rows measured in {elapsed:.1f} s ({measured / max(elapsed, 1e-9):,.0f} "
+            f"rows/s, {cfg.num_workers} worker(s))")
+    if cfg.cache.value != "off" and cache_root(cfg, output_dir) is not None:
+        line += f"; stored in {prepared.folder}"
+    return line
+
+
 def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int = 42, output_dir=None):
     """(train dataset, eval dataset or None, report) for training: the check first, and a refusal to go on with
-    invalid rows unless data.skip_invalid (then they are left out and counted). The datasets are memory-mapped
-    and carry each row's `length`, which the batch layouts read instead of measuring again."""
+    invalid rows unless data.skip_invalid (then they are left out and counted). The datasets are the training
+    method's (`Method.from_store`), memory-mapped, and carry each row's `length`, which the batch layouts read
+    instead of measuring again (`batching.stored_lengths` reads them, in row order)."""
     checked = check_data(cfg, processor, batch_size, seed, output_dir=output_dir)
     report = checked.report
     listing = _write_report(report, output_dir, rows=False)
@@ -393,7 +406,9 @@ def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int =
         log.warning("%s", "\n".join(report.duplicate_lines()[:11]))
     if not len(checked.train):
         raise DataError(f"{cfg.describe_path()}: no training rows left after the data check")
-    return checked.train, (checked.eval if checked.eval is not None and len(checked.eval) else None), report
+    from_store = cfg.format.method.from_store
+    held_out = from_store(checked.eval) if checked.eval is not None and len(checked.eval) else None
+    return from_store(checked.train), held_out, report
 
 
 # data_check.json lists every row's measurements up to this many rows (a start should not spend seconds writing
@@ -429,7 +444,7 @@ def _write_report(report: DataReport, output_dir, rows: bool = True) -> Optional
     return str(path)
 
 
-def data_check(cfg) -> Dict:
+def data_check(composed) -> Dict:
     """`qwenvl-ft data-check`: the report on stdout and in data_check.json; status 2 when a row is invalid
     (unless data.skip_invalid)."""
     from qwenvl_ft.config.compose import validate
@@ -437,18 +452,18 @@ def data_check(cfg) -> Dict:
     from qwenvl_ft.runlock import lock_folder
     from qwenvl_ft.runtime import ensure_writable
 
-    typed = validate(cfg)
-    lock = lock_folder(ensure_writable(typed.output_dir))  # it writes data_check.json and the cache there
-    processor = build_processor(typed.model, typed.data)
-    checked = check_data(typed.data, processor, typed.trainer.batch_size, typed.data.seed,
-                         output_dir=typed.output_dir)
+    cfg = validate(composed)
+    lock = lock_folder(ensure_writable(cfg.output_dir))  # it writes data_check.json and the cache there
+    processor = build_processor(cfg.model, cfg.data)
+    checked = check_data(cfg.data, processor, cfg.trainer.batch_size, cfg.data.seed,
+                         output_dir=cfg.output_dir)
     report = checked.report
-    listing = _write_report(report, typed.output_dir)
+    listing = _write_report(report, cfg.output_dir)
     lock.release()
     print(report.text())
     if listing:
         print(f"report: {listing}")
-    if report.problems and not typed.data.skip_invalid:
+    if report.problems and not cfg.data.skip_invalid:
         raise report.error(listing, listed_above=True)
     if report.problems:
         print(f"data.skip_invalid=true: {len(report.problems)} invalid row(s) would be left out")

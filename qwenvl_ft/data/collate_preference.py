@@ -24,13 +24,13 @@ bench/collate_throughput.py):
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, NamedTuple, Set
+from typing import Dict, List, NamedTuple, Set, Tuple
 
 import numpy as np
 import torch
 
 from qwenvl_ft.config.schema import DataConfig, Overlength
-from qwenvl_ft.data.collate import VisionChatCollator
+from qwenvl_ft.data.collate import RowDropped, SampleStats, VisionChatCollator
 from qwenvl_ft.errors import DataError
 
 log = logging.getLogger("qwenvl_ft")
@@ -75,10 +75,53 @@ class VisionPreferenceCollator:
         return batch
 
     def encode_pair(self, row: dict) -> EncodedPair:
+        visuals = self.images.load_visuals(row)
+        prompt, chosen, rejected, _ = self._token_ids(row, visuals)
+        vision = self.images.vision_features(visuals) if visuals.images else {}
+        return EncodedPair(prompt, chosen, rejected, vision)
+
+    def measure(self, row: dict) -> SampleStats:
+        """What `encode_pair` and the batch's length policy would make of this pair, without pixel values: the
+        data check's measurer for preference pairs. `length` is the longer of prompt + chosen and prompt +
+        rejected after data.overlength; label tokens count both answers. Raises DataError for an invalid pair and
+        RowDropped for one data.overlength leaves out."""
+        source = row.get("source", "?")
+        visuals = self.images.load_visuals(row, resize=False)
+        prompt, chosen, rejected, image_tokens = self._token_ids(row, visuals)
+        full = len(prompt) + max(len(chosen), len(rejected))
+        length = full
+        limit = self.cfg.max_length
+        if limit is not None and full > limit:
+            self._fit(prompt, full, limit, source)
+            length = limit
+        kept = [min(len(a), max(0, length - len(prompt))) for a in (chosen, rejected)]
+        return SampleStats(source=source, length=length, full_length=full, text_tokens=full - sum(image_tokens),
+                           label_tokens=sum(kept), image_sizes=visuals.image_sizes, image_tokens=image_tokens,
+                           video_sizes=[], video_tokens=[])
+
+    def _fit(self, prompt: np.ndarray, length: int, limit: int, source: str) -> None:
+        """data.overlength for a pair whose longer sequence has `length` tokens: raise for error and drop, and for
+        truncate_text when the cut would fall inside an image or leave no answer token (the batch's rules)."""
+        over = f"{source}: {length} tokens, over data.max_length={limit}"
+        policy = self.cfg.overlength
+        if policy == Overlength.error:
+            raise DataError(f"{over} (data.overlength=error; raise data.max_length, lower data.max_pixels, or set "
+                            f"data.overlength to truncate_text or drop)")
+        if policy == Overlength.drop:
+            raise RowDropped(f"{over}: dropped (data.overlength=drop)")
+        vision_ends = np.flatnonzero(prompt == self.vision_end_id)
+        if len(vision_ends) and int(vision_ends[-1]) >= limit:
+            raise RowDropped(f"{over}: dropped, the cut would fall inside an image (its vision tokens end at "
+                             f"position {int(vision_ends[-1])})")
+        if len(prompt) >= limit:
+            raise RowDropped(f"{over}: dropped, the cut would remove every answer token")
+
+    def _token_ids(self, row: dict, visuals) -> Tuple[np.ndarray, np.ndarray, np.ndarray, List[int]]:
+        """(prompt with every image placeholder expanded, chosen, rejected) token ids, as TRL renders the pair,
+        and the visual tokens of each image."""
         from trl.data_utils import apply_chat_template
 
         source = row.get("source", "?")
-        visuals = self.images.load_visuals(row)
         if visuals.videos:
             raise DataError(f"{source}: field 'videos': preference pairs take images only")
         try:
@@ -87,12 +130,13 @@ class VisionPreferenceCollator:
             raise DataError(f"{source}: cannot render the pair with the chat template: {err}") from None
         prompt, chosen, rejected = (np.asarray(self.tokenizer(texts[key], add_special_tokens=False)["input_ids"],
                                                dtype=np.int64) for key in ("prompt", "chosen", "rejected"))
-        prompt = np.repeat(prompt, self.images.placeholder_counts(prompt, visuals, source))
+        counts = self.images.placeholder_counts(prompt, visuals, source)
+        image_tokens = [int(n) for n in counts[prompt == self.images.image_pad_id]]
+        prompt = np.repeat(prompt, counts)
         for name, answer in (("chosen", chosen), ("rejected", rejected)):
             if np.isin(answer, (self.images.image_pad_id, self.images.video_pad_id)).any():
                 raise DataError(f"{source}: field '{name}': an answer cannot contain an image")
-        vision = self.images.vision_features(visuals) if visuals.images else {}
-        return EncodedPair(prompt, chosen, rejected, vision)
+        return prompt, chosen, rejected, image_tokens
 
     def batch(self, pairs: List[EncodedPair]) -> Dict[str, torch.Tensor]:
         """TRL's layout: every pair's prompt + chosen, then every pair's prompt + rejected, right-padded."""

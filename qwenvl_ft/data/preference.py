@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from qwenvl_ft.config.schema import DataConfig, DataFormat, ShapesConfig
-from qwenvl_ft.data.sources import Converter, _as_list, _field, _image_ref_feature, _message_items, _resolve, \
-    _split_placeholders, add_system_message, check_conversation, image_item, text_item
+from qwenvl_ft.data.sources import Converter, Problem, _as_list, _field, _image_ref_feature, _message_items, \
+    _resolve, _split_placeholders, add_system_message, check_conversation, image_item, read_and_split, text_item
 from qwenvl_ft.errors import DataError
 
 log = logging.getLogger("qwenvl_ft")
@@ -211,32 +211,29 @@ def pairs_kind():
     return RowKind("preference pair", pair_features, encode_pair)
 
 
-def load_pair_splits(cfg: DataConfig, output_dir=None) -> Tuple[Any, Optional[Any]]:
-    """(train dataset, eval dataset or None) of canonical preference pairs, read once into a memory-mapped store
-    (qwenvl_ft/data/prepare.py: data.sources, duplicate ids, per-source split and mixture; cached in the run
-    folder when `output_dir` is given). A pair whose structure is wrong stops the run with every such pair listed,
-    or with data.skip_invalid is left out and counted."""
-    from qwenvl_ft.data.cache import cache_root
-    from qwenvl_ft.data.prepare import prepare
-
-    if not cfg.format.is_preference:
+def load_pair_rows(cfg: DataConfig, problems: Optional[List[Problem]] = None) -> Tuple[List[dict], List[dict]]:
+    """(train pairs, held-out pairs) as lists of canonical pairs, data.max_samples applied. The first bad row
+    raises DataError, or with `problems` every bad row is recorded there and left out."""
+    if cfg.format == DataFormat.shapes_preference:
+        train, evaluation = generate_pairs(cfg.shapes)
+    elif cfg.format in CONVERTERS:
+        train, evaluation = read_and_split(cfg, problems, CONVERTERS)
+    else:
         raise DataError(f"data.format={cfg.format.value} does not hold preference pairs")
-    prepared = prepare(cfg, pairs_kind(), CONVERTERS, generate=lambda c: generate_pairs(c.shapes), method="dpo",
-                       cache_root=cache_root(cfg, output_dir))
-    problems = prepared.problems
-    if problems and not cfg.skip_invalid:
-        shown = [f"  {p.message}" for p in problems[:50]]
-        more = [f"  ... and {len(problems) - 50} more"] if len(problems) > 50 else []
-        raise DataError("\n".join([f"{len(problems)} invalid pair(s):"] + shown + more +
-                                   ["fix them, or set data.skip_invalid=true to leave them out"]))
+    if cfg.max_samples is not None:
+        train = train[: cfg.max_samples]
+    return train, evaluation
+
+
+def load_pair_splits(cfg: DataConfig) -> Tuple[Any, Optional[Any]]:
+    """(train dataset, eval dataset or None) of canonical preference pairs, without opening images (training and
+    data-check go through qwenvl_ft.data.check, which does). With data.skip_invalid, rows whose structure is wrong
+    are left out and counted instead of stopping."""
+    problems: Optional[List[Problem]] = [] if cfg.skip_invalid else None
+    train, evaluation = load_pair_rows(cfg, problems)
     if problems:
         shown = "\n".join(f"  {p.message}" for p in problems[:5])
         log.warning("data.skip_invalid: left out %d invalid pair(s), the first:\n%s", len(problems), shown)
-    if prepared.duplicates:
-        log.warning("%d id(s) occur more than once (data.on_duplicate_id=%s):\n%s", len(prepared.duplicates),
-                    cfg.on_duplicate_id.value, "\n".join(f"  {d.message()}" for d in prepared.duplicates[:10]))
-    if prepared.mixture is not None:
-        log.info("%s", "\n".join(prepared.mixture.lines()))
-    if not len(prepared.train):
-        raise DataError(f"{cfg.describe_path()}: no training pairs")
-    return prepared.train, prepared.eval
+    if not train:
+        raise DataError(f"{cfg.path or 'shapes_preference'}: no training pairs")
+    return to_pair_dataset(train), (to_pair_dataset(evaluation) if evaluation else None)

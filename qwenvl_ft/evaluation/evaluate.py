@@ -39,24 +39,26 @@ def evaluate(cfg: DictConfig) -> Dict:
     from transformers import set_seed
 
     from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
-    from qwenvl_ft.data.sources import load_splits
     from qwenvl_ft.evaluation.generate import generate_answers
     from qwenvl_ft.evaluation.metrics import compute
     from qwenvl_ft.modeling.load import kind_of, load_base, load_processor, load_tuned
 
     if model_path is not None:
         kind_of(model_path)  # fail before loading anything
-    _, held_out = load_splits(typed.data)
-    if held_out is None or len(held_out) == 0:
+    # The training method that reads data.format reads the held-out rows and says what a reference answer is.
+    method = typed.data.format.method
+    _, held_out = method.read_rows(typed.data)
+    if not held_out:
         raise ConfigError("no held-out rows to evaluate: set data.eval_size, data.eval_path or data.shapes.num_eval")
-    rows = list(held_out)[: e.num_samples]
+    method_rows = list(held_out)[: e.num_samples]
+    rows = method.generation_rows(method_rows)
     references = [reference_answer(row) for row in rows]
     processor = load_processor(typed.model, typed.data, model_path)
     collator = VisionChatCollator(processor, typed.data)
     generation = e.generation.kwargs()
 
     predictions: Dict[str, List[str]] = {}
-    base = None
+    base = tuned = None
     if e.compare_base:
         set_seed(typed.seed)
         base = load_base(typed.model, typed.adapter)
@@ -65,8 +67,9 @@ def evaluate(cfg: DictConfig) -> Dict:
                                                progress="base model")
     if model_path is not None:
         set_seed(typed.seed)
-        # An adapter goes onto the base already in memory; a full model replaces it.
-        if base is not None and kind_of(model_path) == "model":
+        # An adapter goes onto the base already in memory; a full model replaces it, unless the method compares
+        # the two models directly (DPO's implicit rewards).
+        if base is not None and kind_of(model_path) == "model" and not method.eval_needs_base:
             del base
             base = None
         tuned = load_tuned(typed.model, typed.adapter, model_path, base)
@@ -75,6 +78,9 @@ def evaluate(cfg: DictConfig) -> Dict:
                                                 progress="fine-tuned model")
 
     metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}
+    for side, values in method.evaluate_models({"base": base, "tuned": tuned}, method_rows, processor, typed,
+                                               predictions).items():
+        metrics.setdefault(side, {}).update(values)
     examples = [
         {"source": row.get("source"), "reference": references[i], **{side: p[i] for side, p in predictions.items()}}
         for i, row in enumerate(rows)
@@ -98,10 +104,11 @@ def evaluate(cfg: DictConfig) -> Dict:
 
 def format_table(metrics: Dict[str, Dict[str, float]], examples: List[dict], num_rows: int) -> str:
     sides = list(metrics)
-    names = list(next(iter(metrics.values()))) if metrics else []
-    lines = [f"held-out evaluation on {num_rows} rows", "  " + f"{'metric':14s}" + "".join(f"{s:>12s}" for s in sides)]
+    names = list(dict.fromkeys(name for values in metrics.values() for name in values))  # a side may lack one
+    lines = [f"held-out evaluation on {num_rows} rows", "  " + f"{'metric':18s}" + "".join(f"{s:>12s}" for s in sides)]
     for name in names:
-        lines.append("  " + f"{name:14s}" + "".join(f"{metrics[s][name]:12.4f}" for s in sides))
+        cells = [f"{metrics[s][name]:12.4f}" if name in metrics[s] else f"{'-':>12s}" for s in sides]
+        lines.append("  " + f"{name:18s}" + "".join(cells))
     for example in examples:
         lines.append(f"  reference: {example['reference']!r}")
         for side in sides:

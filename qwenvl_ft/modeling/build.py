@@ -14,14 +14,27 @@ from torch import nn
 
 from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, DataConfig, ModelConfig, ModelFamily, \
     OptimizerConfig
+from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
 
 log = logging.getLogger("qwenvl_ft")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def model_source(model_cfg: ModelConfig) -> str:
-    """Hub id or folder to load from; random models are written to a cache folder first."""
+def model_source(model_cfg: ModelConfig, weights: bool = True) -> str:
+    """Hub id or folder to load from; random models are written to a cache folder first. With model.start_from,
+    that run's final/ once it exists (`qwenvl-ft train` trains it first); before, the model group's own, which that
+    run starts from too (a warning says so when weights, not just the processor, are loaded from it)."""
+    start = model_cfg.start_from
+    if start is not None:
+        from pathlib import Path
+
+        final = Path(start.output_dir).expanduser() / "final"
+        if final.is_dir():
+            return str(final)
+        if weights:
+            log.warning("model.start_from: %s is not trained yet (qwenvl-ft train with this config trains it "
+                        "first); loading the model group's own weights instead", final)
     if model_cfg.random_init:
         from qwenvl_ft.modeling.random_init import materialize
 
@@ -37,7 +50,7 @@ def build_processor(model_cfg: ModelConfig, data_cfg: DataConfig, source: Option
 
     from qwenvl_ft.modeling.locate import loading
 
-    source = source or model_source(model_cfg)
+    source = source or model_source(model_cfg, weights=False)
     with loading(source):
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
     if data_cfg.min_pixels is not None or data_cfg.max_pixels is not None:
@@ -101,6 +114,7 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
     get a second "ref" adapter copied from the first."""
     from qwenvl_ft.modeling.locate import loading
 
+    keep_cudnn_out_of_sdpa()
     quant = quantization_config(model_cfg, adapter_cfg)
     source = source or model_source(model_cfg)
     with loading(source):

@@ -18,6 +18,7 @@ from torch import nn
 
 from qwenvl_ft.config.schema import AdapterConfig, ConfigError, DataConfig, ModelConfig
 from qwenvl_ft.modeling.build import DTYPES, _model_class, build_processor, model_source, quantization_config
+from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -47,6 +48,7 @@ def _load_for_generation(model_cfg: ModelConfig, source: str, dtype: Optional[st
     from qwenvl_ft.modeling.locate import loading
 
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+    keep_cudnn_out_of_sdpa()
     with loading(source):
         model = _model_class(model_cfg.family).from_pretrained(
             source, dtype=DTYPES[dtype or model_cfg.dtype.value],
@@ -87,5 +89,5 @@ def load_tuned(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, path: Path,
 
 def load_processor(model_cfg: ModelConfig, data_cfg: DataConfig, path: Optional[Path] = None):
     """The processor saved with the fine-tuned result when there is one, else the base's."""
-    source = str(path) if path is not None and _has_processor(path) else model_source(model_cfg)
+    source = str(path) if path is not None and _has_processor(path) else model_source(model_cfg, weights=False)
     return build_processor(model_cfg, data_cfg, source)

@@ -62,19 +62,44 @@ def merge(cfg: DictConfig) -> Dict:
     try:
         merged.save_pretrained(str(staging), max_shard_size=m.max_shard_size)
         processor.save_pretrained(str(staging))
-        (staging / "merge_info.json").write_text(json.dumps({
+        merge_info = {
             "adapter_path": str(adapter_path.resolve()),
             "base": typed.model.name_or_path if not typed.model.random_init else "random init (model.architecture)",
             "method": "dora" if adapter_config.get("use_dora") else ("qlora" if typed.adapter.load_in_4bit else "lora"),
             "dtype": dtype,
             "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }, indent=2))
+        }
+        (staging / "merge_info.json").write_text(json.dumps(merge_info, indent=2))
+        _write_card(staging, typed, cfg, adapter_path, merge_info)
         _replace(staging, output_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     lock.release()
     log.info("merged %s into the base: %s", adapter_path, output_path)
+    if typed.hub.push:  # after the folder is in place: a failed upload loses nothing
+        from qwenvl_ft.publish.card import launch_command
+        from qwenvl_ft.publish.hub import push_folder
+
+        command = launch_command() or "qwenvl-ft merge ..."
+        retry = f"merge again with merge.overwrite=true:\n  {command} merge.overwrite=true"
+        push_folder(output_path, typed.hub, retry)
     return {"output_path": str(output_path)}
+
+
+def _write_card(folder: Path, typed: MergeRunConfig, cfg: DictConfig, adapter_path: Path, merge_info: Dict) -> None:
+    """The merged model's card: the training run's record (the adapter's run folder) when there is one, else this
+    command's config, plus how it was merged."""
+    from omegaconf import OmegaConf
+
+    from qwenvl_ft.publish.card import RunRecord, build_card, launch_command, load_run, typed_config, write_card
+
+    merge_info = dict(merge_info, command=launch_command())
+    record = load_run(adapter_path.parent)
+    if record is None:  # an adapter from elsewhere: describe it with the config of this command
+        train_keys = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "merge"}
+        text = OmegaConf.to_yaml(OmegaConf.create(train_keys))
+        record = RunRecord(config=typed_config(text), config_yaml=text)
+    write_card(folder, build_card(record, "merged", typed.hub.repo_id or str(folder), merge_info))
 
 
 def _replace(staging: Path, target: Path) -> None:

@@ -1,11 +1,10 @@
-"""Trainers: `train(cfg)` runs the trainer kind the config names (trainer.kind: sft or dpo)."""
+"""Training: `train(cfg)` runs the method trainer.kind names (qwenvl_ft/methods/) through the one run skeleton,
+training/run.py."""
 
 from typing import Dict
 
 
-def train(cfg) -> Dict:
-    if cfg.trainer.kind == "dpo":
-        from qwenvl_ft.training.dpo import train as train_kind
-    else:
-        from qwenvl_ft.training.sft import train as train_kind
-    return train_kind(cfg)
+def train(composed) -> Dict:
+    from qwenvl_ft.training.run import train as run
+
+    return run(composed)

@@ -1,5 +1,6 @@
-"""What every trainer kind (SFT, DPO) shares: starting a run, TrainingArguments, callbacks, optimizer groups,
-saving the result and stopping early on a signal."""
+"""What every training method shares: starting a run, the TrainingArguments and callbacks every method gets, the
+trainer class (mixins over the TRL trainer), the held-out generation check, saving the result, and the record of
+a run stopped by a signal. The run skeleton that uses them is training/run.py."""
 
 from __future__ import annotations
 
@@ -10,41 +11,43 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_ft.config.compose import validate
-from qwenvl_ft.config.schema import Precision, TrainConfig
+from qwenvl_ft.config.schema import HubConfig, Precision, TrainConfig
 
 log = logging.getLogger("qwenvl_ft")
 
 
 @dataclass
 class RunStart:
-    typed: TrainConfig
+    cfg: TrainConfig
     output_dir: Path
     resume: Optional[str]  # checkpoint to resume from, None for a fresh start
     finished: Optional[Dict]  # metrics of an already finished identical run: nothing left to do
 
 
-def start_run(cfg: DictConfig) -> RunStart:
+def start_run(composed: DictConfig) -> RunStart:
     """Validate, take the output folder (one writer per folder: a second run on it is refused; the ranks of one
     distributed launch share it), find the checkpoint to resume from, and record the resolved config there."""
     from qwenvl_ft.runlock import lock_folder
     from qwenvl_ft.runtime import ensure_writable
     from qwenvl_ft.training.resume import finished_metrics, prepare_resume
 
-    typed: TrainConfig = validate(cfg)
-    output_dir = ensure_writable(Path(typed.output_dir))
+    cfg: TrainConfig = validate(composed)
+    output_dir = ensure_writable(Path(cfg.output_dir))
     lock_folder(output_dir)
-    resume = prepare_resume(typed, cfg)  # before config.yaml is rewritten: it warns about config changes
-    finished = finished_metrics(typed, cfg, resume)
+    resume = prepare_resume(cfg, composed)  # before config.yaml is rewritten: it warns about config changes
+    finished = finished_metrics(cfg, composed, resume)
     if finished is None:
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        log_config_summary(typed)
-    return RunStart(typed, output_dir, resume, finished)
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(composed, resolve=True))
+        log_config_summary(cfg)
+    elif cfg.hub.push:  # the same command again after a failed upload: only the upload is left to do
+        publish_final(output_dir, cfg.hub)
+    return RunStart(cfg, output_dir, resume, finished)
 
 
 def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
@@ -54,16 +57,49 @@ def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
     write_atomically(output_dir / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
 
 
-def training_arguments(typed: TrainConfig) -> Dict:
-    """The transformers TrainingArguments every trainer kind shares (SFTConfig and DPOConfig extend them)."""
-    trainer_cfg, optim_cfg = typed.trainer, typed.optimizer
+def finish_final(output_dir: Path, command: Optional[str] = None, started_at: Optional[float] = None) -> Path:
+    """Once final/, metrics.json and log_history.json are written (the held-out metrics after training included):
+    run_info.json (command, hardware, software, times), the model card of final/, and the upload when hub.push.
+    `command` defaults to this job's command line, `started_at` to when start_run wrote config.yaml (the start of
+    this session of the run)."""
+    from qwenvl_ft.publish.card import launch_command, run_info, typed_config, write_run_info
+
+    config_yaml = output_dir / "config.yaml"
+    started = started_at if started_at is not None else config_yaml.stat().st_mtime
+    write_run_info(output_dir, run_info(command or launch_command(), started))
+    return publish_final(output_dir, typed_config(config_yaml.read_text()).hub)
+
+
+def publish_final(output_dir: Path, hub: HubConfig) -> Path:
+    """(Re)write the card of final/ from the run folder's records, naming hub.repo_id as where to load it from
+    when set, then upload final/ when hub.push (a HubError when that fails: final/ stays as it is)."""
+    from qwenvl_ft.publish.card import build_card, launch_command, load_run, write_card
+    from qwenvl_ft.publish.hub import push_folder
+
+    final_dir = output_dir / "final"
+    kind = "adapter" if (final_dir / "adapter_config.json").is_file() else "model"
+    card = write_card(final_dir, build_card(load_run(output_dir), kind, hub.repo_id or str(final_dir)))
+    log.info("model card: %s", card)
+    if hub.push:
+        retry = (f"run the same command again (the run is finished: it only uploads):\n"
+                 f"  {launch_command() or 'qwenvl-ft train ... (the same arguments)'}")
+        push_folder(final_dir, hub, retry)
+    return card
+
+
+def training_arguments(cfg: TrainConfig) -> Dict:
+    """The transformers TrainingArguments every method shares (SFTConfig, DPOConfig, ... extend them)."""
+    from qwenvl_ft.training.speed import check_liger
+
+    trainer_cfg, optim_cfg = cfg.trainer, cfg.optimizer
+    check_liger(cfg.model)
     has_cuda = torch.cuda.is_available()
     if trainer_cfg.tf32 and not has_cuda:
         log.warning("trainer.tf32=true ignored: no CUDA device")
     # TensorBoard event files go next to the checkpoints (transformers reads this variable).
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(typed.output_dir) / "tensorboard")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.output_dir) / "tensorboard")
     return dict(
-        output_dir=typed.output_dir,
+        output_dir=cfg.output_dir,
         num_train_epochs=trainer_cfg.epochs,
         max_steps=trainer_cfg.max_steps,
         per_device_train_batch_size=trainer_cfg.batch_size,
@@ -81,7 +117,7 @@ def training_arguments(typed: TrainConfig) -> Dict:
         bf16=trainer_cfg.precision == Precision.bf16,
         fp16=trainer_cfg.precision == Precision.fp16,
         tf32=trainer_cfg.tf32 if has_cuda else None,
-        gradient_checkpointing=typed.model.gradient_checkpointing,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=trainer_cfg.logging_steps,
         logging_first_step=True,
@@ -90,10 +126,12 @@ def training_arguments(typed: TrainConfig) -> Dict:
         save_total_limit=trainer_cfg.save_total_limit,
         report_to=[r for r in trainer_cfg.report_to if r != "none"],
         disable_tqdm=trainer_cfg.disable_tqdm,
-        seed=typed.seed,
-        data_seed=typed.data.seed,
-        dataloader_num_workers=typed.data.num_workers,
+        seed=cfg.seed,
+        data_seed=cfg.data.seed,
+        dataloader_num_workers=cfg.data.num_workers,
         dataloader_pin_memory=has_cuda,  # pinned memory only helps copies to a GPU
+        # Liger's layer kernels (the Trainer applies them); TRL keeps its own fused LM head and loss
+        use_liger_kernel=cfg.model.use_liger_kernel,
         **evaluation_arguments(trainer_cfg),
     )
 
@@ -112,32 +150,111 @@ def evaluation_arguments(trainer_cfg) -> Dict:
     )
 
 
-def training_callbacks(typed: TrainConfig) -> list:
-    """Callbacks every trainer kind shares: checkpoint completion markers (for resuming) and early stopping."""
+def training_callbacks(cfg: TrainConfig) -> list:
+    """Callbacks every method shares: checkpoint completion markers (for resuming), early stopping, and the vision
+    blocks' own gradient checkpointing setting."""
     from transformers import EarlyStoppingCallback
 
     from qwenvl_ft.training.resume import CheckpointCompleteMarker
+    from qwenvl_ft.training.speed import vision_checkpointing_callback
 
     callbacks = [CheckpointCompleteMarker()]
-    if typed.trainer.early_stopping_patience is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=typed.trainer.early_stopping_patience,
-                                               early_stopping_threshold=typed.trainer.early_stopping_threshold))
+    if cfg.trainer.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.trainer.early_stopping_patience,
+                                               early_stopping_threshold=cfg.trainer.early_stopping_threshold))
+    if cfg.model.vision_checkpointing != cfg.model.gradient_checkpointing:
+        callbacks.append(vision_checkpointing_callback(cfg.model.vision_checkpointing))
     return callbacks
 
 
-def build_optimizers(typed: TrainConfig, model, args) -> tuple:
-    """(optimizer, None) with separate vision tower / merger learning rates when asked; (None, None) lets the
-    Trainer build its own."""
-    from transformers import Trainer
+# ----------------------------------------------------------------------------------------------------------------
+# the trainer class: TRL's, with our mixins. Overriding public Trainer methods in a subclass is the extension point
+# transformers documents (`create_optimizer`, `get_train_dataloader`, ...); a mixin per concern keeps each override
+# small and lets every method's trainer get the same ones.
 
-    from qwenvl_ft.modeling.build import optimizer_param_groups
 
-    optim_cfg = typed.optimizer
-    if optim_cfg.vision_lr is None and optim_cfg.merger_lr is None:
-        return None, None
-    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    groups = optimizer_param_groups(model, optim_cfg, Trainer.get_decay_parameter_names(None, model))
-    return optimizer_cls(groups, **optimizer_kwargs), None
+class PerModuleLearningRates:
+    """optimizer.vision_lr / merger_lr: the Trainer's optimizer with one parameter group per learning rate.
+
+    Built inside `create_optimizer`, i.e. on the model as the Trainer trains it (after PEFT wrapping, FSDP or
+    DeepSpeed preparation): an optimizer passed in from outside is refused under FSDP and would hold the wrong
+    parameters after wrapping. `optimizer_settings` (the optimizer group) is set on the configured subclass.
+    """
+
+    optimizer_settings: Any = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            from qwenvl_ft.modeling.build import optimizer_param_groups
+
+            target = self.model if model is None else model
+            groups = optimizer_param_groups(target, self.optimizer_settings, self.get_decay_parameter_names(target))
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, target)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return super().create_optimizer(model)  # the Trainer's own bookkeeping (it keeps an optimizer it finds)
+
+
+def trainer_mixins(cfg: TrainConfig) -> tuple:
+    """The mixins this run's trainer class gets, configured."""
+    mixins = []
+    if cfg.optimizer.vision_lr is not None or cfg.optimizer.merger_lr is not None:
+        mixins.append(type("PerModuleLearningRates", (PerModuleLearningRates,),
+                           {"optimizer_settings": cfg.optimizer}))
+    return tuple(mixins)
+
+
+def trainer_class(base: type, mixins: Sequence[type]) -> type:
+    """`base` (SFTTrainer, DPOTrainer, ...) with `mixins` in front of it; `base` itself when there are none."""
+    if not mixins:
+        return base
+    return type(base.__name__, (*mixins, base), {"__module__": base.__module__})
+
+
+def finish_trainer(trainer, cfg: TrainConfig):
+    """What every method's trainer gets once built: per-sample attention for packed rows (data.packing), on the
+    policy and on a reference model when there is one."""
+    if cfg.data.packing:
+        from qwenvl_ft.training.speed import packed_attention
+
+        packed_attention([trainer.model, getattr(trainer, "ref_model", None)])
+    return trainer
+
+
+def shared_parts(cfg: TrainConfig, processor, collator, train_rows, eval_rows, model_config,
+                 train_lengths: Optional[List[int]] = None):
+    """TrainerParts with what every method shares: the common TrainingArguments, callbacks and trainer mixins."""
+    from qwenvl_ft.methods.base import TrainerParts
+
+    return TrainerParts(cfg=cfg, processor=processor, collator=collator, train_rows=train_rows,
+                        eval_rows=eval_rows, model_config=model_config, arguments=training_arguments(cfg),
+                        callbacks=training_callbacks(cfg), trainer_mixins=trainer_mixins(cfg),
+                        train_lengths=train_lengths)
+
+
+def standalone_parts(method, cfg: TrainConfig, model, processor, collator, train_rows, eval_rows,
+                     peft_config=None):
+    """TrainerParts for building a method's trainer outside the run skeleton (tests and benchmarks), holding what
+    the skeleton would have prepared."""
+    parts = shared_parts(cfg, processor, collator, train_rows, eval_rows, getattr(model, "config", None))
+    parts.model, parts.peft_config = model, peft_config
+    parts.arguments = method.trainer_arguments(parts, parts.arguments)
+    return parts
+
+
+def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, when: str) -> Dict:
+    """The before/after check: greedy answers to the held-out rows (conversations ending on the reference), on
+    the device the model trains on, with exact match, BLEU and ROUGE-L; a few predictions are logged."""
+    from qwenvl_ft.data.collate import VisionChatCollator
+    from qwenvl_ft.evaluation.generate import evaluate_rows
+
+    result = evaluate_rows(model, VisionChatCollator(processor, cfg.data), rows, cfg.trainer.eval_batch_size,
+                           cfg.trainer.max_new_tokens, progress=f"held-out predictions {when} training")
+    shown = min(cfg.trainer.num_predictions_to_print, len(rows))
+    lines = [f"held-out predictions {when} training (exact match {result['exact_match']:.1%} on {len(rows)} rows):"]
+    for prediction, reference in list(zip(result["predictions"], result["references"]))[:shown]:
+        lines.append(f"  predicted: {prediction!r:40s} reference: {reference!r}")
+    log.info("\n".join(lines))
+    return {f"eval_{name}_{when}": result[name] for name in ("exact_match", "bleu", "rouge_l")}
 
 
 def save_final(trainer, processor, output_dir: Path) -> Path:
@@ -175,19 +292,19 @@ def interrupted(trainer, output_dir: Path, metrics: Dict) -> Dict:
     return metrics
 
 
-def optimizer_steps(typed: TrainConfig, items: int, batch_size: Optional[int] = None) -> int:
+def optimizer_steps(cfg: TrainConfig, items: int, batch_size: Optional[int] = None) -> int:
     """Steps for `items` dataset items of `batch_size` (default trainer.batch_size; a packed run has 1 pack each)."""
-    t = typed.trainer
+    t = cfg.trainer
     if t.max_steps > 0:
         return t.max_steps
     per_epoch = math.ceil(math.ceil(items / (batch_size or t.batch_size)) / t.gradient_accumulation_steps)
     return math.ceil(per_epoch * t.epochs)
 
 
-def log_config_summary(typed: TrainConfig) -> None:
-    m, a, d, o = typed.model, typed.adapter, typed.data, typed.optimizer
+def log_config_summary(cfg: TrainConfig) -> None:
+    m, a, d, o = cfg.model, cfg.adapter, cfg.data, cfg.optimizer
     source = "random init (tiny)" if m.random_init else m.name_or_path
     adapter = a.method.value if not a.is_peft else f"{a.method.value} r={a.r} alpha={a.alpha} on {list(a.target_modules)}"
     log.info("run: model=%s (%s) | adapter=%s | data=%s %s | lr=%g %s | output=%s", source, m.dtype.value, adapter,
              d.format.value, d.describe_path() if d.path or d.sources else "", o.lr, o.scheduler.value,
-             typed.output_dir)
+             cfg.output_dir)

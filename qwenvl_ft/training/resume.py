@@ -123,7 +123,9 @@ def config_changes(old_yaml: Path, new_cfg) -> List[str]:
     old = _flatten(OmegaConf.to_container(OmegaConf.load(old_yaml), resolve=False))
     new = _flatten(OmegaConf.to_container(new_cfg, resolve=True))
     ignored = {"output_dir", "run_name", "trainer.resume_from"}
-    return sorted(k for k in set(old) | set(new) if k not in ignored and old.get(k) != new.get(k))
+    # hub.*: where the result is uploaded does not change the training (and a finished run run again only uploads)
+    return sorted(k for k in set(old) | set(new)
+                  if k not in ignored and not k.startswith("hub.") and old.get(k) != new.get(k))
 
 
 def _flatten(node, prefix: str = "") -> dict:

@@ -1,28 +1,16 @@
-"""The speed switches of a run, turned into what the Trainer takes: batch layout (padded, length-grouped,
-token-budget, packed), Liger kernels and vision-tower gradient checkpointing.
-
-`speed_setup` is a pure function of the config plus the collator and rows; sft.py splices its result into the
-SFTConfig and SFTTrainer it builds.
-"""
+"""The speed switches every method shares: Liger kernels (checked here, passed through TrainingArguments),
+vision-tower gradient checkpointing apart from the decoder's, and per-sample attention for packed rows. The batch
+layouts (padded, length-grouped, token budget, packed) are data/batching.py's, chosen by the SFT method."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Sequence
 
-from qwenvl_ft.config.schema import ConfigError, ModelConfig, TrainConfig
+from qwenvl_ft.config.schema import ConfigError, ModelConfig
 
 log = logging.getLogger("qwenvl_ft")
-
-
-@dataclass
-class SpeedSetup:
-    train_dataset: Any
-    collator: Callable
-    arguments: Dict[str, Any] = field(default_factory=dict)  # extra SFTConfig / TrainingArguments
-    callbacks: List[Any] = field(default_factory=list)
 
 
 def check_liger(model_cfg: ModelConfig) -> None:
@@ -64,26 +52,11 @@ def vision_checkpointing_callback(enabled: bool):
     return VisionCheckpointing()
 
 
-def speed_setup(typed: TrainConfig, collator, train_rows, model=None) -> SpeedSetup:
-    from qwenvl_ft.data.batching import training_batches
+def packed_attention(models: Sequence) -> None:
+    """With data.packing on sdpa, the language model of each model attends per sample (`sdpa_varlen`) instead of
+    through a block-diagonal mask over the whole pack, whose size grows with the square of the pack length."""
+    from qwenvl_ft.modeling.varlen_attention import NAME, use_for_language_model
 
-    check_liger(typed.model)
-    vision_config = getattr(getattr(model, "config", None), "vision_config", None)
-    batches = training_batches(typed.data, typed.trainer.batch_size, collator, train_rows, typed.data.seed,
-                               tokens_per_second=getattr(vision_config, "tokens_per_second", None))
-    log.info("batches: %s", batches.summary)
-    if typed.data.packing and model is not None:
-        from qwenvl_ft.modeling.varlen_attention import NAME, use_for_language_model
-
-        # with sdpa, per-sample attention instead of a block-diagonal mask over the whole pack
-        if use_for_language_model(model):
+    for model in models:
+        if model is not None and use_for_language_model(model):
             log.info("packing: language model attention switched from sdpa to %s (per-sample SDPA)", NAME)
-    arguments: Dict[str, Any] = {"per_device_train_batch_size": batches.per_device_batch_size}
-    if batches.sampling_strategy is not None:
-        arguments["train_sampling_strategy"] = batches.sampling_strategy
-    if typed.model.use_liger_kernel:
-        arguments["use_liger_kernel"] = True
-    callbacks = []
-    if typed.model.vision_checkpointing != typed.model.gradient_checkpointing:
-        callbacks.append(vision_checkpointing_callback(typed.model.vision_checkpointing))
-    return SpeedSetup(batches.dataset, batches.collator, arguments, callbacks)
