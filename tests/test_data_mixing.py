@@ -1,6 +1,6 @@
 """Tier 1: several data files in one run (data.sources): each read, checked and reported on its own, held-out rows
 taken from each, the training rows concatenated or drawn by weight, the mixture reported; the same for preference
-pairs; .tsv files; duplicate ids reported, dropped or refused as data.on_duplicate_id says."""
+pairs and GRPO prompts; .tsv files; duplicate ids reported, dropped or refused as data.on_duplicate_id says."""
 
 import json
 from collections import Counter
@@ -92,20 +92,27 @@ def test_sources_from_the_command_line_and_a_tsv_file(tmp_path, capsys):
     assert status == 0 and "rows: 10 read, 0 invalid" in out and f"  {tmp_path / 'domain.tsv'}: 4 read" in out
 
 
-def test_preference_pairs_mix_the_same_way(tmp_path):
-    from qwenvl_ft.data.preference import load_pair_splits
-
+@pytest.mark.parametrize("kind", ["pairs", "prompts"])
+def test_preference_pairs_and_prompts_mix_the_same_way(tiny_processor, tmp_path, kind):
+    """DPO pairs and GRPO prompts: the same sources, weights and report, read as lists (the method's reader) and
+    through the data check's store."""
     write_image(tmp_path / "a.png", size=(56, 56))
     for name, count in (("p1", 6), ("p2", 2)):
-        (tmp_path / f"{name}.json").write_text(json.dumps(
-            [{"image": "a.png", "prompt": "<image>\nWhat?", "chosen": f"{name} yes {i}", "rejected": "no"}
-             for i in range(count)]))
-    cfg = DataConfig(format=DataFormat.llava_preference, sources=[
+        rows = [{"image": "a.png", "prompt": "<image>\nWhat?", **({"chosen": f"{name} yes {i}", "rejected": "no"}
+                                                                 if kind == "pairs" else {"solution": f"{name} {i}"})}
+                for i in range(count)]
+        (tmp_path / f"{name}.json").write_text(json.dumps(rows))
+    fmt = DataFormat.llava_preference if kind == "pairs" else DataFormat.llava_prompt
+    cfg = DataConfig(format=fmt, sources=[
         SourceConfig(path=str(tmp_path / "p1.json"), weight=3.0), SourceConfig(path=str(tmp_path / "p2.json"),
                                                                               weight=1.0)])
-    train, held_out = load_pair_splits(cfg)
-    origins = Counter(train[i]["source"].rsplit(":", 1)[0] for i in range(len(train)))
-    assert held_out is None and origins == {str(tmp_path / "p1.json"): 6, str(tmp_path / "p2.json"): 2}
+    expected = {str(tmp_path / "p1.json"): 6, str(tmp_path / "p2.json"): 2}
+    train, held_out = fmt.method.read_rows(cfg)
+    assert held_out == [] and Counter(row["source"].rsplit(":", 1)[0] for row in train) == expected
+    checked = check_data(cfg, tiny_processor)
+    stored = Counter(checked.train[i]["source"].rsplit(":", 1)[0] for i in range(len(checked.train)))
+    assert stored == expected and checked.report.settings["method"] == ("dpo" if kind == "pairs" else "grpo")
+    assert "mixture" in checked.report.summary() and f"  {tmp_path / 'p2.json'}: 2 read" in checked.report.text()
 
 
 @pytest.mark.parametrize("policy", ["warn", "drop", "error"])
