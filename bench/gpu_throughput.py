@@ -124,7 +124,8 @@ def model_flops_per_step(model, typed, real_tokens: int, squared: int, patches: 
                          forward_only: bool = False) -> float:
     from qwenvl_ft.modeling.build import model_parts
 
-    visual, merger, language_model = model_parts(model)
+    parts = model_parts(model)
+    visual, language_model = parts.vision, parts.language_model
     text = model.config.get_text_config()
     n_lm = sum(p.numel() for n, p in language_model.named_parameters() if "embed_tokens" not in n)
     n_lm += text.vocab_size * text.hidden_size  # the LM head's matmul (tied or not)

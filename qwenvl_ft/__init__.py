@@ -1,3 +1,4 @@
-"""qwenvl-ft: declarative fine-tuning of Qwen2-VL / Qwen2.5-VL with Hydra configs and TRL trainers."""
+"""qwenvl-ft: declarative fine-tuning of Qwen vision-language models (one declaration per model family,
+qwenvl_ft/families) with Hydra configs and TRL trainers."""
 
 __version__ = "0.1.0"

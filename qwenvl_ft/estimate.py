@@ -12,11 +12,13 @@ Bytes:
                is not 4-bit (embeddings, lm_head, norms, biases) to fp32, and PEFT keeps LoRA factors in fp32
   gradients    one per trainable parameter, in its dtype
   optimizer    AdamW: two states per trainable parameter in its dtype; 8-bit AdamW: two bytes
-  activations  autograd's saved tensors, counted per token from transformers' Qwen2-VL code (`_layer_bytes`,
-               `_vision_block_bytes`), plus the backward's working set; tests/test_estimate.py measures the saved
-               tensors of the real code on CPU and checks the formula against them
+  activations  autograd's saved tensors, counted per token from transformers' code of the model's family (the
+               family declares its per-block terms: qwenvl_ft/families, `decoder_layer_bytes`,
+               `vision_block_bytes`), plus the backward's working set; tests/test_estimate.py measures the saved
+               tensors of the real code on CPU, for every family, and checks the formulas against them
 A batch is the worst case of the configured layout: padded rows of data.max_length, or a full pack / token
-budget, each row holding its image budget (data.max_visual_tokens, else the images at data.max_pixels).
+budget, each row holding its image budget (data.max_visual_tokens, else the images at data.max_pixels, else at
+the family's processor default).
 Not counted: the CUDA context (~0.5 GiB, outside PyTorch's allocator) and fragmentation (typically 5-15%).
 The prediction is for `torch.cuda.max_memory_allocated()`; it has not been checked against a GPU measurement yet.
 """
@@ -31,14 +33,14 @@ from typing import Dict, List
 
 from omegaconf import DictConfig
 
-from qwenvl_ft import methods
+from qwenvl_ft import families, methods
 from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig
+from qwenvl_ft.families.base import language_linear_inputs
 
 log = logging.getLogger("qwenvl_ft")
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-QWEN2_VL_DEFAULT_MAX_PIXELS = 12845056  # the processors' default (16384 visual tokens per image)
 TOKEN_TILE, VOCAB_TILE = 4096, 32768  # TRL's fused LM head works on tiles of this many tokens x vocabulary rows
 
 
@@ -68,11 +70,11 @@ def meta_model(model_cfg: ModelConfig):
     """The model with every parameter on the meta device: shapes only, built in a fraction of a second."""
     import torch
 
-    from qwenvl_ft.modeling.build import _model_class
+    from qwenvl_ft.modeling.build import model_class
 
     config = hf_config(model_cfg)
     with torch.device("meta"):
-        return _model_class(model_cfg.family)._from_config(config)
+        return model_class(model_cfg)._from_config(config)
 
 
 @dataclass
@@ -95,10 +97,11 @@ def count_parameters(typed: TrainConfig, model=None) -> ParameterCounts:
 
     model_cfg, adapter_cfg = typed.model, typed.adapter
     model = model if model is not None else meta_model(model_cfg)
-    visual, merger, language_model = model_parts(model)
+    found = model_parts(model)
     params = dict(model.named_parameters())  # tied weights appear once
-    parts = [("merger", merger), ("vision", visual), ("embeddings", language_model.embed_tokens),
-             ("decoder", language_model)]  # first match wins: the merger sits inside `visual`
+    parts = [*[("merger", projector) for projector in found.projectors], ("vision", found.vision),
+             ("embeddings", found.language_model.get_input_embeddings()),
+             ("decoder", found.language_model)]  # first match wins: the projectors sit inside the vision tower
     owner = {}
     for part, module in reversed(parts):
         owner.update({id(p): part for p in module.parameters()})
@@ -138,12 +141,7 @@ def count_parameters(typed: TrainConfig, model=None) -> ParameterCounts:
                 lora += module.out_features  # the magnitude vector
             leaf = name.rsplit(".", 1)[-1]
             leaves[leaf] = leaves.get(leaf, 0) + 1
-    saved = 0
-    for key in lora_cfg.modules_to_save or []:
-        for name, module in model.named_modules():
-            if (name == key or name.endswith("." + key)) and ".visual." in f".{name}.":
-                saved += sum(p.numel() for p in module.parameters())
-                break
+    saved = sum(p.numel() for key in lora_cfg.modules_to_save or [] for p in model.get_submodule(key).parameters())
     return ParameterCounts(total, by_part, lora + saved, quantized, fp32_base, base_other, lora, saved, leaves)
 
 
@@ -160,10 +158,11 @@ class BatchBudget:
     note: str
 
 
-def batch_budget(data_cfg: DataConfig, batch_size: int, merge: int = 2, factor: int = 28,
-                 pairs: bool = False) -> BatchBudget:
-    """The worst-case batch of one device step. `pairs`: DPO, trainer.batch_size pairs = a chosen and a rejected
-    sequence each, whose images the vision tower encodes once (modeling/padding_free.py: share_pair_images)."""
+def batch_budget(data_cfg: DataConfig, batch_size: int, family: families.Family, pairs: bool = False) -> BatchBudget:
+    """The worst-case batch of one device step, for a model of `family` (its merge size, pixels per visual token
+    and default image size). `pairs`: DPO, trainer.batch_size pairs = a chosen and a rejected sequence each, whose
+    images the vision tower encodes once (modeling/padding_free.py: share_pair_images)."""
+    merge, factor = family.merge_size, family.factor
     max_length = data_cfg.max_length
     if max_length is None and data_cfg.max_tokens_per_batch is None:
         raise ConfigError("estimate needs data.max_length or data.max_tokens_per_batch to size a batch")
@@ -188,7 +187,7 @@ def batch_budget(data_cfg: DataConfig, batch_size: int, merge: int = 2, factor: 
     if data_cfg.resized_height is not None:
         pixels, source = data_cfg.resized_height * data_cfg.resized_width, "the fixed resize"
     else:
-        pixels = data_cfg.max_pixels or QWEN2_VL_DEFAULT_MAX_PIXELS
+        pixels = data_cfg.max_pixels or family.image_max_pixels
         source = "data.max_pixels" if data_cfg.max_pixels else "the processor's default max_pixels"
     per_image = max(1, pixels // (factor * factor))
     per_row = per_image * (data_cfg.max_images_per_row or 1)
@@ -203,67 +202,7 @@ def batch_budget(data_cfg: DataConfig, batch_size: int, merge: int = 2, factor: 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# activations (bytes per token), from the saved tensors of transformers' Qwen2-VL code
-
-
-def _lora_bytes(in_features: int, r: int, a: int, mask_bytes: int) -> int:
-    # lora_A keeps its dropped-out input, lora_B keeps lora_A's output, dropout keeps its mask (a bool on CUDA;
-    # PyTorch's CPU dropout multiplies by a float mask instead, hence the parameter)
-    return (a + mask_bytes) * in_features + a * r
-
-
-def _layer_bytes(h: int, kv: int, inter: int, heads: int, a: int, trainable: bool, lora_in: List[int], r: int,
-                 mask_bytes: int = 1) -> int:
-    """Saved tensors of one decoder layer, per token.
-
-    Always: both RMSNorms keep an fp32 copy of their input and its rsqrt (4h + 4 each); attention keeps q and k
-    after RoPE, v, its output and the log-sum-exp (flash / memory-efficient kernels, GQA without repeating k/v);
-    the MLP keeps the gate output, SiLU's output and the up projection (3 x intermediate). Trainable weights add
-    what the weight gradients need: the normalised inputs of both norm weights (2h), the q/k/v and gate/up inputs
-    (2h) and the down_proj input (intermediate); o_proj's input is the attention output already kept. Frozen
-    weights add nothing: y = xW needs only W for dx. LoRA adds `_lora_bytes` per adapted Linear.
-    """
-    total = 8 * h + 8 + a * (2 * h + 2 * kv) + 4 * heads + 3 * a * inter
-    if trainable:
-        total += a * (4 * h + inter)
-    return total + sum(_lora_bytes(n, r, a, mask_bytes) for n in lora_in)
-
-
-def _vision_block_bytes(d: int, mlp: int, heads: int, a: int, trainable: bool, lora_in: List[int], r: int,
-                        mask_bytes: int = 1) -> int:
-    """Saved tensors of one ViT block, per patch.
-
-    Always: both LayerNorm inputs and statistics, q and k after RoPE, v (a view that keeps the whole fused qkv
-    output alive: 3d), the attention output and log-sum-exp, QuickGELU's input and sigmoid (2 x mlp).
-    Trainable weights add the qkv, proj and fc1 inputs (3d) and the fc2 input (mlp).
-    """
-    total = a * (2 * d + 2 * d + 3 * d + d) + 16 + 4 * heads + 2 * a * mlp
-    if trainable:
-        total += a * (3 * d + mlp)
-    return total + sum(_lora_bytes(n, r, a, mask_bytes) for n in lora_in)
-
-
-def _vision_block_bytes_2_5(d: int, mlp: int, heads: int, a: int, trainable: bool, lora_in: List[int], r: int,
-                            mask_bytes: int = 1) -> int:
-    """Saved tensors of one Qwen2.5-VL ViT block, per patch (window or full attention alike).
-
-    Always: both RMSNorms keep an fp32 copy of their input and its rsqrt (4d + 4 each), q and k after RoPE, v (a
-    view that keeps the whole fused qkv output alive: 3d), the attention output and log-sum-exp, and the gated
-    MLP's SiLU input and both factors of its product (3 x mlp). Trainable weights add the normalised inputs the
-    two RMSNorm weights multiply (2d), the qkv, proj and gate/up inputs (3d) and the down_proj input (mlp).
-    """
-    total = 2 * (4 * d + 4) + a * (2 * d + 3 * d + d) + 4 * heads + 3 * a * mlp
-    if trainable:
-        total += a * (2 * d + 3 * d + mlp)
-    return total + sum(_lora_bytes(n, r, a, mask_bytes) for n in lora_in)
-
-
-def vision_sizes(vision) -> tuple:
-    """(width, MLP width, gated) of the ViT: Qwen2-VL's QuickGELU MLP of mlp_ratio x embed_dim, or Qwen2.5-VL's
-    gated SiLU MLP of intermediate_size (its width is `hidden_size`; `embed_dim` does not exist there)."""
-    if hasattr(vision, "embed_dim"):
-        return vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio), False
-    return vision.hidden_size, vision.intermediate_size, True
+# activations (bytes per token): the family's per-block terms (qwenvl_ft/families), summed over the batch
 
 
 @dataclass
@@ -325,46 +264,45 @@ def estimate_memory(typed: TrainConfig, model=None) -> Estimate:
 
     method = methods.get(trainer_cfg.kind)
     rows += method.memory_rows(typed, counts, w)  # e.g. DPO's frozen reference copy
-    budget = batch_budget(method.batch_data(typed), trainer_cfg.batch_size, vision.spatial_merge_size,
-                          vision.patch_size * vision.spatial_merge_size, pairs=method.sequences_per_row() == 2)
-    rows += _activation_rows(typed, counts, text, vision, budget, a)
+    family = families.of_config(config)
+    budget = batch_budget(method.batch_data(typed), trainer_cfg.batch_size, family,
+                          pairs=method.sequences_per_row() == 2)
+    rows += _activation_rows(typed, counts, family, text, vision, budget, a)
     return Estimate(rows, counts, budget)
 
 
-def _lora_inputs(typed: TrainConfig, counts: ParameterCounts, text, vision) -> tuple:
+def _lora_inputs(typed: TrainConfig, counts: ParameterCounts, family: families.Family, text, vision) -> tuple:
     """in_features of the LoRA'd Linears of one decoder layer and of one vision block."""
     if not typed.adapter.is_peft:
         return [], []
-    h, inter = text.hidden_size, text.intermediate_size
-    width = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h, "gate_proj": h, "up_proj": h, "down_proj": inter}
+    width = language_linear_inputs(text)
     layers = text.num_hidden_layers
     lm = []
     for leaf, n in counts.lora_modules.items():
         if leaf in width:
             lm += [width[leaf]] * max(1, n // layers)
-    d, mlp, gated = vision_sizes(vision)
     if not typed.adapter.vision_lora:
         return lm, []
-    return lm, ([d, d, d, d, mlp] if gated else [d, d, d, mlp])  # qkv, proj, (gate, up, down) or (fc1, fc2)
+    return lm, list(family.vision_sizes(vision).linear_inputs)
 
 
-def _activation_rows(typed, counts, text, vision, budget: BatchBudget, a: int) -> List[tuple]:
+def _activation_rows(typed, counts, family: families.Family, text, vision, budget: BatchBudget,
+                     a: int) -> List[tuple]:
     model_cfg, adapter_cfg = typed.model, typed.adapter
-    h, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
-    heads = text.num_attention_heads
-    kv = text.num_key_value_heads * (h // heads)
-    (d, mlp, gated), depth, vision_heads = vision_sizes(vision), vision.depth, vision.num_heads
+    h, layers = text.hidden_size, text.num_hidden_layers
+    sizes, depth, vision_heads = family.vision_sizes(vision), vision.depth, vision.num_heads
+    d = sizes.width
     lm_trainable = not adapter_cfg.is_peft and not model_cfg.freeze_language_model
     vision_trainable = not adapter_cfg.is_peft and not model_cfg.freeze_vision_tower
     if adapter_cfg.is_peft and not model_cfg.freeze_vision_tower and not adapter_cfg.vision_lora:
         vision_trainable = True  # modules_to_save: the blocks train in full
-    lm_lora, vision_lora = _lora_inputs(typed, counts, text, vision)
+    lm_lora, vision_lora = _lora_inputs(typed, counts, family, text, vision)
     r = adapter_cfg.r
     T, P = budget.tokens, budget.vision_patches
     rows = []
 
     mask = 1 if adapter_cfg.dropout > 0 else 0  # no dropout: no mask (adapters on q/k/v then share one input)
-    layer = _layer_bytes(h, kv, inter, heads, a, lm_trainable, lm_lora, r, mask)
+    layer = family.layer_bytes(text, a, lm_trainable, lm_lora, r, mask)
     if model_cfg.gradient_checkpointing:
         saved = layers * a * h * T
         working = layer * T  # one layer recomputed in the backward
@@ -386,8 +324,7 @@ def _activation_rows(typed, counts, text, vision, budget: BatchBudget, a: int) -
 
     grads_reach_vision = vision_trainable or bool(vision_lora)
     if P and grads_reach_vision:
-        block = (_vision_block_bytes_2_5 if gated else _vision_block_bytes)(d, mlp, vision_heads, a, vision_trainable,
-                                                                            vision_lora, r, mask)
+        block = family.vision_block_bytes(sizes, vision_heads, a, vision_trainable, vision_lora, r, mask)
         if model_cfg.vision_checkpointing:
             vis, how = depth * a * d * P + block * P, f"checkpointed: {depth} block inputs x {P} patches + one block"
         else:
@@ -396,11 +333,12 @@ def _activation_rows(typed, counts, text, vision, budget: BatchBudget, a: int) -
             vis += a * P * vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2  # patch embed
         rows.append(("activations: vision", vis, how))
     elif P:
-        rows.append(("activations: vision", a * P * (3 * d + (2 if gated else 1) * mlp) + a * h * budget.visual_tokens,
+        working_set = a * P * (3 * d + sizes.mlp_tensors * sizes.mlp) + a * h * budget.visual_tokens
+        rows.append(("activations: vision", working_set,
                      f"frozen: no saved tensors; one block's working set over {P} patches"))
     if P and (not model_cfg.freeze_merger or grads_reach_vision):
-        rows.append(("activations: merger", a * P * (3 * d) + a * budget.visual_tokens * (4 * d),
-                     f"LayerNorm + MLP over {P} patches"))
+        rows.append(("activations: merger", family.projector_bytes(vision, a, P, budget.visual_tokens),
+                     f"{len(family.projectors)} projector module(s) over {P} patches"))
     return rows
 
 

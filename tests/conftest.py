@@ -35,10 +35,23 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def tiny_processor():
+def processor_of():
+    """option -> the processor of that model option's tiny random model (each built once per session)."""
     from qwenvl_ft.config.compose import compose
     from qwenvl_ft.config.compose import validate
     from qwenvl_ft.modeling.build import build_processor
 
-    typed = validate(compose(["recipe=demo"], output_dir="/tmp/unused"))
-    return build_processor(typed.model, typed.data)
+    built = {}
+
+    def processor(option: str = "tiny"):
+        if option not in built:
+            typed = validate(compose(["recipe=demo", f"model={option}"], output_dir="/tmp/unused"))
+            built[option] = build_processor(typed.model, typed.data)
+        return built[option]
+
+    return processor
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(processor_of):
+    return processor_of("tiny")

@@ -10,7 +10,7 @@ from qwenvl_ft.config.compose import available_recipes, compose, validate
 from qwenvl_ft.config.schema import AdapterMethod, ConfigError, ModelFamily
 
 # Recipes whose data lives on the user's disk need data.path to validate.
-NEEDS_PATH = {"lora_2b_coco", "full_7b_llava", "lora_qwen25vl_3b_llava", "dpo_lora_2b"}
+NEEDS_PATH = {"lora_2b_coco", "full_7b_llava", "lora_qwen25vl_3b_llava", "dpo_lora_2b", "lora_qwen3vl_8b_llava"}
 
 
 @pytest.mark.parametrize("recipe", sorted(available_recipes()))
@@ -108,6 +108,9 @@ def test_unknown_key_inside_a_recipe_file_is_reported(tmp_path):
     ("model.family=qwen2_5_vl", "needs model.architecture.vision_intermediate_size"),
     ("model=tiny_qwen2_5_vl model.architecture.vision_fullatt_block_indexes=[2]", "below vision_depth"),
     ("model=tiny_qwen2_5_vl model.architecture.vision_window_size=42", "multiple of patch_size"),
+    ("model=tiny_qwen3_vl model.architecture.deepstack_visual_indexes=[2]", "deepstack_visual_indexes must be"),
+    ("model=tiny_qwen3_vl model.architecture.vision_num_position_embeddings=200", "must be a square"),
+    ("model=tiny_qwen3_vl model.architecture.mrope_section=[24,20,20]", "must sum to head_dim/2 = 8"),
 ])
 def test_range_checks(override, message):
     with pytest.raises(ConfigError, match=message):

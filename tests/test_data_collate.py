@@ -12,6 +12,7 @@ from qwenvl_ft.data.collate import IGNORE_INDEX, RowDropped, VisionChatCollator
 from qwenvl_ft.errors import DataError
 
 from data_helpers import assistant, data_cfg, frame_level, user, write_image, write_video
+from family_models import DEFAULT_MODEL, TEST_MODELS
 
 SMALL_VIDEO = dict(video_min_pixels=28 * 28, video_max_pixels=56 * 56)
 
@@ -48,31 +49,43 @@ def test_the_image_processor_is_the_fast_torchvision_one(tiny_processor):
     assert tiny_processor.image_processor.backend == "torchvision"
 
 
-def test_encode_equals_the_processor_on_the_same_row(tiny_processor):
-    collator = _collator(tiny_processor, **SMALL_VIDEO)
+@pytest.mark.parametrize("option", TEST_MODELS)
+def test_encode_equals_the_processor_on_the_same_row(processor_of, option):
+    from transformers.video_utils import VideoMetadata
+
+    processor = processor_of(option)
+    collator = _collator(processor, **SMALL_VIDEO)
     frames = [_noise(80, 64, seed=s) for s in range(3)]
     row = _row([user("What?", images=1, videos=1), assistant("stuff"), user("And?", images=1), assistant("more")],
                images=[_noise(130, 90), _noise(60, 60, seed=1)], videos=[frames])
     sample = collator.encode(row)
     # Images: the processor given the original images resizes them itself; ours resized first, with its resize.
     image_row = _row([user("What?", images=2), assistant("x")], images=row["images"])
-    reference = tiny_processor(text=[collator.render(image_row["messages"])], images=row["images"],
-                               return_tensors="pt")
+    reference = processor(text=[collator.render(image_row["messages"])], images=row["images"], return_tensors="pt")
     ours = collator.encode(image_row)
     for key in ("input_ids", "mm_token_type_ids"):
         assert torch.equal(ours[key], reference[key][0]), key
     for key in ("pixel_values", "image_grid_thw"):
         assert torch.equal(ours[key], reference[key]), key
-    # Video (frames sampled and resized by us, as qwen-vl-utils would): the processor's own token expansion.
+    # Video (frames sampled and resized by us, as qwen-vl-utils would, with the metadata qwen-vl-utils gives a
+    # frame list: positions at the sampling rate): the processor's own token expansion, timestamps and timing.
     visuals = collator.load_visuals(row)
-    reference = tiny_processor(text=[collator.render(row["messages"])], images=visuals.images,
-                               videos=visuals.videos, do_resize=False, do_sample_frames=False, return_tensors="pt")
+    fps = visuals.video_fps[0]
+    metadata = VideoMetadata(total_num_frames=len(visuals.videos[0]), fps=fps,
+                             frames_indices=list(range(len(visuals.videos[0]))))
+    reference = processor(text=[collator.render(row["messages"])], images=visuals.images, videos=visuals.videos,
+                          video_metadata=[metadata], fps=fps, do_resize=False, do_sample_frames=False,
+                          return_tensors="pt")
     for key in ("input_ids", "mm_token_type_ids"):
         assert torch.equal(sample[key], reference[key][0]), key
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+    assert set(sample) - {"labels"} == set(reference) - {"attention_mask"}
+    for key in set(sample) - {"labels", "input_ids", "mm_token_type_ids"}:
         assert torch.equal(sample[key], reference[key]), key
-    assert sample["video_grid_thw"].tolist() == [[2, 2, 4]]  # 3 frames padded to 4; 80x64 -> 56x28 (<= 56*56)
-    assert (sample["mm_token_type_ids"] == 2).sum() == 2 * 2 * 4 // 4
+    t, h, w = sample["video_grid_thw"][0].tolist()
+    assert t == 2  # 3 frames padded to 4
+    assert (sample["mm_token_type_ids"] == 2).sum() == t * h * w // 4
+    if option == DEFAULT_MODEL:
+        assert [h, w] == [2, 4]  # 80x64 -> 56x28 (<= 56*56)
 
 
 def test_labels_are_every_assistant_turn_and_nothing_else(tiny_processor):
@@ -110,12 +123,12 @@ def test_video_files_are_sampled_by_fps_or_frame_count(tiny_processor, tmp_path)
     assert seconds.load_visuals(row).video_fps == [1.0]
 
 
-def test_images_videos_and_text_only_rows_mix_in_one_batch_the_model_accepts(tiny_processor, tmp_path):
-    from transformers import Qwen2VLForConditionalGeneration
-
+@pytest.mark.parametrize("option", TEST_MODELS)
+def test_images_videos_and_text_only_rows_mix_in_one_batch_the_model_accepts(processor_of, option, tmp_path):
     from qwenvl_ft.config.compose import compose, validate
-    from qwenvl_ft.modeling.random_init import materialize
+    from qwenvl_ft.modeling.build import model_class, model_source
 
+    tiny_processor = processor_of(option)
     collator = _collator(tiny_processor, **SMALL_VIDEO)
     clip = write_video(tmp_path / "clip.mp4", frames=8, fps=4)
     rows = [_row([user("Hi"), assistant("Hello")], source="t:0"),
@@ -129,8 +142,8 @@ def test_images_videos_and_text_only_rows_mix_in_one_batch_the_model_accepts(tin
     merge = tiny_processor.image_processor.merge_size ** 2
     assert int((batch["mm_token_type_ids"] == 1).sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // merge
     assert int((batch["mm_token_type_ids"] == 2).sum()) == int(batch["video_grid_thw"].prod(-1).sum()) // merge
-    typed = validate(compose(["recipe=demo"], output_dir=str(tmp_path)))
-    model = Qwen2VLForConditionalGeneration.from_pretrained(materialize(typed.model.architecture))
+    typed = validate(compose(["recipe=demo", f"model={option}"], output_dir=str(tmp_path)))
+    model = model_class(typed.model).from_pretrained(model_source(typed.model))
     with torch.no_grad():
         loss = model(**batch).loss
     assert torch.isfinite(loss)

@@ -420,10 +420,10 @@ def test_vision_and_merger_learning_rates_apply_to_the_wrapped_model(tmp_path):
     trainer = build_trainer(typed, base, build_lora_config(base, typed.model, typed.adapter), processor,
                             VisionPreferenceCollator(processor, typed.data), train_rows, eval_rows)
     trainer.create_optimizer()  # what train() calls first: the groups are built on the model as trained
-    visual, merger, _ = model_parts(trainer.model)
+    parts = model_parts(trainer.model)
     trained = {id(p) for p in trainer.model.parameters() if p.requires_grad}
-    merger_ids = {id(p) for p in merger.parameters() if p.requires_grad}
-    vision_ids = {id(p) for p in visual.parameters() if p.requires_grad} - merger_ids
+    merger_ids = {id(p) for projector in parts.projectors for p in projector.parameters() if p.requires_grad}
+    vision_ids = {id(p) for p in parts.vision.parameters() if p.requires_grad} - merger_ids
     lrs = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
     assert set(lrs) == trained and merger_ids and vision_ids, "the groups must hold exactly the trained parameters"
     assert {lrs[i] for i in vision_ids} == {1e-5} and {lrs[i] for i in merger_ids} == {1e-4}

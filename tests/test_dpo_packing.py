@@ -1,8 +1,9 @@
 """Padding-free DPO (qwenvl_ft/modeling/padding_free.py, data.packing=true with trainer=dpo).
 
 The claim: TRL's DPO loss, its logged metrics and every gradient are the same whether the batch runs padded or
-padding-free with each pair's images encoded once -- on the tiny random Qwen2-VL and Qwen2.5-VL in fp32, for a
-batch whose pairs differ in image size, image count and answer length.
+padding-free with each pair's images encoded once -- on the tiny random model of every family in fp32 (Qwen3-VL's
+DeepStack features and visual_pos_masks included), for a batch whose pairs differ in image size, image count and
+answer length.
 """
 
 import json
@@ -15,6 +16,8 @@ from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.config.schema import ConfigError
 from qwenvl_ft.data.preference import to_pair_dataset
 from qwenvl_ft.modeling.padding_free import repeated_half, share_pair_images, unpad_language_model
+
+from family_models import TEST_MODELS
 
 QUICK = ["recipe=dpo_demo", "data.shapes.num_train=64", "data.shapes.num_eval=8", "trainer.max_steps=8",
          "trainer.logging_steps=1", "trainer.disable_tqdm=true", "trainer.report_to=[none]"]
@@ -42,7 +45,7 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny_qwen2_5_vl"])
+@pytest.fixture(scope="module", params=TEST_MODELS)
 def trainer(request, tmp_path_factory):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
@@ -85,11 +88,11 @@ def test_padding_free_dpo_equals_padded(trainer):
     assert mask.shape[0] == 8 and (mask == 0).float().mean() > 0.15, "the batch should have padding to remove"
     padded = _loss_metrics_and_grads(trainer, batch)
 
-    visual, _, language_model = model_parts(trainer.model)
+    parts = model_parts(trainer.model)
     seen = {"tokens": [], "patches": []}
-    probes = [language_model.layers[0].register_forward_hook(
+    probes = [parts.decoder_layers[0].register_forward_hook(
                   lambda m, a, o: seen["tokens"].append(tuple(a[0].shape[:2]))),
-              visual.patch_embed.register_forward_hook(lambda m, a, o: seen["patches"].append(a[0].shape[0]))]
+              parts.vision_blocks[0].register_forward_hook(lambda m, a, o: seen["patches"].append(a[0].shape[0]))]
     handles = unpad_language_model(trainer.model) + share_pair_images(trainer.model)
     try:
         packed = _loss_metrics_and_grads(trainer, batch)

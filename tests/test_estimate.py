@@ -4,9 +4,11 @@ against the tensors autograd really saves (on CPU; the comparison with measured 
 import pytest
 import torch
 
+from qwenvl_ft import families
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.estimate import (GiB, _layer_bytes, _vision_block_bytes, batch_budget, count_parameters,
-                                estimate_memory, meta_model)
+from qwenvl_ft.estimate import GiB, batch_budget, count_parameters, estimate_memory, meta_model
+
+from family_models import DEFAULT_MODEL, TEST_MODELS, family_of_option
 
 
 def _typed(*overrides):
@@ -49,20 +51,53 @@ def test_qwen2_5_vl_parameter_counts_match_the_released_models(option, expected,
     assert counts.by_part["vision"] == VIT_2_5 and counts.by_part["merger"] == _merger(hidden) - 1280
 
 
+# Qwen3-VL's ViT: LayerNorms with bias (2 x 2d), qkv (d x 3d + 3d), proj (d^2 + d), linear_fc1 (d x mlp + mlp),
+# linear_fc2 (mlp x d + d); a Conv3d patch embedding with bias (d x 3 x 2 x 16 x 16 + d) and 2304 learned
+# positions (2304 x d).
+def _vit_3(d, mlp, depth):
+    return depth * (4 * d + d * 3 * d + 3 * d + d * d + d + d * mlp + mlp + mlp * d + d) \
+        + d * 3 * 2 * 16 * 16 + d + 2304 * d
+
+
+# The merger (LayerNorm(d), Linear(4d, 4d), Linear(4d, hidden)) and one DeepStack merger per listed block (the same
+# with a LayerNorm over 4d).
+def _mergers_3(d, hidden, deepstack):
+    mlp = 4 * d * 4 * d + 4 * d + 4 * d * hidden + hidden
+    return 2 * d + mlp + deepstack * (2 * 4 * d + mlp)
+
+
+# The released counts (read from public records of the hub checkpoints, no network here): Qwen/Qwen3-VL-8B-Instruct's
+# four safetensors files hold 8,767,123,696 parameters (a tensor-by-tensor listing of the files); the hub API reports
+# a safetensors total of 2,127,532,032 for Qwen/Qwen3-VL-2B-Instruct; Qwen/Qwen3-VL-4B-Instruct loaded from the hub
+# counts 4,437,815,808.
+@pytest.mark.parametrize("option, expected, hidden, d, mlp, depth", [
+    ("qwen3_vl_2b", 2_127_532_032, 2048, 1024, 4096, 24),
+    ("qwen3_vl_4b", 4_437_815_808, 2560, 1024, 4096, 24),
+    ("qwen3_vl_8b", 8_767_123_696, 4096, 1152, 4304, 27),
+])
+def test_qwen3_vl_parameter_counts_match_the_released_models(option, expected, hidden, d, mlp, depth):
+    counts = count_parameters(_typed(f"model={option}", "adapter=full"))
+    assert counts.total == expected
+    assert counts.by_part["vision"] == _vit_3(d, mlp, depth)
+    assert counts.by_part["merger"] == _mergers_3(d, hidden, deepstack=3)
+
+
 def test_meta_model_allocates_nothing():
     model = meta_model(_typed("model=qwen2_vl_7b").model)
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
-def test_tiny_counts_equal_the_built_model():
+@pytest.mark.parametrize("option", TEST_MODELS)
+def test_tiny_counts_equal_the_built_model(option):
     from qwenvl_ft.modeling.build import build_model, count_parameters as built_count
 
-    cases = [["adapter=full", "model.freeze_vision_tower=true"], ["adapter=lora", "model.freeze_vision_tower=true"],
-             ["adapter=dora", "model.freeze_vision_tower=true"],
-             ["adapter=lora"],  # the tiny model trains its vision blocks and merger: PEFT's modules_to_save copies
+    cases = [["adapter=lora"],  # the tiny models train their vision tower and projectors: modules_to_save copies
              ["adapter=lora", "adapter.vision_lora=true"]]
+    if option == DEFAULT_MODEL:  # the adapter methods count alike whatever the family
+        cases += [["adapter=full", "model.freeze_vision_tower=true"],
+                  ["adapter=lora", "model.freeze_vision_tower=true"], ["adapter=dora", "model.freeze_vision_tower=true"]]
     for overrides in cases:
-        typed = _typed("recipe=demo", *overrides)
+        typed = _typed("recipe=demo", f"model={option}", *overrides)
         model = build_model(typed.model, typed.adapter)
         trainable, total = built_count(model)
         counts = count_parameters(typed)
@@ -108,18 +143,24 @@ def test_full_fine_tune_bytes_and_switches():
 
 
 def test_batch_budget_layouts():
+    family = families.get(families.DEFAULT)
     data = _typed("recipe=demo", "data.max_length=512", "data.max_pixels=200704").data  # 256 tokens per image
-    padded = batch_budget(data, batch_size=4)
+    padded = batch_budget(data, 4, family)
     assert (padded.rows, padded.tokens, padded.visual_tokens) == (4, 2048, 4 * 256)
     assert padded.vision_patches == 4 * padded.visual_tokens
     from dataclasses import replace
 
-    packed = batch_budget(replace(data, packing=True, max_tokens_per_batch=4096), batch_size=4)
+    packed = batch_budget(replace(data, packing=True, max_tokens_per_batch=4096), 4, family)
     assert (packed.rows, packed.tokens) == (8, 4096)
-    capped = batch_budget(replace(data, max_visual_tokens=64), batch_size=4)
+    capped = batch_budget(replace(data, max_visual_tokens=64), 4, family)
     assert capped.visual_tokens == 4 * 64
+    # the family's own image geometry: 32 x 32 pixels per visual token, its processor's default image size
+    qwen3 = families.get("qwen3_vl")
+    assert batch_budget(data, 4, qwen3).visual_tokens == 4 * (200704 // 32 ** 2)
+    default_size = batch_budget(replace(data, max_pixels=None, max_length=20000), 1, qwen3)
+    assert default_size.visual_tokens == qwen3.image_max_pixels // 32 ** 2 == 16384
     # DPO: 4 pairs are 8 sequences, but the vision tower encodes each pair's images once
-    pairs = batch_budget(data, batch_size=4, pairs=True)
+    pairs = batch_budget(data, 4, family, pairs=True)
     assert (pairs.rows, pairs.tokens, pairs.visual_tokens, pairs.vision_patches) == (8, 8 * 512, 4 * 256, 4 * 1024)
 
 
@@ -164,23 +205,25 @@ def _saved_bytes(model, run) -> int:
 ARCH = ["model.architecture.hidden_size=128", "model.architecture.intermediate_size=352",
         "model.architecture.num_attention_heads=4", "model.architecture.num_key_value_heads=2",
         "model.architecture.mrope_section=[4,6,6]", "model.architecture.vision_embed_dim=64"]
+# Qwen2.5-VL: window attention in every block (no full-attention block), windows of 2 x 2 merged patches.
+# Qwen3-VL: one DeepStack merger, on block 0, in every model compared (it must cancel out of the difference).
+FAMILY_ARCH = {"tiny_qwen2_5_vl": ["model.architecture.vision_fullatt_block_indexes=[]"],
+               "tiny_qwen3_vl": ["model.architecture.deepstack_visual_indexes=[0]"]}
 
 
 def _model(adapter, layers, depth, vision_lora=False, option="tiny"):
     from qwenvl_ft.estimate import hf_config
-    from qwenvl_ft.modeling.build import _model_class, apply_freezing, build_lora_config
+    from qwenvl_ft.modeling.build import apply_freezing, build_lora_config, model_class
 
-    # Qwen2.5-VL: window attention in every block (no full-attention block), windows of 2 x 2 merged patches
-    family = ["model.architecture.vision_fullatt_block_indexes=[]"] if option == "tiny_qwen2_5_vl" else []
     typed = _typed("recipe=demo", f"model={option}", f"adapter={adapter}",
                    "adapter.target_modules=[q_proj,v_proj,down_proj]",
-                   f"adapter.vision_lora={str(vision_lora).lower()}", *ARCH, *family,
+                   f"adapter.vision_lora={str(vision_lora).lower()}", *ARCH, *FAMILY_ARCH.get(option, []),
                    f"model.architecture.num_hidden_layers={layers}",
                    f"model.architecture.vision_depth={depth}")
     config = hf_config(typed.model)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = _model_class(typed.model.family)(config).train()
+    model = model_class(typed.model)(config).train()
     if adapter == "full":
         apply_freezing(model, typed.model)
         return model
@@ -189,10 +232,6 @@ def _model(adapter, layers, depth, vision_lora=False, option="tiny"):
     for p in model.parameters():
         p.requires_grad_(False)
     return get_peft_model(model, build_lora_config(model, typed.model, typed.adapter))
-
-
-def _inner(model):
-    return (model.get_base_model() if hasattr(model, "get_base_model") else model).model
 
 
 def _cpu_sdpa_saves_the_attention_matrix_with_gqa() -> bool:
@@ -207,45 +246,51 @@ def _cpu_sdpa_saves_the_attention_matrix_with_gqa() -> bool:
     return sum(saved) >= 4 * 64 * 64
 
 
+@pytest.mark.parametrize("option", TEST_MODELS)
 @pytest.mark.parametrize("adapter", ["full", "lora"])
-def test_decoder_layer_formula_matches_saved_tensors(adapter):
+def test_decoder_layer_formula_matches_saved_tensors(adapter, option):
+    from qwenvl_ft.modeling.build import model_parts
+
     if _cpu_sdpa_saves_the_attention_matrix_with_gqa():
         pytest.skip(f"torch {torch.__version__} runs CPU SDPA with grouped-query heads on its math kernel; the "
                     f"formula models the fused kernels of GPUs and of newer torch")
     tokens = 256
     per_model = []
     for layers in (1, 3):  # the difference is two layers: embeddings, final norm and RoPE tables cancel out
-        model = _model(adapter, layers, 1)
+        model = _model(adapter, layers, 1, option=option)
         embeds = torch.randn(1, tokens, 128, requires_grad=True)
-        lm = _inner(model).language_model
+        lm = model_parts(model).language_model
         per_model.append(_saved_bytes(model, lambda: lm(inputs_embeds=embeds, use_cache=False)))
     measured = (per_model[1] - per_model[0]) / 2 / tokens
     lora_in = [] if adapter == "full" else [128, 128, 352]
-    predicted = _layer_bytes(128, 64, 352, 4, a=4, trainable=adapter == "full", lora_in=lora_in, r=8, mask_bytes=4)
+    text = model.config.get_text_config()
+    predicted = family_of_option(option).layer_bytes(text, a=4, trainable=adapter == "full", lora_in=lora_in, r=8,
+                                                     mask_bytes=4)
     assert measured == predicted
 
 
-@pytest.mark.parametrize("option", ["tiny", "tiny_qwen2_5_vl"])
+@pytest.mark.parametrize("option", TEST_MODELS)
 @pytest.mark.parametrize("adapter, vision_lora", [("full", False), ("lora", True)])
 def test_vision_block_formula_matches_saved_tensors(adapter, vision_lora, option):
-    from qwenvl_ft.estimate import _vision_block_bytes_2_5
+    from qwenvl_ft.modeling.build import model_parts
 
+    family = family_of_option(option)
     patches, per_model = 256, []
-    grid, pixels = torch.tensor([[1, 16, 16]]), torch.randn(256, 3 * 2 * 14 * 14)
+    grid, pixels = torch.tensor([[1, 16, 16]]), torch.randn(256, 3 * 2 * family.patch_size ** 2)
     for depth in (1, 3):
         model = _model(adapter, 1, depth, vision_lora=vision_lora, option=option)
-        visual = _inner(model).visual
+        visual = model_parts(model).vision
         if adapter == "full":
             for p in visual.parameters():
                 p.requires_grad_(True)
         per_model.append(_saved_bytes(model, lambda: visual(pixels, grid_thw=grid)))
     measured = (per_model[1] - per_model[0]) / 2 / patches
-    if option == "tiny":  # qkv, proj, fc1, fc2; MLP width 2 x 64
-        formula, lora_in = _vision_block_bytes, [64, 64, 64, 128]
-    else:  # qkv, proj, gate, up, down; MLP width model.architecture.vision_intermediate_size = 128
-        formula, lora_in = _vision_block_bytes_2_5, [64, 64, 64, 64, 128]
-    predicted = formula(64, 128, 4, a=4, trainable=adapter == "full", lora_in=lora_in if vision_lora else [], r=8,
-                        mask_bytes=4)
+    vision = model.config.vision_config
+    sizes = family.vision_sizes(vision)  # the tiny ViTs: width 64, MLP width 128
+    assert (sizes.width, sizes.mlp) == (64, 128)
+    predicted = family.vision_block_bytes(sizes, vision.num_heads, a=4, trainable=adapter == "full",
+                                          lora_in=list(sizes.linear_inputs) if vision_lora else [], r=8,
+                                          mask_bytes=4)
     assert measured == predicted
 
 
@@ -258,12 +303,14 @@ def test_estimate_command_prints_a_table(capsys):
     assert result["predicted_peak_gib"] == pytest.approx(sum(result["components_gib"].values()), abs=0.02)
 
 
-def test_quantized_linears_are_the_ones_bitsandbytes_replaces():
+@pytest.mark.parametrize("option", TEST_MODELS)
+def test_quantized_linears_are_the_ones_bitsandbytes_replaces(option):
     from torch import nn
 
     from qwenvl_ft.modeling.build import build_model
 
-    typed = _typed("recipe=demo", "adapter=qlora", "model.freeze_vision_tower=true", "model.freeze_merger=false")
+    typed = _typed("recipe=demo", f"model={option}", "adapter=qlora", "model.freeze_vision_tower=true",
+                   "model.freeze_merger=false")
     model = build_model(typed.model, typed.adapter)
     built = sum(m.weight.numel() * 2 for m in model.modules()  # Params4bit packs two values per byte
                 if isinstance(m, nn.Linear) and type(m.weight).__name__ == "Params4bit")

@@ -1,4 +1,5 @@
-"""`qwenvl-ft eval`, `infer` and `merge`, and evaluation during training, on the tiny random Qwen2-VL.
+"""`qwenvl-ft eval`, `infer` and `merge`, and evaluation during training, on the tiny random models (merge on every
+family).
 
 Tier 1 (no model): metrics, the command configs and their validation. Tier 2 (@slow): short tiny runs trained once
 per module, then evaluated, queried and merged.
@@ -16,6 +17,8 @@ from qwenvl_ft.cli import main
 from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.config.schema import EVAL_METRICS, ConfigError
 from qwenvl_ft.evaluation import metrics
+
+from family_models import DEFAULT_MODEL, TEST_MODELS
 
 # 64 generated training rows, 8 held out; no before/after check (the eval command does that here).
 DATA = ["recipe=demo", "data.shapes.num_train=64", "data.shapes.num_eval=8"]
@@ -209,23 +212,30 @@ def _logits(model, batch):
         return model(**batch).logits.float()
 
 
+# Every adapter method on the default family; LoRA (with the vision tower and projectors trained in full) on every
+# other family.
+MERGE_CASES = [(DEFAULT_MODEL, method) for method in ("lora", "dora", "qlora")] + \
+    [(option, "lora") for option in TEST_MODELS if option != DEFAULT_MODEL]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
-def test_merge_writes_a_plain_model_with_the_adapters_logits(tmp_path, method):
+@pytest.mark.parametrize("option, method", MERGE_CASES)
+def test_merge_writes_a_plain_model_with_the_adapters_logits(tmp_path, option, method):
     from peft import PeftModel
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import AutoProcessor
 
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.shapes import make_rows
+    from qwenvl_ft.modeling.build import model_class, model_source
     from qwenvl_ft.modeling.merge import merge
-    from qwenvl_ft.modeling.random_init import materialize
 
     run = tmp_path / "outputs" / "demo" / "exp1"
     # LoRA/DoRA: vision tower and merger stay trainable (the tiny default), so the merge must carry LoRA on the
     # language model plus fully trained modules_to_save. QLoRA: both frozen, as 4-bit vision blocks cannot train.
     frozen = ["model.freeze_vision_tower=true", "model.freeze_merger=true"] if method == "qlora" else []
-    _train(run, f"adapter={method}", "trainer.max_steps=6", *ADAPTER_FAST, *frozen)
-    merge_cfg = compose(DATA + [f"adapter={method}", *frozen], config_name="merge", output_dir=str(run / "merge"))
+    _train(run, f"model={option}", f"adapter={method}", "trainer.max_steps=6", *ADAPTER_FAST, *frozen)
+    merge_cfg = compose(DATA + [f"model={option}", f"adapter={method}", *frozen], config_name="merge",
+                        output_dir=str(run / "merge"))
     typed = validate(merge_cfg)
     merge(merge_cfg)
     merged_dir = run / "merged"
@@ -238,11 +248,11 @@ def test_merge_writes_a_plain_model_with_the_adapters_logits(tmp_path, method):
 
     processor = AutoProcessor.from_pretrained(str(merged_dir))
     assert "<|im_start|>" in processor.chat_template
-    merged = Qwen2VLForConditionalGeneration.from_pretrained(str(merged_dir)).eval()  # plain transformers
-    base_path = materialize(typed.model.architecture)
-    reference = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(base_path),
-                                          str(run / "final")).eval()
-    base = Qwen2VLForConditionalGeneration.from_pretrained(base_path).eval()
+    cls = model_class(typed.model)
+    merged = cls.from_pretrained(str(merged_dir)).eval()  # plain transformers
+    base_path = model_source(typed.model)
+    reference = PeftModel.from_pretrained(cls.from_pretrained(base_path), str(run / "final")).eval()
+    base = cls.from_pretrained(base_path).eval()
 
     batch = VisionChatCollator(processor, typed.data)(make_rows(2, 56, seed=1, split="eval"))
     batch.pop("labels")
@@ -250,10 +260,12 @@ def test_merge_writes_a_plain_model_with_the_adapters_logits(tmp_path, method):
     assert (want - untouched).abs().max() > 1e-2, "the adapter should change the outputs"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
-    # Never overwritten by accident; replaced when asked.
+    if option != DEFAULT_MODEL:
+        return
+    # Never overwritten by accident; replaced when asked (the same for every family).
     with pytest.raises(ConfigError, match="merge.overwrite=true"):
         merge(merge_cfg)
-    merge(compose(DATA + [f"adapter={method}", "merge.overwrite=true"], config_name="merge",
+    merge(compose(DATA + [f"model={option}", f"adapter={method}", "merge.overwrite=true"], config_name="merge",
                   output_dir=str(run / "merge")))
     assert (merged_dir / "model.safetensors").exists()
 

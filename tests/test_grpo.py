@@ -21,6 +21,8 @@ from qwenvl_ft.data.prompts import PromptImages, PromptMeasurer, as_chat_row, lo
 from qwenvl_ft.data.shapes import COLOURS, SHAPES, draw
 from qwenvl_ft.errors import DataError
 
+from family_models import DEFAULT_MODEL, TEST_MODELS
+
 # A few steps of the demo's GRPO on its warm-started model would need the warm start first; the training tests
 # below start from the tiny random model instead (they check mechanics, not learning) with beta > 0 so that the
 # reference is used.
@@ -414,6 +416,20 @@ def test_qlora_grpo_runs_on_cpu(tmp_path):
     adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
     assert adapter and all(".language_model." in k for k in adapter)
     assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", [option for option in TEST_MODELS if option != DEFAULT_MODEL])
+def test_grpo_trains_on_every_family(tmp_path, option):
+    """The other families' tiny models through the same GRPO run (the default family is trained above): TRL's
+    GRPOTrainer generates from their processors' prompts and steps with finite losses."""
+    from qwenvl_ft.training import train
+
+    out = tmp_path / "run"
+    metrics = train(compose(QUICK + [f"model={option}", "trainer.max_steps=1", f"trainer.grpo.rewards=[{VARIED}]"],
+                            output_dir=str(out)))
+    assert metrics["global_step"] == 1
+    assert all(math.isfinite(v) for v in _history(out, "loss")) and len(_history(out, "reward")) == 1
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,25 @@
 """Padding-free packing and the other batch layouts (qwenvl_ft/data/packing.py, batching.py).
 
 The core claim: a packed row is, sample for sample, the same computation as the samples run on their own --
-same per-sample losses, same gradients -- on the tiny random Qwen2-VL in fp32.
+same per-sample losses, same gradients -- on the tiny random model of every family in fp32 (tests that do not
+depend on the family run on the default one).
 """
+
+from functools import lru_cache
 
 import pytest
 import torch
 from PIL import Image
 
+from qwenvl_ft import families
 from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.config.schema import ConfigError
 from qwenvl_ft.data.batching import (ExpandGroups, padding_fraction, plan_packs, plan_token_budget, row_length,
                                      row_lengths, training_batches)
 from qwenvl_ft.data.collate import IGNORE_INDEX, VisionChatCollator
-from qwenvl_ft.data.packing import PackingCollator, mrope_positions, sample_boundaries
+from qwenvl_ft.data.packing import PackingCollator, position_function, sample_boundaries
+
+from family_models import DEFAULT_MODEL, TEST_MODELS
 
 
 def _row(sizes, question, answer, video_frames=0):
@@ -30,7 +36,9 @@ def _row(sizes, question, answer, video_frames=0):
     return row
 
 
-# Different image sizes (so different grids and M-RoPE jumps), two images in a row, no image at all, a video.
+# Different image sizes (so different grids and M-RoPE jumps), two images in a row, no image at all, a video
+# (whose temporal patches each family numbers its own way: one position apart, spaced by time, or as separate
+# timestamped spans).
 ROWS = [
     _row([(56, 56)], "What is in the image?", "a red circle"),
     _row([(112, 84)], "Describe the image.", "The quick brown fox jumps over the lazy dog."),
@@ -41,42 +49,46 @@ ROWS = [
 ]
 
 
-# Every test runs on both model families: Qwen2.5-VL differs in its vision tower (window attention) and in spacing
-# video frames by time in M-RoPE (second_per_grid_ts x tokens_per_second).
-@pytest.fixture(scope="module", params=["tiny", "tiny_qwen2_5_vl"])
-def model_option(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def typed(model_option):
+@lru_cache(maxsize=None)
+def _typed(option):
     # small video frames, so that the video row stays short
-    return validate(compose(["recipe=demo", f"model={model_option}", "data.video_min_pixels=3136",
+    return validate(compose(["recipe=demo", f"model={option}", "data.video_min_pixels=3136",
                              "data.video_max_pixels=4704"], output_dir="/tmp/unused"))
 
 
-@pytest.fixture(scope="module")
-def collator(typed):
+@lru_cache(maxsize=None)
+def _collator(option):
     from qwenvl_ft.modeling.build import build_processor
 
+    typed = _typed(option)
     return VisionChatCollator(build_processor(typed.model, typed.data), typed.data)
 
 
-def _packer(typed, collator):
-    return PackingCollator(collator, typed.model.architecture.tokens_per_second)
+@pytest.fixture
+def typed():
+    return _typed(DEFAULT_MODEL)
+
+
+@pytest.fixture
+def collator():
+    return _collator(DEFAULT_MODEL)
+
+
+def _packer(model, collator):
+    return PackingCollator(collator, position_function(model.config))
 
 
 def _model(typed, attn_implementation):
-    from qwenvl_ft.modeling.build import _model_class, model_source
+    from qwenvl_ft.modeling.build import model_class, model_source
     from qwenvl_ft.modeling.varlen_attention import use_for_language_model
 
     torch.manual_seed(0)
-    model = _model_class(typed.model.family).from_pretrained(
+    model = model_class(typed.model).from_pretrained(
         model_source(typed.model), dtype=torch.float32,
         attn_implementation="sdpa" if attn_implementation == "sdpa_varlen" else attn_implementation)
     if attn_implementation == "sdpa_varlen":
         assert use_for_language_model(model)
-    return model.train()  # the tiny model has no dropout; train() is what the Trainer runs
+    return model.train()  # the tiny models have no dropout; train() is what the Trainer runs
 
 
 def _token_losses(model, batch):
@@ -89,22 +101,24 @@ def _token_losses(model, batch):
     return torch.cat([losses.new_zeros(1), losses])  # index i: loss of predicting token i
 
 
-def test_mrope_positions_match_the_models_get_rope_index(typed, collator):
+@pytest.mark.parametrize("option", TEST_MODELS)
+def test_mrope_positions_match_the_models_get_rope_index(option):
+    typed, collator = _typed(option), _collator(option)
+    family = families.get(typed.model.family.value)
     model = _model(typed, "sdpa")
-    packer = _packer(typed, collator)
+    positions = position_function(model.config)
     for row in ROWS:
         sample = collator.encode(row)
         batch = collator.pad([sample])
-        timing = {"second_per_grid_ts": batch["second_per_grid_ts"]} if "second_per_grid_ts" in batch else {}
+        seconds = family.video_seconds_input
+        timing = {seconds: batch[seconds]} if seconds in batch else {}
         expected, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                                  batch.get("image_grid_thw"), batch.get("video_grid_thw"), **timing)
-        got = mrope_positions(sample["mm_token_type_ids"], sample.get("image_grid_thw"), 2,
-                              sample.get("video_grid_thw"), packer._video_intervals(sample))
-        assert torch.equal(got, expected[:, 0]), row["source"]
+        assert torch.equal(positions(sample), expected[:, 0]), row["source"]
     video = collator.encode(ROWS[-1])
     assert (video["mm_token_type_ids"] == 2).any()  # the video row really has video tokens
-    # Qwen2.5-VL spaces the video's frames by time: the test above covers that path
-    assert ("second_per_grid_ts" in video) == (typed.model.family.value == "qwen2_5_vl")
+    assert video["video_grid_thw"][0, 0] == 2  # of two temporal patches, which the families number differently
+    assert (family.video_seconds_input in video) == (family.video_seconds_input is not None)
 
 
 def test_row_lengths_are_what_encode_produces(typed, collator):
@@ -127,7 +141,7 @@ def test_row_lengths_are_what_encode_produces(typed, collator):
 
 def test_packed_row_layout(typed, collator):
     samples = [collator.encode(row) for row in ROWS]
-    batch = _packer(typed, collator).pack(samples)
+    batch = PackingCollator(collator).pack(samples)
     lengths = [s["input_ids"].numel() for s in samples]
     total = sum(lengths)
     assert batch["input_ids"].shape == (1, total) and batch["position_ids"].shape == (4, 1, total)
@@ -145,7 +159,7 @@ def test_first_token_of_every_sample_is_never_a_target(typed, collator):
     samples = [collator.encode(row) for row in ROWS[:3]]
     for sample in samples:
         sample["labels"] = sample["input_ids"].clone()
-    batch = _packer(typed, collator).pack(samples)
+    batch = PackingCollator(collator).pack(samples)
     starts = sample_boundaries(batch["position_ids"])
     labels = batch["labels"][0]
     assert all(labels[s] == IGNORE_INDEX for s in starts)
@@ -153,9 +167,15 @@ def test_first_token_of_every_sample_is_never_a_target(typed, collator):
 
 
 # sdpa / eager: transformers' block-diagonal mask; sdpa_varlen: qwenvl-ft's per-sample SDPA (what packing uses
-# unless flash_attention_2 is set)
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "sdpa_varlen"])
-def test_packed_losses_and_gradients_match_unpacked(typed, collator, attn_implementation):
+# unless flash_attention_2 is set). Every family with sdpa_varlen; the mask-based kernels, which do not depend on
+# the family, on the default one.
+ATTENTION_CASES = [(option, "sdpa_varlen") for option in TEST_MODELS] + \
+    [(DEFAULT_MODEL, "sdpa"), (DEFAULT_MODEL, "eager")]
+
+
+@pytest.mark.parametrize("option, attn_implementation", ATTENTION_CASES)
+def test_packed_losses_and_gradients_match_unpacked(option, attn_implementation):
+    typed, collator = _typed(option), _collator(option)
     model = _model(typed, attn_implementation)
     samples = [collator.encode(row) for row in ROWS]
 
@@ -170,7 +190,7 @@ def test_packed_losses_and_gradients_match_unpacked(typed, collator, attn_implem
 
     # Packed: one row.
     model.zero_grad()
-    batch = _packer(typed, collator).pack(samples)
+    batch = _packer(model, collator).pack(samples)
     token_losses = _token_losses(model, batch)
     token_losses.sum().backward()
     starts = sample_boundaries(batch["position_ids"]) + [batch["input_ids"].shape[1]]
@@ -179,19 +199,23 @@ def test_packed_losses_and_gradients_match_unpacked(typed, collator, attn_implem
     torch.testing.assert_close(torch.stack(packed_losses), torch.stack(single_losses), rtol=1e-5, atol=1e-5)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, unpacked_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    # the vision tower and merger really took part
-    assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+    # every part of the vision tower and every projector really took part
+    family = families.of_model(model)
+    for path in (*family.vision_stem, *family.projectors):
+        assert all(p.grad.abs().sum() > 0 for p in model.get_submodule(path).parameters()), path
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "sdpa_varlen"])
-def test_packed_loss_equals_padded_loss_through_the_model(typed, collator, attn_implementation):
+@pytest.mark.parametrize("option, attn_implementation", [(option, "sdpa_varlen") for option in TEST_MODELS]
+                         + [(DEFAULT_MODEL, "sdpa")])
+def test_packed_loss_equals_padded_loss_through_the_model(option, attn_implementation):
     """The model's own (token-mean) loss on a packed row equals the one on the padded batch of the same rows
     (with sdpa_varlen, the padded batch goes through its ordinary-mask path)."""
+    typed, collator = _typed(option), _collator(option)
     model = _model(typed, attn_implementation)
     samples = [collator.encode(row) for row in ROWS]
     with torch.no_grad():
         padded = model(**collator.pad(samples), use_cache=False).loss
-        packed = model(**_packer(typed, collator).pack(samples), use_cache=False).loss
+        packed = model(**_packer(model, collator).pack(samples), use_cache=False).loss
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
 
 
@@ -269,22 +293,26 @@ def test_training_batches_layouts(collator, typed):
     assert plain.dataset is rows and plain.collator is collator
 
 
-def test_vision_checkpointing_switch(typed, collator):
+@pytest.mark.parametrize("option", TEST_MODELS)
+def test_vision_checkpointing_switch(option):
+    from qwenvl_ft.modeling.build import model_parts
     from qwenvl_ft.training.speed import set_vision_checkpointing
 
+    typed, collator = _typed(option), _collator(option)
     model = _model(typed, "sdpa")
-    batch = _packer(typed, collator).pack([collator.encode(row) for row in ROWS])
+    parts = model_parts(model)
+    batch = _packer(model, collator).pack([collator.encode(row) for row in ROWS])
     _token_losses(model, batch).sum().backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert set_vision_checkpointing(model, False) == typed.model.architecture.vision_depth
-    assert not any(b.gradient_checkpointing for b in model.model.visual.blocks)
-    assert all(layer.gradient_checkpointing for layer in model.model.language_model.layers)
+    assert not any(b.gradient_checkpointing for b in parts.vision_blocks)
+    assert all(layer.gradient_checkpointing for layer in parts.decoder_layers)
     model.gradient_checkpointing_disable()
     set_vision_checkpointing(model, True)  # vision only, the language model not checkpointed
-    assert all(b.gradient_checkpointing for b in model.model.visual.blocks)
-    assert not any(layer.gradient_checkpointing for layer in model.model.language_model.layers)
+    assert all(b.gradient_checkpointing for b in parts.vision_blocks)
+    assert not any(layer.gradient_checkpointing for layer in parts.decoder_layers)
     model.zero_grad()
     _token_losses(model, batch).sum().backward()  # recomputation gives the same gradients
     for name, param in model.named_parameters():
@@ -309,17 +337,19 @@ def test_liger_switch_fails_clearly_without_the_package():
 
 
 @pytest.mark.slow
-def test_sft_trainer_loss_and_gradients_packed_equal_padded(tmp_path, model_option, collator):
+@pytest.mark.parametrize("option", TEST_MODELS)
+def test_sft_trainer_loss_and_gradients_packed_equal_padded(tmp_path, option):
     from qwenvl_ft.data.sources import to_dataset
     from qwenvl_ft.modeling.build import build_model
     from qwenvl_ft.methods.sft import build_trainer
 
-    typed = validate(compose(["recipe=demo", f"model={model_option}", "adapter=full", "trainer.report_to=[none]"],
+    collator = _collator(option)
+    typed = validate(compose(["recipe=demo", f"model={option}", "adapter=full", "trainer.report_to=[none]"],
                              output_dir=str(tmp_path)))
     model = build_model(typed.model, typed.adapter)
     trainer = build_trainer(typed, model, collator.processor, collator, to_dataset(ROWS[:-1]), None)
     results = []
-    for batch in (collator(ROWS), _packer(typed, collator)(ROWS)):
+    for batch in (collator(ROWS), _packer(model, collator)(ROWS)):
         model.zero_grad()
         loss = trainer.compute_loss(model, trainer._prepare_inputs(batch))
         loss.backward()
@@ -370,9 +400,11 @@ def test_batch_layout_and_vision_checkpointing_are_wired(collator):
 
 
 @pytest.mark.gpu
-def test_flash_attention_varlen_packed_matches_unpacked(typed, collator):
+@pytest.mark.parametrize("option", TEST_MODELS)
+def test_flash_attention_varlen_packed_matches_unpacked(option):
     """On a GPU with flash-attn: the varlen path (cu_seqlens from the position restarts) keeps samples apart."""
     pytest.importorskip("flash_attn")
+    typed, collator = _typed(option), _collator(option)
     model = _model(typed, "flash_attention_2").to(device="cuda", dtype=torch.bfloat16)
     samples = [collator.encode(row) for row in ROWS]
 
@@ -381,7 +413,7 @@ def test_flash_attention_varlen_packed_matches_unpacked(typed, collator):
 
     with torch.no_grad():
         single = [_token_losses(model, on_gpu(collator.pad([s]))).sum().float() for s in samples]
-        batch = on_gpu(_packer(typed, collator).pack(samples))
+        batch = on_gpu(_packer(model, collator).pack(samples))
         token_losses = _token_losses(model, batch).float()
     starts = sample_boundaries(batch["position_ids"]) + [batch["input_ids"].shape[1]]
     packed = [token_losses[a:b].sum() for a, b in zip(starts, starts[1:])]

@@ -7,7 +7,8 @@ exist or a value of the wrong type fails at compose time. Choice fields are `str
 with the list of valid choices. Range checks that types cannot express live in `__post_init__` and run in
 `validate()` (OmegaConf.to_object instantiates the dataclasses).
 
-This module imports only the standard library, omegaconf and hydra: `--cfg job` must not pay for torch.
+This module imports only the standard library, omegaconf, hydra and the torch-free registries it lists choices
+from (`qwenvl_ft.families` for model.family, `qwenvl_ft.methods`): `--cfg job` must not pay for torch.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from typing import List, Optional
 
-
-from qwenvl_ft import methods
+from qwenvl_ft import families, methods
 from qwenvl_ft.config.base import ConfigError, check as _check  # noqa: F401 (ConfigError is re-exported)
 
 
@@ -26,9 +26,9 @@ from qwenvl_ft.config.base import ConfigError, check as _check  # noqa: F401 (Co
 # model
 
 
-class ModelFamily(str, Enum):
-    qwen2_vl = "qwen2_vl"
-    qwen2_5_vl = "qwen2_5_vl"
+# One choice per module of qwenvl_ft/families (a family is declared there, not here).
+ModelFamily = Enum("ModelFamily", {name: name for name in families.names()}, type=str, module=__name__,
+                   qualname="ModelFamily")
 
 
 class Dtype(str, Enum):
@@ -47,9 +47,10 @@ class AttnImplementation(str, Enum):
 class ArchitectureConfig:
     """Sizes of a randomly initialised model (`model.random_init=true`).
 
-    The `tiny` and `tiny_qwen2_5_vl` options use small values for CPU tests; the full-size options carry the real
-    Qwen2-VL / Qwen2.5-VL numbers, so that GPU speed and memory benchmarks can run on random weights without
-    downloading anything, and `qwenvl-ft estimate` works offline.
+    The `tiny*` options use small values for CPU tests; the full-size options carry the real numbers of the
+    released models, so that GPU speed and memory benchmarks can run on random weights without downloading
+    anything, and `qwenvl-ft estimate` works offline. A family reads the fields it has
+    (qwenvl_ft/families/<family>.py: `random_config`) and says which it needs (`architecture_problems`).
     """
 
     vocab_size: int = 151936  # embedding rows; must be >= the tokenizer's length
@@ -58,6 +59,7 @@ class ArchitectureConfig:
     num_hidden_layers: int = 28
     num_attention_heads: int = 12
     num_key_value_heads: int = 2
+    head_dim: Optional[int] = None  # width of one attention head (None: hidden_size / num_attention_heads)
     tie_word_embeddings: bool = True
     rope_theta: float = 1000000.0
     mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])  # sums to head_dim / 2
@@ -65,25 +67,32 @@ class ArchitectureConfig:
     vision_depth: int = 32
     vision_embed_dim: int = 1280
     vision_num_heads: int = 16
-    vision_mlp_ratio: int = 4
+    vision_mlp_ratio: int = 4  # MLP width / vision_embed_dim, for a vision MLP without vision_intermediate_size
     patch_size: int = 14
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
-    # Qwen2.5-VL's vision tower (family=qwen2_5_vl): a gated MLP of this width instead of vision_mlp_ratio,
-    # window attention over windows of this many pixels, full attention in the listed blocks, and M-RoPE temporal
+    vision_intermediate_size: Optional[int] = None  # width of the vision MLP, where a family gives it directly
+    # Window attention over windows of this many pixels, full attention in the listed blocks, and M-RoPE temporal
     # positions of videos spaced by this many per second.
-    vision_intermediate_size: Optional[int] = None
     vision_window_size: int = 112
     vision_fullatt_block_indexes: List[int] = field(default_factory=lambda: [7, 15, 23, 31])
     tokens_per_second: int = 2
+    # Learned vision positions on a square grid of this many, and the vision blocks whose output also feeds the
+    # language model through a merger of its own (DeepStack).
+    vision_num_position_embeddings: int = 2304
+    deepstack_visual_indexes: List[int] = field(default_factory=list)
     init_seed: int = 0  # the random weights are a pure function of the sizes and this seed
 
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
     def __post_init__(self) -> None:
-        _check(self.hidden_size % self.num_attention_heads == 0,
-               "model.architecture.hidden_size must be divisible by num_attention_heads")
+        _check(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+               "model.architecture.hidden_size must be divisible by num_attention_heads (or set head_dim)")
         _check(self.num_attention_heads % self.num_key_value_heads == 0,
                "model.architecture.num_attention_heads must be divisible by num_key_value_heads")
-        head_dim = self.hidden_size // self.num_attention_heads
+        head_dim = self.attention_head_dim
         _check(sum(self.mrope_section) * 2 == head_dim,
                f"model.architecture.mrope_section {list(self.mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
         _check(self.vision_embed_dim % self.vision_num_heads == 0,
@@ -108,7 +117,7 @@ class ModelConfig:
     """Which checkpoint to load and what of it to train."""
 
     name_or_path: str = "tiny"  # hub id or local folder; ignored when random_init is true
-    family: ModelFamily = ModelFamily.qwen2_vl
+    family: ModelFamily = ModelFamily(families.DEFAULT)  # qwenvl_ft/families/<family>.py declares it
     random_init: bool = False  # build from `architecture` with random weights and an in-process tokenizer
     architecture: Optional[ArchitectureConfig] = None
     dtype: Dtype = Dtype.bfloat16  # weight dtype (4-bit adapters use it as compute dtype)
@@ -130,15 +139,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(not self.random_init or self.architecture is not None,
                "model.random_init=true needs model.architecture (use model=tiny or a full-size option)")
-        arch = self.architecture
-        if self.random_init and self.family == ModelFamily.qwen2_5_vl:
-            _check(arch.vision_intermediate_size is not None,
-                   "model.random_init with family=qwen2_5_vl needs model.architecture.vision_intermediate_size (the "
-                   "width of Qwen2.5-VL's gated vision MLP)")
-            _check(arch.vision_window_size % (arch.patch_size * arch.spatial_merge_size) == 0,
-                   "model.architecture.vision_window_size must be a multiple of patch_size x spatial_merge_size")
-            _check(all(0 <= i < arch.vision_depth for i in arch.vision_fullatt_block_indexes),
-                   "model.architecture.vision_fullatt_block_indexes must be block numbers below vision_depth")
+        if self.random_init:
+            problems = families.get(self.family.value).architecture_problems(self.architecture)
+            _check(not problems, "; ".join(problems))
 
     @property
     def vision_checkpointing(self) -> bool:
@@ -176,17 +179,17 @@ class ShapesConfig:
 
     num_train: int = 240
     num_eval: int = 24
-    image_size: int = 56  # square, a multiple of 28
+    image_size: int = 56  # square; resized like any image (model.family's patch x merge size rounds it)
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.num_train > 0 and self.num_eval >= 0, "data.shapes.num_train must be > 0, num_eval >= 0")
-        _check(self.image_size % 28 == 0, "data.shapes.image_size must be a multiple of 28")
+        _check(self.image_size > 0, "data.shapes.image_size must be > 0")
 
 
 class Overlength(str, Enum):
     """What happens to a sample longer than data.max_length. A cut never falls inside a vision span (that is what
-    makes Qwen2-VL fail with "image features and image tokens do not match")."""
+    makes the model fail with "image features and image tokens do not match")."""
 
     truncate_text = "truncate_text"  # cut the text after the last vision span; a row that cannot be cut so is dropped
     drop = "drop"  # drop the row
@@ -259,7 +262,7 @@ class DataConfig:
     max_length: Optional[int] = 2048  # tokens per sequence; never cuts inside a vision span
     min_pixels: Optional[int] = None  # image resolution bounds (None: the processor's defaults)
     max_pixels: Optional[int] = None
-    resized_height: Optional[int] = None  # fixed resize, rounded to a multiple of 28
+    resized_height: Optional[int] = None  # fixed resize, rounded to a multiple of patch x merge size (28, 32)
     resized_width: Optional[int] = None
     num_workers: int = 0  # DataLoader worker processes doing decoding and tokenisation
     # Batch layout of training (docs/performance.md). Default: trainer.batch_size rows, right-padded.

@@ -170,11 +170,11 @@ class TrainBatches:
 
 
 def training_batches(data_cfg: DataConfig, batch_size: int, collator, rows, seed: int,
-                     tokens_per_second: Optional[float] = None,
+                     positions: Optional[Callable] = None,
                      lengths: Optional[Sequence[Optional[int]]] = None) -> TrainBatches:
-    """The dataset, collator and per-device batch size that give the configured batch layout
-    (`tokens_per_second`: Qwen2.5-VL's, for packing its videos). `lengths`: each row's token count when the data
-    check has measured them already (else every row is measured here)."""
+    """The dataset, collator and per-device batch size that give the configured batch layout (`positions`: the
+    model's M-RoPE position function for packing, qwenvl_ft/data/packing.py: `position_function`). `lengths`: each
+    row's token count when the data check has measured them already (else every row is measured here)."""
     if lengths is None and (data_cfg.packing or data_cfg.max_tokens_per_batch is not None
                             or data_cfg.group_by_length):
         lengths = row_lengths(collator, rows)
@@ -187,7 +187,7 @@ def training_batches(data_cfg: DataConfig, batch_size: int, collator, rows, seed
         summary = (f"packed: {count} rows in {len(packs)} packs of <= {budget} tokens ({tokens / len(packs):.0f} "
                    f"tokens and {count / len(packs):.1f} rows per pack on average, "
                    f"{tokens / (len(packs) * budget):.1%} full), no padding")
-        return TrainBatches(grouped_dataset(packs), ExpandGroups(PackingCollator(collator, tokens_per_second), rows),
+        return TrainBatches(grouped_dataset(packs), ExpandGroups(PackingCollator(collator, positions), rows),
                             1, summary=summary)
     if data_cfg.max_tokens_per_batch is not None:
         batches = plan_token_budget(lengths, data_cfg.max_tokens_per_batch, seed)

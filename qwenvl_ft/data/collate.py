@@ -1,7 +1,8 @@
 """The multimodal collator: canonical rows -> model inputs with labels on assistant turns only.
 
 Why our own: TRL's `DataCollatorForVisionLanguageModeling` trains on assistant tokens only through
-`{% generation %}` markers, which Qwen2-VL's real chat template does not have, and it cannot say which row broke.
+`{% generation %}` markers, which the Qwen-VL models' real chat templates do not have, and it cannot say which row
+broke.
 
 The work is split so that other batch layouts (packing) reuse the per-sample part:
   `encode(row)`  -> one sample's token ids, labels, M-RoPE token types and vision tensors (1-D / per-image);
@@ -14,8 +15,10 @@ Per sample, every image is read and decoded once (qwenvl_ft/data/images.py), siz
 (the image processor's own resize) and handed to the processor's torchvision backend with `do_resize=False`: the
 naive pipeline resizes each image twice, first with PIL. Text is tokenised once with one placeholder per image and
 the placeholders are expanded by id; special tokens are atomic, so this equals the processor's string expansion
-(tests/test_data_collate.py compares the two) while costing one short tokenisation instead of one over thousands
-of `<|image_pad|>`, and it gives the length without processing any pixels.
+(tests/test_data_collate.py compares the two, for every model family) while costing one short tokenisation instead
+of one over thousands of `<|image_pad|>`, and it gives the length without processing any pixels. What a video
+placeholder expands to is the family's (`video_tokens`: pads only, or timestamped spans per temporal patch), as
+are the processor's resize rule and any video timing input (qwenvl_ft/families).
 """
 
 from __future__ import annotations
@@ -26,25 +29,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from qwenvl_ft import families
 from qwenvl_ft.config.schema import DataConfig, Overlength
 from qwenvl_ft.data.images import ImageLimits, load_image
 from qwenvl_ft.data.video import Sampling, load_video
 from qwenvl_ft.errors import DataError
+from qwenvl_ft.families import IMAGE, TEXT, VIDEO  # noqa: F401  (values of mm_token_type_ids, re-exported)
 
 IGNORE_INDEX = -100
-TEXT, IMAGE, VIDEO = 0, 1, 2  # values of mm_token_type_ids (transformers' ProcessorMixin.create_mm_token_type_ids)
-# Per-image / per-video tensors of a sample: a batch (padded or packed) concatenates them in row order.
-VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+# Per-token tensors of a sample; every other key is per image / per video (pixel values, grids, video timing),
+# and a batch (padded or packed) concatenates those in row order.
+TOKEN_KEYS = ("input_ids", "labels", "mm_token_type_ids", "attention_mask", "position_ids")
 
 
 def concat_vision(samples: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """The samples' vision tensors, each key concatenated over the samples that have it."""
-    out: Dict[str, torch.Tensor] = {}
-    for key in VISION_KEYS:
-        present = [s[key] for s in samples if key in s]
-        if present:
-            out[key] = torch.cat(present)
-    return out
+    keys = dict.fromkeys(key for s in samples for key in s if key not in TOKEN_KEYS)
+    return {key: torch.cat([s[key] for s in samples if key in s]) for key in keys}
 
 
 class RowDropped(DataError):
@@ -94,6 +95,7 @@ class Visuals:
     video_grids: List[Tuple[int, int, int]] = field(default_factory=list)
     video_sizes: List[Tuple[int, int, int]] = field(default_factory=list)  # (frames, width, height) as stored
     video_fps: List[float] = field(default_factory=list)  # sampled frames per second
+    video_frame_times: List[List[float]] = field(default_factory=list)  # seconds of each frame in the video
 
 
 @dataclass
@@ -124,10 +126,12 @@ class VisionChatCollator:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.cfg = data_cfg
+        self.family_name = families.of_processor(processor).name
         self.limits = ImageLimits.from_config(data_cfg)
         ids = self.tokenizer.convert_tokens_to_ids
-        self.vision_end_id = ids("<|vision_end|>")
+        self.vision_start_id, self.vision_end_id = ids("<|vision_start|>"), ids("<|vision_end|>")
         self.image_pad_id, self.video_pad_id = ids("<|image_pad|>"), ids("<|video_pad|>")
+        self._text_ids: Dict[str, List[int]] = {}  # timestamps and other text a video placeholder expands to
         image_processor = processor.image_processor
         self.patch_size = image_processor.patch_size
         self.merge_size = image_processor.merge_size
@@ -143,8 +147,11 @@ class VisionChatCollator:
         self.video_min_pixels = data_cfg.video_min_pixels or VIDEO_MIN_TOKEN_NUM * self.factor ** 2
         self.video_max_pixels = data_cfg.video_max_pixels or VIDEO_MAX_TOKEN_NUM * self.factor ** 2
         self.sampling = Sampling(data_cfg.video_fps, data_cfg.video_nframes, data_cfg.video_max_frames)
-        # Qwen2.5-VL's M-RoPE spaces video frames by time; Qwen2-VL's forward does not take the key.
-        self.with_video_seconds = "second_per_grid_ts" in getattr(processor, "model_input_names", [])
+
+    @property
+    def family(self) -> families.Family:
+        """The declaration of the processor's model family (looked up by name: the collator pickles)."""
+        return families.get(self.family_name)
 
     # -- sizes -------------------------------------------------------------------------------------------------
 
@@ -152,8 +159,8 @@ class VisionChatCollator:
         """(height, width) the model sees: qwen-vl-utils' resize (bounds, or the fixed size), then the processor's
         (a no-op unless its bounds are tighter), as in the tutorials' pipeline."""
         from qwen_vl_utils import smart_resize as loader_resize
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as processor_resize
 
+        processor_resize = self.family.resize_function()
         try:
             if self.cfg.resized_height is not None:
                 h, w = loader_resize(self.cfg.resized_height, self.cfg.resized_width, factor=self.factor)
@@ -164,8 +171,8 @@ class VisionChatCollator:
                                     max_pixels=self.processor_max_pixels)
         except ValueError:  # smart_resize refuses an aspect ratio over 200:1
             ratio = max(width, height) / max(1, min(width, height))
-            raise DataError(f"{where}: image of {width}x{height} has an aspect ratio of {ratio:.0f}:1; Qwen2-VL "
-                            f"accepts at most 200:1 (crop or pad it)") from None
+            raise DataError(f"{where}: image of {width}x{height} has an aspect ratio of {ratio:.0f}:1; "
+                            f"{self.family.title} accepts at most 200:1 (crop or pad it)") from None
 
     def image_tokens(self, width: int, height: int, where: str = "?") -> int:
         """Language-model tokens of one image of this stored size."""
@@ -191,8 +198,8 @@ class VisionChatCollator:
                                  max_pixels=max_pixels)
         except ValueError:
             ratio = max(width, height) / max(1, min(width, height))
-            raise DataError(f"{where}: video of {width}x{height} has an aspect ratio of {ratio:.0f}:1; Qwen2-VL "
-                            f"accepts at most 200:1") from None
+            raise DataError(f"{where}: video of {width}x{height} has an aspect ratio of {ratio:.0f}:1; "
+                            f"{self.family.title} accepts at most 200:1") from None
 
     def _grid(self, frames: int, height: int, width: int) -> Tuple[int, int, int]:
         return (-(-frames // self.temporal_patch_size) if frames > 1 else 1, height // self.patch_size,
@@ -243,6 +250,7 @@ class VisionChatCollator:
             visuals.video_grids.append(grid)
             visuals.video_sizes.append((video.source_frames, *video.source_size))
             visuals.video_fps.append(video.sample_fps)
+            visuals.video_frame_times.append(video.frame_times)
             visuals.videos.append(video.frames)
         return visuals
 
@@ -259,8 +267,9 @@ class VisionChatCollator:
             out["pixel_values_videos"] = features["pixel_values_videos"]
             out["video_grid_thw"] = features["video_grid_thw"]
             self._same_grids(out["video_grid_thw"], visuals.video_grids)
-            if self.with_video_seconds:
-                out["second_per_grid_ts"] = torch.tensor([self.temporal_patch_size / fps for fps in visuals.video_fps])
+            seconds = self.family.video_seconds_input  # seconds per temporal patch, where the model takes them
+            if seconds is not None:
+                out[seconds] = torch.tensor([self.temporal_patch_size / fps for fps in visuals.video_fps])
         return out
 
     @staticmethod
@@ -281,35 +290,56 @@ class VisionChatCollator:
         text = self.render(prompt_messages(row), add_generation_prompt=True) if prompt_only else \
             self.render(row["messages"])
         ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int64)
-        counts = self.placeholder_counts(ids, visuals, source)
+        input_ids, origin = self.expand_placeholders(ids, visuals, source)
         mask = assistant_label_mask(ids.tolist(), self.tokenizer).numpy()
-        input_ids = np.repeat(ids, counts)
-        labels = np.where(np.repeat(mask, counts), input_ids, IGNORE_INDEX)
+        labels = np.where(mask[origin], input_ids, IGNORE_INDEX)
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
                 "mm_token_type_ids": torch.from_numpy(self.token_types(input_ids))}
 
-    def placeholder_counts(self, ids: np.ndarray, visuals: Visuals, source: str) -> np.ndarray:
-        """How often each token of `ids` stands in the model input: every <|image_pad|> / <|video_pad|> as many
-        times as its image or video has visual tokens, every other token once. Expanding by id after tokenising
-        gives the processor's tokens without tokenising a string of hundreds of placeholders."""
-        counts = np.ones_like(ids)
+    def expand_placeholders(self, ids: np.ndarray, visuals: Visuals, source: str) -> Tuple[np.ndarray, np.ndarray]:
+        """(model input ids, index into `ids` of the token each of them stands for). Every <|image_pad|> becomes
+        as many pads as its image has visual tokens, every <|video_pad|> what the family expands a video to (pads,
+        or timestamped spans per temporal patch); every other token stays. Expanding by id after tokenising gives
+        the processor's tokens without tokenising a string of hundreds of placeholders."""
+        expansions = {}
         for pad_id, grids, kind in ((self.image_pad_id, visuals.image_grids, "image"),
                                     (self.video_pad_id, visuals.video_grids, "video")):
             positions = np.flatnonzero(ids == pad_id)
             if len(positions) != len(grids):
                 raise DataError(f"{source}: the rendered text has {len(positions)} {kind} placeholder(s) for "
                                 f"{len(grids)} {kind}(s) (does a text contain a literal <|{kind}_pad|>?)")
-            counts[positions] = [self._tokens(g) for g in grids]
-        return counts
+            for index, (position, grid) in enumerate(zip(positions.tolist(), grids)):
+                expansions[position] = np.full(self._tokens(grid), pad_id, dtype=np.int64) if kind == "image" \
+                    else np.asarray(self.video_tokens(grid, visuals.video_frame_times[index]), dtype=np.int64)
+        if not expansions:
+            return ids, np.arange(len(ids))
+        pieces, origin, start = [], [], 0
+        for position in sorted(expansions):
+            pieces += [ids[start:position], expansions[position]]
+            origin += [np.arange(start, position), np.full(len(expansions[position]), position)]
+            start = position + 1
+        pieces.append(ids[start:])
+        origin.append(np.arange(start, len(ids)))
+        return np.concatenate(pieces), np.concatenate(origin)
+
+    def video_tokens(self, grid: Tuple[int, int, int], frame_times: List[float]) -> List[int]:
+        ids = {"video_pad": self.video_pad_id, "vision_start": self.vision_start_id, "vision_end": self.vision_end_id}
+        return self.family.video_tokens(grid, frame_times, self.temporal_patch_size, self.merge_size, ids,
+                                        self._encode_text)
+
+    def _encode_text(self, text: str) -> List[int]:
+        if text not in self._text_ids:
+            self._text_ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._text_ids[text]
 
     def token_types(self, input_ids: np.ndarray) -> np.ndarray:
-        """Qwen2-VL's mm_token_type_ids: which tokens are image / video tokens (M-RoPE gives them 3-D positions)."""
+        """mm_token_type_ids: which tokens are image / video tokens (M-RoPE gives them 3-D positions)."""
         types = (input_ids == self.image_pad_id) * IMAGE + (input_ids == self.video_pad_id) * VIDEO
         return types.astype(np.int64)
 
     def encode(self, row: dict) -> Dict[str, torch.Tensor]:
         """One training sample: input_ids, labels, mm_token_type_ids (1-D) and, when the row has them,
-        pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw (/ second_per_grid_ts)."""
+        pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw (/ the family's video timing input)."""
         visuals = self.load_visuals(row)
         sample = self._tokens_and_labels(row, visuals)
         sample = self.fit_length(sample, row.get("source", "?"))
@@ -334,7 +364,7 @@ class VisionChatCollator:
 
     def fit_length(self, sample: Dict[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
         """Apply data.max_length under data.overlength. A cut never falls inside a vision span: a vision span
-        cut short is what makes Qwen2-VL fail with "image features and image tokens do not match"."""
+        cut short is what makes the model fail with "image features and image tokens do not match"."""
         limit = self.cfg.max_length
         length = sample["input_ids"].numel()
         if limit is None or length <= limit:

@@ -130,9 +130,9 @@ class VisionPreferenceCollator:
             raise DataError(f"{source}: cannot render the pair with the chat template: {err}") from None
         prompt, chosen, rejected = (np.asarray(self.tokenizer(texts[key], add_special_tokens=False)["input_ids"],
                                                dtype=np.int64) for key in ("prompt", "chosen", "rejected"))
-        counts = self.images.placeholder_counts(prompt, visuals, source)
-        image_tokens = [int(n) for n in counts[prompt == self.images.image_pad_id]]
-        prompt = np.repeat(prompt, counts)
+        placeholders = prompt == self.images.image_pad_id
+        prompt, origin = self.images.expand_placeholders(prompt, visuals, source)
+        image_tokens = [int(n) for n in np.bincount(origin, minlength=len(placeholders))[placeholders]]
         for name, answer in (("chosen", chosen), ("rejected", rejected)):
             if np.isin(answer, (self.images.image_pad_id, self.images.video_pad_id)).any():
                 raise DataError(f"{source}: field '{name}': an answer cannot contain an image")

@@ -5,9 +5,9 @@ A packed row carries, per token, its sample's own positions:
     position_ids[0]    text positions 0..len-1, restarting at every sample
     position_ids[1:4]  the sample's 3-D M-RoPE positions (temporal, height, width), also restarting
 
-that is the `(4, 1, total)` layout Qwen2(.5)-VL's language model reads as "packed": it splits off row 0 and hands
-it to the mask builder and the attention kernels, and rotates with rows 1-3. From row 0 transformers already does
-the rest, so nothing here patches a library:
+that is the `(4, 1, total)` layout the language models of every declared family read as "packed": they split off
+row 0 and hand it to the mask builder and the attention kernels, and rotate with rows 1-3. From row 0 transformers
+already does the rest, so nothing here patches a library:
   - sdpa / eager (CPU, or GPU without flash-attn): `masking_utils.find_packed_sequence_indices` sees the position
     restarts and builds a block-diagonal causal mask, provided no `attention_mask` is passed;
   - flash_attention_2: `_is_packed_sequence` sees them too and calls the varlen kernel with `cu_seqlens` taken from
@@ -19,9 +19,10 @@ from the grids), and its features are scattered into the vision tokens in order.
 
 Why the M-RoPE positions are computed here, per sample, and not by the model: the model's `get_rope_index` sees one
 row and would number a pack as one long sequence; called per sample inside a forward it would run a Python loop
-with a device sync per image on the training step. Here it runs in the DataLoader workers on CPU. `mrope_positions`
-mirrors `Qwen2VLModel.get_rope_index` (and Qwen2.5-VL's, which differs only in spacing video frames by time), and
-tests/test_packing.py checks it against the model's own method so that a transformers change shows up.
+with a device sync per image on the training step. Here it runs in the DataLoader workers on CPU. The position
+function is the family's (qwenvl_ft/families/<family>.py: `positions`, with `position_settings` read from the
+model's config: how videos are numbered differs between families), and tests/test_packing.py checks it against
+the model's own method for every family, so that a transformers change shows up.
 
 Labels: the model shifts labels by one, so the last token of a sample "predicts" the first token of the next one.
 That first label is always set to -100, whatever the sample's own labels say.
@@ -29,76 +30,45 @@ That first label is always set to -100, whatever the sample's own labels say.
 
 from __future__ import annotations
 
-import itertools
-from typing import Dict, List, Optional, Sequence
+import functools
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from qwenvl_ft.data.collate import IGNORE_INDEX, IMAGE, TEXT, VIDEO, concat_vision
+from qwenvl_ft import families
+from qwenvl_ft.data.collate import IGNORE_INDEX, concat_vision
 
 
-def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
-                    spatial_merge_size: int, video_grid_thw: Optional[torch.Tensor] = None,
-                    video_time_intervals: Optional[Sequence[float]] = None) -> torch.Tensor:
-    """(3, len) M-RoPE positions of one sample, as `get_rope_index` numbers a batch of one.
-
-    Text tokens count up on all three axes. A vision span starting at `start` gets (start + t * interval,
-    start + row, start + column) on its merged grid, and the text after it resumes at start + max(rows, columns).
-    `interval` is 1, except for Qwen2.5-VL videos: tokens_per_second x seconds per temporal patch.
-    """
-    grids = {IMAGE: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
-             VIDEO: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}
-    intervals = iter(video_time_intervals) if video_time_intervals is not None else None
-    pieces, current = [], 0
-    for token_type, group in itertools.groupby(mm_token_type_ids.tolist()):
-        length = len(list(group))
-        if token_type == TEXT:
-            pieces.append(torch.arange(current, current + length).expand(3, -1))
-            current += length
-            continue
-        t, h, w = next(grids[token_type])
-        h, w = h // spatial_merge_size, w // spatial_merge_size
-        if t * h * w != length:
-            raise ValueError(f"a vision span has {length} tokens but its grid {t}x{h}x{w} needs {t * h * w}")
-        interval = next(intervals) if token_type == VIDEO and intervals is not None else 1
-        tt, hh, ww = torch.meshgrid((torch.arange(t) * interval).long(), torch.arange(h), torch.arange(w),
-                                    indexing="ij")
-        pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + current)
-        current += max(h, w)
-    return torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
+def position_function(model_config: Any) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
+    """sample -> (3, len) M-RoPE positions, as the model with this config numbers a batch of one. A partial of a
+    module-level function, so that it pickles into DataLoader workers."""
+    family = families.of_config(model_config)
+    return functools.partial(family.positions, **family.position_settings(model_config))
 
 
 class PackingCollator:
     """Rows in, one packed row out; built on `VisionChatCollator.encode`. (The batch planner in
     qwenvl_ft/data/batching.py decides which rows share a pack.)
-    `tokens_per_second` is Qwen2.5-VL's `vision_config.tokens_per_second`, needed for its videos only.
+    `positions` is the model's position function (`position_function(model.config)`); without it, the family of
+    the collator's processor numbers the samples with its settings' defaults, which suffices unless a family needs
+    a value only the model's config holds (video timing, for one: then it says so).
     The model must run with `use_cache=False` (the Trainer does): with a cache, transformers skips the
     packed-sequence detection and the samples would attend to each other.
     """
 
-    def __init__(self, collator, tokens_per_second: Optional[float] = None):
+    def __init__(self, collator, positions: Optional[Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = None):
         self.collator = collator
-        self.spatial_merge_size = collator.merge_size
-        self.tokens_per_second = tokens_per_second
+        self.positions = positions or functools.partial(collator.family.positions, merge_size=collator.merge_size)
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
         return self.pack([self.collator.encode(row) for row in rows])
-
-    def _video_intervals(self, sample: Dict[str, torch.Tensor]) -> Optional[List[float]]:
-        if "second_per_grid_ts" not in sample:
-            return None  # Qwen2-VL: frames one position apart
-        if self.tokens_per_second is None:
-            raise ValueError("packing Qwen2.5-VL videos needs the model's vision_config.tokens_per_second")
-        return [self.tokens_per_second * float(s) for s in sample["second_per_grid_ts"]]
 
     def pack(self, samples: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         text_positions, rope_positions, labels = [], [], []
         for sample in samples:
             length = sample["input_ids"].numel()
             text_positions.append(torch.arange(length))
-            rope_positions.append(mrope_positions(sample["mm_token_type_ids"], sample.get("image_grid_thw"),
-                                                  self.spatial_merge_size, sample.get("video_grid_thw"),
-                                                  self._video_intervals(sample)))
+            rope_positions.append(self.positions(sample))
             sample_labels = sample["labels"].clone()
             sample_labels[0] = IGNORE_INDEX  # would be predicted from the previous sample's last token
             labels.append(sample_labels)

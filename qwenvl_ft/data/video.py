@@ -12,7 +12,7 @@ are decoded (bicubic with antialiasing, as qwen-vl-utils does), so a long 4K cli
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
@@ -40,6 +40,10 @@ class Video:
     sample_fps: float  # frames per second of video time in `frames`
     source_size: Tuple[int, int]  # (width, height) before resizing
     source_frames: int  # frames in the file (or frames given)
+    # Seconds of each frame in `frames` from the start of the video: its index / the file's frame rate, or, for a
+    # frame list, its position / the sampling rate (what qwen-vl-utils hands the processor as video metadata);
+    # the padding frames repeat the last time for a file and continue the count for a list, as there.
+    frame_times: List[float] = field(default_factory=list)
 
 
 def _frame_count(ele: dict, total: int, video_fps: float, where: str) -> int:
@@ -110,8 +114,11 @@ def read_video_file(source: Any, where: str, sampling: Sampling, size: FrameSize
         raise DataError(f"{where}: video {label} has no decodable frame")
     if len(frames) < count:  # the header promised more frames than the stream holds: keep what is there
         frames = frames + [frames[-1]] * (count - len(frames))
-    return Video(torch.stack(_even(frames)).contiguous(), count / max(total, 1) * video_fps,
-                 (stream.width, stream.height), total)
+    frames = _even(frames)
+    times = [index / video_fps for index in indices]
+    times += [times[-1]] * (len(frames) - len(times))
+    return Video(torch.stack(frames).contiguous(), count / max(total, 1) * video_fps,
+                 (stream.width, stream.height), total, times)
 
 
 def read_frame_list(refs: List[Any], where: str, limits: ImageLimits, size: FrameSize, fps: float) -> Video:
@@ -126,7 +133,8 @@ def read_frame_list(refs: List[Any], where: str, limits: ImageLimits, size: Fram
             source_size = image.size
             height, width = size(image.size[0], image.size[1], len(refs) + len(refs) % FRAME_FACTOR)
         frames.append(_resize(torch.from_numpy(np.array(image)).permute(2, 0, 1), height, width))
-    return Video(torch.stack(_even(frames)).contiguous(), fps, source_size, len(refs))
+    frames = _even(frames)
+    return Video(torch.stack(frames).contiguous(), fps, source_size, len(refs), [i / fps for i in range(len(frames))])
 
 
 def load_video(ref: Any, where: str, limits: ImageLimits, sampling: Sampling, size: FrameSize) -> Video:

@@ -339,6 +339,7 @@ class Grpo(Method):
         """A frozen reference copy (full fine-tuning with beta > 0); the generation batch (trainer.batch_size x
         gradient_accumulation_steps completions, sampled at once): its KV cache and the pixel values TRL keeps for
         every completion (it processes each copy of a prompt's images, in float32)."""
+        from qwenvl_ft import families
         from qwenvl_ft.estimate import batch_budget, hf_config
 
         g, t = cfg.trainer.grpo, cfg.trainer
@@ -359,8 +360,7 @@ class Grpo(Method):
             rows.append(("generation: KV cache", per_token * tokens,
                          f"{completions} completions x ({cfg.data.max_length} prompt + {g.max_completion_length} "
                          f"generated) tokens x {per_token} B; freed before the loss forward, so an upper bound"))
-        one = batch_budget(self.batch_data(cfg), 1, vision.spatial_merge_size,
-                           vision.patch_size * vision.spatial_merge_size)
+        one = batch_budget(self.batch_data(cfg), 1, families.of_config(config))
         patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
         if one.vision_patches:
             rows.append(("generation: pixel values", completions * one.vision_patches * patch * 4,

@@ -70,11 +70,12 @@ class Sft(Method):
         from trl import SFTConfig
 
         from qwenvl_ft.data.batching import training_batches
+        from qwenvl_ft.data.packing import position_function
 
         cfg = parts.cfg
-        tokens_per_second = getattr(getattr(parts.model_config, "vision_config", None), "tokens_per_second", None)
         batches = training_batches(cfg.data, cfg.trainer.batch_size, parts.collator, parts.train_rows,
-                                   cfg.data.seed, tokens_per_second=tokens_per_second, lengths=parts.train_lengths)
+                                   cfg.data.seed, lengths=parts.train_lengths,
+                                   positions=position_function(parts.model_config) if parts.model_config else None)
         parts.state["batches"] = batches
         arguments = {**common, "per_device_train_batch_size": batches.per_device_batch_size}
         if batches.sampling_strategy is not None:

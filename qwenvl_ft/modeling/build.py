@@ -1,6 +1,8 @@
 """Builders for the processor, the model (optionally 4-bit), the adapter and the optimizer parameter groups.
 
-Each is a pure function of its config group plus what it needs at run time.
+Each is a pure function of its config group plus what it needs at run time. What differs between model families
+(classes, where the vision tower, projectors and language model live, what must stay out of 4-bit) comes from the
+family's declaration (qwenvl_ft/families), never from a comparison of family names.
 """
 
 from __future__ import annotations
@@ -12,13 +14,39 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, DataConfig, ModelConfig, ModelFamily, \
+from qwenvl_ft import families
+from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, ConfigError, DataConfig, ModelConfig, \
     OptimizerConfig
+from qwenvl_ft.families import Family, ModelParts
 from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
 
 log = logging.getLogger("qwenvl_ft")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def family_of(model_cfg: ModelConfig) -> Family:
+    return families.get(model_cfg.family.value)
+
+
+def model_class(model_cfg: ModelConfig):
+    """The transformers class of model.family (`from_pretrained`, `_from_config`)."""
+    return family_of(model_cfg).load_model_class()
+
+
+def check_family(model_cfg: ModelConfig, source: str) -> None:
+    """A checkpoint of another family would load into model.family's class with a warning and garbage weights: say
+    so before loading. Reads only config.json."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code).model_type
+    except (OSError, ValueError):
+        return  # from_pretrained will say what is missing
+    family = family_of(model_cfg)
+    if model_type != family.name and model_type in families.names():
+        raise ConfigError(f"model.family={family.name} but {source} is a {model_type} checkpoint (its config.json); "
+                          f"set model.family={model_type}, or pick the model option of that family")
 
 
 def model_source(model_cfg: ModelConfig, weights: bool = True) -> str:
@@ -68,26 +96,20 @@ def build_processor(model_cfg: ModelConfig, data_cfg: DataConfig, source: Option
     return processor
 
 
-def _model_class(family: ModelFamily):
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-
-    return {ModelFamily.qwen2_vl: Qwen2VLForConditionalGeneration,
-            ModelFamily.qwen2_5_vl: Qwen2_5_VLForConditionalGeneration}[family]
-
-
 def quantization_config(model_cfg: ModelConfig, adapter_cfg: AdapterConfig):
     if not adapter_cfg.load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
-    # Modules that train in full (merger / vision blocks kept out of LoRA) cannot be 4-bit.
-    # transformers matches these from the start of a module's full name or as its suffix, so a bare "merger"
-    # would only skip the container, not the Linear layers inside it: use regexes over the whole path.
-    skip = ["lm_head"]
+    # Modules that train in full (projectors / vision blocks kept out of LoRA) cannot be 4-bit. transformers
+    # matches each pattern from the start of a module's full name up to a module boundary, so the family's
+    # attribute paths skip the Linear layers inside those modules.
+    family = family_of(model_cfg)
+    skip = list(family.never_quantized)
     if not model_cfg.freeze_merger:
-        skip.append(r".*\.merger")
+        skip += [re.escape(path) for path in family.projectors]
     if not model_cfg.freeze_vision_tower and not adapter_cfg.vision_lora:
-        skip.append(r".*\.visual")
+        skip.append(re.escape(family.vision_tower))
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=adapter_cfg.bnb_4bit_quant_type,
@@ -118,7 +140,8 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
     quant = quantization_config(model_cfg, adapter_cfg)
     source = source or model_source(model_cfg)
     with loading(source):
-        model = _model_class(model_cfg.family).from_pretrained(
+        check_family(model_cfg, source)
+        model = model_class(model_cfg).from_pretrained(
             source,
             dtype=DTYPES[model_cfg.dtype.value],
             attn_implementation=model_cfg.attn_implementation.value,
@@ -149,54 +172,51 @@ def keep_4bit_weights_trainable_on_cpu(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _module_name(model: nn.Module, module: nn.Module) -> str:
-    for name, candidate in model.named_modules():
-        if candidate is module:
-            return name
-    raise ValueError("module not found in model")
-
-
-def model_parts(model: nn.Module) -> Tuple[nn.Module, nn.Module, nn.Module]:
-    """(vision blocks + patch embedding container, merger, language model) of a Qwen2(.5)-VL model."""
-    inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
-    return inner.visual, inner.visual.merger, inner.language_model
+def model_parts(model: nn.Module) -> ModelParts:
+    """Vision tower, projectors, language model, vision blocks and decoder layers of a model (PEFT-wrapped or not),
+    where its family declares them."""
+    return families.of_model(model).parts(model)
 
 
 def apply_freezing(model: nn.Module, model_cfg: ModelConfig) -> None:
-    """Full fine-tuning: freeze the parts the config freezes. The merger lives inside `visual`, so it is set last."""
-    visual, merger, _ = model_parts(model)
+    """Full fine-tuning: freeze the parts the config freezes. The projectors live inside the vision tower, so they
+    are set last."""
+    parts = model_parts(model)
     for p in model.parameters():
         p.requires_grad_(not model_cfg.freeze_language_model)
-    for p in visual.parameters():
+    for p in parts.vision.parameters():
         p.requires_grad_(not model_cfg.freeze_vision_tower)
-    for p in merger.parameters():
-        p.requires_grad_(not model_cfg.freeze_merger)
+    for projector in parts.projectors:
+        for p in projector.parameters():
+            p.requires_grad_(not model_cfg.freeze_merger)
 
 
 def build_lora_config(model: nn.Module, model_cfg: ModelConfig, adapter_cfg: AdapterConfig):
     """LoRA/DoRA on the chosen language-model projections (and the vision blocks when asked).
 
-    Targets are a regex over full module names: leaf names alone (q_proj, ...) would also match the vision tower
-    of Qwen2.5-VL, whose MLP uses gate/up/down_proj too.
+    Targets are a regex over full module names: leaf names alone (q_proj, ...) would also match a vision tower
+    whose MLP uses gate/up/down_proj too.
     """
     from peft import LoraConfig
 
-    visual, merger, language_model = model_parts(model)
+    family = families.of_model(model)
     patterns = []
     if not model_cfg.freeze_language_model and adapter_cfg.target_modules:
-        prefix = re.escape(_module_name(model, language_model))
+        unknown = sorted(set(adapter_cfg.target_modules) - set(family.language_lora_targets))
+        if unknown:
+            raise ConfigError(f"adapter.target_modules has {unknown}, which {family.title}'s decoder layers do not "
+                              f"have; valid: {list(family.language_lora_targets)}")
         leaves = "|".join(re.escape(m) for m in adapter_cfg.target_modules)
-        patterns.append(rf"{prefix}\..*\.({leaves})")
+        patterns.append(rf"{re.escape(family.language_model)}\..*\.({leaves})")
     if adapter_cfg.vision_lora:
-        prefix = _module_name(model, visual)
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".blocks.")]
+        prefix = family.vision_blocks + "."
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
         patterns += [re.escape(n) for n in names]
     modules_to_save: List[str] = []
     if not model_cfg.freeze_vision_tower and not adapter_cfg.vision_lora:
-        # PEFT wraps modules, not ModuleLists: name each vision block.
-        modules_to_save += ["patch_embed"] + [f"blocks.{i}" for i in range(len(visual.blocks))]
+        modules_to_save += wrappable(model, family.vision_stem + (family.vision_blocks,))
     if not model_cfg.freeze_merger:
-        modules_to_save.append("merger")
+        modules_to_save += wrappable(model, family.projectors)
     if not patterns:
         raise ValueError("the adapter has no target module: unfreeze the language model or set adapter.vision_lora")
     return LoraConfig(
@@ -211,11 +231,22 @@ def build_lora_config(model: nn.Module, model_cfg: ModelConfig, adapter_cfg: Ada
     )
 
 
+def wrappable(model: nn.Module, paths) -> List[str]:
+    """Full names of the modules PEFT's modules_to_save wraps for these paths: PEFT wraps modules, not
+    ModuleLists, so a ModuleList (the vision blocks, DeepStack mergers) is named block by block. PEFT matches a
+    name as a suffix of the module's name, which a full path from the model's top matches exactly once."""
+    names = []
+    for path in paths:
+        module = model.get_submodule(path)
+        names += [f"{path}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [path]
+    return names
+
+
 def optimizer_param_groups(model: nn.Module, optimizer_cfg: OptimizerConfig, decay_names: List[str]) -> List[dict]:
     """Parameter groups with separate learning rates for vision tower and merger, and no decay on norms/biases."""
-    visual, merger, _ = model_parts(model)
-    merger_ids = {id(p) for p in merger.parameters()}
-    visual_ids = {id(p) for p in visual.parameters()} - merger_ids
+    parts = model_parts(model)
+    merger_ids = {id(p) for projector in parts.projectors for p in projector.parameters()}
+    visual_ids = {id(p) for p in parts.vision.parameters()} - merger_ids
     decay = set(decay_names)
     groups = {}
     for name, param in model.named_parameters():

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from qwenvl_ft.config.schema import AdapterConfig, ConfigError, DataConfig, ModelConfig
-from qwenvl_ft.modeling.build import DTYPES, _model_class, build_processor, model_source, quantization_config
+from qwenvl_ft.modeling.build import DTYPES, build_processor, check_family, model_class, model_source, \
+    quantization_config
 from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
 
 log = logging.getLogger("qwenvl_ft")
@@ -50,7 +51,8 @@ def _load_for_generation(model_cfg: ModelConfig, source: str, dtype: Optional[st
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
     keep_cudnn_out_of_sdpa()
     with loading(source):
-        model = _model_class(model_cfg.family).from_pretrained(
+        check_family(model_cfg, source)
+        model = model_class(model_cfg).from_pretrained(
             source, dtype=DTYPES[dtype or model_cfg.dtype.value],
             attn_implementation=model_cfg.attn_implementation.value, quantization_config=quant,
             trust_remote_code=model_cfg.trust_remote_code, device_map=device_map,

@@ -12,12 +12,16 @@ means the padding has to go inside the model instead:
     within each sequence (flash-attention varlen, `sdpa_varlen`, or a block mask with eager). A forward hook
     scatters the hidden states back into the padded layout, zeros at the padding, where the LM head and TRL's loss
     expect them. Decoder compute then follows the real token count: padding costs nothing but the scatter.
+    Other per-token inputs the family's language model takes (`language_model_token_inputs`, such as
+    `visual_pos_masks`, which places DeepStack features) are packed the same way; the DeepStack features
+    themselves are one row per visual token, in the same order packed or padded, and pass unchanged.
   - `share_pair_images`: TRL's preference collator repeats every prompt's images for the rejected sequences, so
     the vision tower would encode each image twice per forward (and twice more in the reference forward). A
     forward pre-hook on the vision tower checks whether the second half of the batch's images is an exact copy
     of the first half (grids and pixel values compared, which costs a read of the pixels, not a ViT pass) and, if
-    so, encodes the first half only; a forward hook repeats the features. Autograd sums the two uses'
-    gradients, as it would for two encodings.
+    so, encodes the first half only; a forward hook repeats the features, every output field the family declares
+    (`vision_output_fields`: merged features, last hidden state, a list of DeepStack features).
+    Autograd sums the two uses' gradients, as it would for two encodings.
 
 Both are PyTorch module hooks (`register_forward_pre_hook` / `register_forward_hook` with kwargs; the latter with
 `always_call`, so that a forward that raises still pops its entry): no library code is replaced, and removing the
@@ -33,12 +37,13 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from qwenvl_ft import families
+
 
 def unpad_language_model(model: nn.Module) -> List[torch.utils.hooks.RemovableHandle]:
-    """Run the language model of `model` (a Qwen2(.5)-VL model, PEFT-wrapped or not) on the real tokens only."""
-    from qwenvl_ft.modeling.build import model_parts
-
-    _, _, language_model = model_parts(model)
+    """Run the language model of `model` (PEFT-wrapped or not) on the real tokens only."""
+    family = families.of_model(model)
+    language_model = family.parts(model).language_model
     kept: List[Optional[torch.Tensor]] = []  # the token mask of each forward in flight
 
     def pack(module, args, kwargs):
@@ -57,8 +62,10 @@ def unpad_language_model(model: nn.Module) -> List[torch.utils.hooks.RemovableHa
             mrope = positions[-3:] if positions.dim() == 3 else positions.unsqueeze(0).expand(3, -1, -1)
         packed_positions = torch.cat([text_positions[keep].view(1, 1, -1), mrope[:, keep].unsqueeze(1)], dim=0)
         kept.append(keep)
-        return args, {**kwargs, "inputs_embeds": embeds[keep].unsqueeze(0), "position_ids": packed_positions,
-                      "attention_mask": None}
+        per_token = {key: kwargs[key][keep].unsqueeze(0) for key in family.language_model_token_inputs
+                     if torch.is_tensor(kwargs.get(key))}
+        return args, {**kwargs, **per_token, "inputs_embeds": embeds[keep].unsqueeze(0),
+                      "position_ids": packed_positions, "attention_mask": None}
 
     def unpack(module, args, kwargs, output):
         keep = kept.pop()
@@ -88,9 +95,8 @@ def repeated_half(pixels: torch.Tensor, grid_thw: Optional[torch.Tensor]) -> Opt
 
 def share_pair_images(model: nn.Module) -> List[torch.utils.hooks.RemovableHandle]:
     """Encode a batch's images once when its second half repeats its first (a DPO batch: chosen, then rejected)."""
-    from qwenvl_ft.modeling.build import model_parts
-
-    visual, _, _ = model_parts(model)
+    family = families.of_model(model)
+    visual = family.parts(model).vision
     shared: List[bool] = []
 
     def first_half(module, args, kwargs):
@@ -107,8 +113,12 @@ def share_pair_images(model: nn.Module) -> List[torch.utils.hooks.RemovableHandl
     def repeat(module, args, kwargs, output):
         if not shared.pop() or output is None:
             return None
-        output.pooler_output = torch.cat([output.pooler_output, output.pooler_output])
-        output.last_hidden_state = torch.cat([output.last_hidden_state, output.last_hidden_state])
+        for name in family.vision_output_fields:
+            value = getattr(output, name, None)
+            if torch.is_tensor(value):
+                setattr(output, name, torch.cat([value, value]))
+            elif isinstance(value, (list, tuple)):
+                setattr(output, name, type(value)(torch.cat([v, v]) for v in value))
         return output
 
     return [visual.register_forward_pre_hook(first_half, with_kwargs=True),

@@ -1,10 +1,11 @@
-"""Randomly initialised Qwen2-VL models with an in-process tokenizer: the tiny CPU model of the tests and demo,
-and full-size architectures for GPU benchmarks, all without downloading anything.
+"""Randomly initialised models of any family with an in-process tokenizer: the tiny CPU models of the tests and
+demo, and full-size architectures for GPU benchmarks, all without downloading anything.
 
 The tokenizer is a byte-level BPE with Qwen2's pre-tokenizer (transformers' `Qwen2Tokenizer` built from a vocab
 and merges learned here on a small fixed corpus), followed by Qwen's special tokens in their real order. Its ids
 are compact (the real ones start at 151643) so that a tiny model does not pay for a 152k-row embedding; code must
-therefore read token ids from the tokenizer, never hard-code them. The chat template is Qwen2-VL's own.
+therefore read token ids from the tokenizer, never hard-code them. The chat template, the model's config and the
+processor are the family's (qwenvl_ft/families/<family>.py: `chat_template`, `random_config`, `random_processor`).
 
 The model is written once to a cache folder (weights, config, processor) and then loaded with `from_pretrained`
 like any checkpoint, so quantisation, PEFT and saving go through exactly the path a real model takes.
@@ -19,28 +20,10 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
+from qwenvl_ft import families
 from qwenvl_ft.config.schema import ArchitectureConfig
-
-# Qwen2-VL-*-Instruct's chat_template (processor and tokenizer share it).
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # In the order of their real ids 151643..151656.
 QWEN_SPECIAL_TOKENS = [
@@ -62,8 +45,8 @@ COCO Yes: a man riding a bike down a street. Two dogs playing in the grass. A pl
 """
 
 
-def build_tokenizer(num_merges: int = 600):
-    """A small byte-level BPE tokenizer with Qwen2's pre-tokenizer, special tokens and chat template."""
+def build_tokenizer(num_merges: int = 600, chat_template: Optional[str] = None):
+    """A small byte-level BPE tokenizer with Qwen2's pre-tokenizer, Qwen's special tokens and `chat_template`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -83,83 +66,40 @@ def build_tokenizer(num_merges: int = 600):
     # Added in one go, in the real order, before naming eos/pad (naming them first would add them first).
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
     tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
-    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     tokenizer.model_max_length = 32768
     return tokenizer
 
 
-def build_processor(tokenizer, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2,
-                    family: str = "qwen2_vl"):
-    """Qwen2-VL's processor (Qwen2.5-VL's for family qwen2_5_vl: the same image and video processors, plus the
-    video timing input `second_per_grid_ts`) around the in-process tokenizer."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    vision = dict(patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size)
-    processor_class = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
-    return processor_class(
-        image_processor=Qwen2VLImageProcessor(**vision),
-        video_processor=Qwen2VLVideoProcessor(**vision),
-        tokenizer=tokenizer,
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
-    )
+def build_processor(tokenizer, arch: ArchitectureConfig, family: str):
+    """The family's processor around the in-process tokenizer, sized as `arch` says."""
+    declared = families.get(family)
+    return declared.random_processor(tokenizer, arch, declared.chat_template)
 
 
-def model_config(arch: ArchitectureConfig, tokenizer, family: str = "qwen2_vl"):
-    """The transformers config of a Qwen2-VL (family qwen2_vl) or Qwen2.5-VL (qwen2_5_vl) model of these sizes."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
-
+def model_config(arch: ArchitectureConfig, tokenizer, family: str):
+    """The transformers config of a model of `family` with these sizes."""
     if arch.vocab_size < len(tokenizer):
         raise ValueError(f"model.architecture.vocab_size={arch.vocab_size} is smaller than the tokenizer "
                          f"({len(tokenizer)} tokens)")
-    ids = tokenizer.convert_tokens_to_ids
-    if family == "qwen2_5_vl":
-        vision = dict(
-            depth=arch.vision_depth, hidden_size=arch.vision_embed_dim, out_hidden_size=arch.hidden_size,
-            intermediate_size=arch.vision_intermediate_size, num_heads=arch.vision_num_heads,
-            patch_size=arch.patch_size, temporal_patch_size=arch.temporal_patch_size,
-            spatial_merge_size=arch.spatial_merge_size, window_size=arch.vision_window_size,
-            fullatt_block_indexes=list(arch.vision_fullatt_block_indexes), tokens_per_second=arch.tokens_per_second,
-        )
-    else:
-        vision = dict(
-            depth=arch.vision_depth, embed_dim=arch.vision_embed_dim, hidden_size=arch.hidden_size,
-            num_heads=arch.vision_num_heads, mlp_ratio=arch.vision_mlp_ratio, patch_size=arch.patch_size,
-            temporal_patch_size=arch.temporal_patch_size, spatial_merge_size=arch.spatial_merge_size,
-        )
-    config_class = Qwen2_5_VLConfig if family == "qwen2_5_vl" else Qwen2VLConfig
-    return config_class(
-        text_config=dict(
-            vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-            num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
-            num_key_value_heads=arch.num_key_value_heads, max_position_embeddings=arch.max_position_embeddings,
-            max_window_layers=arch.num_hidden_layers, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta,
-                             "mrope_section": list(arch.mrope_section)},
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-            tie_word_embeddings=arch.tie_word_embeddings,
-        ),
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=arch.tie_word_embeddings,
-    )
+    return families.get(family).random_config(arch, tokenizer)
 
 
 # Bump when the tokenizer or the model construction changes, so that stale cached models are not reused.
-_BUILDER_VERSION = 2
+_BUILDER_VERSION = 3
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("QWENVL_FT_CACHE", Path.home() / ".cache" / "qwenvl_ft")) / "random_models"
 
 
-def materialize(arch: ArchitectureConfig, dtype: str = "float32", family: str = "qwen2_vl") -> Path:
-    """Folder holding the random model for `arch` (weights, config, processor); built once, then reused.
+def materialize(arch: ArchitectureConfig, dtype: str = "float32", family: str = families.DEFAULT) -> Path:
+    """Folder holding the random model of `family` for `arch` (weights, config, processor); built once, then reused.
 
     The weights are created and stored in `dtype` (model.dtype): a random 7B in bfloat16 is 16.5 GB to initialise,
     write and read back instead of 33 GB in float32, which matters inside a GPU machine's short lease."""
     import torch
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import GenerationConfig
 
     recipe = {"arch": asdict(arch), "builder": _BUILDER_VERSION, "dtype": dtype, "family": family}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -167,15 +107,14 @@ def materialize(arch: ArchitectureConfig, dtype: str = "float32", family: str = 
     if (target / "complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    processor = build_processor(build_tokenizer(), arch.patch_size, arch.temporal_patch_size,
-                                arch.spatial_merge_size, family)
+    declared = families.get(family)
+    processor = build_processor(build_tokenizer(chat_template=declared.chat_template), arch, family)
     config = model_config(arch, processor.tokenizer, family)
     torch.manual_seed(arch.init_seed)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))
     try:
-        qwen2_5 = family == "qwen2_5_vl"
-        model = (Qwen2_5_VLForConditionalGeneration if qwen2_5 else Qwen2VLForConditionalGeneration)(config)
+        model = declared.load_model_class()(config)
     finally:
         torch.set_default_dtype(default_dtype)
     model.generation_config = GenerationConfig(

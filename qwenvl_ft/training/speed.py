@@ -31,12 +31,12 @@ def set_vision_checkpointing(model, enabled: bool) -> int:
 
     from qwenvl_ft.modeling.build import model_parts
 
-    visual, _, _ = model_parts(model)
-    for block in visual.blocks:
+    blocks = model_parts(model).vision_blocks
+    for block in blocks:
         if enabled:  # non-reentrant, like every checkpointing qwenvl-ft sets up
             block._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
         block.gradient_checkpointing = enabled
-    return len(visual.blocks)
+    return len(blocks)
 
 
 def vision_checkpointing_callback(enabled: bool):
