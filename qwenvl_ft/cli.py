@@ -10,14 +10,16 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
-from qwenvl_ft.config.compose import check_override_keys, config_dir, register_all
+from qwenvl_ft.config.compose import available_recipes, check_override_keys, check_recipe_keys, chosen_recipe, \
+    config_dir, register_all
 from qwenvl_ft.config.schema import ConfigError, root_schema
 
 log = logging.getLogger("qwenvl_ft")
 
-USAGE = """usage: qwenvl-ft COMMAND [--recipe-dir DIR] [hydra arguments]
+USAGE = """usage: qwenvl-ft COMMAND [RECIPE.yaml] [--recipe-dir DIR] [key=value ...] [hydra arguments]
 
 commands:
   train        fine-tune with the training method trainer= names (see "methods" below)
@@ -29,8 +31,11 @@ commands:
   estimate     predict a training run's peak GPU memory from the config (no weights loaded)
   recipes      list the available recipes
 
+`qwenvl-ft COMMAND --help` lists every config key of the command with what it does.
+
 examples:
   qwenvl-ft train recipe=demo
+  qwenvl-ft train my_run.yaml optimizer.lr=1e-4      # a YAML file of your own is a recipe (defaults + deltas)
   qwenvl-ft train recipe=qlora_7b_amazon optimizer.lr=1e-4
   qwenvl-ft train recipe=qlora_7b_amazon --cfg job
   qwenvl-ft train -m recipe=demo optimizer.lr=1e-3,3e-3
@@ -65,6 +70,14 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
 }
 
 
+def _summary(command: str) -> str:
+    """The command's line of USAGE."""
+    for line in USAGE.splitlines():
+        if line.startswith(f"  {command} "):
+            return line.strip()
+    return command
+
+
 def _task(target: str) -> Callable:
     module, function = target.split(":")
     return getattr(importlib.import_module(module), function)
@@ -83,6 +96,17 @@ def _split_recipe_dirs(args: List[str]) -> Tuple[List[str], List[str]]:
             rest.append(args[i])
             i += 1
     return dirs, rest
+
+
+def _split_recipe_file(args: List[str]) -> Tuple[List[str], List[str]]:
+    """`qwenvl-ft train path/to/run.yaml ...`: a YAML file among the arguments is a recipe (a positional argument
+    with no `=`; Hydra's own parser would refuse it). Returns (the file, if any; the other arguments)."""
+    files = [a for a in args if a.endswith((".yaml", ".yml")) and "=" not in a and not a.startswith("-")]
+    if len(files) > 1:
+        raise ConfigError(f"give one recipe file, not {len(files)}: {', '.join(files)}")
+    if files and chosen_recipe(args):
+        raise ConfigError(f"give either the recipe file {files[0]} or recipe={chosen_recipe(args)}, not both")
+    return files, [a for a in args if a not in files]
 
 
 def _overrides_only(args: List[str]) -> List[str]:
@@ -104,6 +128,9 @@ def _overrides_only(args: List[str]) -> List[str]:
 
 
 def main(argv: List[str] | None = None) -> int:
+    from qwenvl_ft.quiet import silence_library_noise
+
+    silence_library_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -111,10 +138,11 @@ def main(argv: List[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     recipe_dirs, hydra_args = _split_recipe_dirs(rest)
     try:
-        register_all(recipe_dirs)
+        recipe_files, hydra_args = _split_recipe_file(hydra_args)
+        register_all(recipe_dirs, recipe_files)
+        if recipe_files:
+            hydra_args.insert(0, f"recipe={Path(recipe_files[0]).stem}")  # before any flag (Hydra's argparse)
         if command == "recipes":
-            from qwenvl_ft.config.compose import available_recipes
-
             for name, path in available_recipes(recipe_dirs).items():
                 print(f"{name:28s} {path}")
             return 0
@@ -122,7 +150,17 @@ def main(argv: List[str] | None = None) -> int:
             print(f"qwenvl-ft: unknown command '{command}'. Valid commands: {', '.join(COMMANDS)}, recipes",
                   file=sys.stderr)
             return 2
-        check_override_keys(_overrides_only(hydra_args), root_schema(COMMANDS[command][0]))
+        root = root_schema(COMMANDS[command][0])
+        if any(a in ("-h", "--help") for a in hydra_args):
+            from qwenvl_ft.config.describe import command_help
+
+            print(command_help(command, _summary(command), root))
+            return 0
+        overrides = _overrides_only(hydra_args)
+        check_override_keys(overrides, root)
+        recipe = available_recipes(recipe_dirs, recipe_files).get(chosen_recipe(overrides) or "")
+        if recipe is not None:
+            check_recipe_keys(recipe, root)
     except ConfigError as err:
         print(f"qwenvl-ft: config error: {err}", file=sys.stderr)
         return 2

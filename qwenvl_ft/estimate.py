@@ -230,7 +230,8 @@ def estimate_memory(typed: TrainConfig, model=None) -> Estimate:
     config = model.config
     text, vision = config.get_text_config(), config.vision_config
     w = DTYPE_BYTES[model_cfg.dtype.value]
-    # activation dtype: autocast's under bf16/fp16 mixed precision, else the weights'
+    # activation dtype: autocast's under bf16/fp16 mixed precision, else the weights' (the estimate is for a GPU,
+    # where precision=auto means bf16)
     a = 4 if (trainer_cfg.precision == Precision.fp32 and w == 4) else 2
     rows: List[tuple] = []
 

@@ -16,6 +16,7 @@ from typing import Dict, List
 from omegaconf import DictConfig
 
 from qwenvl_ft.config.compose import validate
+from qwenvl_ft.config.saved_run import with_saved_run
 from qwenvl_ft.config.schema import ConfigError, InferRunConfig
 from qwenvl_ft.runtime import write_atomically
 
@@ -53,7 +54,7 @@ def prompt_rows(images: List[Path], prompt: str, system_message: str = None) -> 
 
 
 def infer(cfg: DictConfig) -> Dict:
-    typed: InferRunConfig = validate(cfg)
+    typed: InferRunConfig = validate(with_saved_run(cfg))  # the named run's config.yaml, overrides on top
     i = typed.infer
     if not i.images:
         raise ConfigError("infer.images is empty: pass infer.images=[a.jpg,b.png] or infer.images=[folder]")

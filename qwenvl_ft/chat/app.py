@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from qwenvl_ft.chat.engine import BASE, TUNED, ChatEngine, Turn, conversation_row, user_turn
 from qwenvl_ft.config.compose import validate
+from qwenvl_ft.config.saved_run import with_saved_run
 from qwenvl_ft.config.schema import ChatConfig, ChatRunConfig, ConfigError, GenerationSettings
 from qwenvl_ft.errors import UserFacingError
 
@@ -30,7 +31,7 @@ LABELS = {TUNED: "fine-tuned (adapter on)", BASE: "base (adapter off)"}
 
 
 def chat(cfg: DictConfig) -> Dict:
-    typed: ChatRunConfig = validate(cfg)
+    typed: ChatRunConfig = validate(with_saved_run(cfg))  # the named run's config.yaml, overrides on top
     try:
         import gradio  # noqa: F401  (the optional extra: fail before the model loads)
     except ImportError:

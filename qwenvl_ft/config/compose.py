@@ -6,7 +6,8 @@ Recipes are options of the Hydra group `recipe`. Hydra wants a group to be a sub
 would force `recipes/` to live inside `conf/`; instead every `*.yaml` in the recipe folders is registered in the
 ConfigStore under `recipe/<name>` with package `_global_`, exactly as a `# @package _global_` file inside
 `conf/recipe/` would be. User folders join through `QWENVL_FT_RECIPES` (os.pathsep-separated), or
-`--recipe-dir DIR` on the command line.
+`--recipe-dir DIR` on the command line; a single file joins as `qwenvl-ft train path/to/run.yaml` (named by its
+stem, as if its folder were a recipe folder).
 """
 
 from __future__ import annotations
@@ -46,21 +47,34 @@ def recipe_dirs(extra: Iterable[str] = ()) -> List[Path]:
     return dirs
 
 
-def available_recipes(extra: Iterable[str] = ()) -> dict:
-    """Recipe name -> file; a later folder overrides an earlier one of the same name."""
+def available_recipes(extra: Iterable[str] = (), files: Iterable[str] = ()) -> dict:
+    """Recipe name -> file; a later folder overrides an earlier one of the same name, a file given on its own
+    overrides them all."""
     found = {}
     for d in recipe_dirs(extra):
         for path in sorted(d.glob("*.yaml")):
             found[path.stem] = path
+    for file in files:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist")
+        found[path.stem] = path
     return found
 
 
-def register_all(extra_recipe_dirs: Iterable[str] = ()) -> None:
+def recipe_folder(recipe: Optional[str]) -> str:
+    """The output folder of a recipe: its name, or `custom` for a run composed without one."""
+    return recipe or "custom"
+
+
+def register_all(extra_recipe_dirs: Iterable[str] = (), recipe_files: Iterable[str] = ()) -> None:
     from hydra.core.config_store import ConfigStore
 
     register_schemas()
+    # The primary configs' hydra.run.dir: `oc.select` cannot default a choice that exists but is null (recipe: null).
+    OmegaConf.register_new_resolver("recipe_folder", recipe_folder, replace=True)
     store = ConfigStore.instance()
-    for name, path in available_recipes(extra_recipe_dirs).items():
+    for name, path in available_recipes(extra_recipe_dirs, recipe_files).items():
         node = OmegaConf.load(path)
         store.store(group="recipe", name=name, node=node, package="_global_", provider=str(path))
 
@@ -78,8 +92,6 @@ def _schema_fields(cls) -> dict:
 
 def check_override_keys(overrides: Sequence[str], root=TrainConfig) -> None:
     """Raise ConfigError naming the first override whose key is not in the schema."""
-    import typing
-
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -92,23 +104,58 @@ def check_override_keys(overrides: Sequence[str], root=TrainConfig) -> None:
             continue
         if key in _GROUPS:  # group choice: Hydra lists the available options itself
             continue
-        cls, walked = root, []
-        for part in key.split("."):
-            fields = _schema_fields(cls)
-            if part not in fields:
-                where = ".".join(walked) or "the top level"
-                hint = difflib.get_close_matches(part, fields, n=1)
-                suggestion = f" Did you mean '{'.'.join(walked + hint)}'?" if hint else ""
-                raise ConfigError(
-                    f"unknown config key '{key}'.{suggestion} Valid keys of {where}: {', '.join(fields)}"
-                )
-            walked.append(part)
-            hints = typing.get_type_hints(cls)
-            nested = _unwrap_optional(hints[part])
-            if dataclasses.is_dataclass(nested):
-                cls = nested
-            else:
-                break  # a leaf (or a list/dict value): deeper keys are Hydra's to check
+        problem = unknown_key(key, root)
+        if problem:
+            raise ConfigError(problem)
+
+
+def unknown_key(key: str, root=TrainConfig) -> Optional[str]:
+    """What is wrong with the dotted `key` (a did-you-mean and the valid keys), or None when the schema has it."""
+    import typing
+
+    cls, walked = root, []
+    for part in key.split("."):
+        fields = _schema_fields(cls)
+        if part not in fields:
+            where = ".".join(walked) or "the top level"
+            hint = difflib.get_close_matches(part, fields, n=1)
+            suggestion = f" Did you mean '{'.'.join(walked + hint)}'?" if hint else ""
+            return f"unknown config key '{key}'.{suggestion} Valid keys of {where}: {', '.join(fields)}"
+        walked.append(part)
+        nested = _unwrap_optional(typing.get_type_hints(cls)[part])
+        if not dataclasses.is_dataclass(nested):
+            return None  # a leaf (or a list/dict value): deeper keys are Hydra's to check
+        cls = nested
+    return None
+
+
+def check_recipe_keys(path: Path, root=TrainConfig) -> None:
+    """Every key a recipe file sets exists in the schema: the error names the file and suggests the key meant
+    (Hydra would only say that the key is not in the struct)."""
+    node = OmegaConf.load(path)
+    for key in _leaf_keys(node):
+        problem = unknown_key(key, root)
+        if problem:
+            raise ConfigError(f"{path}: {problem}")
+
+
+def _leaf_keys(node, prefix: str = "") -> List[str]:
+    keys = []
+    for name in node:
+        if not prefix and name in ("defaults", "hydra"):
+            continue
+        value = node._get_node(name)
+        dotted = f"{prefix}{name}"
+        keys += _leaf_keys(value, dotted + ".") if isinstance(value, DictConfig) and len(value) else [dotted]
+    return keys
+
+
+def chosen_recipe(overrides: Sequence[str]) -> Optional[str]:
+    """The value of a `recipe=NAME` override, if any."""
+    for override in overrides:
+        if override.startswith("recipe="):
+            return override.split("=", 1)[1]
+    return None
 
 
 def _unwrap_optional(tp):
@@ -138,6 +185,9 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train",
 
     register_all(extra_recipe_dirs)
     check_override_keys(overrides, root_schema(config_name))
+    recipe = available_recipes(extra_recipe_dirs).get(chosen_recipe(overrides) or "")
+    if recipe is not None:
+        check_recipe_keys(recipe, root_schema(config_name))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         try:
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))

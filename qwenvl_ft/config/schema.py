@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from qwenvl_ft import families, methods
 from qwenvl_ft.config.base import ConfigError, check as _check  # noqa: F401 (ConfigError is re-exported)
@@ -56,31 +56,31 @@ class ArchitectureConfig:
     vocab_size: int = 151936  # embedding rows; must be >= the tokenizer's length
     hidden_size: int = 1536  # language model width
     intermediate_size: int = 8960  # language model MLP width
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 12
-    num_key_value_heads: int = 2
+    num_hidden_layers: int = 28  # language model decoder layers
+    num_attention_heads: int = 12  # query heads per decoder layer
+    num_key_value_heads: int = 2  # key/value heads (grouped-query attention)
     head_dim: Optional[int] = None  # width of one attention head (None: hidden_size / num_attention_heads)
-    tie_word_embeddings: bool = True
-    rope_theta: float = 1000000.0
+    tie_word_embeddings: bool = True  # lm_head shares the embedding matrix
+    rope_theta: float = 1000000.0  # rotary position base
     mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])  # sums to head_dim / 2
-    max_position_embeddings: int = 32768
-    vision_depth: int = 32
-    vision_embed_dim: int = 1280
-    vision_num_heads: int = 16
+    max_position_embeddings: int = 32768  # longest sequence the positions cover
+    vision_depth: int = 32  # vision transformer blocks
+    vision_embed_dim: int = 1280  # vision transformer width
+    vision_num_heads: int = 16  # attention heads per vision block
     vision_mlp_ratio: int = 4  # MLP width / vision_embed_dim, for a vision MLP without vision_intermediate_size
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
+    patch_size: int = 14  # pixels per side of a vision patch
+    temporal_patch_size: int = 2  # frames per patch (an image is repeated to fill them)
+    spatial_merge_size: int = 2  # patches per side merged into one language-model token
     vision_intermediate_size: Optional[int] = None  # width of the vision MLP, where a family gives it directly
     # Window attention over windows of this many pixels, full attention in the listed blocks, and M-RoPE temporal
     # positions of videos spaced by this many per second.
     vision_window_size: int = 112
-    vision_fullatt_block_indexes: List[int] = field(default_factory=lambda: [7, 15, 23, 31])
-    tokens_per_second: int = 2
+    vision_fullatt_block_indexes: List[int] = field(default_factory=lambda: [7, 15, 23, 31])  # full attention
+    tokens_per_second: int = 2  # M-RoPE temporal positions per second of video
     # Learned vision positions on a square grid of this many, and the vision blocks whose output also feeds the
     # language model through a merger of its own (DeepStack).
     vision_num_position_embeddings: int = 2304
-    deepstack_visual_indexes: List[int] = field(default_factory=list)
+    deepstack_visual_indexes: List[int] = field(default_factory=list)  # DeepStack: blocks with their own merger
     init_seed: int = 0  # the random weights are a pure function of the sizes and this seed
 
     @property
@@ -121,6 +121,7 @@ class ModelConfig:
     random_init: bool = False  # build from `architecture` with random weights and an in-process tokenizer
     architecture: Optional[ArchitectureConfig] = None
     dtype: Dtype = Dtype.bfloat16  # weight dtype (4-bit adapters use it as compute dtype)
+    # Attention kernel (flash_attention_2 needs flash-attn)
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
     # Non-reentrant, on the decoder layers and (transformers' default) the vision blocks too.
     gradient_checkpointing: bool = True
@@ -133,7 +134,7 @@ class ModelConfig:
     freeze_vision_tower: bool = True  # the ViT blocks and patch embedding
     freeze_merger: bool = True  # the patch merger that projects vision features into the language model
     freeze_language_model: bool = False  # embeddings, decoder layers and lm_head
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # allow a checkpoint's own Python code (transformers' flag)
     start_from: Optional[StartFromConfig] = None  # start from the result of another run (see StartFromConfig)
 
     def __post_init__(self) -> None:
@@ -177,10 +178,10 @@ DataFormat = _DataFormatBase("DataFormat", [(name, name) for method in methods.r
 class ShapesConfig:
     """The generated demo dataset."""
 
-    num_train: int = 240
-    num_eval: int = 24
+    num_train: int = 240  # generated training rows
+    num_eval: int = 24  # generated held-out rows
     image_size: int = 56  # square; resized like any image (model.family's patch x merge size rounds it)
-    seed: int = 0
+    seed: int = 0  # seed of the generated images and questions
 
     def __post_init__(self) -> None:
         _check(self.num_train > 0 and self.num_eval >= 0, "data.shapes.num_train must be > 0, num_eval >= 0")
@@ -240,7 +241,7 @@ class CacheMode(str, Enum):
 class DataConfig:
     """Where the examples come from, how they become chat messages, and how images are sized."""
 
-    format: DataFormat = DataFormat.shapes
+    format: DataFormat = DataFormat.shapes  # layout of the rows, and with it the training method that reads them
     path: Optional[str] = None  # JSON/JSONL/CSV/TSV file, dataset folder, or hub id (format-dependent)
     # Several files mixed into one training set, each read, checked and reported on its own (instead of `path`):
     # [{path, format, image_folder, split, weight or max_rows}, ...]. Weights draw the training rows in those
@@ -257,13 +258,13 @@ class DataConfig:
     eval_size: float = 0.0  # held-out rows: 0 none, <1 a fraction, >=1 a count
     eval_path: Optional[str] = None  # a separate held-out file instead of eval_size
     shuffle: bool = True  # shuffle (seeded) before splitting off eval rows
-    seed: int = 42
+    seed: int = 42  # seed of the shuffle and of the held-out split
     max_samples: Optional[int] = None  # keep only the first N training rows (quick experiments)
     max_length: Optional[int] = 2048  # tokens per sequence; never cuts inside a vision span
     min_pixels: Optional[int] = None  # image resolution bounds (None: the processor's defaults)
-    max_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None  # upper bound of an image's pixels (None: the processor's default)
     resized_height: Optional[int] = None  # fixed resize, rounded to a multiple of patch x merge size (28, 32)
-    resized_width: Optional[int] = None
+    resized_width: Optional[int] = None  # fixed resize width, rounded as resized_height
     num_workers: int = 0  # DataLoader worker processes doing decoding and tokenisation
     # Batch layout of training (docs/performance.md). Default: trainer.batch_size rows, right-padded.
     # packing: padding-free; rows are concatenated into one sequence of at most max_tokens_per_batch tokens per
@@ -286,7 +287,7 @@ class DataConfig:
     # Visual tokens (images + videos) of one sample; a video's frames shrink to fit, a row still over is invalid.
     max_visual_tokens: Optional[int] = None
     video_min_pixels: Optional[int] = None  # per frame (None: the processor's video defaults)
-    video_max_pixels: Optional[int] = None
+    video_max_pixels: Optional[int] = None  # per frame (None: the processor's video default)
     video_fps: Optional[float] = None  # frames sampled per second of video (None: 2.0, qwen-vl-utils' default)
     video_nframes: Optional[int] = None  # a fixed number of frames per video instead of video_fps
     video_max_frames: int = 768  # cap on sampled frames with video_fps
@@ -303,6 +304,9 @@ class DataConfig:
     # of a sweep and the other ranks of a distributed run read them instead of decoding every image again.
     cache: CacheMode = CacheMode.on
     cache_dir: Optional[str] = None
+    # Loss on the whole sequence (system and user turns, template tokens) instead of the answers only, as some
+    # tutorials train; image and video tokens are never targets. SFT only.
+    train_on_prompt: bool = False
 
     def __post_init__(self) -> None:
         if self.sources:
@@ -399,18 +403,18 @@ class AdapterMethod(str, Enum):
 class AdapterConfig:
     """Full fine-tuning or a (Q)LoRA/DoRA adapter. LoRA fields are ignored for method=full."""
 
-    method: AdapterMethod = AdapterMethod.lora
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    method: AdapterMethod = AdapterMethod.lora  # full fine-tuning, or an adapter: lora, dora, qlora (4-bit base)
+    r: int = 8  # LoRA rank: adapter width, trainable parameters grow with it
+    alpha: int = 16  # LoRA scaling numerator: updates are scaled by alpha / r
+    dropout: float = 0.05  # dropout on the adapter's input
     # Leaf names of the language-model Linear layers that get adapters.
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     vision_lora: bool = False  # also put adapters on every Linear of the vision tower blocks
-    bias: str = "none"
+    bias: str = "none"  # biases trained too: "none", "all" or "lora_only" (PEFT's bias)
     # 4-bit quantisation of the base (bitsandbytes), used by method=qlora
     load_in_4bit: bool = False
-    bnb_4bit_quant_type: str = "nf4"
-    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_quant_type: str = "nf4"  # 4-bit data type: "nf4" (QLoRA) or "fp4"
+    bnb_4bit_use_double_quant: bool = True  # quantise the quantisation constants too (saves ~0.4 bit/param)
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "adapter.r must be > 0")
@@ -447,15 +451,16 @@ class OptimizerConfig:
     """Optimizer and learning-rate schedule."""
 
     name: str = "adamw_torch"  # any transformers `optim` name: adamw_torch_fused, paged_adamw_8bit, ...
-    lr: float = 2e-4
+    lr: float = 2e-4  # peak learning rate (of the language model; see vision_lr, merger_lr)
     vision_lr: Optional[float] = None  # separate lr for the vision tower (None: lr)
     merger_lr: Optional[float] = None  # separate lr for the merger (None: lr)
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    scheduler: LrScheduler = LrScheduler.constant
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's beta1, beta2
+    eps: float = 1e-8  # AdamW's epsilon
+    scheduler: LrScheduler = LrScheduler.constant  # learning-rate schedule after the warmup
     warmup_ratio: float = 0.0  # fraction of all optimizer steps spent warming up
-    max_grad_norm: float = 1.0
+    warmup_steps: Optional[int] = None  # warm up for this many optimizer steps instead (warmup_ratio must be 0)
+    max_grad_norm: float = 1.0  # gradient clipping norm (0: no clipping)
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optimizer.lr must be > 0")
@@ -465,6 +470,9 @@ class OptimizerConfig:
         _check(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas must be two values in [0, 1)")
         _check(0 <= self.warmup_ratio < 1, "optimizer.warmup_ratio must be in [0, 1)")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
+        _check(self.warmup_steps is None or self.warmup_ratio == 0,
+               "optimizer.warmup_steps and optimizer.warmup_ratio are alternatives: set one (warmup_ratio=0)")
         _check(self.max_grad_norm >= 0, "optimizer.max_grad_norm must be >= 0")
 
 
@@ -477,9 +485,44 @@ TrainerKind = Enum("TrainerKind", [(name, name) for name in methods.names()], ty
 
 
 class Precision(str, Enum):
+    auto = "auto"  # bf16 where the accelerator supports it, else fp32 (CPU)
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+class SaveStrategy(str, Enum):
+    steps = "steps"  # a checkpoint every trainer.save_steps optimizer steps
+    epoch = "epoch"  # a checkpoint at the end of every epoch
+
+
+class Tracker(str, Enum):
+    """Experiment trackers (transformers' own integrations). Each but TensorBoard is an optional extra:
+    pip install "qwenvl-ft[wandb]", "qwenvl-ft[swanlab]", "qwenvl-ft[mlflow]"."""
+
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    swanlab = "swanlab"
+    mlflow = "mlflow"
+    none = "none"  # alone: no tracker (same as [])
+
+
+@dataclass
+class TrackerConfig:
+    """What the experiment trackers of trainer.report_to call the run (TensorBoard needs none of it)."""
+
+    # W&B and SwanLab project, MLflow experiment (None: the tracker's environment variable WANDB_PROJECT,
+    # SWANLAB_PROJECT or MLFLOW_EXPERIMENT_NAME, else "qwenvl-ft")
+    project: Optional[str] = None
+    run_name: Optional[str] = None  # the run's name in the tracker (None: the run folder's name)
+    tags: List[str] = field(default_factory=list)  # W&B and SwanLab tags, MLflow tag keys
+    # Held-out rows shown in the prediction gallery (image, prompt, prediction, reference) before training, at
+    # each evaluation (trainer.eval_steps) and after training; 0: no gallery.
+    gallery_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.gallery_size >= 0, "trainer.tracker.gallery_size must be >= 0")
+        _check(all(tag.strip() for tag in self.tags), "trainer.tracker.tags has an empty tag")
 
 
 @dataclass
@@ -487,23 +530,30 @@ class TrainerSettings:
     """The training loop: length, batch, precision, logging and checkpoints. `TrainerConfig` below adds one
     sub-config per training method that has settings of its own (`trainer.dpo.*`, ...)."""
 
-    kind: TrainerKind = TrainerKind.sft
-    epochs: float = 1.0
+    kind: TrainerKind = TrainerKind.sft  # the training method (qwenvl_ft/methods/); trainer=NAME sets it
+    epochs: float = 1.0  # passes over the training rows (fractions allowed)
     max_steps: int = -1  # > 0 overrides epochs; -1: not set
     batch_size: int = 4  # per device
-    eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    precision: Precision = Precision.bf16  # mixed-precision autocast
+    eval_batch_size: int = 8  # per device, for generation and evaluation
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    precision: Precision = Precision.auto  # mixed-precision autocast (auto: bf16 where supported, else fp32)
     tf32: bool = False  # TF32 matmuls on Ampere and newer GPUs (ignored without CUDA)
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: Optional[int] = 2
-    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    logging_steps: int = 10  # log the training loss every this many optimizer steps
+    save_strategy: SaveStrategy = SaveStrategy.steps  # when checkpoints are written: every save_steps, or per epoch
+    save_steps: int = 500  # with save_strategy=steps: a checkpoint every this many optimizer steps
+    save_total_limit: Optional[int] = 2  # checkpoints kept (the oldest deleted; None: all)
+    # Experiment trackers, any of tensorboard, wandb, swanlab, mlflow ([] or [none]: none); trainer.tracker names
+    # the run. Each gets the resolved config, the training curves, the held-out metrics and the prediction gallery.
+    report_to: List[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    # Any other field of the method's TRL config (SFTConfig, DPOConfig, GRPOConfig; TrainingArguments' included), e.g.
+    # {lr_scheduler_kwargs: {min_lr: 1e-6}, torch_compile: true}. Keys are checked against that dataclass.
+    extra_args: Dict[str, Any] = field(default_factory=dict)
     # Generate on the held-out rows before and after training and report the metric (needs eval rows).
     eval_generation: bool = True
-    max_new_tokens: int = 64
-    num_predictions_to_print: int = 4
-    disable_tqdm: bool = False
+    max_new_tokens: int = 64  # tokens generated per held-out row
+    num_predictions_to_print: int = 4  # held-out predictions shown in the log
+    disable_tqdm: bool = False  # no progress bar (logs only)
     # Resuming: "auto" continues from the newest complete checkpoint-* in output_dir (a fresh start when there is
     # none), a path names a checkpoint folder, null always starts fresh. A fixed `run_name` makes the same command
     # land in the same output_dir, so running it again after an interruption resumes.
@@ -511,7 +561,7 @@ class TrainerSettings:
     # Evaluation during training, on the held-out rows: loss every eval_steps optimizer steps (None: never).
     eval_steps: Optional[int] = None
     load_best_model_at_end: bool = False  # final/ gets the best checkpoint by metric_for_best_model
-    metric_for_best_model: str = "eval_loss"
+    metric_for_best_model: str = "eval_loss"  # what load_best_model_at_end and early stopping compare
     greater_is_better: Optional[bool] = None  # None: False for metrics ending in "loss", else True
     early_stopping_patience: Optional[int] = None  # stop after this many evaluations without improvement
     early_stopping_threshold: float = 0.0  # an improvement must beat the best by more than this
@@ -527,9 +577,9 @@ class TrainerSettings:
         _check(self.save_total_limit is None or self.save_total_limit > 0,
                f"trainer.save_total_limit={self.save_total_limit}: must be > 0 (or null: keep every checkpoint)")
         _check(self.max_new_tokens > 0, "trainer.max_new_tokens must be > 0")
-        valid_reporters = {"tensorboard", "wandb", "none"}
-        unknown = set(self.report_to) - valid_reporters
-        _check(not unknown, f"trainer.report_to has {sorted(unknown)}; valid: {sorted(valid_reporters)}")
+        _check(Tracker.none not in self.report_to or len(self.report_to) == 1,
+               "trainer.report_to: none cannot be combined with a tracker (use [] or [none] for no tracker)")
+        _check(len(set(self.report_to)) == len(self.report_to), "trainer.report_to lists a tracker twice")
         _check(self.resume_from is None or self.resume_from.strip() != "",
                "trainer.resume_from must be auto, a checkpoint folder or null")
         _check(self.eval_steps is None or self.eval_steps > 0, "trainer.eval_steps must be > 0")
@@ -539,6 +589,8 @@ class TrainerSettings:
         _check(not needs_eval or self.eval_steps is not None,
                f"trainer.{needs_eval[0] if needs_eval else ''} needs trainer.eval_steps (evaluation during training)")
         # The Trainer can only load the best checkpoint if every evaluation step is also a save step.
+        _check(not self.load_best_model_at_end or self.save_strategy == SaveStrategy.steps,
+               "trainer.load_best_model_at_end needs trainer.save_strategy=steps (a checkpoint at every evaluation)")
         _check(not self.load_best_model_at_end or self.eval_steps is None or self.save_steps % self.eval_steps == 0,
                "trainer.load_best_model_at_end needs trainer.save_steps to be a multiple of trainer.eval_steps")
         _check(self.early_stopping_patience is None or self.early_stopping_patience > 0,
@@ -595,8 +647,8 @@ class TrainConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    output_dir: str = "outputs/run"
-    seed: int = 42
+    output_dir: str = "outputs/run"  # where the run writes (the primary configs: outputs/<recipe>/<run_name>)
+    seed: int = 42  # seed of initialisation, dropout and data order
     run_name: str = "run"  # names the output folder outputs/<recipe>/<run_name> (the primary configs: a timestamp)
     hub: HubConfig = field(default_factory=HubConfig)  # upload final/ (train) or merged/ (merge) to the Hub
 
@@ -627,13 +679,13 @@ class TrainConfig:
 class GenerationSettings:
     """Decoding settings handed to `model.generate` (eval and infer)."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # tokens generated per answer at most
     do_sample: bool = False  # False: greedy (or beam search with num_beams > 1); the sampling fields are ignored
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
+    temperature: float = 1.0  # with do_sample: < 1 sharper, > 1 flatter
+    top_p: float = 1.0  # with do_sample: nucleus sampling mass (1: off)
+    top_k: int = 50  # with do_sample: sample among the k likeliest tokens (0: off)
+    num_beams: int = 1  # beam search width (1: none)
+    repetition_penalty: float = 1.0  # > 1 discourages repeating tokens
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, "generation.max_new_tokens must be > 0")
@@ -663,7 +715,8 @@ class EvalConfig:
     model_path: Optional[str] = None
     compare_base: bool = True  # also generate with the base model (model group) and report both
     num_samples: Optional[int] = None  # the first N held-out rows (None: all)
-    batch_size: int = 8
+    batch_size: int = 8  # rows per generation batch
+    # Reported metrics: exact_match, bleu, rouge_l
     metrics: List[str] = field(default_factory=lambda: list(EVAL_METRICS))
     num_examples: int = 8  # predictions shown in the log, the report and the TensorBoard gallery
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -684,8 +737,8 @@ class InferConfig:
 
     model_path: Optional[str] = None  # adapter folder, full or merged model folder; null: the base model
     images: List[str] = field(default_factory=list)  # required: image files and/or folders (every image inside)
-    prompt: str = "Describe the image."
-    batch_size: int = 4
+    prompt: str = "Describe the image."  # the user text asked of every image
+    batch_size: int = 4  # images per generation batch
     output_file: Optional[str] = None  # JSONL; None: <output_dir>/predictions.jsonl
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
@@ -702,7 +755,7 @@ class MergeConfig:
     output_path: Optional[str] = None  # required; merge.yaml defaults it to <that run>/merged
     dtype: Optional[Dtype] = None  # weights of the merged model (None: model.dtype); never 4-bit
     overwrite: bool = False  # replace an existing output_path
-    max_shard_size: str = "5GB"
+    max_shard_size: str = "5GB"  # largest safetensors file of the merged model
 
     def __post_init__(self) -> None:
         _check(self.max_shard_size.strip() != "", "merge.max_shard_size must be a size such as 5GB")

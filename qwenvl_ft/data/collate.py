@@ -1,4 +1,5 @@
-"""The multimodal collator: canonical rows -> model inputs with labels on assistant turns only.
+"""The multimodal collator: canonical rows -> model inputs with labels on assistant turns only (or, with
+data.train_on_prompt, on every token but the images' and videos').
 
 Why our own: TRL's `DataCollatorForVisionLanguageModeling` trains on assistant tokens only through
 `{% generation %}` markers, which the Qwen-VL models' real chat templates do not have, and it cannot say which row
@@ -132,6 +133,10 @@ class VisionChatCollator:
         self.vision_start_id, self.vision_end_id = ids("<|vision_start|>"), ids("<|vision_end|>")
         self.image_pad_id, self.video_pad_id = ids("<|image_pad|>"), ids("<|video_pad|>")
         self._text_ids: Dict[str, List[int]] = {}  # timestamps and other text a video placeholder expands to
+        # Never targets with data.train_on_prompt: the vision span and its markers (the SFT tutorial that trains on
+        # the whole sequence masks exactly these); a video's timestamps stand for its <|video_pad|>, so are masked.
+        self.vision_token_ids = np.asarray([self.vision_start_id, self.vision_end_id, self.image_pad_id,
+                                            self.video_pad_id])
         image_processor = processor.image_processor
         self.patch_size = image_processor.patch_size
         self.merge_size = image_processor.merge_size
@@ -291,7 +296,10 @@ class VisionChatCollator:
             self.render(row["messages"])
         ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int64)
         input_ids, origin = self.expand_placeholders(ids, visuals, source)
-        mask = assistant_label_mask(ids.tolist(), self.tokenizer).numpy()
+        if self.cfg.train_on_prompt:  # every token but the vision span's
+            mask = ~np.isin(ids, self.vision_token_ids)
+        else:
+            mask = assistant_label_mask(ids.tolist(), self.tokenizer).numpy()
         labels = np.where(mask[origin], input_ids, IGNORE_INDEX)
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
                 "mm_token_type_ids": torch.from_numpy(self.token_types(input_ids))}
@@ -380,7 +388,9 @@ class VisionChatCollator:
         if len(vision_ends) and int(vision_ends[-1]) >= limit:
             raise RowDropped(f"{over}: dropped, the cut would fall inside an image or video (its vision tokens end "
                              f"at position {int(vision_ends[-1])})")
-        if not (sample["labels"][:limit] != IGNORE_INDEX).any():
+        answer = assistant_label_mask(sample["input_ids"][:limit].tolist(), self.tokenizer) \
+            if self.cfg.train_on_prompt else sample["labels"][:limit] != IGNORE_INDEX
+        if not answer.any():
             raise RowDropped(f"{over}: dropped, the cut would remove every assistant token")
         return {key: value[:limit] for key, value in sample.items()}
 

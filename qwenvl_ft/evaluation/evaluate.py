@@ -17,6 +17,7 @@ from typing import Dict, List
 from omegaconf import DictConfig
 
 from qwenvl_ft.config.compose import validate
+from qwenvl_ft.config.saved_run import with_saved_run
 from qwenvl_ft.config.schema import ConfigError, EvalRunConfig
 from qwenvl_ft.runtime import write_atomically
 
@@ -27,7 +28,7 @@ GALLERY_MAX_SIDE = 448  # gallery images are shrunk to this, so the event file s
 
 
 def evaluate(cfg: DictConfig) -> Dict:
-    typed: EvalRunConfig = validate(cfg)
+    typed: EvalRunConfig = validate(with_saved_run(cfg))  # the named run's config.yaml, overrides on top
     e = typed.eval
     from qwenvl_ft.runlock import lock_folder
     from qwenvl_ft.runtime import ensure_writable

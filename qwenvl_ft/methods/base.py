@@ -53,6 +53,13 @@ class Method:
     # data.max_tokens_per_batch / data.group_by_length: padded batches planned by length (data/batching.py)
     length_batching: ClassVar[bool] = False
     eval_needs_base: ClassVar[bool] = False  # `eval` keeps the base in memory next to a full tuned model
+    # data.train_on_prompt (a token loss on the prompt too) applies: the method trains on a token loss
+    trains_on_prompt: ClassVar[bool] = False
+    # "module:Class" of the TRL config `trainer_arguments` builds; trainer.extra_args are checked against its fields
+    arguments_class: ClassVar[str] = "transformers:TrainingArguments"
+    # fields of that config the method sets itself -> the config key (or reason) they come from; trainer.extra_args
+    # may not set them (the shared TrainingArguments' own are training/common.py's ARGUMENT_SOURCES)
+    argument_sources: ClassVar[Mapping[str, str]] = {}
 
     # -- config ------------------------------------------------------------------------------------------------
 
@@ -65,6 +72,10 @@ class Method:
         check(self.length_batching or (cfg.data.max_tokens_per_batch is None and not cfg.data.group_by_length),
               f"data.max_tokens_per_batch and data.group_by_length plan padded batches by length, for {planners}; "
               f"{self.name.upper()} batches are trainer.batch_size {self.batch_unit}")
+        token_loss = "/".join(f"trainer={m.name}" for m in methods.registry().values() if m.trains_on_prompt)
+        check(self.trains_on_prompt or not cfg.data.train_on_prompt,
+              f"data.train_on_prompt puts a token loss on the prompt too, for {token_loss}; trainer={self.name} "
+              f"does not train on a token loss of the sequence ({self.summary})")
 
     # -- data ----------------------------------------------------------------------------------------------------
 

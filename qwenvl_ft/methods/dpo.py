@@ -92,6 +92,15 @@ class Dpo(Method):
     row_kind = "preference pairs"
     batch_unit = "pairs"
     eval_needs_base = True  # implicit rewards compare the tuned model with the base
+    arguments_class = "trl:DPOConfig"
+    argument_sources = {
+        "remove_unused_columns": "qwenvl-ft (its collator needs the raw rows)",
+        "max_length": "data.max_length (the collator truncates, never inside an image)",
+        "beta": "trainer.dpo.beta", "loss_type": "trainer.dpo.loss_type", "loss_weights": "trainer.dpo.loss_weights",
+        "label_smoothing": "trainer.dpo.label_smoothing",
+        "precompute_ref_log_probs": "trainer.dpo.precompute_ref_log_probs",
+        "precompute_ref_batch_size": "trainer.dpo.precompute_ref_batch_size", "padding_free": "data.packing",
+    }
 
     # -- data ----------------------------------------------------------------------------------------------------
 

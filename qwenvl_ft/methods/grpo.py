@@ -86,7 +86,7 @@ class RewardConfig:
     # missing value).
     function: str = "???"
     name: Optional[str] = None  # label in logs, TensorBoard and reports (default: the function's name)
-    weight: float = 1.0
+    weight: float = 1.0  # the reward's weight in the sum
     options: Dict[str, Any] = field(default_factory=dict)  # the built-in's options, or keyword arguments of yours
 
 
@@ -95,9 +95,9 @@ class VllmConfig:
     """Generation with vLLM inside the training process (TRL's colocate mode): much faster sampling on GPUs, the
     policy's weights copied into vLLM after every optimizer step. Needs `pip install vllm` and CUDA."""
 
-    enabled: bool = False
+    enabled: bool = False  # sample with vLLM (colocate mode; CUDA only)
     gpu_memory_utilization: float = 0.3  # share of each GPU vLLM may take (weights + KV cache)
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # GPUs one vLLM engine spans
     enable_sleep_mode: bool = False  # offload vLLM's weights and cache during the optimizer step
     max_model_length: Optional[int] = None  # vLLM context (None: data.max_length + max_completion_length)
 
@@ -123,24 +123,26 @@ class GrpoConfig:
     num_generations: int = 8  # group size G: completions sampled per prompt
     max_completion_length: int = 256  # tokens per completion (data.max_length bounds the prompt)
     temperature: float = 1.0  # sampling of the completions
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling mass of the completions (1: off)
     top_k: int = 0  # 0: off
-    min_p: Optional[float] = None
-    repetition_penalty: float = 1.0
+    min_p: Optional[float] = None  # drop tokens below min_p x the likeliest one's probability (None: off)
+    repetition_penalty: float = 1.0  # > 1 discourages repeating tokens in the completions
     beta: float = 0.04  # KL coefficient towards the reference (DeepSeekMath: 0.04; 0: no KL, no reference)
     epsilon: float = 0.2  # clipping of the probability ratio to [1 - epsilon, 1 + epsilon_high]
     epsilon_high: Optional[float] = None  # None: epsilon (DAPO's clip-higher: 0.28)
-    loss_type: GrpoLossType = GrpoLossType.dapo
+    loss_type: GrpoLossType = GrpoLossType.dapo  # how token losses are averaged (see GrpoLossType)
+    # Probability ratio per token (GRPO) or per completion (GSPO)
     importance_sampling_level: ImportanceSampling = ImportanceSampling.token
-    scale_rewards: RewardScaling = RewardScaling.group
+    scale_rewards: RewardScaling = RewardScaling.group  # divide advantages by the std of the group or batch
+    # Combine several rewards before or after normalising
     reward_aggregation: RewardAggregation = RewardAggregation.sum_then_normalize
     num_iterations: int = 1  # optimizer passes over each batch of completions (mu)
     mask_truncated_completions: bool = False  # completions cut at max_completion_length add no loss (DAPO)
     # Full fine-tuning only: move the reference towards the policy every ref_model_sync_steps (TR-DPO style).
     sync_ref_model: bool = False
-    ref_model_sync_steps: int = 512
-    ref_model_mixup_alpha: float = 0.6
-    rewards: List[RewardConfig] = field(default_factory=list)
+    ref_model_sync_steps: int = 512  # with sync_ref_model: steps between reference updates
+    ref_model_mixup_alpha: float = 0.6  # with sync_ref_model: reference = alpha x policy + (1 - alpha) x ref
+    rewards: List[RewardConfig] = field(default_factory=list)  # the reward functions, weighted and summed
     log_completions: int = 4  # sampled completions (with their rewards) written to TensorBoard per logging step
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
@@ -187,6 +189,22 @@ class Grpo(Method):
     generated_formats = ("shapes_prompt",)
     row_kind = "prompts"
     batch_unit = "completions"
+    # trains_on_prompt stays False: the loss is on sampled completions, there is no sequence whose prompt to add
+    arguments_class = "trl:GRPOConfig"
+    argument_sources = {
+        "remove_unused_columns": "qwenvl-ft (the rewards read the dataset's columns)",
+        "reward_weights": "trainer.grpo.rewards[].weight",
+        "multi_objective_aggregation": "trainer.grpo.reward_aggregation",
+        "log_completions": "trainer.grpo.log_completions (written to TensorBoard)",
+        **{key: f"trainer.grpo.{key}" for key in (
+            "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "min_p",
+            "repetition_penalty", "beta", "epsilon", "epsilon_high", "loss_type", "importance_sampling_level",
+            "scale_rewards", "num_iterations", "mask_truncated_completions", "sync_ref_model",
+            "ref_model_sync_steps", "ref_model_mixup_alpha")},
+        "use_vllm": "trainer.grpo.vllm.enabled", "vllm_mode": "trainer.grpo.vllm.enabled (always colocate)",
+        **{f"vllm_{key}": f"trainer.grpo.vllm.{key}" for key in (
+            "gpu_memory_utilization", "tensor_parallel_size", "enable_sleep_mode", "max_model_length")},
+    }
 
     def check_config(self, cfg) -> None:
         """Besides the base rules: no packing (a GRPO batch is built inside TRL), and the rewards resolved, so that

@@ -32,6 +32,15 @@ class Sft(Method):
     row_kind = "conversations"
     batch_unit = "rows"
     length_batching = True
+    trains_on_prompt = True
+    arguments_class = "trl:SFTConfig"
+    argument_sources = {
+        "remove_unused_columns": "qwenvl-ft (its collator needs the raw rows)",
+        "dataset_kwargs": "qwenvl-ft (rows are processed by its collator)",
+        "max_length": "data.max_length (the collator truncates, never inside an image)",
+        "packing": "data.packing", "padding_free": "data.packing",
+        "train_sampling_strategy": "data.group_by_length / data.max_tokens_per_batch",
+    }
 
     def read_rows(self, data_cfg, problems: Optional[list] = None) -> Tuple[List[dict], List[dict]]:
         from qwenvl_ft.data.sources import load_split_rows

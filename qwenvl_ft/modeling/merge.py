@@ -24,13 +24,14 @@ from typing import Dict
 from omegaconf import DictConfig
 
 from qwenvl_ft.config.compose import validate
+from qwenvl_ft.config.saved_run import with_saved_run
 from qwenvl_ft.config.schema import ConfigError, MergeRunConfig
 
 log = logging.getLogger("qwenvl_ft")
 
 
 def merge(cfg: DictConfig) -> Dict:
-    typed: MergeRunConfig = validate(cfg)
+    typed: MergeRunConfig = validate(with_saved_run(cfg))  # the named run's config.yaml, overrides on top
     m = typed.merge
     if m.adapter_path is None or m.output_path is None:
         raise ConfigError("merge.adapter_path and merge.output_path are required")

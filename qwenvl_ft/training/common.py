@@ -35,9 +35,12 @@ def start_run(composed: DictConfig) -> RunStart:
     distributed launch share it), find the checkpoint to resume from, and record the resolved config there."""
     from qwenvl_ft.runlock import lock_folder
     from qwenvl_ft.runtime import ensure_writable
-    from qwenvl_ft.training.resume import finished_metrics, prepare_resume
+    from qwenvl_ft.training.preflight import preflight
 
     cfg: TrainConfig = validate(composed)
+    preflight(cfg)  # trackers installed, precision supported, trainer.extra_args: before anything loads
+    from qwenvl_ft.training.resume import finished_metrics, prepare_resume
+
     output_dir = ensure_writable(Path(cfg.output_dir))
     lock_folder(output_dir)
     resume = prepare_resume(cfg, composed)  # before config.yaml is rewritten: it warns about config changes
@@ -88,11 +91,14 @@ def publish_final(output_dir: Path, hub: HubConfig) -> Path:
 
 
 def training_arguments(cfg: TrainConfig) -> Dict:
-    """The transformers TrainingArguments every method shares (SFTConfig, DPOConfig, ... extend them)."""
+    """The transformers TrainingArguments every method shares (SFTConfig, DPOConfig, ... extend them), with
+    trainer.extra_args added (preflight checked them against the method's config class)."""
+    from qwenvl_ft.training.preflight import active_trackers, effective_precision
     from qwenvl_ft.training.speed import check_liger
 
     trainer_cfg, optim_cfg = cfg.trainer, cfg.optimizer
     check_liger(cfg.model)
+    precision = effective_precision(trainer_cfg.precision)
     has_cuda = torch.cuda.is_available()
     if trainer_cfg.tf32 and not has_cuda:
         log.warning("trainer.tf32=true ignored: no CUDA device")
@@ -112,19 +118,21 @@ def training_arguments(cfg: TrainConfig) -> Dict:
         adam_epsilon=optim_cfg.eps,
         optim=optim_cfg.name,
         lr_scheduler_type=optim_cfg.scheduler.value,
-        warmup_steps=optim_cfg.warmup_ratio,  # a float below 1 is a ratio of all steps
+        # an int counts optimizer steps, a float below 1 is a ratio of all steps
+        warmup_steps=optim_cfg.warmup_steps if optim_cfg.warmup_steps is not None else optim_cfg.warmup_ratio,
         max_grad_norm=optim_cfg.max_grad_norm,
-        bf16=trainer_cfg.precision == Precision.bf16,
-        fp16=trainer_cfg.precision == Precision.fp16,
+        bf16=precision == Precision.bf16,
+        fp16=precision == Precision.fp16,
         tf32=trainer_cfg.tf32 if has_cuda else None,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=cfg.model.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=trainer_cfg.logging_steps,
         logging_first_step=True,
-        save_strategy="steps",
+        save_strategy=trainer_cfg.save_strategy.value,
         save_steps=trainer_cfg.save_steps,
         save_total_limit=trainer_cfg.save_total_limit,
-        report_to=[r for r in trainer_cfg.report_to if r != "none"],
+        report_to=active_trackers(trainer_cfg.report_to),
+        run_name=tracker_run_name(cfg),
         disable_tqdm=trainer_cfg.disable_tqdm,
         seed=cfg.seed,
         data_seed=cfg.data.seed,
@@ -133,7 +141,44 @@ def training_arguments(cfg: TrainConfig) -> Dict:
         # Liger's layer kernels (the Trainer applies them); TRL keeps its own fused LM head and loss
         use_liger_kernel=cfg.model.use_liger_kernel,
         **evaluation_arguments(trainer_cfg),
+        **trainer_cfg.extra_args,
     )
+
+
+# TrainingArguments that qwenvl-ft sets -> the config key it sets them from (trainer.extra_args may not set them;
+# tests/test_config_ux.py keeps this in step with `training_arguments`).
+ARGUMENT_SOURCES = {
+    "output_dir": "output_dir", "num_train_epochs": "trainer.epochs", "max_steps": "trainer.max_steps",
+    "per_device_train_batch_size": "trainer.batch_size", "per_device_eval_batch_size": "trainer.eval_batch_size",
+    "gradient_accumulation_steps": "trainer.gradient_accumulation_steps", "learning_rate": "optimizer.lr",
+    "weight_decay": "optimizer.weight_decay", "adam_beta1": "optimizer.betas", "adam_beta2": "optimizer.betas",
+    "adam_epsilon": "optimizer.eps", "optim": "optimizer.name", "lr_scheduler_type": "optimizer.scheduler",
+    "warmup_steps": "optimizer.warmup_steps or optimizer.warmup_ratio", "max_grad_norm": "optimizer.max_grad_norm",
+    "bf16": "trainer.precision", "fp16": "trainer.precision", "tf32": "trainer.tf32",
+    "activation_checkpointing": "model.gradient_checkpointing",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "activation_checkpointing_kwargs": "model.gradient_checkpointing (always non-reentrant)",
+    "gradient_checkpointing_kwargs": "model.gradient_checkpointing (always non-reentrant)",
+    "logging_steps": "trainer.logging_steps", "logging_first_step": "trainer.logging_steps (always true)",
+    "save_strategy": "trainer.save_strategy", "save_steps": "trainer.save_steps",
+    "save_total_limit": "trainer.save_total_limit", "report_to": "trainer.report_to",
+    "run_name": "trainer.tracker.run_name", "disable_tqdm": "trainer.disable_tqdm", "seed": "seed",
+    "data_seed": "data.seed", "dataloader_num_workers": "data.num_workers",
+    "dataloader_pin_memory": "the device (pinned only with CUDA)", "eval_strategy": "trainer.eval_steps",
+    "eval_steps": "trainer.eval_steps", "prediction_loss_only": "trainer.eval_steps (loss only)",
+    "load_best_model_at_end": "trainer.load_best_model_at_end",
+    "metric_for_best_model": "trainer.metric_for_best_model", "greater_is_better": "trainer.greater_is_better",
+    "use_liger_kernel": "model.use_liger_kernel",
+}
+
+
+def tracker_run_name(cfg: TrainConfig) -> str:
+    """The run's name in the trackers: trainer.tracker.run_name, else the run folder's name (a sweep job's
+    folder is its number, so it is named after the sweep folder too)."""
+    if cfg.trainer.tracker.run_name:
+        return cfg.trainer.tracker.run_name
+    folder = Path(cfg.output_dir)
+    return f"{folder.parent.name}-{folder.name}" if folder.name.isdigit() else folder.name
 
 
 def evaluation_arguments(trainer_cfg) -> Dict:

@@ -4,9 +4,10 @@ processor + metrics out.
 Reads top to bottom: validate and find the checkpoint to resume from -> processor -> the data, read and checked by
 the method's own reader and measurer -> the method's TRL arguments (before the model: DeepSpeed ZeRO-3 partitions
 a model at load time only when its config already exists) -> model (+4-bit, + the adapter's config) -> the method's
-TRL trainer -> held-out figures before -> train (stopping cleanly on SIGTERM) -> save final/ -> held-out figures
-after -> the model card of final/ (and the upload with hub.push). What differs between SFT, DPO, GRPO, ... is in
-qwenvl_ft/methods/; what they share is in common.py.
+TRL trainer (opening the experiment trackers) -> held-out figures before -> train (stopping cleanly on SIGTERM)
+-> save final/ -> held-out figures after, each also sent to the trackers with a prediction gallery -> the model
+card of final/ (and the upload with hub.push). What differs between SFT, DPO, GRPO, ... is in qwenvl_ft/methods/;
+what they share is in common.py.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def train(composed: DictConfig) -> Dict:
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, count_parameters, \
         model_source
     from qwenvl_ft.training.resume import ReloadConvertedWeights, StopOnSignal
+    from qwenvl_ft.training.trackers import run_trackers
 
     method = methods.get(cfg.trainer.kind)
     set_seed(cfg.seed)
@@ -60,6 +62,8 @@ def train(composed: DictConfig) -> Dict:
     model_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     parts = shared_parts(cfg, processor, method.collator(processor, cfg.data), train_rows, eval_rows, model_config,
                          train_lengths=stored_lengths(train_rows))  # measured once, by the data check
+    trackers = run_trackers(cfg, composed, method, processor, eval_rows)
+    parts.callbacks.append(trackers)  # opens the trackers' runs when the trainer is built (main process only)
     parts.arguments = method.trainer_arguments(parts, parts.arguments)
     parts.model = build_base_model(cfg.model, cfg.adapter, source)
     parts.peft_config = build_lora_config(parts.model, cfg.model, cfg.adapter) if cfg.adapter.is_peft else None
@@ -67,20 +71,24 @@ def train(composed: DictConfig) -> Dict:
     trainable, total = count_parameters(trainer.model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    metrics: Dict = method.before_training(trainer, parts)
-    stop = StopOnSignal()
-    trainer.add_callback(stop)
-    trainer.add_callback(ReloadConvertedWeights(run.resume))
-    log_plan(cfg, method, len(trainer.train_dataset), trainer.args.per_device_train_batch_size)
-    with stop.installed():
-        result = trainer.train(resume_from_checkpoint=run.resume)
-    if stop.interrupted(trainer.state):
-        return interrupted(trainer, output_dir, metrics)
-    metrics.update(method.training_metrics(trainer, result))
+    with trackers.closing():  # the trackers' runs end as finished, or as failed if anything below raises
+        metrics: Dict = method.before_training(trainer, parts)
+        trackers.held_out("before", metrics, 0, trainer.model)
+        stop = StopOnSignal()
+        trainer.add_callback(stop)
+        trainer.add_callback(ReloadConvertedWeights(run.resume))
+        log_plan(cfg, method, len(trainer.train_dataset), trainer.args.per_device_train_batch_size)
+        with stop.installed():
+            result = trainer.train(resume_from_checkpoint=run.resume)
+        if stop.interrupted(trainer.state):
+            return interrupted(trainer, output_dir, metrics)
+        metrics.update(method.training_metrics(trainer, result))
 
-    final_dir = save_final(trainer, processor, output_dir)
-    metrics.update(method.after_training(trainer, parts))
-    write_history(trainer, output_dir, metrics)
+        final_dir = save_final(trainer, processor, output_dir)
+        after = method.after_training(trainer, parts)
+        trackers.held_out("after", after, trainer.state.global_step, trainer.model)
+        metrics.update(after)
+        write_history(trainer, output_dir, metrics)
     log.info("saved %s to %s", "adapter" if cfg.adapter.is_peft else "model", final_dir)
     log.info("result: %s", method.result_line(metrics))
     if trainer.is_world_process_zero():  # the model card of final/ (and the upload when hub.push), once
