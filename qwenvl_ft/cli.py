@@ -215,7 +215,10 @@ def main(argv: List[str] | None = None) -> int:
     import hydra
 
     config_name, target = COMMANDS[command]
+    from qwenvl_ft import runtime
     from qwenvl_ft.runtime import run_task
+
+    runtime.COMMAND_LINE[:] = [f"qwenvl-ft {command}"] + rest
 
     wrapped = hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(
         lambda cfg: run_task(_task(target), cfg)

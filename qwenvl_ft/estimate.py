@@ -25,6 +25,7 @@ The prediction is for `torch.cuda.max_memory_allocated()`; it has not been check
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ def hf_config(model_cfg: ModelConfig):
         return model_config(model_cfg.architecture, build_tokenizer(), model_cfg.family.value)
     from transformers import AutoConfig
 
+    from qwenvl_ft.modeling.locate import check_model_available
+
+    check_model_available(model_cfg.name_or_path)
     try:
         return AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
     except OSError as err:
@@ -561,10 +565,19 @@ def estimate(cfg: DictConfig) -> Dict:
           f"{step_flops / b.tokens / 1e9:.2f} GFLOP per token (forward + backward{', reference forward' if _has_reference(typed) else ''}; "
           f"the run's telemetry divides the FLOP/s of its real batches by the GPU's peak for MFU)")
     sharded, fits = sharding(typed, result, model)
-    return {"predicted_peak_gib": round(result.total / GiB, 2), "parameters": c.total, "trainable": c.trainable,
-            "tokens_per_step": b.tokens, "components_gib": {n: round(v / GiB, 3) for n, v, _ in result.rows},
-            "model_tflop_per_step": round(step_flops / 1e12, 3), "model_flops_per_token": step_flops / b.tokens,
-            "per_gpu_gib_by_dist": sharded, "fits": fits}
+    out = {"predicted_peak_gib": round(result.total / GiB, 2), "parameters": c.total, "trainable": c.trainable,
+           "tokens_per_step": b.tokens, "components_gib": {n: round(v / GiB, 3) for n, v, _ in result.rows},
+           "model_tflop_per_step": round(step_flops / 1e12, 3), "model_flops_per_token": step_flops / b.tokens,
+           "per_gpu_gib_by_dist": sharded, "fits": fits}
+    measured = measured_data(typed)
+    if measured is not None:
+        data_cfg, source = measured
+        again = estimate_memory(dataclasses.replace(typed, data=data_cfg))
+        print(f"with the measured data ({source}): longest row {data_cfg.max_length} tokens, at most "
+              f"{data_cfg.max_visual_tokens} visual tokens per row -> batch: {again.budget.note}")
+        print(f"{'predicted peak (measured)':<26} {again.total / GiB:8.2f}")
+        out["predicted_peak_gib_measured_data"] = round(again.total / GiB, 2)
+    return out
 
 
 def _has_reference(typed: TrainConfig) -> bool:
@@ -615,3 +628,37 @@ def sharding(cfg: TrainConfig, result: Estimate, model) -> tuple:
         print("(QLoRA: zero3 and fsdp cannot split 4-bit weights, so only ddp and zero2 are listed)")
     print("\n".join(fits))
     return gib, fits
+
+
+def measured_data(typed: TrainConfig):
+    """(data config bounded by what the data check measured, where from), or None.
+
+    The worst case above assumes rows of data.max_length holding the whole image budget. When the run folder
+    holds a data_check.json of the same data, settings and training method (`qwenvl-ft data-check`, or a training
+    start, with the same run_name), its longest row and its most visual tokens in one row bound the batch instead:
+    the data check measured every row once (a pair's longer side for DPO, a prompt for GRPO, whose completion
+    `Method.batch_data` adds), and its numbers are reused rather than estimated again.
+    """
+    import json
+    from pathlib import Path
+
+    from qwenvl_ft.data.cache import data_key
+
+    path = Path(typed.output_dir) / "data_check.json"
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+        train = report["summary"]["train"]
+        same_method = report["settings"].get("method", "sft") == methods.get(typed.trainer.kind).name
+        if report["settings"].get("data_key") != data_key(typed.data) or not same_method:
+            log.info("%s describes other data or settings; not used", path)
+            return None
+        longest = int(train["sequence_length"]["max"])
+        visual = int(train.get("visual_tokens_per_row", {}).get("max", 0))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    d = typed.data
+    max_length = min(longest, d.max_length) if d.max_length else longest
+    visual = max(1, min(visual, d.max_visual_tokens) if d.max_visual_tokens else visual)
+    return dataclasses.replace(d, max_length=max_length, max_visual_tokens=visual), str(path)

@@ -60,6 +60,11 @@ def infer(cfg: DictConfig) -> Dict:
         raise ConfigError("infer.images is empty: pass infer.images=[a.jpg,b.png] or infer.images=[folder]")
     images = expand_images(list(i.images))
     model_path = Path(os.path.normpath(i.model_path)) if i.model_path else None
+    from qwenvl_ft.runlock import lock_folder
+    from qwenvl_ft.runtime import ensure_writable
+
+    output_file = Path(i.output_file) if i.output_file else Path(typed.output_dir) / "predictions.jsonl"
+    lock = lock_folder(ensure_writable(output_file.parent, "infer output folder"), "infer output folder")
 
     from transformers import set_seed
 
@@ -77,14 +82,13 @@ def infer(cfg: DictConfig) -> Dict:
     rows = prompt_rows(images, i.prompt, typed.data.system_message)
     log.info("generating for %d image(s) with %s", len(rows), model_path or "the base model")
     predictions = generate_answers(model, collator, rows, i.batch_size, generation=i.generation.kwargs(),
-                                   prompts_only=True)
+                                   prompts_only=True, progress="infer")
 
-    output_file = Path(i.output_file) if i.output_file else Path(typed.output_dir) / "predictions.jsonl"
-    output_file.parent.mkdir(parents=True, exist_ok=True)
     records = [{"image": str(image), "prompt": i.prompt, "prediction": prediction}
                for image, prediction in zip(images, predictions)]
     write_atomically(output_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     for record in records:
         print(f"{record['image']}\t{record['prediction']}")
     log.info("predictions: %s", output_file)
+    lock.release()
     return {"num_predictions": len(records), "output_file": str(output_file)}

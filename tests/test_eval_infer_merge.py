@@ -33,6 +33,25 @@ ADAPTER_FAST = ["optimizer.lr=3e-2", "adapter.r=16", "adapter.alpha=32",
 # tier 1
 
 
+def test_generation_shows_progress_labelled_by_what_it_generates(tiny_processor, tmp_path, capsys):
+    """The before/after check, eval and infer generate through generate_answers, with a tqdm bar on stderr."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from qwenvl_ft.data.collate import VisionChatCollator
+    from qwenvl_ft.data.shapes import make_rows
+    from qwenvl_ft.evaluation.generate import generate_answers
+    from qwenvl_ft.modeling.random_init import materialize
+
+    typed = validate(compose(DATA, output_dir=str(tmp_path)))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(materialize(typed.model.architecture))
+    rows = make_rows(2, 56, 0, "eval")
+    collator = VisionChatCollator(tiny_processor, typed.data)
+    answers = generate_answers(model, collator, rows, 2, max_new_tokens=2, progress="held-out predictions before")
+    assert len(answers) == 2 and "held-out predictions before" in capsys.readouterr().err
+    generate_answers(model, collator, rows, 2, max_new_tokens=2, progress="")
+    assert "held-out" not in capsys.readouterr().err
+
+
 def test_metrics_on_known_answers():
     assert metrics.exact_match(["A red circle.", "a blue square"], ["a red circle", "a red square"]) == 0.5
     assert metrics.bleu(["a red circle", "a blue square"], ["a red circle", "a blue square"]) == pytest.approx(100)

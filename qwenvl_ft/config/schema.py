@@ -208,12 +208,49 @@ class ColumnsConfig:
     prompt: Optional[str] = "question"
 
 
+class DuplicateIds(str, Enum):
+    """What happens to rows of one file that share an id (data.id_field)."""
+
+    warn = "warn"  # keep them all; data-check and training list them
+    drop = "drop"  # keep the first of each id, leave the others out (counted and listed)
+    error = "error"  # the later ones are invalid rows: data-check and training stop on them (data.skip_invalid)
+    allow = "allow"  # not checked
+
+
+@dataclass
+class SourceConfig:
+    """One data file of a mixture (data.sources). Unset fields take the data group's value."""
+
+    path: str = "???"  # JSON/JSONL/CSV/TSV file, dataset folder or hub id
+    format: Optional[DataFormat] = None  # None: data.format
+    image_folder: Optional[str] = None  # None: data.image_folder, else the file's folder
+    split: Optional[str] = None  # Hugging Face split (None: data.split)
+    # Share of the training rows drawn from this source (relative to the other sources' weights). Give every
+    # source a weight, or none: then the sources are concatenated.
+    weight: Optional[float] = None
+    max_rows: Optional[int] = None  # read at most this many rows of the source (after its seeded shuffle)
+
+
+class CacheMode(str, Enum):
+    on = "on"  # reuse a cached data check whose key matches, else compute and store it
+    refresh = "refresh"  # compute it again and replace the stored one (e.g. after images changed in place)
+    off = "off"  # neither read nor write
+
+
 @dataclass
 class DataConfig:
     """Where the examples come from, how they become chat messages, and how images are sized."""
 
     format: DataFormat = DataFormat.shapes  # layout of the rows, and with it the training method that reads them
-    path: Optional[str] = None  # JSON/JSONL file, dataset folder, or hub id (format-dependent)
+    path: Optional[str] = None  # JSON/JSONL/CSV/TSV file, dataset folder, or hub id (format-dependent)
+    # Several files mixed into one training set, each read, checked and reported on its own (instead of `path`):
+    # [{path, format, image_folder, split, weight or max_rows}, ...]. Weights draw the training rows in those
+    # proportions, interleaved; without weights the sources are concatenated. Held-out rows (data.eval_size) are
+    # taken from each source before mixing.
+    sources: List[SourceConfig] = field(default_factory=list)
+    # Training rows drawn by weight (None: as many as the sources give without repeating a row; more repeats the
+    # sources whose share needs it).
+    mixture_rows: Optional[int] = None
     split: str = "train"  # split name for Hugging Face datasets
     image_folder: Optional[str] = None  # relative image paths resolve here (default: the data file's folder)
     system_message: Optional[str] = None  # prepended as a system turn when set
@@ -260,13 +297,28 @@ class DataConfig:
     overlength: Overlength = Overlength.truncate_text  # samples over max_length (see Overlength)
     # Rows that fail validation are dropped and counted instead of stopping data-check and training.
     skip_invalid: bool = False
+    # The record field that identifies a row (None: the first of id, uid, sample_id, question_id a row has), and
+    # what happens to rows of one file that share one.
+    id_field: Optional[str] = None
+    on_duplicate_id: DuplicateIds = DuplicateIds.warn
+    # The data check's results (rows read and converted, each row's tokens, visual tokens and validity) are stored
+    # under cache_dir (None: data_cache/ in the run folder, the sweep's folder for -m jobs), keyed by the data
+    # files (path, size, modification time) and every setting that changes them; a resumed run, the other jobs
+    # of a sweep and the other ranks of a distributed run read them instead of decoding every image again.
+    cache: CacheMode = CacheMode.on
+    cache_dir: Optional[str] = None
     # Loss on the whole sequence (system and user turns, template tokens) instead of the answers only, as some
     # tutorials train; image and video tokens are never targets. SFT only.
     train_on_prompt: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.format.is_generated or self.path is not None,
-               f"data.path is required for data.format={self.format.value}")
+        if self.sources:
+            _check(self.path is None, "data.path and data.sources are alternatives: set one (data.path=null)")
+            self._check_sources()
+        else:
+            _check(self.format.is_generated or self.path is not None,
+                   f"data.path is required for data.format={self.format.value} (or data.sources)")
+            _check(self.mixture_rows is None, "data.mixture_rows needs data.sources with weights")
         for name in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "resized_height",
                      "resized_width", "max_visual_tokens"):
             value = getattr(self, name)
@@ -291,6 +343,8 @@ class DataConfig:
                "data.resized_height and data.resized_width must be set together")
         _check(self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0),
                f"data.num_workers must be auto or a number >= 0, not {self.num_workers!r}")
+        _check(self.max_samples is None or self.max_samples > 0,
+               f"data.max_samples={self.max_samples}: must be > 0 (or null: every row)")
         _check(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0,
                "data.max_tokens_per_batch must be > 0")
         _check(not self.packing or self.max_tokens_per_batch is not None or self.max_length is not None,
@@ -304,6 +358,38 @@ class DataConfig:
                "max_tokens_per_batch already group rows by length")
         if self.min_pixels is not None and self.max_pixels is not None:
             _check(self.min_pixels <= self.max_pixels, "data.min_pixels must be <= data.max_pixels")
+
+    def _check_sources(self) -> None:
+        weights = [s.weight for s in self.sources]
+        for index, source in enumerate(self.sources):
+            where = f"data.sources[{index}]"
+            _check(source.path not in (None, "", "???"), f"{where}.path is required")
+            fmt = source.format or self.format
+            _check(not fmt.is_generated, f"{where}.format={fmt.value}: generated data cannot be a source")
+            _check(fmt.method.name == self.format.method.name,
+                   f"{where}.format={fmt.value} and data.format={self.format.value}: all sources must hold "
+                   f"{self.format.method.row_kind} (the rows of trainer={self.format.method.name}); "
+                   f"{fmt.value} holds {fmt.method.row_kind}")
+            _check(source.weight is None or source.weight > 0, f"{where}.weight must be > 0")
+            _check(source.max_rows is None or source.max_rows > 0, f"{where}.max_rows must be > 0")
+        _check(all(w is None for w in weights) or all(w is not None for w in weights),
+               "data.sources: give every source a weight (drawn in those proportions) or none (concatenated)")
+        _check(self.mixture_rows is None or (self.mixture_rows > 0 and weights[0] is not None),
+               "data.mixture_rows must be > 0 and needs weights on data.sources")
+
+    def source_list(self) -> List[SourceConfig]:
+        """data.sources, or data.path as the one source."""
+        return list(self.sources) if self.sources else [SourceConfig(path=self.path)]
+
+    @property
+    def weighted(self) -> bool:
+        return bool(self.sources) and self.sources[0].weight is not None
+
+    def describe_path(self) -> str:
+        """What the data is, for messages: the path, the sources, or the generator."""
+        if self.sources:
+            return " + ".join(s.path for s in self.sources)
+        return self.path or self.format.value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -450,7 +536,7 @@ class TrainerSettings:
 
     kind: TrainerKind = TrainerKind.sft  # the training method (qwenvl_ft/methods/); trainer=NAME sets it
     epochs: float = 1.0  # passes over the training rows (fractions allowed)
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = -1  # > 0 overrides epochs; -1: not set
     batch_size: int = 4  # per device
     eval_batch_size: int = 8  # per device, for generation and evaluation
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -488,10 +574,15 @@ class TrainerSettings:
     early_stopping_threshold: float = 0.0  # an improvement must beat the best by more than this
 
     def __post_init__(self) -> None:
+        # -1 is transformers' "not set": train trainer.epochs. Any other value below 1 is a mistake, not a request.
+        _check(self.max_steps == -1 or self.max_steps > 0,
+               f"trainer.max_steps={self.max_steps}: must be > 0, or -1 to train trainer.epochs")
         _check(self.epochs > 0 or self.max_steps > 0, "trainer.epochs or trainer.max_steps must be > 0")
         _check(self.batch_size > 0 and self.eval_batch_size > 0, "trainer batch sizes must be > 0")
         _check(self.gradient_accumulation_steps > 0, "trainer.gradient_accumulation_steps must be > 0")
         _check(self.logging_steps > 0 and self.save_steps > 0, "trainer.logging_steps and save_steps must be > 0")
+        _check(self.save_total_limit is None or self.save_total_limit > 0,
+               f"trainer.save_total_limit={self.save_total_limit}: must be > 0 (or null: keep every checkpoint)")
         _check(self.max_new_tokens > 0, "trainer.max_new_tokens must be > 0")
         _check(self.peak_tflops is None or self.peak_tflops > 0, "trainer.peak_tflops must be > 0")
         _check(Tracker.none not in self.report_to or len(self.report_to) == 1,

@@ -1,7 +1,9 @@
 """How training rows are grouped into device batches: padded (default), length-grouped, token-budget, packed.
 
-All but the default need each row's token count before training: `VisionChatCollator.measure` gives it through
-the same code as `encode`, without the pixel arithmetic. A row that data.overlength drops is left out of the plan.
+All but the default need each row's token count before training. The data check measured every row already
+(`VisionChatCollator.measure`: the same code as `encode`, without the pixel arithmetic) and stored it with the rows
+as a `length` column, which is read here; rows without it are measured now. A row that data.overlength drops is
+left out of the plan.
 
 Token-budget batches and packs are planned once, before training, and handed to the Trainer as a dataset whose
 items name whole batches (`grouped_dataset`, batch size 1). The Trainer's own sampler then shuffles batch order every
@@ -36,11 +38,22 @@ def token_budget(data_cfg: DataConfig, batch_size: int) -> int:
     return data_cfg.max_tokens_per_batch or batch_size * data_cfg.max_length
 
 
+def stored_lengths(rows) -> Optional[List[int]]:
+    """The `length` column the data check stored with the rows (qwenvl_ft/data/prepare.py), or None."""
+    if getattr(rows, "column_names", None) is None or "length" not in rows.column_names:
+        return None
+    return rows.data.table.column("length").to_pylist() if rows._indices is None else list(rows["length"])
+
+
 def row_lengths(collator, rows) -> List[Optional[int]]:
-    """Tokens `collator.encode` will produce for each row, from `collator.measure` (the same code path without
-    the pixel arithmetic); None for a row that data.overlength drops."""
+    """Tokens `collator.encode` will produce for each row: the data check's measurement when the rows carry it
+    (measured once, before training), else `collator.measure` now (the same code path as `encode` without the
+    pixel arithmetic); None for a row that data.overlength drops."""
     from qwenvl_ft.data.collate import RowDropped
 
+    stored = stored_lengths(rows)
+    if stored is not None:
+        return stored
     lengths: List[Optional[int]] = []
     for row in rows:
         try:
@@ -184,10 +197,10 @@ def training_batches(data_cfg: DataConfig, batch_size: int, collator, rows, seed
                    f"{padding_fraction(lengths, batches, packed=False):.1%} padding)")
         return TrainBatches(grouped_dataset(batches), ExpandGroups(collator, rows), 1, summary=summary)
     if data_cfg.group_by_length:
-        # transformers' LengthGroupedSampler reads this column; a dropped row counts as 0 (the collator decides)
-        lengths = [n or 0 for n in lengths]
-        if "length" in rows.column_names:
-            rows = rows.remove_columns("length")
-        return TrainBatches(rows.add_column("length", lengths), collator, batch_size, "group_by_length",
+        # transformers' LengthGroupedSampler reads this column (the data check's when the rows carry it); a
+        # dropped row counts as 0 (the collator decides)
+        if stored_lengths(rows) is None:
+            rows = rows.add_column("length", [n or 0 for n in lengths])
+        return TrainBatches(rows, collator, batch_size, "group_by_length",
                             summary=f"length-grouped padded batches of {batch_size} rows")
     return TrainBatches(rows, collator, batch_size, summary=f"padded batches of {batch_size} rows")

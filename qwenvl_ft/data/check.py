@@ -3,10 +3,12 @@
 Every row is read, converted, its images and videos opened and decoded, its text rendered and tokenised, and its
 length fitted to data.max_length, through the collator's own code (the training method's measurer, e.g.
 `VisionChatCollator.measure`: `encode` without the pixel arithmetic), so a row that passes here does not fail in
-the middle of training. The method that reads data.format supplies the reader and the measurer, so conversations,
-preference pairs and prompts are all checked the same way. Only the processor is loaded, never the model. The result is the valid rows and a `DataReport`: rows with problems (file, row, field,
-reason), image sizes and visual tokens, text tokens, sequence lengths, rows truncated or dropped by
-data.overlength, and the padding expected at the configured batch size.
+the middle of training. The method that reads data.format supplies how its rows are stored, read and measured
+(methods/base.py), so conversations, preference pairs and prompts are all checked, cached and reused the same way
+(qwenvl_ft/data/prepare.py). Only the processor is loaded, never the model. The result is the valid rows and a
+`DataReport`: rows with problems (file, row, field, reason), image sizes and visual tokens, text tokens, sequence
+lengths, rows truncated or dropped by data.overlength, duplicate ids, the mixture of data.sources, and the padding
+expected at the configured batch size.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from qwenvl_ft.config.schema import DataConfig
-from qwenvl_ft.data.collate import RowDropped, SampleStats, VisionChatCollator
+from qwenvl_ft.data.batching import stored_lengths
+from qwenvl_ft.data.collate import SampleStats, VisionChatCollator
+from qwenvl_ft.data.mixing import Duplicate, Mixture
+from qwenvl_ft.data.prepare import measure_all
 from qwenvl_ft.data.sources import Problem
-from qwenvl_ft.data.workers import check_workers
+from qwenvl_ft.data.store import DROPPED, INVALID, OK, StatsView
 from qwenvl_ft.errors import DataError
 
 Measure = Callable[[dict], SampleStats]  # a training method's measurer (methods/base.py)
@@ -37,42 +42,9 @@ MAX_PROBLEMS_SHOWN = 50
 # checking rows
 
 
-def _measure_one(measure: Measure, row: dict):
-    try:
-        return "ok", measure(row)
-    except RowDropped as err:
-        return "dropped", str(err)
-    except DataError as err:
-        return "invalid", str(err)
-    except Exception as err:  # a row that breaks a library is still that row's problem, not a crash at step 9000
-        return "invalid", f"{row.get('source', '?')}: unexpected error while encoding ({type(err).__name__}: {err})"
-
-
-class _Measured:
-    """Map-style dataset: item i is row i measured (what the DataLoader workers run)."""
-
-    def __init__(self, rows: Sequence[dict], measure: Measure):
-        self.rows, self.measure = rows, measure
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        return _measure_one(self.measure, self.rows[index])
-
-
-def _as_is(items):
-    return items
-
-
 def _measure_all(rows: Sequence[dict], measure: Measure, workers: int) -> List[Tuple[str, object]]:
-    if workers == 0 or len(rows) < 2 * workers:
-        return [_measure_one(measure, row) for row in rows]
-    from torch.utils.data import DataLoader
-
-    # The same worker processes (and pickled collator) training uses; one row per item keeps results in order.
-    loader = DataLoader(_Measured(rows, measure), batch_size=None, num_workers=workers, collate_fn=_as_is)
-    return list(loader)
+    names = {OK: "ok", DROPPED: "dropped", INVALID: "invalid"}
+    return [(names[code], result) for code, result in measure_all(rows, measure, workers)]
 
 
 @dataclass
@@ -81,18 +53,21 @@ class SplitReport:
 
     name: str
     rows: int = 0  # rows checked (after reading and converting)
-    stats: List[SampleStats] = field(default_factory=list)  # the valid rows kept
+    stats: Any = field(default_factory=list)  # the valid rows kept: a StatsView (or a list of SampleStats)
     dropped: List[Problem] = field(default_factory=list)  # valid rows data.overlength left out
     invalid: List[Problem] = field(default_factory=list)
 
     @property
     def truncated(self) -> int:
+        if isinstance(self.stats, StatsView):
+            return int((self.stats.column("length") < self.stats.column("full_length")).sum())
         return sum(1 for s in self.stats if s.truncated)
 
 
 def check_rows(rows: Sequence[dict], measure: Measure, name: str = "train",
                workers: int = 0) -> Tuple[List[dict], SplitReport]:
-    """(rows to train on, report): every row measured once; invalid and dropped rows left out and recorded."""
+    """(rows to train on, report) of rows in a list (no store, no cache): every row measured once; invalid and
+    dropped rows left out and recorded."""
     report = SplitReport(name, rows=len(rows))
     kept = []
     for row, (outcome, result) in zip(rows, _measure_all(rows, measure, workers)):
@@ -133,7 +108,7 @@ def histogram(values: Sequence[int], bins: int = 10, width: int = 40) -> List[st
 
 def expected_padding(lengths: Sequence[int], cfg: DataConfig, batch_size: int, seed: int) -> Tuple[float, str]:
     """(padding fraction of the batch tensors, how batches are formed) for the configured batch layout."""
-    if not lengths:
+    if not len(lengths):
         return 0.0, "no rows"
     if getattr(cfg, "packing", False):
         return 0.0, "packed rows (data.packing): no padding"
@@ -162,6 +137,37 @@ def expected_padding(lengths: Sequence[int], cfg: DataConfig, batch_size: int, s
     return 1 - real / total, how
 
 
+def _columns(stats) -> StatsView:
+    """A StatsView of a split's kept rows, also for a plain list of SampleStats (check_rows)."""
+    if isinstance(stats, StatsView):
+        return stats
+    import pyarrow as pa
+
+    from qwenvl_ft.data.store import stats_record, stats_schema
+
+    table = pa.Table.from_pylist([stats_record(i, 0, 0, s.source, OK, s) for i, s in enumerate(stats)],
+                                 schema=stats_schema(SampleStats))
+    return StatsView(table, [True] * len(stats), SampleStats)
+
+
+def _split_summary(split: SplitReport) -> Dict[str, object]:
+    v = _columns(split.stats)
+    images, videos = v.counts("image_tokens"), v.counts("video_tokens")
+    return {
+        "rows_kept": len(v), "truncated": split.truncated, "dropped": len(split.dropped),
+        "images": int(images.sum()), "videos": int(videos.sum()),
+        "text_only_rows": int(((images == 0) & (videos == 0)).sum()),
+        "sequence_length": percentiles(v.column("length")),
+        "text_tokens": percentiles(v.column("text_tokens")),
+        "label_tokens": percentiles(v.column("label_tokens")),
+        "visual_tokens_per_image": percentiles(v.flat("image_tokens")),
+        "visual_tokens_per_video": percentiles(v.flat("video_tokens")),
+        "visual_tokens_per_row": percentiles(v.column("full_length") - v.column("text_tokens")),
+        "image_width": percentiles(v.flat("image_sizes", 0)),
+        "image_height": percentiles(v.flat("image_sizes", 1)),
+    }
+
+
 @dataclass
 class DataReport:
     problems: List[Problem]  # every invalid row, from reading or from encoding
@@ -169,36 +175,37 @@ class DataReport:
     settings: Dict[str, object]
     padding: float = 0.0
     padding_layout: str = ""
+    sources: List[Any] = field(default_factory=list)  # prepare.SourceSummary per data source
+    duplicates: List[Duplicate] = field(default_factory=list)
+    mixture: Optional[Mixture] = None
+    cache: str = ""  # where the results are stored, and whether they were read from there
 
     def summary(self) -> Dict[str, object]:
         """The numbers, for summary.json / data_check.json."""
-        out: Dict[str, object] = {"invalid_rows": len(self.problems), "padding_fraction": round(self.padding, 4)}
+        out: Dict[str, object] = {"invalid_rows": len(self.problems), "padding_fraction": round(self.padding, 4),
+                                  "duplicate_ids": len(self.duplicates)}
         for name, split in self.splits.items():
-            lengths = [s.length for s in split.stats]
-            out[name] = {
-                "rows_kept": len(split.stats), "truncated": split.truncated, "dropped": len(split.dropped),
-                "images": sum(len(s.image_tokens) for s in split.stats),
-                "videos": sum(len(s.video_tokens) for s in split.stats),
-                "text_only_rows": sum(1 for s in split.stats if not s.image_tokens and not s.video_tokens),
-                "sequence_length": percentiles(lengths),
-                "text_tokens": percentiles([s.text_tokens for s in split.stats]),
-                "label_tokens": percentiles([s.label_tokens for s in split.stats]),
-                "visual_tokens_per_image": percentiles([t for s in split.stats for t in s.image_tokens]),
-                "visual_tokens_per_video": percentiles([t for s in split.stats for t in s.video_tokens]),
-                "image_width": percentiles([w for s in split.stats for w, _ in s.image_sizes]),
-                "image_height": percentiles([h for s in split.stats for _, h in s.image_sizes]),
-            }
+            out[name] = _split_summary(split)
+        if len(self.sources) > 1:
+            out["sources"] = [asdict(s) for s in self.sources]
+        if self.mixture is not None:
+            out["mixture"] = self.mixture.to_dict()
         return out
 
-    def to_dict(self) -> Dict[str, object]:
-        return {
+    def to_dict(self, rows: bool = True) -> Dict[str, object]:
+        """Everything; `rows` adds every kept row's measurements (left out of the file for very large data)."""
+        out = {
             "settings": self.settings,
             "summary": self.summary(),
             "problems": [asdict(p) for p in self.problems],
             "dropped": [asdict(p) for s in self.splits.values() for p in s.dropped],
-            "truncated": [s.source for split in self.splits.values() for s in split.stats if s.truncated],
-            "rows": {name: [asdict(s) for s in split.stats] for name, split in self.splits.items()},
+            "duplicates": [asdict(d) for d in self.duplicates],
+            "truncated": [w for split in self.splits.values() for w in _truncated(split)],
+            "cache": self.cache,
         }
+        if rows:
+            out["rows"] = {name: [asdict(s) for s in split.stats] for name, split in self.splits.items()}
+        return out
 
     def text(self, problems: bool = True) -> str:
         """The report for people; `problems=False` leaves out the invalid rows (when an error lists them)."""
@@ -213,34 +220,44 @@ class DataReport:
                  f"max_length={s['max_length']} "
                  f"(overlength={s['overlength']}) | image pixels {s['min_pixels']:,}..{s['max_pixels']:,}"
                  + (f" (fixed {s['resized']})" if s.get("resized") else "")]
-        read = len(self.problems) + sum(len(x.stats) + len(x.dropped) for x in self.splits.values())
+        read = sum(x.read for x in self.sources) if self.sources else \
+            len(self.problems) + sum(len(x.stats) + len(x.dropped) for x in self.splits.values())
         lines.append(f"rows: {read} read, {len(self.problems)} invalid; " + "; ".join(
             f"{name}: {len(x.stats)} kept, {x.truncated} truncated, {len(x.dropped)} dropped"
             for name, x in self.splits.items()))
+        if len(self.sources) > 1:
+            lines.append("sources:")
+            for src in self.sources:
+                lines.append(f"  {src.name}: {src.read} read, {src.invalid} invalid, {src.dropped} dropped, "
+                             f"{src.held_out} held out, {src.train_rows} training rows"
+                             + (f", {src.duplicates_left_out} duplicate ids left out" if src.duplicates_left_out
+                                else ""))
+        if self.mixture is not None:
+            lines += self.mixture.lines()
         for name, split in self.splits.items():
             if not split.stats:
                 continue
-            images = [t for x in split.stats for t in x.image_tokens]
-            videos = [t for x in split.stats for t in x.video_tokens]
-            text_only = sum(1 for x in split.stats if not x.image_tokens and not x.video_tokens)
-            lines.append(f"{name}: {len(split.stats)} rows, {len(images)} images, {len(videos)} videos, "
+            v = _columns(split.stats)
+            images, videos = v.flat("image_tokens"), v.flat("video_tokens")
+            text_only = int(((v.counts("image_tokens") == 0) & (v.counts("video_tokens") == 0)).sum())
+            lines.append(f"{name}: {len(v)} rows, {len(images)} images, {len(videos)} videos, "
                          f"{text_only} text-only rows")
-            if images:
-                sizes = Counter(f"{w}x{h}" for x in split.stats for w, h in x.image_sizes)
-                common = ", ".join(f"{size} ({n})" for size, n in sizes.most_common(3))
-                lines.append(stats_line("image width", [w for x in split.stats for w, _ in x.image_sizes], " px"))
-                lines.append(stats_line("image height", [h for x in split.stats for _, h in x.image_sizes], " px"))
+            if len(images):
+                widths, heights = v.flat("image_sizes", 0), v.flat("image_sizes", 1)
+                sizes = Counter(zip(widths.tolist(), heights.tolist()))
+                common = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(3))
+                lines.append(stats_line("image width", widths, " px"))
+                lines.append(stats_line("image height", heights, " px"))
                 lines.append(f"  most common image sizes: {common}")
                 lines.append(stats_line("visual tokens per image", images))
-            if videos:
-                frames = [f for x in split.stats for f, _, _ in x.video_sizes]
-                lines.append(stats_line("frames per video (source)", frames))
+            if len(videos):
+                lines.append(stats_line("frames per video (source)", v.flat("video_sizes", 0)))
                 lines.append(stats_line("visual tokens per video", videos))
-            lines.append(stats_line("text tokens per row", [x.text_tokens for x in split.stats]))
-            lines.append(stats_line("trained (assistant) tokens per row", [x.label_tokens for x in split.stats]))
-            lengths = [x.length for x in split.stats]
+            lines.append(stats_line("text tokens per row", v.column("text_tokens")))
+            lines.append(stats_line("trained (assistant) tokens per row", v.column("label_tokens")))
+            lengths = v.column("length")
             lines.append(stats_line("sequence length", lengths))
-            lines += histogram(lengths)
+            lines += histogram(lengths.tolist())
         if "train" in self.splits and self.splits["train"].stats:
             lines.append(f"padding: {self.padding:.1%} of the batch tokens with {self.padding_layout}")
         dropped = [p for split in self.splits.values() for p in split.dropped]
@@ -249,12 +266,27 @@ class DataReport:
             lines += [f"  {p.message}" for p in dropped[:10]]
             if len(dropped) > 10:
                 lines.append(f"  ... and {len(dropped) - 10} more")
+        if self.duplicates:
+            lines += self.duplicate_lines()
         if self.problems and problems:
             lines.append(f"invalid rows ({len(self.problems)}):")
             lines += [f"  {p.message}" for p in self.problems[:MAX_PROBLEMS_SHOWN]]
             if len(self.problems) > MAX_PROBLEMS_SHOWN:
                 lines.append(f"  ... and {len(self.problems) - MAX_PROBLEMS_SHOWN} more")
+        if self.cache:
+            lines.append(self.cache)
         return "\n".join(lines)
+
+    def duplicate_lines(self) -> List[str]:
+        policy = self.settings.get("on_duplicate_id", "warn")
+        effect = {"warn": "all kept: each trains as often as it occurs",
+                  "drop": "the first of each kept, the others left out",
+                  "error": "the later ones are invalid rows"}.get(policy, "")
+        lines = [f"duplicate ids ({len(self.duplicates)}, data.on_duplicate_id={policy}: {effect}):"]
+        lines += [f"  {d.message()}" for d in self.duplicates[:MAX_PROBLEMS_SHOWN]]
+        if len(self.duplicates) > MAX_PROBLEMS_SHOWN:
+            lines.append(f"  ... and {len(self.duplicates) - MAX_PROBLEMS_SHOWN} more")
+        return lines
 
     def error(self, listing: Optional[str] = None, listed_above: bool = False) -> DataError:
         if listed_above:
@@ -266,6 +298,17 @@ class DataReport:
         tail = [f"  ... and {more} more" + (f" (all in {listing})" if listing else "")] if more > 0 else []
         return DataError("\n".join([f"{len(self.problems)} invalid row(s):"] + shown + tail +
                                    ["fix them, or set data.skip_invalid=true to leave them out"]))
+
+
+def _truncated(split: SplitReport) -> List[str]:
+    v = _columns(split.stats)
+    if not len(v):
+        return []
+    mask = v.column("length") < v.column("full_length")
+    if not mask.any():
+        return []
+    sources = v.table.column("source").to_numpy(zero_copy_only=False)[v.mask]
+    return [str(x) for x in sources[mask]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,58 +328,119 @@ class CheckedData:
     report: DataReport
 
 
-def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42) -> CheckedData:
+def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, output_dir=None,
+               progress: bool = True) -> CheckedData:
     """Read both splits, measure every row, and report. Raises DataError only for what makes the dataset
     unusable as a whole (a missing or unreadable file, a hub id that does not load); bad rows are in the report.
-    The training method that reads data.format reads and measures the rows."""
+    The training method that reads data.format stores, reads and measures the rows. With `output_dir`, the results
+    are cached (qwenvl_ft/data/cache.py) and a later call with the same data, settings and method reads them
+    instead of measuring again."""
+    import time
+
+    from qwenvl_ft.data.cache import cache_root, data_key, processor_fingerprint
+    from qwenvl_ft.data.prepare import prepare
+
     method = cfg.format.method
-    measure = method.measurer(processor, cfg)
     collator = VisionChatCollator(processor, cfg)  # the image and video bounds the report states
-    load_problems: List[Problem] = []
-    train_rows, eval_rows = method.read_rows(cfg, load_problems)
-    train, train_report = check_rows(train_rows, measure, "train", check_workers(cfg.num_workers, len(train_rows)))
-    evaluation, eval_report = check_rows(eval_rows, measure, "eval", check_workers(cfg.num_workers, len(eval_rows)))
-    splits = {"train": train_report} if not eval_rows else {"train": train_report, "eval": eval_report}
+    started = time.perf_counter()
+    prepared = prepare(cfg, method.store_kind(), method.converters(), generate=method.generate,
+                       measure=method.measurer(processor, cfg), method=method.name,
+                       fingerprint=processor_fingerprint(processor), workers=cfg.num_workers,
+                       cache_root=cache_root(cfg, output_dir), stats_type=SampleStats, progress=progress)
+    splits = {name: SplitReport(name, rows=prepared.measured(name), stats=prepared.kept(name),
+                                dropped=prepared.refused(name, DROPPED), invalid=prepared.refused(name, INVALID))
+              for name in ("train", "eval")}
+    if not splits["eval"].rows:
+        del splits["eval"]
     settings = {
         "format": cfg.format.value, "method": method.name, "rows": method.row_kind,
-        "path": cfg.path or "generated", "eval_path": cfg.eval_path,
+        "path": cfg.path or ("generated" if not cfg.sources else None),
+        "sources": [s.path for s in cfg.sources] or None, "eval_path": cfg.eval_path,
         "max_length": cfg.max_length, "overlength": cfg.overlength.value, "min_pixels": collator.min_pixels,
         "max_pixels": collator.max_pixels, "video_min_pixels": collator.video_min_pixels,
         "video_max_pixels": collator.video_max_pixels, "batch_size": batch_size,
         "resized": f"{cfg.resized_height}x{cfg.resized_width}" if cfg.resized_height else None,
         "max_visual_tokens": cfg.max_visual_tokens, "skip_invalid": cfg.skip_invalid,
+        "on_duplicate_id": cfg.on_duplicate_id.value,
+        "data_key": data_key(cfg),  # what `qwenvl-ft estimate` compares before it uses these measurements
     }
-    problems = sorted(load_problems + train_report.invalid + eval_report.invalid, key=_file_order)
-    report = DataReport(problems, splits, settings)
-    report.padding, report.padding_layout = expected_padding([s.length for s in train_report.stats], cfg,
-                                                             batch_size, seed)
-    return CheckedData(train, evaluation, report)
+    if cfg.sources:
+        settings["path"] = " + ".join(s.path for s in cfg.sources)
+    problems = sorted(prepared.problems + splits["train"].invalid +
+                      (splits["eval"].invalid if "eval" in splits else []), key=_file_order)
+    report = DataReport(problems, splits, settings, sources=prepared.sources, duplicates=prepared.duplicates,
+                        mixture=prepared.mixture, cache=_cache_line(prepared, cfg, output_dir, splits,
+                                                                    time.perf_counter() - started))
+    lengths = stored_lengths(prepared.train) if len(prepared.train) else []
+    report.padding, report.padding_layout = expected_padding(lengths, cfg, batch_size, seed)
+    return CheckedData(prepared.train, prepared.eval, report)
+
+
+def _cache_line(prepared, cfg: DataConfig, output_dir, splits: Dict[str, SplitReport], elapsed: float) -> str:
+    from qwenvl_ft.data.cache import cache_root
+
+    measured = sum(split.rows for split in splits.values())
+    if prepared.cached:
+        return f"data check read from {prepared.folder} in {elapsed:.1f} s ({measured:,} rows, nothing decoded)"
+    line = (f"data check: {measured:,} rows measured in {elapsed:.1f} s ({measured / max(elapsed, 1e-9):,.0f} "
+            f"rows/s, {cfg.num_workers} worker(s))")
+    if cfg.cache.value != "off" and cache_root(cfg, output_dir) is not None:
+        line += f"; stored in {prepared.folder}"
+    return line
 
 
 def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int = 42, output_dir=None):
     """(train dataset, eval dataset or None, report) for training: the check first, and a refusal to go on with
     invalid rows unless data.skip_invalid (then they are left out and counted). The datasets are the training
-    method's (`Method.to_dataset`); the report's train stats hold each kept row's length, in order."""
-    checked = check_data(cfg, processor, batch_size, seed)
+    method's (`Method.from_store`), memory-mapped, and carry each row's `length`, which the batch layouts read
+    instead of measuring again (`batching.stored_lengths` reads them, in row order)."""
+    checked = check_data(cfg, processor, batch_size, seed, output_dir=output_dir)
     report = checked.report
-    listing = _write_report(report, output_dir)
+    listing = _write_report(report, output_dir, rows=False)
     log.info("data check:\n%s", report.text(problems=False))
     if report.problems and not cfg.skip_invalid:
         raise report.error(listing)
     if report.problems:
         log.warning("data.skip_invalid=true: %d invalid row(s) left out", len(report.problems))
-    if not checked.train:
-        raise DataError(f"{cfg.path or cfg.format.value}: no training rows left after the data check")
-    to_dataset = cfg.format.method.to_dataset
-    return to_dataset(checked.train), (to_dataset(checked.eval) if checked.eval else None), report
+    if report.duplicates and cfg.on_duplicate_id.value == "warn":
+        log.warning("%s", "\n".join(report.duplicate_lines()[:11]))
+    if not len(checked.train):
+        raise DataError(f"{cfg.describe_path()}: no training rows left after the data check")
+    from_store = cfg.format.method.from_store
+    held_out = from_store(checked.eval) if checked.eval is not None and len(checked.eval) else None
+    return from_store(checked.train), held_out, report
 
 
-def _write_report(report: DataReport, output_dir) -> Optional[str]:
+# data_check.json lists every row's measurements up to this many rows (a start should not spend seconds writing
+# them); all of them are in the cache entry's stats.arrow.
+ROWS_IN_REPORT = 20_000
+
+
+def _write_report(report: DataReport, output_dir, rows: bool = True) -> Optional[str]:
+    """data_check.json, written through a temporary file. `rows`: every row's measurements too, streamed one at a
+    time (up to ROWS_IN_REPORT rows), so that memory does not grow with the data; a training start leaves them
+    out (they are in the cache's stats.arrow) rather than spend seconds on them."""
     if output_dir is None:
         return None
+    import os
+
     path = Path(output_dir) / "data_check.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_dict(), indent=1, default=str))
+    partial = path.with_name(f".{path.name}.partial")
+    with_rows = rows and sum(len(s.stats) for s in report.splits.values()) <= ROWS_IN_REPORT
+    head = json.dumps(report.to_dict(rows=False), indent=1, default=str)
+    with partial.open("w") as handle:
+        handle.write(head[:-2])  # the object without its closing "\n}"
+        if with_rows:
+            handle.write(',\n "rows": {')
+            for number, (name, split) in enumerate(report.splits.items()):
+                handle.write(("," if number else "") + f"\n  {json.dumps(name)}: [")
+                for index, record in enumerate(_columns(split.stats).records()):
+                    handle.write(("," if index else "") + "\n   " + json.dumps(record, default=str))
+                handle.write("\n  ]")
+            handle.write("\n }")
+        handle.write("\n}\n")
+    os.replace(partial, path)
     return str(path)
 
 
@@ -345,12 +449,17 @@ def data_check(composed) -> Dict:
     (unless data.skip_invalid)."""
     from qwenvl_ft.config.compose import validate
     from qwenvl_ft.modeling.build import build_processor
+    from qwenvl_ft.runlock import lock_folder
+    from qwenvl_ft.runtime import ensure_writable
 
     cfg = validate(composed)
+    lock = lock_folder(ensure_writable(cfg.output_dir))  # it writes data_check.json and the cache there
     processor = build_processor(cfg.model, cfg.data)
-    checked = check_data(cfg.data, processor, cfg.trainer.batch_size, cfg.data.seed)
+    checked = check_data(cfg.data, processor, cfg.trainer.batch_size, cfg.data.seed,
+                         output_dir=cfg.output_dir)
     report = checked.report
     listing = _write_report(report, cfg.output_dir)
+    lock.release()
     print(report.text())
     if listing:
         print(f"report: {listing}")

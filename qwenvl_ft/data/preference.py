@@ -188,6 +188,29 @@ def to_pair_dataset(rows: List[dict]):
     return datasets.Dataset.from_list(table, features=features)
 
 
+def pair_features():
+    import datasets
+
+    from qwenvl_ft.data.store import messages_feature
+
+    return datasets.Features({"prompt": messages_feature(), "chosen": messages_feature(),
+                              "rejected": messages_feature(), "images": datasets.List(datasets.Image(decode=False)),
+                              "source": datasets.Value("string")})
+
+
+def encode_pair(row: dict) -> dict:
+    from qwenvl_ft.data.store import image_record
+
+    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
+            "images": [image_record(i) for i in row.get("images") or []], "source": row.get("source", "?")}
+
+
+def pairs_kind():
+    from qwenvl_ft.data.store import RowKind
+
+    return RowKind("preference pair", pair_features, encode_pair)
+
+
 def load_pair_rows(cfg: DataConfig, problems: Optional[List[Problem]] = None) -> Tuple[List[dict], List[dict]]:
     """(train pairs, held-out pairs) as lists of canonical pairs, data.max_samples applied. The first bad row
     raises DataError, or with `problems` every bad row is recorded there and left out."""

@@ -300,6 +300,49 @@ def to_prompt_dataset(rows: List[dict]):
     return datasets.Dataset.from_list(table, features=datasets.Features(features))
 
 
+# The stored form (data/store.py, data/prepare.py): a prompt row's own columns, and every other column of the row
+# (what reward functions read) as one JSON text, since the store's columns are fixed before the rows are read.
+PROMPT_COLUMNS = ("prompt", "images", "solution", "source")
+
+
+def prompt_features():
+    import datasets
+
+    from qwenvl_ft.data.store import messages_feature
+
+    text = datasets.Value("string")
+    return datasets.Features({"prompt": messages_feature(), "images": datasets.List(datasets.Image(decode=False)),
+                              "solution": text, "extras": text, "source": text})
+
+
+def encode_prompt(row: dict) -> dict:
+    from qwenvl_ft.data.store import image_record
+
+    extras = {key: value for key, value in row.items() if key not in PROMPT_COLUMNS}
+    solution = row.get("solution")
+    return {"prompt": row["prompt"], "images": [image_record(i) for i in row.get("images") or []],
+            "solution": solution if solution is None or isinstance(solution, str) else json.dumps(solution),
+            "extras": json.dumps(extras) if extras else None, "source": row.get("source", "?")}
+
+
+def prompts_kind():
+    from qwenvl_ft.data.store import RowKind
+
+    return RowKind("prompt", prompt_features, encode_prompt)
+
+
+def from_prompt_store(dataset):
+    """The stored prompt rows as GRPO's dataset (`to_prompt_dataset`), their extra columns restored with their own
+    types for the reward functions. Held in memory: GRPO's prompt sets are small next to SFT's conversations, and
+    TRL hands every column of a row to the rewards."""
+    rows = []
+    for record in dataset:
+        row = {key: record[key] for key in PROMPT_COLUMNS}
+        row.update(json.loads(record["extras"]) if record.get("extras") else {})
+        rows.append(row)
+    return to_prompt_dataset(rows)
+
+
 def _plain_feature(values: List[Any]):
     import datasets
 

@@ -13,15 +13,19 @@ there and left out so that every bad row can be reported at once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from qwenvl_ft.config.schema import DataConfig, DataFormat
+from qwenvl_ft.config.schema import DataConfig, DataFormat, SourceConfig
 from qwenvl_ft.errors import DataError
+
+log = logging.getLogger("qwenvl_ft")
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _VISION_SPAN = re.compile(r"<\|vision_start\|>(.*?)<\|vision_end\|>", re.DOTALL)
@@ -29,7 +33,7 @@ _VISION_SPAN = re.compile(r"<\|vision_start\|>(.*?)<\|vision_end\|>", re.DOTALL)
 # image with no pixels, a literal <|im_end|> ends the turn) instead of as text.
 RESERVED_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
                    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-_LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv")
+_LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv", ".tsv")
 Converter = Callable[[Any, str, Path, DataConfig], dict]  # (record, where, image folder, data config) -> row
 
 
@@ -65,19 +69,131 @@ def _decode_utf8(raw: bytes, where: str) -> str:
                         f"re-save the file as UTF-8)") from None
 
 
+# Byte-order marks some editors (Notepad, Excel exports) put at the start of a text file. UTF-8's is read past;
+# UTF-16/32 files are decoded whole and read as UTF-8.
+_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"),
+         (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
+def _open_text_bytes(path: Path):
+    """A binary stream of the file's UTF-8 text, positioned after any byte-order mark."""
+    import io
+
+    try:
+        handle = path.open("rb")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read data file ({err.strerror})") from None
+    head = handle.read(4)
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            if encoding == "utf-8":
+                handle.seek(len(bom))
+                return handle
+            with handle:
+                raw = head + handle.read()
+            try:
+                return io.BytesIO(raw[len(bom):].decode(encoding).encode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: text is not valid {encoding.upper()} ({err.reason} at offset {err.start}); "
+                                f"re-save the file as UTF-8") from None
+    handle.seek(0)
+    return handle
+
+
+def _first_significant_byte(handle) -> bytes:
+    """The first non-whitespace byte of the stream (b"" for an empty file); the position is kept."""
+    position = handle.tell()
+    while True:
+        chunk = handle.read(65536)
+        if not chunk:
+            handle.seek(position)
+            return b""
+        stripped = chunk.lstrip()
+        if stripped:
+            handle.seek(position)
+            return stripped[:1]
+
+
+def _top_level_object_error(path: Path, document: dict) -> DataError:
+    """A JSON file whose top level is an object: say where the list of rows was expected, and name the list
+    field that probably holds them."""
+    lists = [(key, len(value)) for key, value in document.items() if isinstance(value, list)]
+    message = (f"{path}: the top level is a JSON object, where a list of rows was expected (a JSON array "
+               f"[{{...}}, {{...}}] or one object per line, JSONL)")
+    if len(lists) == 1:
+        key, count = lists[0]
+        message += (f"; its one list field is '{key}' ({count} items): if those are the rows, save that list as "
+                    f"the file (e.g. jq '.{key}' {path.name} > rows.json)")
+    elif lists:
+        message += "; its list fields are " + ", ".join(f"'{k}' ({n} items)" for k, n in lists) + \
+            ": save the one that holds the rows as the file"
+    else:
+        message += f"; it has no list field (fields: {', '.join(map(str, document)) or 'none'})"
+    return DataError(message)
+
+
+def _json_document(path: Path, raw: bytes) -> Any:
+    text = _decode_utf8(raw, str(path))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _layout(path: Path, handle) -> str:
+    """'array', 'object' (a single JSON document whose top level is an object) or 'lines' (JSONL).
+
+    Told from the content, not only the suffix: a JSON array is read whole even when named .jsonl; a file that
+    starts with '{' is JSONL when its first line is a complete JSON value (or, when it is not, its second line
+    is), else it is one pretty-printed document. A one-line .json file holding one object is a document too.
+    """
+    first = _first_significant_byte(handle)
+    if first == b"[":
+        return "array"
+    if first != b"{":
+        return "lines"
+    position = handle.tell()
+    lines = [line for line in (handle.readline(), handle.readline(), handle.readline()) if line.strip()]
+    handle.seek(position)
+    if not lines:
+        return "lines"
+    if _is_json(lines[0]):
+        return "object" if len(lines) == 1 and path.suffix != ".jsonl" else "lines"
+    return "lines" if len(lines) > 1 and _is_json(lines[1]) else "object"
+
+
 def read_json_records(path: Path, problems: Optional[List[Problem]] = None) -> Iterator[Tuple[str, Any]]:
     """(location, record) for a JSON array file or a JSONL file; location is 'file:row N' or 'file:line N'.
 
-    A JSONL line that is not valid JSON or UTF-8 raises, or with `problems` is recorded there and skipped.
+    A JSONL line that is not valid JSON or UTF-8 raises, or with `problems` is recorded there and skipped. JSONL
+    is read line by line (a file of millions of rows is never in memory at once); a JSON array is parsed whole.
+    A UTF-8 (or UTF-16/32) byte-order mark is accepted.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read data file ({err.strerror})") from None
-    if not raw.strip():
-        raise DataError(f"{path}: the data file is empty")
-    if path.suffix == ".jsonl" or not raw.lstrip().startswith(b"["):
-        for number, line in enumerate(raw.split(b"\n"), start=1):
+    handle = _open_text_bytes(path)
+    with handle:
+        layout = _layout(path, handle)
+        if layout != "lines" or not _first_significant_byte(handle):
+            raw = handle.read()
+            if not raw.strip():
+                raise DataError(f"{path}: the data file is empty")
+            document = _json_document(path, raw)
+            if isinstance(document, dict):
+                raise _top_level_object_error(path, document)
+            if not isinstance(document, list):
+                raise DataError(f"{path}: the top level is a JSON {type(document).__name__}, where a list of rows "
+                                f"was expected")
+            for index, record in enumerate(document):
+                yield f"{path}:row {index}", record
+            return
+        for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             where = f"{path}:line {number}"
@@ -89,26 +205,32 @@ def read_json_records(path: Path, problems: Optional[List[Problem]] = None) -> I
                 if problems is None:
                     raise DataError(message) from None
                 problems.append(Problem(where, message))
-        return
-    text = _decode_utf8(raw, str(path))
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-    for index, record in enumerate(records):
-        yield f"{path}:row {index}", record
 
 
 def _field(record: Any, name: str, where: str, kind=None):
     if not isinstance(record, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
     if name not in record:
-        raise DataError(f"{where}: field '{name}' is missing (fields: {', '.join(record) or 'none'})")
+        raise DataError(f"{where}: field '{name}' is missing (fields: {', '.join(record) or 'none'})"
+                        + _rows_inside_hint(record, name, where))
     value = record[name]
     if kind is not None and not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise DataError(f"{where}: field '{name}' must be {names}, got {type(value).__name__}")
     return value
+
+
+def _rows_inside_hint(record: dict, name: str, where: str) -> str:
+    """A first record that lacks `name` but holds a list of objects that have it is a file whose top level is an
+    object wrapping the rows (which a one-line JSONL file cannot tell from a row): say so."""
+    if not where.endswith((":line 1", ":row 0")):
+        return ""
+    lists = [key for key, value in record.items()
+             if isinstance(value, list) and value and isinstance(value[0], dict) and name in value[0]]
+    if len(lists) != 1:
+        return ""
+    return (f"; if the file's top level is an object wrapping the rows, they are in its list field '{lists[0]}' "
+            f"({len(record[lists[0]])} items): save that list as the file")
 
 
 def _resolve(ref: Any, base: Path) -> Any:
@@ -405,6 +527,9 @@ def _hf_dataset(cfg: DataConfig, path_str: str):
             if path.suffix not in _LOCAL_SUFFIXES:
                 raise DataError(f"{path}: unknown data file type '{path.suffix}' (expected one of "
                                 f"{', '.join(_LOCAL_SUFFIXES)}, a save_to_disk folder or a hub id)")
+            if path.suffix in (".csv", ".tsv"):  # a byte-order mark (Excel's UTF-8 export) is read past
+                return datasets.load_dataset("csv", data_files=str(path), split=cfg.split, encoding="utf-8-sig",
+                                             sep="\t" if path.suffix == ".tsv" else ",")
             return datasets.load_dataset(path.suffix[1:], data_files=str(path), split=cfg.split)
         return datasets.load_dataset(str(path) if path.is_dir() else path_str, split=cfg.split)
     except DataError:
@@ -428,22 +553,39 @@ def _hf_records(cfg: DataConfig, path_str: str) -> Iterator[Tuple[str, Any]]:
         yield f"{path_str}:row {index}", record
 
 
+def iter_rows(cfg: DataConfig, path: str, problems: Optional[List[Problem]] = None,
+              converters: Dict[DataFormat, Converter] = CONVERTERS) -> Iterator[Tuple[dict, Optional[str]]]:
+    """(canonical row, its id or None) for every row of one file, read one at a time (data.id_field names the id;
+    qwenvl_ft.data.mixing.record_id). Bad rows raise, or with `problems` are recorded there and left out."""
+    from qwenvl_ft.data.mixing import record_id
+
+    records, base = _records(cfg, path, problems)
+    convert = converters[cfg.format]
+    for where, record in records:
+        try:
+            row = convert(record, where, base, cfg)
+        except DataError as err:
+            if problems is None:
+                raise
+            problems.append(Problem(where, str(err)))
+            continue
+        yield row, record_id(record, cfg.id_field)
+
+
 def load_rows(cfg: DataConfig, path: str, problems: Optional[List[Problem]] = None,
               converters: Dict[DataFormat, Converter] = CONVERTERS) -> List[dict]:
     """Canonical rows of one file (`converters`: the layouts to read, preference.py passes its own). The first bad
     row raises DataError; with `problems`, every bad row is recorded there and left out instead (a file that cannot
     be read at all still raises)."""
-    records, base = _records(cfg, path, problems)
-    convert = converters[cfg.format]
-    rows = []
-    for where, record in records:
-        try:
-            rows.append(convert(record, where, base, cfg))
-        except DataError as err:
-            if problems is None:
-                raise
-            problems.append(Problem(where, str(err)))
-    return rows
+    return [row for row, _ in iter_rows(cfg, path, problems, converters)]
+
+
+def source_config(cfg: DataConfig, source: SourceConfig) -> DataConfig:
+    """The data config one source (data.sources entry, or data.path) is read with: its own path, format, image
+    folder and split, everything else from the data group."""
+    return dataclasses.replace(cfg, path=source.path, format=source.format or cfg.format,
+                               image_folder=source.image_folder or cfg.image_folder,
+                               split=source.split or cfg.split, sources=[], mixture_rows=None)
 
 
 def split_rows(rows: List[dict], cfg: DataConfig, eval_size: float) -> Tuple[List[dict], List[dict]]:
@@ -500,14 +642,67 @@ def _image_ref_feature(rows: List[dict]):
 
 
 def read_and_split(cfg: DataConfig, problems: Optional[List[Problem]] = None,
-                   converters: Dict[DataFormat, Converter] = CONVERTERS
+                   converters: Dict[DataFormat, Converter] = CONVERTERS, duplicates: Optional[list] = None
                    ) -> Tuple[List[dict], List[dict]]:
-    """(train rows, eval rows) of data.path: data.eval_path read as the eval split, or data.eval_size held out."""
-    rows = load_rows(cfg, cfg.path, problems, converters)
+    """(train rows, eval rows) of data.path or data.sources (qwenvl_ft.data.mixing: per-source shuffle, max_rows
+    and held-out rows, then concatenated or drawn by weight), with data.eval_path read as the eval split.
+    Duplicate ids are handled as data.on_duplicate_id says and appended to `duplicates` when given."""
+    from qwenvl_ft.data.mixing import SourceSpan, mix, plan_splits
+
+    rows: List[dict] = []
+    ids: List[Optional[str]] = []
+    spans: List[SourceSpan] = []
+    for source in cfg.source_list():
+        start = len(rows)
+        for row, row_id in iter_rows(source_config(cfg, source), source.path, problems, converters):
+            rows.append(row)
+            ids.append(row_id)
+        spans.append(SourceSpan(source.path, start, len(rows) - start, source.weight, source.max_rows))
+    eval_span = None
     if cfg.eval_path:
-        train, _ = split_rows(rows, cfg, eval_size=0)
-        return train, load_rows(cfg, cfg.eval_path, problems, converters)
-    return split_rows(rows, cfg, cfg.eval_size)
+        start = len(rows)
+        for row, row_id in iter_rows(cfg, cfg.eval_path, problems, converters):
+            rows.append(row)
+            ids.append(row_id)
+        eval_span = SourceSpan(cfg.eval_path, start, len(rows) - start)
+    wheres = [row.get("source", "?") for row in rows]
+    found, excluded = handle_duplicates(cfg, spans + ([eval_span] if eval_span else []), ids, wheres, problems)
+    if duplicates is not None:
+        duplicates.extend(found)
+    elif found:
+        log.warning("%d id(s) occur more than once (data.on_duplicate_id=%s):\n%s", len(found),
+                    cfg.on_duplicate_id.value, "\n".join(f"  {d.message()}" for d in found[:10]))
+    plan = plan_splits(cfg, spans, eval_span.rows if eval_span else (), excluded)
+    train = mix(cfg, spans, plan.train_by_source)[0] if cfg.weighted else plan.train
+    return [rows[i] for i in train], [rows[i] for i in plan.eval]
+
+
+def handle_duplicates(cfg: DataConfig, spans: list, ids, wheres, problems: Optional[List[Problem]]):
+    """(duplicates found, row numbers to leave out) for rows of one file sharing an id, under
+    data.on_duplicate_id: warn keeps them, drop leaves out all but the first, error makes the later ones invalid
+    rows (recorded in `problems`, or raised)."""
+    from qwenvl_ft.config.schema import DuplicateIds
+    from qwenvl_ft.data.mixing import duplicate_message, duplicates_of
+
+    policy = cfg.on_duplicate_id
+    found, excluded = [], []
+    if policy == DuplicateIds.allow:
+        return found, excluded
+    for span in spans:
+        duplicates, later = duplicates_of(ids[span.start: span.start + span.count],
+                                          wheres[span.start: span.start + span.count], span.start)
+        found += duplicates
+        if policy == DuplicateIds.warn:
+            continue
+        excluded += later
+        if policy == DuplicateIds.error:
+            for duplicate in duplicates:
+                for where in duplicate.others:
+                    message = f"{where}: {duplicate_message(policy, duplicate)}"
+                    if problems is None:
+                        raise DataError(message)
+                    problems.append(Problem(where, message))
+    return found, excluded
 
 
 def load_split_rows(cfg: DataConfig, problems: Optional[List[Problem]] = None) -> Tuple[List[dict], List[dict]]:
@@ -516,11 +711,10 @@ def load_split_rows(cfg: DataConfig, problems: Optional[List[Problem]] = None) -
         from qwenvl_ft.data.shapes import generate
 
         train, evaluation = generate(cfg.shapes)
-    else:
-        train, evaluation = read_and_split(cfg, problems)
-    if cfg.max_samples is not None:
-        train = train[: cfg.max_samples]
-    return train, evaluation
+        if cfg.max_samples is not None:
+            train = train[: cfg.max_samples]
+        return train, evaluation
+    return read_and_split(cfg, problems)
 
 
 def load_splits(cfg: DataConfig) -> Tuple[Any, Optional[Any]]:
@@ -528,5 +722,5 @@ def load_splits(cfg: DataConfig) -> Tuple[Any, Optional[Any]]:
     qwenvl_ft.data.check.load_checked_splits instead, which also opens every image and reports every bad row."""
     train, evaluation = load_split_rows(cfg)
     if not train:
-        raise DataError(f"{cfg.path or 'shapes'}: no training rows")
+        raise DataError(f"{cfg.describe_path()}: no training rows")
     return to_dataset(train), (to_dataset(evaluation) if evaluation else None)

@@ -30,8 +30,11 @@ GALLERY_MAX_SIDE = 448  # gallery images are shrunk to this, so the event file s
 def evaluate(cfg: DictConfig) -> Dict:
     typed: EvalRunConfig = validate(with_saved_run(cfg))  # the named run's config.yaml, overrides on top
     e = typed.eval
-    output_dir = Path(typed.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    from qwenvl_ft.runlock import lock_folder
+    from qwenvl_ft.runtime import ensure_writable
+
+    output_dir = ensure_writable(Path(typed.output_dir), "eval output folder")
+    lock = lock_folder(output_dir, "eval output folder")
     model_path = Path(os.path.normpath(e.model_path)) if e.model_path else None
 
     from transformers import set_seed
@@ -61,7 +64,8 @@ def evaluate(cfg: DictConfig) -> Dict:
         set_seed(typed.seed)
         base = load_base(typed.model, typed.adapter)
         log.info("generating with the base model on %d held-out rows", len(rows))
-        predictions["base"] = generate_answers(base, collator, rows, e.batch_size, generation=generation)
+        predictions["base"] = generate_answers(base, collator, rows, e.batch_size, generation=generation,
+                                               progress="base model")
     if model_path is not None:
         set_seed(typed.seed)
         # An adapter goes onto the base already in memory; a full model replaces it, unless the method compares
@@ -71,7 +75,8 @@ def evaluate(cfg: DictConfig) -> Dict:
             base = None
         tuned = load_tuned(typed.model, typed.adapter, model_path, base)
         log.info("generating with %s", model_path)
-        predictions["tuned"] = generate_answers(tuned, collator, rows, e.batch_size, generation=generation)
+        predictions["tuned"] = generate_answers(tuned, collator, rows, e.batch_size, generation=generation,
+                                                progress="fine-tuned model")
 
     metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}
     for side, values in method.evaluate_models({"base": base, "tuned": tuned}, method_rows, processor, typed,
@@ -94,6 +99,7 @@ def evaluate(cfg: DictConfig) -> Dict:
     log_gallery(output_dir / "tensorboard", rows, examples[: e.num_examples], metrics)
     log.info("%s", format_table(metrics, examples[: e.num_examples], len(rows)))
     log.info("report: %s", output_dir / REPORT)
+    lock.release()
     return {f"{side}_{name}": value for side, values in metrics.items() for name, value in values.items()}
 
 

@@ -18,16 +18,20 @@ _ANSWER_SLOT = {"role": "assistant", "content": [{"type": "text", "text": ""}]}
 @torch.no_grad()
 def generate_answers(model, collator: VisionChatCollator, rows: List[dict], batch_size: int,
                      max_new_tokens: int = 64, generation: Optional[dict] = None,
-                     prompts_only: bool = False) -> List[str]:
+                     prompts_only: bool = False, progress: str = "generating") -> List[str]:
     """One answer per row. Rows end with the reference answer, which is left out of the prompt, unless
     `prompts_only`. `generation` holds `generate` keyword arguments (GenerationSettings.kwargs()); without it,
-    greedy decoding of at most `max_new_tokens`."""
+    greedy decoding of at most `max_new_tokens`. `progress` labels the progress bar (rows done, on stderr like the
+    Trainer's); an empty string hides it."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
     tokenizer = collator.tokenizer
     settings = generation if generation is not None else dict(max_new_tokens=max_new_tokens, do_sample=False)
     answers: List[str] = []
+    bar = tqdm(total=len(rows), desc=progress, unit=" rows", disable=not progress, leave=False)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
         if prompts_only:
@@ -38,13 +42,15 @@ def generate_answers(model, collator: VisionChatCollator, rows: List[dict], batc
                                 pad_token_id=tokenizer.pad_token_id)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        bar.update(len(chunk))
+    bar.close()
     model.train(was_training)
     return answers
 
 
 def evaluate_rows(model, collator: VisionChatCollator, rows: List[dict], batch_size: int,
-                  max_new_tokens: int = 64) -> Dict:
+                  max_new_tokens: int = 64, progress: str = "held-out predictions") -> Dict:
     """Greedy predictions, references and every metric of qwenvl_ft.evaluation.metrics."""
     references = [reference_answer(row) for row in rows]
-    predictions = generate_answers(model, collator, rows, batch_size, max_new_tokens)
+    predictions = generate_answers(model, collator, rows, batch_size, max_new_tokens, progress=progress)
     return {**compute(predictions, references), "predictions": predictions, "references": references}

@@ -96,6 +96,27 @@ class Method:
     def collator(self, processor, data_cfg):
         raise NotImplementedError
 
+    # -- the prepared store (data/prepare.py: rows read once, checked, measured and cached for every method) ----
+
+    def store_kind(self):
+        """How this method's canonical rows are written to the memory-mapped Arrow store (a data/store.py
+        RowKind: the columns and how a row becomes a record of them)."""
+        raise NotImplementedError
+
+    def converters(self) -> Mapping:
+        """data.format -> converter of one file record into a canonical row (data/sources.py `Converter`), for
+        this method's formats that are read from files."""
+        raise NotImplementedError
+
+    def generate(self, data_cfg) -> Tuple[List[dict], List[dict]]:
+        """(train rows, held-out rows) of this method's generated format (`generated_formats`)."""
+        raise NotImplementedError
+
+    def from_store(self, dataset):
+        """A stored split (memory-mapped, with each row's measured `length`) as the dataset this method's trainer
+        takes: the store itself unless the method needs otherwise."""
+        return dataset
+
     # -- training ------------------------------------------------------------------------------------------------
 
     def trainer_arguments(self, parts: TrainerParts, common: Dict[str, Any]):

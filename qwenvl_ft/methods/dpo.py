@@ -122,6 +122,21 @@ class Dpo(Method):
 
         return VisionPreferenceCollator(processor, data_cfg)
 
+    def store_kind(self):
+        from qwenvl_ft.data.preference import pairs_kind
+
+        return pairs_kind()
+
+    def converters(self):
+        from qwenvl_ft.data.preference import CONVERTERS
+
+        return CONVERTERS
+
+    def generate(self, data_cfg):
+        from qwenvl_ft.data.preference import generate_pairs
+
+        return generate_pairs(data_cfg.shapes)
+
     # -- training ------------------------------------------------------------------------------------------------
 
     def trainer_arguments(self, parts: TrainerParts, common: Dict):
@@ -298,9 +313,12 @@ def with_reference_log_probs(trainer, dataset, batch_size: int):
     device = trainer.accelerator.device
     # With a PeftModel and no ref_model, compute_ref_log_probs disables the adapter itself.
     model = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    from tqdm.auto import tqdm
+
     chosen: List[torch.Tensor] = []
     rejected: List[torch.Tensor] = []
-    for batch in loader:
+    for batch in tqdm(loader, desc="reference log-probabilities", unit=" batches", leave=False,
+                      disable=not trainer.is_world_process_zero()):
         batch = {key: value.to(device) for key, value in batch.items()}
         chosen_logps, rejected_logps = trainer.compute_ref_log_probs(model, batch)
         chosen.append(chosen_logps.float().cpu())

@@ -238,6 +238,26 @@ class Grpo(Method):
 
         return PromptImages(processor, data_cfg)
 
+    def store_kind(self):
+        from qwenvl_ft.data.prompts import prompts_kind
+
+        return prompts_kind()
+
+    def converters(self):
+        from qwenvl_ft.data.prompts import CONVERTERS
+
+        return CONVERTERS
+
+    def generate(self, data_cfg):
+        from qwenvl_ft.data.prompts import generate_prompts
+
+        return generate_prompts(data_cfg.shapes)
+
+    def from_store(self, dataset):
+        from qwenvl_ft.data.prompts import from_prompt_store
+
+        return from_prompt_store(dataset)
+
     # -- training ------------------------------------------------------------------------------------------------
 
     def trainer_arguments(self, parts: TrainerParts, common: Dict):

@@ -60,6 +60,21 @@ class Sft(Method):
 
         return VisionChatCollator(processor, data_cfg)
 
+    def store_kind(self):
+        from qwenvl_ft.data.store import CONVERSATIONS
+
+        return CONVERSATIONS
+
+    def converters(self):
+        from qwenvl_ft.data.sources import CONVERTERS
+
+        return CONVERTERS
+
+    def generate(self, data_cfg):
+        from qwenvl_ft.data.shapes import generate
+
+        return generate(data_cfg.shapes)
+
     def trainer_arguments(self, parts: TrainerParts, common: Dict):
         from trl import SFTConfig
 

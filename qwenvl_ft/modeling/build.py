@@ -67,14 +67,20 @@ def model_source(model_cfg: ModelConfig, weights: bool = True) -> str:
         from qwenvl_ft.modeling.random_init import materialize
 
         return str(materialize(model_cfg.architecture, model_cfg.dtype.value, model_cfg.family.value))
+    from qwenvl_ft.modeling.locate import check_model_available
+
+    check_model_available(model_cfg.name_or_path)  # a one-screen error naming it, before anything loads
     return model_cfg.name_or_path
 
 
 def build_processor(model_cfg: ModelConfig, data_cfg: DataConfig, source: Optional[str] = None):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(source or model_source(model_cfg, weights=False),
-                                              trust_remote_code=model_cfg.trust_remote_code)
+    from qwenvl_ft.modeling.locate import loading
+
+    source = source or model_source(model_cfg, weights=False)
+    with loading(source):
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
     if data_cfg.min_pixels is not None or data_cfg.max_pixels is not None:
         # Image resolution bounds through `size` (min/max_pixels keywords are deprecated in transformers 5);
         # videos keep their own bounds (data.video_min/max_pixels, applied by the collator).
@@ -129,18 +135,21 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
     it), with the freezing of full fine-tuning done. DPO hands it to TRL with `build_lora_config`'s config: a
     PeftModel TRL wraps itself gets the base with the adapter disabled as reference, where one wrapped here would
     get a second "ref" adapter copied from the first."""
+    from qwenvl_ft.modeling.locate import loading
+
     keep_cudnn_out_of_sdpa()
     quant = quantization_config(model_cfg, adapter_cfg)
     source = source or model_source(model_cfg)
-    check_family(model_cfg, source)
-    model = model_class(model_cfg).from_pretrained(
-        source,
-        dtype=DTYPES[model_cfg.dtype.value],
-        attn_implementation=model_cfg.attn_implementation.value,
-        quantization_config=quant,
-        trust_remote_code=model_cfg.trust_remote_code,
-        device_map=device_map,  # a distributed QLoRA run: each process's GPU (distributed/placement.py)
-    )
+    with loading(source):
+        check_family(model_cfg, source)
+        model = model_class(model_cfg).from_pretrained(
+            source,
+            dtype=DTYPES[model_cfg.dtype.value],
+            attn_implementation=model_cfg.attn_implementation.value,
+            quantization_config=quant,
+            trust_remote_code=model_cfg.trust_remote_code,
+            device_map=device_map,  # a distributed QLoRA run: each process's GPU (distributed/placement.py)
+        )
     model.config.use_cache = False
     if quant is not None:
         from peft import prepare_model_for_kbit_training

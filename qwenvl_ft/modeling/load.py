@@ -46,14 +46,17 @@ def _has_processor(path: Path) -> bool:
 def _load_for_generation(model_cfg: ModelConfig, source: str, dtype: Optional[str] = None,
                          quant=None) -> nn.Module:
     # Generation runs on one device: the first GPU when there is one (4-bit weights are quantised as they land).
+    from qwenvl_ft.modeling.locate import loading
+
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-    check_family(model_cfg, source)
     keep_cudnn_out_of_sdpa()
-    model = model_class(model_cfg).from_pretrained(
-        source, dtype=DTYPES[dtype or model_cfg.dtype.value],
-        attn_implementation=model_cfg.attn_implementation.value, quantization_config=quant,
-        trust_remote_code=model_cfg.trust_remote_code, device_map=device_map,
-    )
+    with loading(source):
+        check_family(model_cfg, source)
+        model = model_class(model_cfg).from_pretrained(
+            source, dtype=DTYPES[dtype or model_cfg.dtype.value],
+            attn_implementation=model_cfg.attn_implementation.value, quantization_config=quant,
+            trust_remote_code=model_cfg.trust_remote_code, device_map=device_map,
+        )
     model.config.use_cache = True
     return model.eval()
 

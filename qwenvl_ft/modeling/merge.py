@@ -37,6 +37,12 @@ def merge(cfg: DictConfig) -> Dict:
         raise ConfigError("merge.adapter_path and merge.output_path are required")
     adapter_path = Path(os.path.normpath(m.adapter_path))
     output_path = Path(os.path.normpath(m.output_path))
+    from qwenvl_ft.runlock import lock_folder
+    from qwenvl_ft.runtime import ensure_writable
+
+    # Two merges into the same folder would rename over each other: one writer per destination.
+    lock = lock_folder(ensure_writable(output_path.parent, "merge output folder"), f"merge destination {output_path}",
+                       name=f".qwenvl_ft.lock.{output_path.name}")
 
     from qwenvl_ft.modeling.load import ADAPTER_CONFIG, attach, kind_of, load_base, load_processor
 
@@ -50,10 +56,9 @@ def merge(cfg: DictConfig) -> Dict:
         log.info("QLoRA adapter: merging into the unquantised %s base (not the 4-bit one it trained on)", dtype)
 
     base = load_base(typed.model, typed.adapter, quantize=False, dtype=dtype)
-    merged = attach(base, typed.model, adapter_path).merge_and_unload()
+    merged = attach(base, typed.model, adapter_path).merge_and_unload(progressbar=True)  # PEFT's tqdm, per module
     processor = load_processor(typed.model, typed.data, adapter_path)
 
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.partial-", dir=output_path.parent))
     try:
         merged.save_pretrained(str(staging), max_shard_size=m.max_shard_size)
@@ -70,6 +75,7 @@ def merge(cfg: DictConfig) -> Dict:
         _replace(staging, output_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    lock.release()
     log.info("merged %s into the base: %s", adapter_path, output_path)
     if typed.hub.push:  # after the folder is in place: a failed upload loses nothing
         from qwenvl_ft.publish.card import launch_command

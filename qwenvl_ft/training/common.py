@@ -38,7 +38,8 @@ def start_run(composed: DictConfig) -> RunStart:
     With dist=ddp/fsdp/zero* outside a launcher, the run's processes are started here (distributed/launch.py) and
     their result is returned as `finished`. Inside a distributed run the main process prepares the folder (it alone
     removes half-written checkpoints and writes config.yaml, with dist.world_size); every other rank gets its
-    decision and checks that its own config is the one recorded."""
+    decision and checks that its own config is the one recorded. The main process takes the folder (one writer per
+    folder: a second run on it is refused; the ranks of one launch share it)."""
     from qwenvl_ft.distributed import ranks
     from qwenvl_ft.distributed.launch import launch_if_needed
     from qwenvl_ft.training import startup
@@ -64,10 +65,12 @@ def start_run(composed: DictConfig) -> RunStart:
 
 
 def _prepare_output(cfg: TrainConfig, composed: DictConfig):
+    from qwenvl_ft.runlock import lock_folder
+    from qwenvl_ft.runtime import ensure_writable
     from qwenvl_ft.training.resume import finished_metrics, prepare_resume
 
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = ensure_writable(Path(cfg.output_dir))
+    lock_folder(output_dir)  # held until the command returns (runtime.run_task releases it)
     resume = prepare_resume(cfg, composed)  # before config.yaml is rewritten: it warns about config changes
     finished = finished_metrics(cfg, composed, resume)
     if finished is None:
@@ -121,10 +124,11 @@ def import_training_libraries(cfg: TrainConfig) -> None:
 
 
 def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
-    """metrics.json and log_history.json, by the main process; the run's performance figures
-    (training/telemetry.py) and start-up budget (training/startup.py) join `metrics`, so that summary.json
-    carries them too."""
+    """metrics.json and log_history.json, by the main process, each written whole or not at all; the run's
+    performance figures (training/telemetry.py) and start-up budget (training/startup.py) join `metrics`, so
+    that summary.json carries them too."""
     from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.runtime import write_atomically
     from qwenvl_ft.training import startup
     from qwenvl_ft.training.telemetry import summary_metrics
 
@@ -133,8 +137,8 @@ def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
         metrics.update(startup.current().metrics())
     if not ranks.is_main_process():
         return
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    write_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_atomically(output_dir / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
 
 
 def finish_final(output_dir: Path, command: Optional[str] = None, started_at: Optional[float] = None) -> Path:
@@ -406,7 +410,8 @@ def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, wh
     if ranks.is_distributed() and cfg.dist.is_sharded:
         predictions = sharded_answers(model, collator, rows, batch, new_tokens)
     else:
-        predictions = ranks.run_on_main(generate_answers, model, collator, rows, batch, new_tokens)
+        predictions = ranks.run_on_main(generate_answers, model, collator, rows, batch, new_tokens,
+                                        progress=f"held-out predictions {when} training")
     references = [reference_answer(row) for row in rows]
     result = {**compute(predictions, references), "predictions": predictions, "references": references}
     shown = min(cfg.trainer.num_predictions_to_print, len(rows))
@@ -450,9 +455,15 @@ def save_final(trainer, processor, output_dir: Path) -> Path:
     if ranks.is_main_process():
         shutil.rmtree(staging, ignore_errors=True)
     ranks.barrier()
-    save_consolidated(trainer, staging)
+    try:
+        save_consolidated(trainer, staging)
+        if ranks.is_main_process():
+            processor.save_pretrained(str(staging))
+    except BaseException:  # a full disk, Ctrl-C: the partial copy would only take space
+        if ranks.is_main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if ranks.is_main_process():
-        processor.save_pretrained(str(staging))
         if final_dir.exists():
             shutil.rmtree(final_dir)
         staging.rename(final_dir)
@@ -461,11 +472,16 @@ def save_final(trainer, processor, output_dir: Path) -> Path:
 
 
 def interrupted(trainer, output_dir: Path, metrics: Dict) -> Dict:
-    """Stopped by a signal: the checkpoint is saved, final/ is not written (the run is not finished)."""
+    """Stopped by a signal (SIGTERM, Ctrl-C): the checkpoint is saved, final/ is not written (the run is not
+    finished). `metrics["signal_number"]` tells runtime.run_task which exit status to give."""
+    from qwenvl_ft.training.resume import StopOnSignal
+
     state = trainer.state
     checkpoint = output_dir / f"checkpoint-{state.global_step}"
+    received = [cb.received for cb in trainer.callback_handler.callbacks
+                if isinstance(cb, StopOnSignal) and cb.received is not None]
     metrics.update(interrupted=True, global_step=state.global_step, max_steps=state.max_steps,
-                   checkpoint=str(checkpoint))
+                   checkpoint=str(checkpoint), signal_number=int(received[0]) if received else None)
     write_history(trainer, output_dir, metrics)
     log_performance(metrics)
     log.warning("interrupted at step %d of %d; checkpoint saved to %s. Run the same command again to resume.",
@@ -495,4 +511,5 @@ def log_config_summary(cfg: TrainConfig) -> None:
     source = "random init (tiny)" if m.random_init else m.name_or_path
     adapter = a.method.value if not a.is_peft else f"{a.method.value} r={a.r} alpha={a.alpha} on {list(a.target_modules)}"
     log.info("run: model=%s (%s) | adapter=%s | data=%s %s | lr=%g %s | output=%s", source, m.dtype.value, adapter,
-             d.format.value, d.path or "", o.lr, o.scheduler.value, cfg.output_dir)
+             d.format.value, d.describe_path() if d.path or d.sources else "", o.lr, o.scheduler.value,
+             cfg.output_dir)

@@ -1,4 +1,4 @@
-"""Surviving interruptions: which checkpoint to resume from, and stopping cleanly on SIGTERM.
+"""Surviving interruptions: which checkpoint to resume from, and stopping cleanly on SIGTERM or Ctrl-C.
 
 transformers 5.23 writes `checkpoint-N/` in place (weights, optimizer, scheduler, RNG state, then
 trainer_state.json) and its own `get_last_checkpoint` takes the highest N whatever the folder holds, so a run killed
@@ -194,26 +194,33 @@ class ReloadConvertedWeights(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """On SIGTERM (schedulers' preemption notice): finish the current optimizer step, save a checkpoint, stop.
+    """On SIGTERM (schedulers' preemption notice) or SIGINT (Ctrl-C): finish the current optimizer step, save a
+    checkpoint, stop. A second signal while waiting terminates at once.
 
     The handler only sets a flag; the Trainer acts on it at the next step end through `control`, so the checkpoint
-    is the ordinary one (with its completion marker). A second SIGTERM while waiting terminates at once.
+    is the ordinary one (with its completion marker). Ctrl-C at a terminal reaches the whole process group, so
+    DataLoader workers (forked while the handler is installed, so they inherit it) get it too: in them it does
+    nothing, and they keep feeding the step that is finishing; they end with the main process.
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signals = tuple(signals)
         self.received: Optional[int] = None
         self.stopping = False
         self._previous = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the main process decides
+            return
         if self.received is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.received = signum
-        log.warning("received %s: saving a checkpoint after the current step, then stopping",
-                    signal.Signals(signum).name)
+        log.warning("received %s: saving a checkpoint after the current step, then stopping (%s again stops at "
+                    "once, without saving)", signal.Signals(signum).name,
+                    "Ctrl-C" if signum == signal.SIGINT else "the same signal")
 
     @contextmanager
     def installed(self) -> Iterator["StopOnSignal"]:

@@ -41,6 +41,7 @@ def train(composed: DictConfig) -> Dict:
         return stopped
 
     from qwenvl_ft import methods
+    from qwenvl_ft.data.batching import stored_lengths
     from qwenvl_ft.data.check import load_checked_splits
     from qwenvl_ft.distributed import ranks
     from qwenvl_ft.distributed.placement import describe_placement, device_map
@@ -57,9 +58,7 @@ def train(composed: DictConfig) -> Dict:
     processor = build_processor(cfg.model, cfg.data, source)
     startup.mark("processor")
     # Every row read, decoded and measured before the model loads; invalid rows stop the run (data.skip_invalid).
-    # In a distributed run the main process checks and the others get its result (and its error, if any).
-    train_rows, eval_rows, report = ranks.run_on_main(load_checked_splits, cfg.data, processor,
-                                                      cfg.trainer.batch_size, cfg.data.seed, output_dir)
+    train_rows, eval_rows, report = checked_data(cfg, processor, output_dir)
     if not ranks.is_main_process():
         log.info("data check: the main process's result, %d training %s", len(train_rows), method.row_kind)
     startup.mark("data check")
@@ -69,7 +68,7 @@ def train(composed: DictConfig) -> Dict:
 
     model_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     parts = shared_parts(cfg, processor, method.collator(processor, cfg.data), train_rows, eval_rows, model_config,
-                         train_lengths=[stats.length for stats in report.splits["train"].stats])
+                         train_lengths=stored_lengths(train_rows))  # measured once, by the data check
     trackers = run_trackers(cfg, composed, method, processor, eval_rows)
     parts.callbacks.append(trackers)  # opens the trackers' runs when the trainer is built (main process only)
     parts.arguments = method.trainer_arguments(parts, parts.arguments)
@@ -109,6 +108,22 @@ def train(composed: DictConfig) -> Dict:
         finish_final(output_dir, started_at=started)
     log_performance(metrics)
     return metrics
+
+
+def checked_data(cfg: TrainConfig, processor, output_dir):
+    """The checked training and held-out rows (load_checked_splits). In a distributed run the main process checks
+    first, alone: its error, if any, stops every rank with the same message, and it fills the measure-once cache
+    (data/cache.py) that the other ranks then read instead of decoding every row again. The rows are not
+    broadcast: they are memory-mapped, and the cache entry is on the shared run folder already."""
+    from qwenvl_ft.data.check import load_checked_splits
+    from qwenvl_ft.distributed import ranks
+
+    def check():
+        return load_checked_splits(cfg.data, processor, cfg.trainer.batch_size, cfg.data.seed, output_dir)
+
+    if ranks.is_distributed():
+        ranks.run_on_main(lambda: check() and None)
+    return check()
 
 
 def log_plan(cfg: TrainConfig, method, items: int, per_device_batch: int) -> None:
