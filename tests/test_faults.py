@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -184,7 +185,7 @@ def test_ctrl_c_stops_after_the_step_and_a_second_one_at_once(tmp_path):
     with stop.installed():
         os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the flag is set
     assert stop.received == signal.SIGINT
-    control = stop.on_step_end(None, TrainerState(), TrainerControl())
+    control = stop.on_step_end(SimpleNamespace(device="cpu"), TrainerState(), TrainerControl())
     assert control.should_save and control.should_training_stop
 
     pid = os.fork()

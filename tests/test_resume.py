@@ -83,7 +83,7 @@ def test_run_name_fixes_the_output_folder(tmp_path):
             "'--cfg', 'hydra']))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "dir: outputs/${oc.select:hydra.runtime.choices.recipe,custom}/${run_name}" in out.stdout
+    assert "dir: outputs/${recipe_folder:${oc.select:hydra.runtime.choices.recipe,null}}/${run_name}" in out.stdout
     assert validate(compose(["recipe=demo", "run_name=exp1"], output_dir="/tmp/o")).run_name == "exp1"
 
 
