@@ -162,11 +162,11 @@ def main() -> None:
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.modeling.build import build_processor
 
-    typed = validate(compose(["recipe=demo"], output_dir=tempfile.gettempdir()))
+    cfg = validate(compose(["recipe=demo"], output_dir=tempfile.gettempdir()))
     folder = Path(tempfile.gettempdir()) / "qwenvl_ft_bench_images"
     folder.mkdir(exist_ok=True)
     rows = make_rows(folder, args.samples)
-    default_max = build_processor(typed.model, typed.data).image_processor.size["longest_edge"]
+    default_max = build_processor(cfg.model, cfg.data).image_processor.size["longest_edge"]
 
     print(f"collate throughput: {args.samples} samples of one 1024x768 JPEG "
           f"({os.path.getsize(rows[0]['images'][0]) // 1024} KB) + text, batch {args.batch_size}, 1 thread, "
@@ -177,7 +177,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for max_pixels in (default_max, 256 * 28 * 28):
         data_cfg = DataConfig(max_pixels=max_pixels, max_length=None)
-        processor = build_processor(typed.model, data_cfg)
+        processor = build_processor(cfg.model, data_cfg)
         (naive_rate, ours_rate), (naive_batch, ours_batch) = timed(
             [NaivePipeline(processor, max_pixels), VisionChatCollator(processor, data_cfg)], rows, args.batch_size,
             args.repeats)
@@ -194,7 +194,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for max_pixels in (default_max, 256 * 28 * 28):
         data_cfg = DataConfig(max_pixels=max_pixels, max_length=None)
-        processor = build_processor(typed.model, data_cfg)
+        processor = build_processor(cfg.model, data_cfg)
         (stock_rate, ours_rate), (stock_batch, ours_batch) = timed(
             [StockPreferencePipeline(processor), VisionPreferenceCollator(processor, data_cfg)], pairs,
             args.batch_size, args.repeats)

@@ -77,12 +77,12 @@ def run_qwenvl_ft(name, pairs, tmp, batch_size, share_images, unpad):
     from qwenvl_ft.modeling.varlen_attention import use_for_language_model
     from qwenvl_ft.methods.dpo import build_trainer
 
-    typed = _typed(tmp, name, batch_size)
-    processor = build_processor(typed.model, typed.data)
-    base = build_base_model(typed.model, typed.adapter)
+    cfg = _typed(tmp, name, batch_size)
+    processor = build_processor(cfg.model, cfg.data)
+    base = build_base_model(cfg.model, cfg.adapter)
     started, cpu = time.perf_counter(), time.process_time()
-    trainer = build_trainer(typed, base, build_lora_config(base, typed.model, typed.adapter), processor,
-                            VisionPreferenceCollator(processor, typed.data), to_pair_dataset(pairs), None)
+    trainer = build_trainer(cfg, base, build_lora_config(base, cfg.model, cfg.adapter), processor,
+                            VisionPreferenceCollator(processor, cfg.data), to_pair_dataset(pairs), None)
     # the hooks one by one (methods/dpo.py: remove_redundant_work applies both, or the first alone)
     if share_images:
         share_pair_images(trainer.model)
@@ -102,18 +102,18 @@ def run_trl(pairs, tmp, batch_size):
 
     from qwenvl_ft.modeling.build import build_lora_config, build_processor, model_source
 
-    typed = _typed(tmp, "trl", batch_size)
-    source = model_source(typed.model)
-    processor = build_processor(typed.model, typed.data, source)
+    cfg = _typed(tmp, "trl", batch_size)
+    source = model_source(cfg.model)
+    processor = build_processor(cfg.model, cfg.data, source)
     model = Qwen2VLForConditionalGeneration.from_pretrained(source, dtype="float32", attn_implementation="sdpa")
-    peft_config = build_lora_config(model, typed.model, typed.adapter)  # the same adapter as qwenvl-ft's
+    peft_config = build_lora_config(model, cfg.model, cfg.adapter)  # the same adapter as qwenvl-ft's
     dataset = datasets.Dataset.from_list([{key: pair[key] for key in ("prompt", "chosen", "rejected", "images")}
                                           for pair in pairs])
     args = DPOConfig(output_dir=str(tmp / "trl"), num_train_epochs=1, per_device_train_batch_size=batch_size,
-                     learning_rate=typed.optimizer.lr, lr_scheduler_type="constant", optim="adamw_torch", bf16=False,
+                     learning_rate=cfg.optimizer.lr, lr_scheduler_type="constant", optim="adamw_torch", bf16=False,
                      fp16=False, gradient_checkpointing=False, logging_steps=10_000, save_strategy="no", report_to=[],
-                     disable_tqdm=True, seed=typed.seed, dataloader_num_workers=0, beta=typed.trainer.dpo.beta,
-                     max_length=typed.data.max_length)
+                     disable_tqdm=True, seed=cfg.seed, dataloader_num_workers=0, beta=cfg.trainer.dpo.beta,
+                     max_length=cfg.data.max_length)
     started, cpu = time.perf_counter(), time.process_time()
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                          peft_config=peft_config)
@@ -137,11 +137,11 @@ def compute_breakdown(pairs, tmp, batch_size, repeats):
     from qwenvl_ft.modeling.varlen_attention import use_for_language_model
     from qwenvl_ft.methods.dpo import build_trainer
 
-    typed = _typed(tmp, "compute", batch_size)
-    processor = build_processor(typed.model, typed.data)
-    base = build_base_model(typed.model, typed.adapter)
-    trainer = build_trainer(typed, base, build_lora_config(base, typed.model, typed.adapter), processor,
-                            VisionPreferenceCollator(processor, typed.data), to_pair_dataset(pairs), None)
+    cfg = _typed(tmp, "compute", batch_size)
+    processor = build_processor(cfg.model, cfg.data)
+    base = build_base_model(cfg.model, cfg.adapter)
+    trainer = build_trainer(cfg, base, build_lora_config(base, cfg.model, cfg.adapter), processor,
+                            VisionPreferenceCollator(processor, cfg.data), to_pair_dataset(pairs), None)
     batches = [trainer.data_collator([trainer.train_dataset[i] for i in range(start, start + batch_size)])
                for start in range(0, len(pairs) - batch_size + 1, batch_size)]
     trainer.model.train()

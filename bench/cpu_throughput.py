@@ -94,15 +94,15 @@ def run_qwenvl_ft(name, overrides, rows, tmp):
     from qwenvl_ft.modeling.build import build_model, build_processor
     from qwenvl_ft.methods.sft import build_trainer
 
-    typed = validate(compose(["recipe=demo", "adapter=full", "trainer.epochs=1", "trainer.report_to=[none]",
+    cfg = validate(compose(["recipe=demo", "adapter=full", "trainer.epochs=1", "trainer.report_to=[none]",
                               "trainer.disable_tqdm=true", "trainer.logging_steps=10000", "trainer.save_steps=100000",
                               "optimizer.scheduler=constant", "optimizer.warmup_ratio=0", "data.max_length=256",
                               *overrides], output_dir=str(tmp / name)))
-    processor = build_processor(typed.model, typed.data)
-    model = build_model(typed.model, typed.adapter)
-    collator = VisionChatCollator(processor, typed.data)
+    processor = build_processor(cfg.model, cfg.data)
+    model = build_model(cfg.model, cfg.adapter)
+    collator = VisionChatCollator(processor, cfg.data)
     started, cpu = time.perf_counter(), time.process_time()  # planning (lengths, packs) counts against qwenvl-ft
-    trainer = build_trainer(typed, model, processor, collator, to_dataset(rows), None)
+    trainer = build_trainer(cfg, model, processor, collator, to_dataset(rows), None)
     counting = Counting(trainer.data_collator)
     trainer.data_collator = counting
     trainer.train()
@@ -116,16 +116,16 @@ def run_trl(rows, tmp, batch_size):
     from qwenvl_ft.config.compose import compose, validate
     from qwenvl_ft.modeling.build import build_processor, model_source
 
-    typed = validate(compose(["recipe=demo"], output_dir=str(tmp / "trl")))
-    source = model_source(typed.model)
-    processor = build_processor(typed.model, typed.data, source)
+    cfg = validate(compose(["recipe=demo"], output_dir=str(tmp / "trl")))
+    source = model_source(cfg.model)
+    processor = build_processor(cfg.model, cfg.data, source)
     model = Qwen2VLForConditionalGeneration.from_pretrained(source, dtype="float32", attn_implementation="sdpa")
     # TRL's conversational vision format: `messages` (content lists) + `images` (decoded by datasets)
     import datasets
 
     dataset = datasets.Dataset.from_list([{"messages": r["messages"], "images": r["images"]} for r in rows])
     started, cpu = time.perf_counter(), time.process_time()
-    trainer = SFTTrainer(model=model, args=SFTConfig(**_common_args(str(tmp / "trl"), batch_size, typed.seed)),
+    trainer = SFTTrainer(model=model, args=SFTConfig(**_common_args(str(tmp / "trl"), batch_size, cfg.seed)),
                          train_dataset=dataset, processing_class=processor)
     counting = Counting(trainer.data_collator)
     trainer.data_collator = counting

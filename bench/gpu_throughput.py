@@ -99,14 +99,14 @@ def prepare(overrides, output_dir, build):
     from qwenvl_ft.estimate import GiB, estimate_memory
     from qwenvl_ft.modeling.build import build_processor, model_source
 
-    typed = validate(compose(overrides, output_dir=str(output_dir)))
-    predicted = estimate_memory(typed).total / GiB
-    source = model_source(typed.model)
-    processor = build_processor(typed.model, typed.data, source)
-    model = build(typed.model, typed.adapter, source)
-    if torch.cuda.is_available() and not typed.adapter.load_in_4bit:
+    cfg = validate(compose(overrides, output_dir=str(output_dir)))
+    predicted = estimate_memory(cfg).total / GiB
+    source = model_source(cfg.model)
+    processor = build_processor(cfg.model, cfg.data, source)
+    model = build(cfg.model, cfg.adapter, source)
+    if torch.cuda.is_available() and not cfg.adapter.load_in_4bit:
         model = model.to("cuda")
-    return typed, predicted, processor, model
+    return cfg, predicted, processor, model
 
 
 def run(model_name, method, layout, args, rows, tmp):
@@ -122,8 +122,8 @@ def run(model_name, method, layout, args, rows, tmp):
     if layout == "packed":
         overrides += ["data.packing=true"] + ([f"data.max_tokens_per_batch={args.pack_tokens}"] if args.pack_tokens
                                               else [])
-    typed, predicted, processor, model = prepare(overrides, tmp / f"{model_name}-{method}-{layout}", build_model)
-    collator = VisionChatCollator(processor, typed.data)
+    cfg, predicted, processor, model = prepare(overrides, tmp / f"{model_name}-{method}-{layout}", build_model)
+    collator = VisionChatCollator(processor, cfg.data)
     if layout == "trl":
         import datasets
         from trl import SFTConfig, SFTTrainer
@@ -131,16 +131,16 @@ def run(model_name, method, layout, args, rows, tmp):
         from qwenvl_ft.training.common import training_arguments
 
         dataset = datasets.Dataset.from_list([{"messages": r["messages"], "images": r["images"]} for r in rows])
-        targs = training_arguments(typed)
+        targs = training_arguments(cfg)
         targs.update(remove_unused_columns=False, max_length=None, save_strategy="no")
-        trainer = with_telemetry(SFTTrainer, typed)(model=model, args=SFTConfig(**targs), train_dataset=dataset,
-                                                    processing_class=processor, callbacks=telemetry_callback(typed))
+        trainer = with_telemetry(SFTTrainer, cfg)(model=model, args=SFTConfig(**targs), train_dataset=dataset,
+                                                    processing_class=processor, callbacks=telemetry_callback(cfg))
     else:
-        trainer = build_trainer(typed, model, processor, collator, to_dataset(rows), None)
-    return measure(trainer, model, typed, model_name, method, layout, args, predicted)
+        trainer = build_trainer(cfg, model, processor, collator, to_dataset(rows), None)
+    return measure(trainer, model, cfg, model_name, method, layout, args, predicted)
 
 
-def with_telemetry(trainer_cls, typed):
+def with_telemetry(trainer_cls, cfg):
     """A stock TRL trainer class with the run telemetry's mixin, as qwenvl-ft's trainers have it."""
     from qwenvl_ft.training.common import trainer_class
     from qwenvl_ft.training.telemetry import TelemetryMixin
@@ -148,10 +148,10 @@ def with_telemetry(trainer_cls, typed):
     return trainer_class(trainer_cls, (TelemetryMixin,))
 
 
-def telemetry_callback(typed):
+def telemetry_callback(cfg):
     from qwenvl_ft.training.telemetry import RunTelemetry
 
-    return [RunTelemetry(typed)]
+    return [RunTelemetry(cfg)]
 
 
 class CollateTimer:
@@ -191,7 +191,7 @@ def timed_steps_only(telemetry, timer, warmup: int, cuda: bool):
     return AfterWarmup()
 
 
-def measure(trainer, model, typed, model_name, method, layout, args, predicted):
+def measure(trainer, model, cfg, model_name, method, layout, args, predicted):
     """Train; the figures are the run telemetry's over the timed steps (samples/s counts pairs for DPO)."""
     import torch
 
@@ -249,9 +249,9 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
     overrides = common_overrides(model_name, method, args, cuda)
     overrides += ["trainer=dpo", "data=shapes_preference", f"trainer.batch_size={max(1, args.batch_size // 2)}",
                   "trainer.dpo.beta=0.1", f"data.packing={layout == 'padding-free'}"]
-    typed, predicted, processor, base = prepare(overrides, tmp / f"dpo-{model_name}-{method}-{layout}",
+    cfg, predicted, processor, base = prepare(overrides, tmp / f"dpo-{model_name}-{method}-{layout}",
                                                 build_base_model)
-    peft_config = build_lora_config(base, typed.model, typed.adapter) if typed.adapter.is_peft else None
+    peft_config = build_lora_config(base, cfg.model, cfg.adapter) if cfg.adapter.is_peft else None
     if layout == "trl":
         import datasets
         from trl import DPOConfig, DPOTrainer
@@ -260,16 +260,16 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
 
         dataset = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected", "images")}
                                               for p in pairs])
-        targs = training_arguments(typed)
-        targs.update(remove_unused_columns=False, max_length=typed.data.max_length, save_strategy="no", beta=0.1)
-        trainer = with_telemetry(DPOTrainer, typed)(model=base, args=DPOConfig(**targs), train_dataset=dataset,
+        targs = training_arguments(cfg)
+        targs.update(remove_unused_columns=False, max_length=cfg.data.max_length, save_strategy="no", beta=0.1)
+        trainer = with_telemetry(DPOTrainer, cfg)(model=base, args=DPOConfig(**targs), train_dataset=dataset,
                                                     processing_class=processor, peft_config=peft_config,
-                                                    callbacks=telemetry_callback(typed))
+                                                    callbacks=telemetry_callback(cfg))
     else:
-        trainer = build_trainer(typed, base, peft_config, processor, VisionPreferenceCollator(processor, typed.data),
+        trainer = build_trainer(cfg, base, peft_config, processor, VisionPreferenceCollator(processor, cfg.data),
                                 to_pair_dataset(pairs), None)
-        remove_redundant_work(trainer, typed.data.packing)
-    return measure(trainer, trainer.model, typed, model_name, method, f"dpo {layout}", args, predicted)
+        remove_redundant_work(trainer, cfg.data.packing)
+    return measure(trainer, trainer.model, cfg, model_name, method, f"dpo {layout}", args, predicted)
 
 
 def _has_flash_attn() -> bool:

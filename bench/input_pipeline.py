@@ -63,8 +63,8 @@ def flops_per_token_ratio(work) -> float:
             "model.freeze_vision_tower=true"]
     flops = {}
     for name in ("qwen2_vl_2b", "qwen2_vl_7b"):
-        typed = validate(compose([f"model={name}"] + lora, output_dir=tempfile.gettempdir()))
-        flops[name] = training_flops(typed).step(work)
+        cfg = validate(compose([f"model={name}"] + lora, output_dir=tempfile.gettempdir()))
+        flops[name] = training_flops(cfg).step(work)
     return flops["qwen2_vl_2b"] / flops["qwen2_vl_7b"]
 
 
@@ -139,11 +139,11 @@ def cpu_training(args, photos) -> None:
     for _ in range(args.repeats):
         for data_name, (overrides, rows) in datasets.items():
             for workers in (0, 1, 2):
-                typed = validate(compose(overrides + quiet + [f"data.num_workers={workers}"],
+                cfg = validate(compose(overrides + quiet + [f"data.num_workers={workers}"],
                                          output_dir=tempfile.mkdtemp(prefix="qwenvl_bench_cpu_")))
-                processor = build_processor(typed.model, typed.data)
-                collator = VisionChatCollator(processor, typed.data)
-                trainer = build_trainer(typed, build_model(typed.model, typed.adapter), processor, collator,
+                processor = build_processor(cfg.model, cfg.data)
+                collator = VisionChatCollator(processor, cfg.data)
+                trainer = build_trainer(cfg, build_model(cfg.model, cfg.adapter), processor, collator,
                                         to_dataset(rows), None)
                 start = time.perf_counter()
                 trainer.train()
@@ -188,13 +188,13 @@ def main() -> None:
     from qwenvl_ft.data.workers import available_cpus, loader_workers
     from qwenvl_ft.modeling.build import build_processor
 
-    typed = validate(compose(["recipe=demo", "data.max_length=null"], output_dir=tempfile.gettempdir()))
+    cfg = validate(compose(["recipe=demo", "data.max_length=null"], output_dir=tempfile.gettempdir()))
     folder = Path(tempfile.gettempdir()) / "qwenvl_ft_bench_images"
     folder.mkdir(exist_ok=True)
     files = make_rows(folder, args.rows)
     needed = args.batch_size * args.accumulation * (args.steps + args.warmup + 1)
     rows = [files[i % len(files)] for i in range(max(needed, len(files)))]
-    collator = VisionChatCollator(build_processor(typed.model, typed.data), typed.data)
+    collator = VisionChatCollator(build_processor(cfg.model, cfg.data), cfg.data)
 
     sample = collator(rows[: args.batch_size])
     work = micro_batch_work(sample)

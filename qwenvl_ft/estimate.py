@@ -90,12 +90,12 @@ class ParameterCounts:
     lora_modules: Dict[str, int] = field(default_factory=dict)  # leaf name -> how many modules got LoRA
 
 
-def count_parameters(typed: TrainConfig, model=None) -> ParameterCounts:
+def count_parameters(cfg: TrainConfig, model=None) -> ParameterCounts:
     from torch import nn
 
     from qwenvl_ft.modeling.build import apply_freezing, build_lora_config, model_parts, quantization_config
 
-    model_cfg, adapter_cfg = typed.model, typed.adapter
+    model_cfg, adapter_cfg = cfg.model, cfg.adapter
     model = model if model is not None else meta_model(model_cfg)
     found = model_parts(model)
     params = dict(model.named_parameters())  # tied weights appear once
@@ -224,10 +224,10 @@ class Estimate:
         return "\n".join(lines)
 
 
-def estimate_memory(typed: TrainConfig, model=None) -> Estimate:
-    model_cfg, adapter_cfg, data_cfg, trainer_cfg = typed.model, typed.adapter, typed.data, typed.trainer
+def estimate_memory(cfg: TrainConfig, model=None) -> Estimate:
+    model_cfg, adapter_cfg, data_cfg, trainer_cfg = cfg.model, cfg.adapter, cfg.data, cfg.trainer
     model = model if model is not None else meta_model(model_cfg)
-    counts = count_parameters(typed, model)
+    counts = count_parameters(cfg, model)
     config = model.config
     text, vision = config.get_text_config(), config.vision_config
     w = DTYPE_BYTES[model_cfg.dtype.value]
@@ -259,23 +259,23 @@ def estimate_memory(typed: TrainConfig, model=None) -> Estimate:
         grad_bytes = counts.trainable * w
     rows.append(("gradients", grad_bytes, f"{counts.trainable / 1e6:.1f}M trainable params, each in its dtype"))
     # AdamW keeps two states like each parameter (its dtype); bitsandbytes' 8-bit AdamW one byte each
-    eight_bit = "8bit" in typed.optimizer.name
+    eight_bit = "8bit" in cfg.optimizer.name
     state_bytes = 2 * counts.trainable if eight_bit else 2 * grad_bytes
     rows.append(("optimizer states", state_bytes,
-                 f"{typed.optimizer.name}: two states per trainable param ({'1 B' if eight_bit else 'its dtype'})"))
+                 f"{cfg.optimizer.name}: two states per trainable param ({'1 B' if eight_bit else 'its dtype'})"))
 
     method = methods.get(trainer_cfg.kind)
-    rows += method.memory_rows(typed, counts, w)  # e.g. DPO's frozen reference copy
+    rows += method.memory_rows(cfg, counts, w)  # e.g. DPO's frozen reference copy
     family = families.of_config(config)
-    budget = batch_budget(method.batch_data(typed), trainer_cfg.batch_size, family,
+    budget = batch_budget(method.batch_data(cfg), trainer_cfg.batch_size, family,
                           pairs=method.sequences_per_row() == 2)
-    rows += _activation_rows(typed, counts, family, text, vision, budget, a)
+    rows += _activation_rows(cfg, counts, family, text, vision, budget, a)
     return Estimate(rows, counts, budget)
 
 
-def _lora_inputs(typed: TrainConfig, counts: ParameterCounts, family: families.Family, text, vision) -> tuple:
+def _lora_inputs(cfg: TrainConfig, counts: ParameterCounts, family: families.Family, text, vision) -> tuple:
     """in_features of the LoRA'd Linears of one decoder layer and of one vision block."""
-    if not typed.adapter.is_peft:
+    if not cfg.adapter.is_peft:
         return [], []
     width = language_linear_inputs(text)
     layers = text.num_hidden_layers
@@ -283,14 +283,14 @@ def _lora_inputs(typed: TrainConfig, counts: ParameterCounts, family: families.F
     for leaf, n in counts.lora_modules.items():
         if leaf in width:
             lm += [width[leaf]] * max(1, n // layers)
-    if not typed.adapter.vision_lora:
+    if not cfg.adapter.vision_lora:
         return lm, []
     return lm, list(family.vision_sizes(vision).linear_inputs)
 
 
-def _activation_rows(typed, counts, family: families.Family, text, vision, budget: BatchBudget,
+def _activation_rows(cfg, counts, family: families.Family, text, vision, budget: BatchBudget,
                      a: int) -> List[tuple]:
-    model_cfg, adapter_cfg = typed.model, typed.adapter
+    model_cfg, adapter_cfg = cfg.model, cfg.adapter
     h, layers = text.hidden_size, text.num_hidden_layers
     sizes, depth, vision_heads = family.vision_sizes(vision), vision.depth, vision.num_heads
     d = sizes.width
@@ -298,7 +298,7 @@ def _activation_rows(typed, counts, family: families.Family, text, vision, budge
     vision_trainable = not adapter_cfg.is_peft and not model_cfg.freeze_vision_tower
     if adapter_cfg.is_peft and not model_cfg.freeze_vision_tower and not adapter_cfg.vision_lora:
         vision_trainable = True  # modules_to_save: the blocks train in full
-    lm_lora, vision_lora = _lora_inputs(typed, counts, family, text, vision)
+    lm_lora, vision_lora = _lora_inputs(cfg, counts, family, text, vision)
     r = adapter_cfg.r
     T, P = budget.tokens, budget.vision_patches
     rows = []
@@ -408,7 +408,7 @@ class _PartMatmuls:
     lora: int = 0  # LoRA factors r x (in + out) on this part's Linears
 
 
-def _part_matmuls(typed: TrainConfig, model) -> Dict[str, _PartMatmuls]:
+def _part_matmuls(cfg: TrainConfig, model) -> Dict[str, _PartMatmuls]:
     """Linear weights of the patch embedding, ViT blocks, merger, decoder and LM head, and which of them train,
     decided by the run's own builders (`apply_freezing`, `build_lora_config`) as in `count_parameters`."""
     from torch import nn
@@ -416,7 +416,7 @@ def _part_matmuls(typed: TrainConfig, model) -> Dict[str, _PartMatmuls]:
     from qwenvl_ft.families.base import attribute
     from qwenvl_ft.modeling.build import apply_freezing, build_lora_config, model_parts
 
-    model_cfg, adapter_cfg = typed.model, typed.adapter
+    model_cfg, adapter_cfg = cfg.model, cfg.adapter
     found, family = model_parts(model), families.of_model(model)
     stem = [attribute(model, path) for path in family.vision_stem]  # patch embedding (+ learned positions)
     owner = {}
@@ -447,13 +447,13 @@ def _part_matmuls(typed: TrainConfig, model) -> Dict[str, _PartMatmuls]:
     return parts
 
 
-def training_flops(typed: TrainConfig, model=None) -> TrainingFlops:
+def training_flops(cfg: TrainConfig, model=None) -> TrainingFlops:
     """Model FLOPs per unit of work of one training step of this config (see `TrainingFlops`), from the model's
     architecture on the meta device: the same config objects and builders the memory estimate uses."""
-    model = model if model is not None else meta_model(typed.model)
+    model = model if model is not None else meta_model(cfg.model)
     config = model.config
     text, vision = config.get_text_config(), config.vision_config
-    parts = _part_matmuls(typed, model)
+    parts = _part_matmuls(cfg, model)
     merge_unit = vision.spatial_merge_size ** 2  # the projectors run once per merge_unit patches
     trains = {name: bool(p.trained or p.lora) for name, p in parts.items()}
     vision_reached = trains["patch_embed"] or trains["vision"]
@@ -472,16 +472,16 @@ def training_flops(typed: TrainConfig, model=None) -> TrainingFlops:
     vision_attention = (3 if vision_reached else 1) * 4 * vision_width
     flops = TrainingFlops(per_token, per_token_pair, per_patch, vision_attention * full_blocks,
                           vision_attention * window_blocks)
-    for _ in range(methods.get(typed.trainer.kind).reference_forwards(typed)):
+    for _ in range(methods.get(cfg.trainer.kind).reference_forwards(cfg)):
         flops = flops + _base_forward(parts, config)
     return flops
 
 
-def forward_flops(typed: TrainConfig, model=None) -> TrainingFlops:
+def forward_flops(cfg: TrainConfig, model=None) -> TrainingFlops:
     """One forward of the base model, without adapters: what DPO's reference policy costs per step (the adapter
     disabled, or the frozen copy), in the units of `TrainingFlops`."""
-    model = model if model is not None else meta_model(typed.model)
-    return _base_forward(_part_matmuls(typed, model), model.config)
+    model = model if model is not None else meta_model(cfg.model)
+    return _base_forward(_part_matmuls(cfg, model), model.config)
 
 
 def _base_forward(parts: Dict[str, _PartMatmuls], config) -> TrainingFlops:
@@ -543,36 +543,37 @@ def worst_case_work(budget: BatchBudget, vision) -> StepWork:
 # the command
 
 
-def estimate(cfg: DictConfig) -> Dict:
+def estimate(composed: DictConfig) -> Dict:
     from qwenvl_ft.config.compose import validate
 
-    typed: TrainConfig = validate(cfg)
-    model = meta_model(typed.model)
-    result = estimate_memory(typed, model)
+    cfg: TrainConfig = validate(composed)
+    model = meta_model(cfg.model)
+    result = estimate_memory(cfg, model)
     c, b = result.counts, result.budget
     parts = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sorted(c.by_part.items()))
-    print(f"model: {typed.model.name_or_path} ({typed.model.family.value}), {c.total / 1e9:.3f}B parameters "
+    print(f"model: {cfg.model.name_or_path} ({cfg.model.family.value}), {c.total / 1e9:.3f}B parameters "
           f"({parts})")
-    print(f"training: {typed.adapter.method.value}, {c.trainable / 1e6:.2f}M trainable "
+    print(f"training: {cfg.adapter.method.value}, {c.trainable / 1e6:.2f}M trainable "
           f"({100 * c.trainable / c.total:.2f}%), gradient checkpointing "
-          f"{'on' if typed.model.gradient_checkpointing else 'off'}")
+          f"{'on' if cfg.model.gradient_checkpointing else 'off'}")
     print(f"batch per device step: {b.note}")
     print(result.table())
-    flops = training_flops(typed, model)
+    flops = training_flops(cfg, model)
     work = worst_case_work(b, model.config.vision_config)
     step_flops = flops.step(work)
+    reference = ", reference forward" if _has_reference(cfg) else ""
     print(f"model FLOPs per device step of this batch: {step_flops / 1e12:.2f} TFLOP, "
-          f"{step_flops / b.tokens / 1e9:.2f} GFLOP per token (forward + backward{', reference forward' if _has_reference(typed) else ''}; "
+          f"{step_flops / b.tokens / 1e9:.2f} GFLOP per token (forward + backward{reference}; "
           f"the run's telemetry divides the FLOP/s of its real batches by the GPU's peak for MFU)")
-    sharded, fits = sharding(typed, result, model)
+    sharded, fits = sharding(cfg, result, model)
     out = {"predicted_peak_gib": round(result.total / GiB, 2), "parameters": c.total, "trainable": c.trainable,
            "tokens_per_step": b.tokens, "components_gib": {n: round(v / GiB, 3) for n, v, _ in result.rows},
            "model_tflop_per_step": round(step_flops / 1e12, 3), "model_flops_per_token": step_flops / b.tokens,
            "per_gpu_gib_by_dist": sharded, "fits": fits}
-    measured = measured_data(typed)
+    measured = measured_data(cfg)
     if measured is not None:
         data_cfg, source = measured
-        again = estimate_memory(dataclasses.replace(typed, data=data_cfg))
+        again = estimate_memory(dataclasses.replace(cfg, data=data_cfg))
         print(f"with the measured data ({source}): longest row {data_cfg.max_length} tokens, at most "
               f"{data_cfg.max_visual_tokens} visual tokens per row -> batch: {again.budget.note}")
         print(f"{'predicted peak (measured)':<26} {again.total / GiB:8.2f}")
@@ -580,8 +581,8 @@ def estimate(cfg: DictConfig) -> Dict:
     return out
 
 
-def _has_reference(typed: TrainConfig) -> bool:
-    return methods.get(typed.trainer.kind).reference_forwards(typed) > 0
+def _has_reference(cfg: TrainConfig) -> bool:
+    return methods.get(cfg.trainer.kind).reference_forwards(cfg) > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -630,7 +631,7 @@ def sharding(cfg: TrainConfig, result: Estimate, model) -> tuple:
     return gib, fits
 
 
-def measured_data(typed: TrainConfig):
+def measured_data(cfg: TrainConfig):
     """(data config bounded by what the data check measured, where from), or None.
 
     The worst case above assumes rows of data.max_length holding the whole image budget. When the run folder
@@ -644,21 +645,21 @@ def measured_data(typed: TrainConfig):
 
     from qwenvl_ft.data.cache import data_key
 
-    path = Path(typed.output_dir) / "data_check.json"
+    path = Path(cfg.output_dir) / "data_check.json"
     if not path.is_file():
         return None
     try:
         report = json.loads(path.read_text())
         train = report["summary"]["train"]
-        same_method = report["settings"].get("method", "sft") == methods.get(typed.trainer.kind).name
-        if report["settings"].get("data_key") != data_key(typed.data) or not same_method:
+        same_method = report["settings"].get("method", "sft") == methods.get(cfg.trainer.kind).name
+        if report["settings"].get("data_key") != data_key(cfg.data) or not same_method:
             log.info("%s describes other data or settings; not used", path)
             return None
         longest = int(train["sequence_length"]["max"])
         visual = int(train.get("visual_tokens_per_row", {}).get("max", 0))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    d = typed.data
+    d = cfg.data
     max_length = min(longest, d.max_length) if d.max_length else longest
     visual = max(1, min(visual, d.max_visual_tokens) if d.max_visual_tokens else visual)
     return dataclasses.replace(d, max_length=max_length, max_visual_tokens=visual), str(path)

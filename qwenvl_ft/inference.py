@@ -53,9 +53,9 @@ def prompt_rows(images: List[Path], prompt: str, system_message: str = None) -> 
     return rows
 
 
-def infer(cfg: DictConfig) -> Dict:
-    typed: InferRunConfig = validate(with_saved_run(cfg))  # the named run's config.yaml, overrides on top
-    i = typed.infer
+def infer(composed: DictConfig) -> Dict:
+    cfg: InferRunConfig = validate(with_saved_run(composed))  # the named run's config.yaml, overrides on top
+    i = cfg.infer
     if not i.images:
         raise ConfigError("infer.images is empty: pass infer.images=[a.jpg,b.png] or infer.images=[folder]")
     images = expand_images(list(i.images))
@@ -63,7 +63,7 @@ def infer(cfg: DictConfig) -> Dict:
     from qwenvl_ft.runlock import lock_folder
     from qwenvl_ft.runtime import ensure_writable
 
-    output_file = Path(i.output_file) if i.output_file else Path(typed.output_dir) / "predictions.jsonl"
+    output_file = Path(i.output_file) if i.output_file else Path(cfg.output_dir) / "predictions.jsonl"
     lock = lock_folder(ensure_writable(output_file.parent, "infer output folder"), "infer output folder")
 
     from transformers import set_seed
@@ -74,12 +74,12 @@ def infer(cfg: DictConfig) -> Dict:
 
     if model_path is not None:
         kind_of(model_path)  # fail before loading anything
-    set_seed(typed.seed)  # sampling (generation.do_sample) is reproducible
-    processor = load_processor(typed.model, typed.data, model_path)
-    model = load_base(typed.model, typed.adapter) if model_path is None else \
-        load_tuned(typed.model, typed.adapter, model_path)
-    collator = VisionChatCollator(processor, typed.data)
-    rows = prompt_rows(images, i.prompt, typed.data.system_message)
+    set_seed(cfg.seed)  # sampling (generation.do_sample) is reproducible
+    processor = load_processor(cfg.model, cfg.data, model_path)
+    model = load_base(cfg.model, cfg.adapter) if model_path is None else \
+        load_tuned(cfg.model, cfg.adapter, model_path)
+    collator = VisionChatCollator(processor, cfg.data)
+    rows = prompt_rows(images, i.prompt, cfg.data.system_message)
     log.info("generating for %d image(s) with %s", len(rows), model_path or "the base model")
     predictions = generate_answers(model, collator, rows, i.batch_size, generation=i.generation.kwargs(),
                                    prompts_only=True, progress="infer")

@@ -30,15 +30,15 @@ MODES = {"fine-tuned": [TUNED], "base": [BASE], "side by side": [BASE, TUNED]}  
 LABELS = {TUNED: "fine-tuned (adapter on)", BASE: "base (adapter off)"}
 
 
-def chat(cfg: DictConfig) -> Dict:
-    typed: ChatRunConfig = validate(with_saved_run(cfg))  # the named run's config.yaml, overrides on top
+def chat(composed: DictConfig) -> Dict:
+    cfg: ChatRunConfig = validate(with_saved_run(composed))  # the named run's config.yaml, overrides on top
     try:
         import gradio  # noqa: F401  (the optional extra: fail before the model loads)
     except ImportError:
         raise ConfigError("qwenvl-ft chat needs Gradio: pip install 'qwenvl-ft[ui]'") from None
-    engine = ChatEngine.load(typed)
-    app = build_app(engine, typed.chat, typed.data.system_message)
-    url = serve(app, typed.chat)
+    engine = ChatEngine.load(cfg)
+    app = build_app(engine, cfg.chat, cfg.data.system_message)
+    url = serve(app, cfg.chat)
     print(f"qwenvl-ft chat: {engine.description}\n  serving on {url}  (Ctrl+C stops it)", flush=True)
     try:
         app.block_thread()  # until Ctrl+C

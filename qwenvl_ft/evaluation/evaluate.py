@@ -27,13 +27,13 @@ REPORT = "eval_report.json"
 GALLERY_MAX_SIDE = 448  # gallery images are shrunk to this, so the event file stays small
 
 
-def evaluate(cfg: DictConfig) -> Dict:
-    typed: EvalRunConfig = validate(with_saved_run(cfg))  # the named run's config.yaml, overrides on top
-    e = typed.eval
+def evaluate(composed: DictConfig) -> Dict:
+    cfg: EvalRunConfig = validate(with_saved_run(composed))  # the named run's config.yaml, overrides on top
+    e = cfg.eval
     from qwenvl_ft.runlock import lock_folder
     from qwenvl_ft.runtime import ensure_writable
 
-    output_dir = ensure_writable(Path(typed.output_dir), "eval output folder")
+    output_dir = ensure_writable(Path(cfg.output_dir), "eval output folder")
     lock = lock_folder(output_dir, "eval output folder")
     model_path = Path(os.path.normpath(e.model_path)) if e.model_path else None
 
@@ -47,39 +47,39 @@ def evaluate(cfg: DictConfig) -> Dict:
     if model_path is not None:
         kind_of(model_path)  # fail before loading anything
     # The training method that reads data.format reads the held-out rows and says what a reference answer is.
-    method = typed.data.format.method
-    _, held_out = method.read_rows(typed.data)
+    method = cfg.data.format.method
+    _, held_out = method.read_rows(cfg.data)
     if not held_out:
         raise ConfigError("no held-out rows to evaluate: set data.eval_size, data.eval_path or data.shapes.num_eval")
     method_rows = list(held_out)[: e.num_samples]
     rows = method.generation_rows(method_rows)
     references = [reference_answer(row) for row in rows]
-    processor = load_processor(typed.model, typed.data, model_path)
-    collator = VisionChatCollator(processor, typed.data)
+    processor = load_processor(cfg.model, cfg.data, model_path)
+    collator = VisionChatCollator(processor, cfg.data)
     generation = e.generation.kwargs()
 
     predictions: Dict[str, List[str]] = {}
     base = tuned = None
     if e.compare_base:
-        set_seed(typed.seed)
-        base = load_base(typed.model, typed.adapter)
+        set_seed(cfg.seed)
+        base = load_base(cfg.model, cfg.adapter)
         log.info("generating with the base model on %d held-out rows", len(rows))
         predictions["base"] = generate_answers(base, collator, rows, e.batch_size, generation=generation,
                                                progress="base model")
     if model_path is not None:
-        set_seed(typed.seed)
+        set_seed(cfg.seed)
         # An adapter goes onto the base already in memory; a full model replaces it, unless the method compares
         # the two models directly (DPO's implicit rewards).
         if base is not None and kind_of(model_path) == "model" and not method.eval_needs_base:
             del base
             base = None
-        tuned = load_tuned(typed.model, typed.adapter, model_path, base)
+        tuned = load_tuned(cfg.model, cfg.adapter, model_path, base)
         log.info("generating with %s", model_path)
         predictions["tuned"] = generate_answers(tuned, collator, rows, e.batch_size, generation=generation,
                                                 progress="fine-tuned model")
 
     metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}
-    for side, values in method.evaluate_models({"base": base, "tuned": tuned}, method_rows, processor, typed,
+    for side, values in method.evaluate_models({"base": base, "tuned": tuned}, method_rows, processor, cfg,
                                                predictions).items():
         metrics.setdefault(side, {}).update(values)
     examples = [
@@ -88,7 +88,7 @@ def evaluate(cfg: DictConfig) -> Dict:
     ]
     report = {
         "model_path": str(model_path.resolve()) if model_path else None,
-        "base": typed.model.name_or_path if not typed.model.random_init else "random init (model.architecture)",
+        "base": cfg.model.name_or_path if not cfg.model.random_init else "random init (model.architecture)",
         "num_samples": len(rows),
         "generation": generation,
         "metrics": metrics,

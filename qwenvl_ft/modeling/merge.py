@@ -30,9 +30,9 @@ from qwenvl_ft.config.schema import ConfigError, MergeRunConfig
 log = logging.getLogger("qwenvl_ft")
 
 
-def merge(cfg: DictConfig) -> Dict:
-    typed: MergeRunConfig = validate(with_saved_run(cfg))  # the named run's config.yaml, overrides on top
-    m = typed.merge
+def merge(composed: DictConfig) -> Dict:
+    cfg: MergeRunConfig = validate(with_saved_run(composed))  # the named run's config.yaml, overrides on top
+    m = cfg.merge
     if m.adapter_path is None or m.output_path is None:
         raise ConfigError("merge.adapter_path and merge.output_path are required")
     adapter_path = Path(os.path.normpath(m.adapter_path))
@@ -51,13 +51,13 @@ def merge(cfg: DictConfig) -> Dict:
     if output_path.exists() and not m.overwrite:
         raise ConfigError(f"{output_path} exists; pass merge.overwrite=true to replace it")
     adapter_config = json.loads((adapter_path / ADAPTER_CONFIG).read_text())
-    dtype = (m.dtype or typed.model.dtype).value
-    if typed.adapter.load_in_4bit:
+    dtype = (m.dtype or cfg.model.dtype).value
+    if cfg.adapter.load_in_4bit:
         log.info("QLoRA adapter: merging into the unquantised %s base (not the 4-bit one it trained on)", dtype)
 
-    base = load_base(typed.model, typed.adapter, quantize=False, dtype=dtype)
-    merged = attach(base, typed.model, adapter_path).merge_and_unload(progressbar=True)  # PEFT's tqdm, per module
-    processor = load_processor(typed.model, typed.data, adapter_path)
+    base = load_base(cfg.model, cfg.adapter, quantize=False, dtype=dtype)
+    merged = attach(base, cfg.model, adapter_path).merge_and_unload(progressbar=True)  # PEFT's tqdm, per module
+    processor = load_processor(cfg.model, cfg.data, adapter_path)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.partial-", dir=output_path.parent))
     try:
@@ -65,29 +65,30 @@ def merge(cfg: DictConfig) -> Dict:
         processor.save_pretrained(str(staging))
         merge_info = {
             "adapter_path": str(adapter_path.resolve()),
-            "base": typed.model.name_or_path if not typed.model.random_init else "random init (model.architecture)",
-            "method": "dora" if adapter_config.get("use_dora") else ("qlora" if typed.adapter.load_in_4bit else "lora"),
+            "base": cfg.model.name_or_path if not cfg.model.random_init else "random init (model.architecture)",
+            "method": "dora" if adapter_config.get("use_dora") else ("qlora" if cfg.adapter.load_in_4bit else "lora"),
             "dtype": dtype,
             "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (staging / "merge_info.json").write_text(json.dumps(merge_info, indent=2))
-        _write_card(staging, typed, cfg, adapter_path, merge_info)
+        _write_card(staging, cfg, composed, adapter_path, merge_info)
         _replace(staging, output_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     lock.release()
     log.info("merged %s into the base: %s", adapter_path, output_path)
-    if typed.hub.push:  # after the folder is in place: a failed upload loses nothing
+    if cfg.hub.push:  # after the folder is in place: a failed upload loses nothing
         from qwenvl_ft.publish.card import launch_command
         from qwenvl_ft.publish.hub import push_folder
 
         command = launch_command() or "qwenvl-ft merge ..."
         retry = f"merge again with merge.overwrite=true:\n  {command} merge.overwrite=true"
-        push_folder(output_path, typed.hub, retry)
+        push_folder(output_path, cfg.hub, retry)
     return {"output_path": str(output_path)}
 
 
-def _write_card(folder: Path, typed: MergeRunConfig, cfg: DictConfig, adapter_path: Path, merge_info: Dict) -> None:
+def _write_card(folder: Path, cfg: MergeRunConfig, composed: DictConfig, adapter_path: Path,
+                merge_info: Dict) -> None:
     """The merged model's card: the training run's record (the adapter's run folder) when there is one, else this
     command's config, plus how it was merged."""
     from omegaconf import OmegaConf
@@ -97,10 +98,10 @@ def _write_card(folder: Path, typed: MergeRunConfig, cfg: DictConfig, adapter_pa
     merge_info = dict(merge_info, command=launch_command())
     record = load_run(adapter_path.parent)
     if record is None:  # an adapter from elsewhere: describe it with the config of this command
-        train_keys = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "merge"}
+        train_keys = {k: v for k, v in OmegaConf.to_container(composed, resolve=True).items() if k != "merge"}
         text = OmegaConf.to_yaml(OmegaConf.create(train_keys))
         record = RunRecord(config=typed_config(text), config_yaml=text)
-    write_card(folder, build_card(record, "merged", typed.hub.repo_id or str(folder), merge_info))
+    write_card(folder, build_card(record, "merged", cfg.hub.repo_id or str(folder), merge_info))
 
 
 def _replace(staging: Path, target: Path) -> None:

@@ -80,29 +80,30 @@ def resolve_resume(trainer_cfg: TrainerConfig, output_dir: Path) -> Optional[str
     return str(chosen)
 
 
-def prepare_resume(typed, cfg) -> Optional[str]:
+def prepare_resume(cfg, composed) -> Optional[str]:
     """`resolve_resume` for a run about to start, warning when the config differs from the one the checkpoints
     were trained with. Call it before the run's config.yaml is rewritten."""
-    output_dir = Path(typed.output_dir)
-    checkpoint = resolve_resume(typed.trainer, output_dir)
+    output_dir = Path(cfg.output_dir)
+    checkpoint = resolve_resume(cfg.trainer, output_dir)
     if checkpoint is not None:
-        changed = config_changes(output_dir / "config.yaml", cfg)
+        changed = config_changes(output_dir / "config.yaml", composed)
         if changed:
             log.warning("resuming with a config that differs from the run's config.yaml in: %s", ", ".join(changed))
     return checkpoint
 
 
-def finished_metrics(typed, cfg, checkpoint: Optional[str]) -> Optional[dict]:
+def finished_metrics(cfg, composed, checkpoint: Optional[str]) -> Optional[dict]:
     """The metrics of a run that already finished in output_dir with this same config, or None.
 
     Resuming from a checkpoint at the last step is not a no-op in transformers (the epoch loop runs one more step
     before it checks max_steps), so running a finished command again must not reach the Trainer.
     """
-    output_dir = Path(typed.output_dir)
+    output_dir = Path(cfg.output_dir)
     if checkpoint is None or not (output_dir / "final").is_dir() or not (output_dir / "metrics.json").is_file():
         return None
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    if state.get("global_step", 0) < state.get("max_steps", 0) or config_changes(output_dir / "config.yaml", cfg):
+    unfinished = state.get("global_step", 0) < state.get("max_steps", 0)
+    if unfinished or config_changes(output_dir / "config.yaml", composed):
         return None
     log.info("%s already finished (step %d, final/ written); nothing to do. trainer.resume_from=null starts over, "
              "a larger trainer.max_steps or trainer.epochs continues", output_dir, state["global_step"])

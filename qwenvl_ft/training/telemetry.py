@@ -186,13 +186,13 @@ class _TimedIterator:
 class RunTelemetry(TrainerCallback):
     """Counters and constants of the run's telemetry (see the module docstring); `training_callbacks` adds it."""
 
-    def __init__(self, typed):
+    def __init__(self, cfg):
         from qwenvl_ft import methods
 
-        self.typed = typed
+        self.cfg = cfg
         # DPO: a batch holds a chosen and a rejected sequence per pair, with the pair's images repeated
-        self.pairs = methods.get(typed.trainer.kind).sequences_per_row() == 2
-        self.peak_override = getattr(typed.trainer, "peak_tflops", None)
+        self.pairs = methods.get(cfg.trainer.kind).sequences_per_row() == 2
+        self.peak_override = getattr(cfg.trainer, "peak_tflops", None)
         self.flops = None  # estimate.TrainingFlops, set when training begins
         self.vision = None  # the model's vision config
         self.peak_tflops: Optional[float] = None
@@ -213,8 +213,8 @@ class RunTelemetry(TrainerCallback):
             log.info("%s", startup.current().report())
 
         try:  # the model's architecture on the meta device: about 0.1 s, no weights
-            model = meta_model(self.typed.model)
-            self.flops, self.vision = training_flops(self.typed, model), model.config.vision_config
+            model = meta_model(self.cfg.model)
+            self.flops, self.vision = training_flops(self.cfg, model), model.config.vision_config
         except Exception as err:  # telemetry must never stop a run: no FLOPs, no MFU
             log.warning("telemetry: model FLOPs unavailable, no MFU (%s: %s)", type(err).__name__, err)
         if torch.cuda.is_available():
