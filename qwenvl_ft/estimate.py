@@ -498,8 +498,8 @@ def _base_forward(parts: Dict[str, _PartMatmuls], config) -> TrainingFlops:
 
 def vision_attention_blocks(config) -> tuple:
     """(attention width, blocks attending over a whole frame, blocks attending within windows) of the model config's
-    ViT: Qwen2.5-VL names its full-attention blocks and window size; a ViT without them (Qwen2-VL, Qwen3-VL)
-    attends over each frame in every block."""
+    ViT: a ViT config that names full-attention blocks and a window size attends within windows in the other
+    blocks; one without them attends over each frame in every block."""
     vision = config.vision_config
     width = families.of_config(config).vision_sizes(vision).width
     if getattr(vision, "window_size", None) and getattr(vision, "fullatt_block_indexes", None) is not None:

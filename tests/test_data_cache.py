@@ -4,6 +4,7 @@ changed file or setting measures again; the estimate uses the measured lengths; 
 
 import json
 import os
+import sys
 from dataclasses import replace
 
 import pytest
@@ -122,8 +123,11 @@ def test_the_estimate_uses_the_measured_lengths(tiny_processor, tmp_path, capsys
     assert "predicted peak (measured)" in out
 
 
-def test_the_check_shows_progress(tiny_processor, dataset, capsys):
+def test_the_check_shows_progress_on_a_terminal_only(tiny_processor, dataset, capsys, monkeypatch):
     check_data(data_cfg(dataset), tiny_processor)
+    assert "data check" not in capsys.readouterr().err  # stderr redirected (a log, CI): no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    check_data(data_cfg(dataset, cache=CacheMode.off), tiny_processor)
     assert "data check" in capsys.readouterr().err
 
 

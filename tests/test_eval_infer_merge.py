@@ -33,8 +33,9 @@ ADAPTER_FAST = ["optimizer.lr=3e-2", "adapter.r=16", "adapter.alpha=32",
 # tier 1
 
 
-def test_generation_shows_progress_labelled_by_what_it_generates(tiny_processor, tmp_path, capsys):
-    """The before/after check, eval and infer generate through generate_answers, with a tqdm bar on stderr."""
+def test_generation_shows_progress_labelled_by_what_it_generates(tiny_processor, tmp_path, capsys, monkeypatch):
+    """The before/after check, eval and infer generate through generate_answers, with a tqdm bar on stderr when it
+    is a terminal."""
     from transformers import Qwen2VLForConditionalGeneration
 
     from qwenvl_ft.data.collate import VisionChatCollator
@@ -46,6 +47,9 @@ def test_generation_shows_progress_labelled_by_what_it_generates(tiny_processor,
     model = Qwen2VLForConditionalGeneration.from_pretrained(materialize(typed.model.architecture))
     rows = make_rows(2, 56, 0, "eval")
     collator = VisionChatCollator(tiny_processor, typed.data)
+    generate_answers(model, collator, rows, 2, max_new_tokens=2, progress="held-out predictions before")
+    assert "held-out" not in capsys.readouterr().err  # stderr redirected (a log, CI): no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     answers = generate_answers(model, collator, rows, 2, max_new_tokens=2, progress="held-out predictions before")
     assert len(answers) == 2 and "held-out predictions before" in capsys.readouterr().err
     generate_answers(model, collator, rows, 2, max_new_tokens=2, progress="")

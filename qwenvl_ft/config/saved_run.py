@@ -1,7 +1,7 @@
 """`eval`, `infer`, `merge` and `chat` of a named run use the config that run trained with.
 
 `qwenvl-ft eval recipe=R run_name=X` composes the same groups as `train`, but the run in outputs/R/X may have been
-trained with overrides (`data.path=my.json`, `model=qwen2_vl_2b`, ...) that this command line does not repeat. Its
+trained with overrides (`data.path=my.json`, another `model=` option, ...) that this command line does not repeat. Its
 `config.yaml` (the resolved config `train` saved) is therefore the starting point: the model, data, adapter,
 optimizer and trainer groups and the seed come from it, and only what this command line overrides changes. A data
 override that differs from what the run trained on is shown, since it evaluates on other rows than the run's.

@@ -300,13 +300,13 @@ class DataConfig:
     # The record field that identifies a row (None: the first of id, uid, sample_id, question_id a row has), and
     # what happens to rows of one file that share one.
     id_field: Optional[str] = None
-    on_duplicate_id: DuplicateIds = DuplicateIds.warn
+    on_duplicate_id: DuplicateIds = DuplicateIds.warn  # warn (and list them), drop the repeats, error, allow
     # The data check's results (rows read and converted, each row's tokens, visual tokens and validity) are stored
     # under cache_dir (None: data_cache/ in the run folder, the sweep's folder for -m jobs), keyed by the data
     # files (path, size, modification time) and every setting that changes them; a resumed run, the other jobs
     # of a sweep and the other ranks of a distributed run read them instead of decoding every image again.
     cache: CacheMode = CacheMode.on
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = None  # where cache entries live (None: data_cache/ in the run or sweep folder)
     # Loss on the whole sequence (system and user turns, template tokens) instead of the answers only, as some
     # tutorials train; image and video tokens are never targets. SFT only.
     train_on_prompt: bool = False
@@ -663,7 +663,7 @@ class ZeroConfig:
     offload_optimizer: OffloadDevice = OffloadDevice.none  # optimizer states (and the step) in CPU memory
     offload_param: OffloadDevice = OffloadDevice.none  # parameters in CPU memory between uses (stage 3 only)
     overlap_comm: bool = True  # overlap gradient reduction with the backward
-    contiguous_gradients: bool = True
+    contiguous_gradients: bool = True  # gradients copied into one buffer as produced (less fragmentation)
     # Stage 3: gather the partitioned weights when saving, so that final/ is one ordinary model (on rank 0).
     gather_16bit_weights_on_model_save: bool = True
 
@@ -674,15 +674,15 @@ class DistConfig:
     per GPU (`qwenvl-ft train` launches them itself through torch's launcher; `torchrun`, `accelerate launch` and
     `srun` work too). See docs/distributed.md."""
 
-    engine: DistEngine = DistEngine.none
+    engine: DistEngine = DistEngine.none  # set by the option: none (single), ddp, fsdp or deepspeed (zero*)
     # Processes on this machine. None: one per visible GPU; on a machine without GPUs one process (a warning says
     # so): set it to run N CPU processes over gloo.
     num_processes: Optional[int] = None
-    num_machines: int = 1
+    num_machines: int = 1  # machines in the run, each starting num_processes processes
     machine_rank: int = 0  # this machine's number, 0 .. num_machines-1 (machine 0 hosts the rendezvous)
     # Address of machine 0, reachable from all; needed with num_machines > 1 (inside a SLURM job: the first node)
     main_process_ip: Optional[str] = None
-    main_process_port: int = 29500
+    main_process_port: int = 29500  # the rendezvous port on machine 0
     backend: Optional[str] = None  # torch.distributed backend; None: nccl with GPUs, gloo on CPU
     timeout_s: int = 1800  # a collective waiting longer than this fails the run instead of hanging it
     # Restarts of the whole process group after a failure (torch elastic); each restart resumes from the newest

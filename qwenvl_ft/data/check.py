@@ -98,9 +98,11 @@ def percentiles(values: Sequence[float], points=(0, 50, 90, 99, 100)) -> Dict[st
 def histogram(values: Sequence[int], bins: int = 10, width: int = 40) -> List[str]:
     import numpy as np
 
-    if not len(values):
+    array = np.asarray(values, dtype=float)
+    array = array[~np.isnan(array)]  # a column read back from the row store holds floats (NaN: not measured)
+    if not len(array):
         return []
-    counts, edges = np.histogram(np.asarray(values), bins=max(1, min(bins, max(values) - min(values))))
+    counts, edges = np.histogram(array, bins=int(max(1, min(bins, array.max() - array.min()))))
     peak = max(counts.max(), 1)
     return [f"  {int(lo):>7d}-{int(hi):<7d} {int(c):>7d} {'#' * int(round(width * c / peak))}"
             for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
@@ -389,7 +391,8 @@ def _cache_line(prepared, cfg: DataConfig, output_dir, splits: Dict[str, SplitRe
     return line
 
 
-def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int = 42, output_dir=None):
+def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int = 42, output_dir=None,
+                        log_report: bool = True):
     """(train dataset, eval dataset or None, report) for training: the check first, and a refusal to go on with
     invalid rows unless data.skip_invalid (then they are left out and counted). The datasets are the training
     method's (`Method.from_store`), memory-mapped, and carry each row's `length`, which the batch layouts read
@@ -397,7 +400,8 @@ def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int =
     checked = check_data(cfg, processor, batch_size, seed, output_dir=output_dir)
     report = checked.report
     listing = _write_report(report, output_dir, rows=False)
-    log.info("data check:\n%s", report.text(problems=False))
+    if log_report:  # False: another rank of a distributed run, reading what its main process checked
+        log.info("data check:\n%s", report.text(problems=False))
     if report.problems and not cfg.skip_invalid:
         raise report.error(listing)
     if report.problems:

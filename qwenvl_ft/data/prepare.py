@@ -112,11 +112,12 @@ class _Read:
 
 
 def _progress(iterable, desc: str, enabled: bool, total: Optional[int] = None, delay: float = 0.0):
-    """A tqdm bar on stderr, like the Trainer's (`delay`: shown only once it has taken that long)."""
+    """A tqdm bar on stderr, like the Trainer's (`delay`: shown only once it has taken that long). Only on a
+    terminal (tqdm's `disable=None`): redirected to a file or a CI log, a bar is only noise."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, unit=" rows", disable=not enabled, mininterval=1.0, delay=delay,
-                leave=False)
+    return tqdm(iterable, desc=desc, total=total, unit=" rows", disable=None if enabled else True, mininterval=1.0,
+                delay=delay, leave=False)
 
 
 def _read(cfg: DataConfig, kind: RowKind, converters, generate, writer: RowWriter, progress: bool) -> _Read:

@@ -18,7 +18,7 @@ from torch import nn
 
 
 def multimodal_module(model: nn.Module) -> nn.Module:
-    """The inner model that owns `visual` and embeds the inputs (Qwen2VLModel and its kin), under any wrapper."""
+    """The inner model that owns `visual` and embeds the inputs , under any wrapper."""
     for module in model.modules():
         if "visual" in module._modules and hasattr(module, "get_image_features"):
             return module
@@ -83,7 +83,7 @@ def keep_vision_in_step(model: nn.Module, always: bool):
             return args, kwargs
         # The term joins the token embeddings right after they are computed, inside the forward: the same module
         # order as an image batch (embeddings, then the vision tower: the same collectives under ZeRO-3/FSDP), and
-        # input_ids stay for what reads them (positions; Qwen3-VL refuses input_ids together with inputs_embeds).
+        # input_ids stay for what reads them (positions; some families refuse input_ids together with inputs_embeds).
         embedding = module.get_input_embeddings()
 
         def add_zero_term(_embedding, _inputs, output):

@@ -31,7 +31,7 @@ def generate_answers(model, collator: VisionChatCollator, rows: List[dict], batc
     tokenizer = collator.tokenizer
     settings = generation if generation is not None else dict(max_new_tokens=max_new_tokens, do_sample=False)
     answers: List[str] = []
-    bar = tqdm(total=len(rows), desc=progress, unit=" rows", disable=not progress, leave=False)
+    bar = tqdm(total=len(rows), desc=progress, unit=" rows", disable=None if progress else True, leave=False)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
         if prompts_only:

@@ -318,7 +318,7 @@ def with_reference_log_probs(trainer, dataset, batch_size: int):
     chosen: List[torch.Tensor] = []
     rejected: List[torch.Tensor] = []
     for batch in tqdm(loader, desc="reference log-probabilities", unit=" batches", leave=False,
-                      disable=not trainer.is_world_process_zero()):
+                      disable=None if trainer.is_world_process_zero() else True):  # None: on a terminal only
         batch = {key: value.to(device) for key, value in batch.items()}
         chosen_logps, rejected_logps = trainer.compute_ref_log_probs(model, batch)
         chosen.append(chosen_logps.float().cpu())

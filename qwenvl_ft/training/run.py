@@ -118,12 +118,15 @@ def checked_data(cfg: TrainConfig, processor, output_dir):
     from qwenvl_ft.data.check import load_checked_splits
     from qwenvl_ft.distributed import ranks
 
-    def check():
-        return load_checked_splits(cfg.data, processor, cfg.trainer.batch_size, cfg.data.seed, output_dir)
+    def check(log_report: bool = True):
+        return load_checked_splits(cfg.data, processor, cfg.trainer.batch_size, cfg.data.seed, output_dir,
+                                   log_report=log_report)
 
-    if ranks.is_distributed():
-        ranks.run_on_main(lambda: check() and None)
-    return check()
+    if not ranks.is_distributed():
+        return check()
+    checked = {}
+    ranks.run_on_main(lambda: checked.update(result=check()))
+    return checked["result"] if ranks.is_main_process() else check(log_report=False)
 
 
 def log_plan(cfg: TrainConfig, method, items: int, per_device_batch: int) -> None:

@@ -70,6 +70,22 @@ def gallery_entries(rows: Sequence[dict], predictions: Sequence[str]) -> List[Ga
     return entries
 
 
+def main_process_can_generate(cfg, when: str) -> bool:
+    """Whether the main process can generate the gallery alone (the trackers live there). Not when the model is
+    sharded over the processes (FSDP, ZeRO-3: every forward gathers weights from all of them, so the others would
+    have to take part), nor before training under DeepSpeed or FSDP (the model is put on its devices when
+    training starts). The held-out metrics themselves are computed by every rank together
+    (training/common.py: held_out_generation)."""
+    from qwenvl_ft.config.schema import DistEngine
+    from qwenvl_ft.distributed import ranks
+
+    if not ranks.is_distributed():
+        return True
+    if cfg.dist.is_sharded:
+        return False
+    return not (when == "before" and cfg.dist.engine in (DistEngine.fsdp, DistEngine.deepspeed))
+
+
 def predict_gallery(model, collator, rows: Sequence[dict], batch_size: int, max_new_tokens: int) -> List[GalleryEntry]:
     """Greedy predictions of `model` on `rows`, as gallery entries."""
     from qwenvl_ft.evaluation.generate import generate_answers
@@ -326,7 +342,7 @@ class Trackers(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         # once per step: a method's own evaluation after training (DPO's held-out rewards) repeats the last one
         if self.open_trackers and self.gallery is not None and model is not None \
-                and state.global_step != self.gallery_step:
+                and state.global_step != self.gallery_step and main_process_can_generate(self.cfg, "eval"):
             self.gallery_step = state.global_step
             self._log("gallery", "eval", self.gallery(model), state.global_step)
 
@@ -339,7 +355,7 @@ class Trackers(TrainerCallback):
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if numbers:
             self._log("metrics", numbers, step)
-        if model is not None and self.wants_gallery:
+        if model is not None and self.wants_gallery and main_process_can_generate(self.cfg, when):
             self._log("gallery", when, self.gallery(model), step)
 
     @contextmanager
