@@ -41,8 +41,11 @@ class ImageLimits:
 
 
 def describe(ref: Any) -> str:
+    """An image reference as an error names it: a path or URL whole (its file name is what the user looks for),
+    inline data (base64, a data: URI) by its first characters and length."""
     if isinstance(ref, str):
-        return ref if len(ref) <= 80 else ref[:40] + "..." + f" ({len(ref)} characters)"
+        inline = ref.startswith("data:") or len(ref) > 300
+        return ref[:40] + "..." + f" ({len(ref)} characters)" if inline else ref
     if isinstance(ref, dict):
         return str(ref.get("path") or "bytes")
     return type(ref).__name__
