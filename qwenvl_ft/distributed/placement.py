@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from qwenvl_ft.config.schema import TrainConfig
+from qwenvl_ft.config.schema import DistEngine, TrainConfig
 from qwenvl_ft.distributed import ranks
 
 log = logging.getLogger("qwenvl_ft")
@@ -38,3 +38,9 @@ def describe_placement(model, cfg: TrainConfig) -> None:
         device = next(model.parameters()).device
         log.info("model loaded whole on %s by process %d of %d (%s places it)", device, ranks.rank(),
                  ranks.world_size(), cfg.dist.engine.value)
+
+
+def placed_when_training_starts(cfg: TrainConfig) -> bool:
+    """Whether the engine puts the model on its devices only when training starts (DeepSpeed holds it partitioned
+    before, FSDP shards it then): before that, nothing can generate with it."""
+    return cfg.dist.engine in (DistEngine.fsdp, DistEngine.deepspeed)

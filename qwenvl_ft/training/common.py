@@ -397,13 +397,13 @@ def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, wh
     there; `qwenvl-ft eval` compares the base with final/."""
     from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
     from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.distributed.placement import placed_when_training_starts
     from qwenvl_ft.evaluation.generate import generate_answers
     from qwenvl_ft.evaluation.metrics import compute
 
     collator = VisionChatCollator(processor, cfg.data)
     batch, new_tokens = cfg.trainer.eval_batch_size, cfg.trainer.max_new_tokens
-    placed_late = cfg.dist.engine in (DistEngine.fsdp, DistEngine.deepspeed)
-    if ranks.is_distributed() and when == "before" and placed_late:
+    if ranks.is_distributed() and when == "before" and placed_when_training_starts(cfg):
         log.info("held-out generation before training: left out under dist.engine=%s (the model is placed on its "
                  "devices when training starts)", cfg.dist.engine.value)
         return {}

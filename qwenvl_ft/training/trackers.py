@@ -76,14 +76,12 @@ def main_process_can_generate(cfg, when: str) -> bool:
     have to take part), nor before training under DeepSpeed or FSDP (the model is put on its devices when
     training starts). The held-out metrics themselves are computed by every rank together
     (training/common.py: held_out_generation)."""
-    from qwenvl_ft.config.schema import DistEngine
     from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.distributed.placement import placed_when_training_starts
 
     if not ranks.is_distributed():
         return True
-    if cfg.dist.is_sharded:
-        return False
-    return not (when == "before" and cfg.dist.engine in (DistEngine.fsdp, DistEngine.deepspeed))
+    return not cfg.dist.is_sharded and not (when == "before" and placed_when_training_starts(cfg))
 
 
 def predict_gallery(model, collator, rows: Sequence[dict], batch_size: int, max_new_tokens: int) -> List[GalleryEntry]:
