@@ -44,31 +44,61 @@ WORDS = ("red green blue yellow circle square triangle small large bright dark l
 SIZES = [(56, 56), (112, 56), (112, 112)]
 
 
-def make_data(folder: Path, rows: int, pool: int) -> Path:
-    """rows.jsonl with `rows` rows over `pool` images (made once per folder)."""
-    from PIL import Image, ImageDraw
-
+def make_data(folder: Path, rows: int, pool: int, photo_size=None) -> Path:
+    """rows.jsonl with `rows` rows over `pool` images (made once per folder): small PNGs, or with `photo_size`
+    (width, height) photo-sized JPEGs (smooth colour, a shape and sensor-like noise, ~100-200 KB at 1024x768)."""
     folder.mkdir(parents=True, exist_ok=True)
     images = folder / "images"
-    if not (images / f"{pool - 1}.png").exists():
+    suffix = "jpg" if photo_size else "png"
+    if not (images / f"{pool - 1}.{suffix}").exists():
         images.mkdir(exist_ok=True)
         rng = random.Random(0)
         for index in range(pool):
-            width, height = SIZES[index % len(SIZES)]
-            image = Image.new("RGB", (width, height), tuple(rng.randint(150, 255) for _ in range(3)))
-            ImageDraw.Draw(image).ellipse((4, 4, width - 4, height - 4),
-                                          fill=tuple(rng.randint(0, 120) for _ in range(3)))
-            image.save(images / f"{index}.png")
+            image = _photo(rng, *photo_size) if photo_size else _shape(rng, *SIZES[index % len(SIZES)])
+            image.save(images / f"{index}.{suffix}", **({"quality": 90} if photo_size else {}))
     path = folder / f"rows_{rows}.jsonl"
     if not path.exists():
         rng = random.Random(rows)
         with path.open("w") as handle:
             for index in range(rows):
                 answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
-                handle.write(json.dumps({"id": index, "image": f"images/{index % pool}.png", "conversations": [
+                handle.write(json.dumps({"id": index, "image": f"images/{index % pool}.{suffix}", "conversations": [
                     {"from": "human", "value": "<image>\nWhat is in the picture?"},
                     {"from": "gpt", "value": answer}]}) + "\n")
     return path
+
+
+def _shape(rng, width: int, height: int):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), tuple(rng.randint(150, 255) for _ in range(3)))
+    ImageDraw.Draw(image).ellipse((4, 4, width - 4, height - 4), fill=tuple(rng.randint(0, 120) for _ in range(3)))
+    return image
+
+
+def _photo(rng, width: int, height: int):
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([rng.uniform(60, 200) + rng.uniform(-60, 60) * (x / width) + rng.uniform(-60, 60) * (y / height)
+                     for _ in range(3)], axis=-1)
+    cx, cy, r = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height, rng.uniform(0.1, 0.3) * height
+    base[(x - cx) ** 2 + (y - cy) ** 2 < r * r] *= 0.5
+    noise = np.roll(_noise(height, width), (rng.randrange(height), rng.randrange(width)), axis=(0, 1))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+_NOISE = {}
+
+
+def _noise(height: int, width: int):
+    """One field of sensor-like noise per size, shifted per image (drawing it anew took most of a photo's time)."""
+    import numpy as np
+
+    if (height, width) not in _NOISE:
+        _NOISE[height, width] = np.random.default_rng(0).normal(0, 6, (height, width, 3)).astype(np.float32)
+    return _NOISE[height, width]
 
 
 def run(command, tree: Path, cwd: Path, timeout: float = 7200) -> dict:
@@ -119,18 +149,24 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=10_000)
     parser.add_argument("--folder", default="/tmp/qwenvl_ft_data_scale")
     parser.add_argument("--baseline", default=None, help="source tree of the code to compare against")
+    parser.add_argument("--photos", default=None, metavar="WxH",
+                        help="photo-sized JPEGs of this size instead of small PNGs (resized to 64 visual tokens)")
+    parser.add_argument("--skip-check-rate", action="store_true", help="only the first-step times and memory")
     args = parser.parse_args()
     folder = Path(args.folder)
     load_before = os.getloadavg()
     results = []
     for rows in args.rows:
-        data = make_data(folder, rows, args.pool)
+        photo_size = tuple(int(v) for v in args.photos.split("x")) if args.photos else None
+        data = make_data(folder, rows, args.pool, photo_size)
         common = ["data=llava", f"data.path={data}", "data.max_length=256"]
+        if photo_size:
+            common.append(f"data.max_pixels={224 * 224}")
         work = folder / f"runs_{rows}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         row = {"rows": rows}
-        for workers in (0, args.workers):
+        for workers in () if args.skip_check_rate else (0, args.workers):
             out = run(["data-check", *common, "data.cache=off", f"data.num_workers={workers}",
                        f"hydra.run.dir={work / f'check{workers}'}"], ROOT, work)
             row[f"check_rows_s_{workers}"] = check_rate(out["output"])
@@ -154,7 +190,8 @@ def main() -> None:
         results.append(row)
     load_after = os.getloadavg()
 
-    print(f"\n{len(args.rows)} sizes, rows of one 56x56..112x112 PNG (pool of {args.pool} images) + short text; "
+    images = f"{args.photos} JPEG (resized to 224x224 pixels)" if args.photos else "56x56..112x112 PNG"
+    print(f"\n{len(args.rows)} sizes, rows of one {images} (pool of {args.pool} images) + short text; "
           f"tiny random Qwen2-VL, data.packing=true, max_length 256")
     print(f"{platform.platform()}, {os.cpu_count()} CPUs; load average {load_before[0]:.1f} before, "
           f"{load_after[0]:.1f} after")
@@ -165,7 +202,8 @@ def main() -> None:
     print("\n| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in results:
-        cells = [f"{r['rows']:,}", f"{r['check_rows_s_0']:.0f}", f"{r[f'check_rows_s_{args.workers}']:.0f}",
+        cells = [f"{r['rows']:,}", f"{r.get('check_rows_s_0', float('nan')):.0f}",
+                 f"{r.get(f'check_rows_s_{args.workers}', float('nan')):.0f}",
                  f"{r['cold_s']:.1f}", f"{r['warm_s']:.1f}", f"{r['cold_s'] / r['warm_s']:.1f}x",
                  f"{r['cold_rss']:.0f}", f"{r['warm_rss']:.0f}"]
         if args.baseline:

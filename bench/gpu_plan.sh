@@ -4,8 +4,11 @@
 # leaves the rows it finished and the next stage runs. Stages (run one or several per call):
 #   check   versions, nvidia-smi, the @gpu tests (tests/test_packing.py, tests/test_train_tiny.py)
 #   sft2b   Qwen2-VL-2B, QLoRA and LoRA: qwenvl-ft padded vs packed vs stock TRL (bench/gpu_throughput.py)
-#   dpo2b   Qwen2-VL-2B LoRA DPO: padded vs padding-free vs stock TRL
-#   sft7b   Qwen2-VL-7B, LoRA padded/packed/TRL and QLoRA padded/packed
+#   qlora2b Qwen2-VL-2B QLoRA padded and packed;  lora2b: LoRA padded and packed (both: sft2b's parts)
+#   dpo2b   Qwen2-VL-2B LoRA DPO: padded vs padding-free vs stock TRL;  dpo2b-ours: padded and padding-free only
+#   sft7b   Qwen2-VL-7B, LoRA padded/packed/TRL and QLoRA padded/packed;  lora7b: LoRA padded/packed/TRL only
+#   mem2b   Qwen2-VL-2B LoRA padded and packed under torch.profiler: the operators that allocate the most
+# Every stage's table ends with its memory against the estimate at the largest batch each run saw.
 # Hardware: one CUDA GPU (measured on an H200). Launch, after `bash bench/gpu_wheels.sh` here, through the device
 # tool with carry [".whl"]: bash bench/gpu_plan.sh check sft2b dpo2b      (then: bash bench/gpu_plan.sh sft7b)
 set -uo pipefail
@@ -37,7 +40,12 @@ print(\"torch\", torch.__version__, \"transformers\", transformers.__version__, 
       python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_packing.py tests/test_train_tiny.py -rs' ;;
     sft2b) stage sft2b 180 $BENCH --models qwen2_vl_2b --methods qlora lora ;;
     dpo2b) stage dpo2b 100 $BENCH --dpo --models qwen2_vl_2b --methods lora ;;
+    qlora2b) stage qlora2b 130 $BENCH --models qwen2_vl_2b --methods qlora --layouts padded packed ;;
+    lora2b) stage lora2b 90 $BENCH --models qwen2_vl_2b --methods lora --layouts padded packed ;;
+    dpo2b-ours) stage dpo2b-ours 110 $BENCH --dpo --models qwen2_vl_2b --methods lora --layouts padded padding-free ;;
+    lora7b) stage lora7b 220 $BENCH --models qwen2_vl_7b --methods lora ;;
+    mem2b) stage mem2b 90 $BENCH --models qwen2_vl_2b --methods lora --layouts padded packed --profile-memory ;;
     sft7b) stage sft7b 330 bash -c "$BENCH --models qwen2_vl_7b --methods lora; $BENCH --models qwen2_vl_7b --methods qlora --layouts padded packed" ;;
-    *) echo "unknown stage $name (check, sft2b, dpo2b, sft7b)"; exit 2 ;;
+    *) echo "unknown stage $name (check, sft2b, qlora2b, lora2b, dpo2b, dpo2b-ours, sft7b, lora7b, mem2b)"; exit 2 ;;
   esac
 done

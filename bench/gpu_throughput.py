@@ -156,29 +156,61 @@ def telemetry_callback(cfg):
 
 class CollateTimer:
     """The trainer's collator, timed: seconds spent collating, summed in shared memory, so that the time DataLoader
-    workers spend (in other processes, which inherit the counter) is counted too."""
+    workers spend (in other processes, which inherit the counter) is counted too. It also keeps the largest batch
+    (rows, tokens, visual tokens, ViT patches: each its maximum over batches), against which the memory estimate's
+    formulas are checked; `pairs`: DPO batches, whose pair images the vision tower encodes once."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, image_token_id: int, pairs: bool):
         import multiprocessing
 
         self.inner, self.seconds = inner, multiprocessing.Value("d", 0.0)
+        self.largest = multiprocessing.Array("d", 4)
+        self.image_token_id, self.pairs = image_token_id, pairs
 
     def __call__(self, items):
         started = time.perf_counter()
         batch = self.inner(items)
         with self.seconds.get_lock():
             self.seconds.value += time.perf_counter() - started
+        self._keep_largest(batch)
         return batch
 
+    def _keep_largest(self, batch):
+        ids = batch.get("input_ids")
+        if ids is None:
+            return
+        share = 2 if self.pairs else 1
+        pixels = batch.get("pixel_values")
+        shape = (ids.shape[0], ids.numel(), int((ids == self.image_token_id).sum()) // share,
+                 (pixels.shape[0] // share) if pixels is not None else 0)
+        with self.largest.get_lock():
+            for index, value in enumerate(shape):
+                self.largest[index] = max(self.largest[index], value)
 
-def timed_steps_only(telemetry, timer, warmup: int, cuda: bool):
-    """Zeroes the telemetry's counters, the collate timer (and CUDA's peak) once the warm-up steps are done."""
+    def budget(self):
+        """The largest batch as the estimate's BatchBudget, or None when no batch was seen."""
+        from qwenvl_ft.estimate import BatchBudget
+
+        rows, tokens, visual, patches = (int(v) for v in self.largest)
+        if not tokens:
+            return None
+        return BatchBudget(rows, tokens, visual, patches, "the largest batch of the run", patches // max(1, rows))
+
+
+def timed_steps_only(telemetry, timer, warmup: int, cuda: bool, static: dict):
+    """Zeroes the telemetry's counters, the collate timer (and CUDA's peak) once the warm-up steps are done, and
+    keeps in `static` the most memory held between timed steps (weights, adapter, optimizer states: what stays
+    allocated when a step's activations are freed)."""
     from transformers import TrainerCallback
 
     from qwenvl_ft.training.telemetry import Window
 
     class AfterWarmup(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if cuda and state.global_step > warmup:
+                import torch
+
+                static["bytes"] = max(static.get("bytes", 0), torch.cuda.memory_allocated())
             if state.global_step == warmup:
                 telemetry.total, telemetry.window = Window(), Window()
                 with timer.seconds.get_lock():
@@ -201,15 +233,20 @@ def measure(trainer, model, cfg, model_name, method, layout, args, predicted):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     attn = base.config.get_text_config()._attn_implementation  # packing on sdpa switches to sdpa_varlen
     telemetry = find_telemetry(trainer)
-    timer = trainer.data_collator = CollateTimer(trainer.data_collator)
-    trainer.add_callback(timed_steps_only(telemetry, timer, args.warmup, cuda))
-    if args.profile:  # where a step's time goes: the top operators by host and by device time
+    timer = trainer.data_collator = CollateTimer(trainer.data_collator, base.config.image_token_id,
+                                                 pairs=layout.startswith("dpo"))
+    static = {}
+    trainer.add_callback(timed_steps_only(telemetry, timer, args.warmup, cuda, static))
+    if args.profile or args.profile_memory:  # where a step's time (or memory) goes: the top operators
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                     profile_memory=args.profile_memory) as prof:
             trainer.train()
-        for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if cuda else []):
-            print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+        keys = (["self_cuda_memory_usage" if cuda else "self_cpu_memory_usage"] if args.profile_memory
+                else ["self_cpu_time_total"] + (["self_cuda_time_total"] if cuda else []))
+        for key in keys:
+            print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
     else:
         trainer.train()
     figures = telemetry.summary
@@ -219,11 +256,25 @@ def measure(trainer, model, cfg, model_name, method, layout, args, predicted):
                   tokens_s=figures["tokens_per_s"], padding=figures["padding_fraction"],
                   data_wait=figures["data_wait_fraction"], peak_gib=figures.get("peak_allocated_gib", float("nan")),
                   predicted_gib=predicted, mfu=figures.get("mfu", float("nan")), attn=attn,
-                  collate_s=timer.seconds.value / max(1, steps))
+                  collate_s=timer.seconds.value / max(1, steps), static_gib=static.get("bytes", 0) / 2 ** 30,
+                  largest=list(map(int, timer.largest)), **estimate_at(cfg, timer.budget()))
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def estimate_at(cfg, budget) -> dict:
+    """The estimate's parts (what stays between steps, activations) for the largest batch the run saw."""
+    from qwenvl_ft.estimate import GiB, estimate_memory
+
+    if budget is None:
+        return {}
+    rows = estimate_memory(cfg, budget=budget).rows
+    activations = sum(b for name, b, _ in rows if name.startswith("activations"))
+    static = sum(b for name, b, _ in rows if not name.startswith("activations") and name != "gradients")
+    return dict(seen_static_gib=static / GiB, seen_activations_gib=activations / GiB,
+                seen_total_gib=sum(b for _, b, _ in rows) / GiB, seen_by_part={name: round(b / GiB, 3) for name, b, _ in rows})
 
 
 def preference_pairs(rows, seed: int = 1):
@@ -294,6 +345,8 @@ def main() -> None:
     parser.add_argument("--dpo", action="store_true",
                         help="DPO instead of SFT: layouts padded, padding-free, trl on preference pairs")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per run")
+    parser.add_argument("--profile-memory", action="store_true",
+                        help="print torch.profiler's top operators by memory allocated per run")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: checks the script")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -350,6 +403,17 @@ def main() -> None:
               f"{r['samples_s']:.1f} | {r['tokens_s']:.0f} | {r['padding']:.1%} | {r['data_wait']:.1%} | "
               f"{r['collate_s']:.3f} | {r['peak_gib']:.2f} | "
               f"{r['predicted_gib']:.2f} | {r['mfu']:.1%} | {ratio} |")
+    print("\nMemory against the estimate at the largest batch each run saw (rows, tokens, visual tokens, ViT patches: "
+          "each the maximum over batches); held = allocated between steps, activations = peak - held\n")
+    print("| model | method | layout | largest batch | held GiB | estimate | activations GiB | estimate | peak GiB "
+          "| estimate |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        if "error" in r or "seen_static_gib" not in r:
+            continue
+        print(f"| {r['model']} | {r['method']} | {r['layout']} | {' x '.join(map(str, r['largest']))} | "
+              f"{r['static_gib']:.2f} | {r['seen_static_gib']:.2f} | {r['peak_gib'] - r['static_gib']:.2f} | "
+              f"{r['seen_activations_gib']:.2f} | {r['peak_gib']:.2f} | {r['seen_total_gib']:.2f} |")
 
 
 if __name__ == "__main__":

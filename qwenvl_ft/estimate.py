@@ -20,7 +20,8 @@ A batch is the worst case of the configured layout: padded rows of data.max_leng
 budget, each row holding its image budget (data.max_visual_tokens, else the images at data.max_pixels, else at
 the family's processor default).
 Not counted: the CUDA context (~0.5 GiB, outside PyTorch's allocator) and fragmentation (typically 5-15%).
-The prediction is for `torch.cuda.max_memory_allocated()`; it has not been checked against a GPU measurement yet.
+The prediction is for `torch.cuda.max_memory_allocated()`. On an H200 it was 4-5% above the measured peak for the
+largest batch a run saw (2B LoRA padded and packed, QLoRA packed; docs/performance.md, "Memory estimate").
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from omegaconf import DictConfig
 
@@ -224,7 +225,32 @@ class Estimate:
         return "\n".join(lines)
 
 
-def estimate_memory(cfg: TrainConfig, model=None) -> Estimate:
+@dataclass(frozen=True)
+class ActivationDtypes:
+    """Bytes per element of the activations that are not all in the autocast dtype.
+
+    residual  the residual stream (decoder layer inputs, which gradient checkpointing keeps, and the final hidden
+              states the LM head keeps): the embedding's dtype, since RMSNorm multiplies by its weight in the
+              weight's dtype; fp32 under QLoRA (prepare_model_for_kbit_training casts norms and embeddings) and
+              for an fp32 model under bf16 autocast
+    linear    a Linear's output: the autocast dtype, except a 4-bit one's, which bitsandbytes casts back to its
+              input's dtype (the fp32 residual under QLoRA)
+    head      the LM head weight, which TRL's fused head casts to the autocast dtype one vocabulary tile at a time
+    """
+
+    autocast: int
+    residual: int
+    linear: int
+    head: int
+
+    @classmethod
+    def of(cls, counts: ParameterCounts, weight_bytes: int, autocast: int) -> "ActivationDtypes":
+        upcast = 4 if counts.quantized else weight_bytes
+        return cls(autocast, upcast, 4 if counts.quantized else autocast, upcast)
+
+def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] = None) -> Estimate:
+    """The predicted peak of `cfg`, for the worst-case batch of its layout unless `budget` gives another batch
+    (bench/gpu_throughput.py checks the formulas against the largest batch a run really saw)."""
     model_cfg, adapter_cfg, data_cfg, trainer_cfg = cfg.model, cfg.adapter, cfg.data, cfg.trainer
     model = model if model is not None else meta_model(model_cfg)
     counts = count_parameters(cfg, model)
@@ -267,10 +293,11 @@ def estimate_memory(cfg: TrainConfig, model=None) -> Estimate:
     method = methods.get(trainer_cfg.kind)
     rows += method.memory_rows(cfg, counts, w)  # e.g. DPO's frozen reference copy
     family = families.of_config(config)
-    budget = batch_budget(method.batch_data(cfg), trainer_cfg.batch_size, family,
-                          pairs=method.sequences_per_row() == 2)
-    rows += _activation_rows(cfg, counts, family, text, vision, budget, a)
+    budget = budget or batch_budget(method.batch_data(cfg), trainer_cfg.batch_size, family,
+                                    pairs=method.sequences_per_row() == 2)
+    rows += _activation_rows(cfg, counts, family, text, vision, budget, ActivationDtypes.of(counts, w, a))
     return Estimate(rows, counts, budget)
+
 
 
 def _lora_inputs(cfg: TrainConfig, counts: ParameterCounts, family: families.Family, text, vision) -> tuple:
@@ -289,8 +316,9 @@ def _lora_inputs(cfg: TrainConfig, counts: ParameterCounts, family: families.Fam
 
 
 def _activation_rows(cfg, counts, family: families.Family, text, vision, budget: BatchBudget,
-                     a: int) -> List[tuple]:
+                     dtypes: ActivationDtypes) -> List[tuple]:
     model_cfg, adapter_cfg = cfg.model, cfg.adapter
+    a, residual = dtypes.autocast, dtypes.residual
     h, layers = text.hidden_size, text.num_hidden_layers
     sizes, depth, vision_heads = family.vision_sizes(vision), vision.depth, vision.num_heads
     d = sizes.width
@@ -304,25 +332,29 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
     rows = []
 
     mask = 1 if adapter_cfg.dropout > 0 else 0  # no dropout: no mask (adapters on q/k/v then share one input)
-    layer = family.layer_bytes(text, a, lm_trainable, lm_lora, r, mask)
+    layer = family.layer_bytes(text, a, lm_trainable, lm_lora, r, mask, mlp_bytes=dtypes.linear)
     if model_cfg.gradient_checkpointing:
-        saved = layers * a * h * T
+        saved = layers * residual * h * T
         working = layer * T  # one layer recomputed in the backward
-        how = f"checkpointed: {layers} layer inputs x {T} tokens, + one layer recomputed ({layer} B/token)"
+        how = f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed ({layer} B/token)"
     else:
         saved, working = layers * layer * T, 0
         how = f"{layers} layers x {T} tokens x {layer} B/token"
     rows.append(("activations: LM", saved + working, how))
 
     # TRL's fused LM head keeps the final hidden states; its backward works on token x vocabulary tiles and
-    # accumulates the hidden-state gradient (and the head's own, when it trains) in fp32.
+    # accumulates the hidden-state gradient (and the head's own, when it trains) in fp32. A head weight that is
+    # not in the autocast dtype is cast one vocabulary tile at a time.
     vocab = text.vocab_size
     tile = min(T, TOKEN_TILE) * min(vocab, VOCAB_TILE) * a
-    head = a * h * T + 2 * tile + 4 * h * T
+    head = residual * h * T + 2 * tile + 4 * h * T
+    how = f"fused head: hidden states, two {min(T, TOKEN_TILE)}x{min(vocab, VOCAB_TILE)} tiles, fp32 gradients"
+    if dtypes.head != a:
+        head += min(vocab, VOCAB_TILE) * h * a
+        how += ", a weight tile cast"
     if lm_trainable:
         head += 4 * vocab * h
-    rows.append(("activations: LM head", head, f"fused head: hidden states, two {min(T, TOKEN_TILE)}x"
-                 f"{min(vocab, VOCAB_TILE)} tiles, fp32 gradients"))
+    rows.append(("activations: LM head", head, how))
 
     grads_reach_vision = vision_trainable or bool(vision_lora)
     if P and grads_reach_vision:
@@ -335,7 +367,7 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
             vis += a * P * vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2  # patch embed
         rows.append(("activations: vision", vis, how))
     elif P:
-        working_set = a * P * (3 * d + sizes.mlp_tensors * sizes.mlp) + a * h * budget.visual_tokens
+        working_set = dtypes.linear * P * (3 * d + sizes.mlp_tensors * sizes.mlp) + a * h * budget.visual_tokens
         rows.append(("activations: vision", working_set,
                      f"frozen: no saved tensors; one block's working set over {P} patches"))
     if P and (not model_cfg.freeze_merger or grads_reach_vision):

@@ -197,7 +197,7 @@ def language_linear_inputs(text: Any) -> Dict[str, int]:
 
 
 def decoder_layer_bytes(text: Any, a: int, trainable: bool, lora_in: Sequence[int], r: int, mask_bytes: int = 1,
-                        qk_norm: bool = False) -> int:
+                        qk_norm: bool = False, mlp_bytes: Optional[int] = None) -> int:
     """Saved tensors of one decoder layer, per token.
 
     Always: both RMSNorms keep an fp32 copy of their input and its rsqrt (4h + 4 each); attention keeps q and k
@@ -207,12 +207,15 @@ def decoder_layer_bytes(text: Any, a: int, trainable: bool, lora_in: Sequence[in
     Trainable weights add what the weight gradients need: the normalised inputs of the norm weights (2h, plus q and
     k with qk_norm), the q/k/v and gate/up inputs (2h) and the down_proj input (intermediate); o_proj's input is
     the attention output already kept. Frozen weights add nothing: y = xW needs only W for dx. LoRA adds
-    `lora_bytes` per adapted Linear.
+    `lora_bytes` per adapted Linear. `mlp_bytes`: bytes per element of the MLP's three tensors, `a` unless the
+    projections are 4-bit: bitsandbytes casts a Linear4bit's output back to its input's dtype, and under QLoRA
+    that input is the fp32 residual stream (tests/test_estimate.py measures this on the real modules).
     """
+    m = a if mlp_bytes is None else mlp_bytes
     h, inter, heads, kv_heads = text.hidden_size, text.intermediate_size, text.num_attention_heads, \
         text.num_key_value_heads
     q, kv = heads * head_dim(text), kv_heads * head_dim(text)
-    total = 8 * h + 8 + a * (2 * q + 2 * kv) + 4 * heads + 3 * a * inter
+    total = 8 * h + 8 + a * (2 * q + 2 * kv) + 4 * heads + 3 * m * inter
     if qk_norm:
         total += 4 * (q + kv) + 4 * (heads + kv_heads)
     if trainable:
@@ -332,9 +335,10 @@ class Family:
                           decoder_layers=attribute(base, self.decoder_layers))
 
     def layer_bytes(self, text: Any, a: int, trainable: bool, lora_in: Sequence[int], r: int,
-                    mask_bytes: int = 1) -> int:
+                    mask_bytes: int = 1, mlp_bytes: Optional[int] = None) -> int:
         """Saved tensors of one decoder layer per token (`decoder_layer_bytes` for this family's layers)."""
-        return decoder_layer_bytes(text, a, trainable, lora_in, r, mask_bytes, qk_norm=self.qk_norm)
+        return decoder_layer_bytes(text, a, trainable, lora_in, r, mask_bytes, qk_norm=self.qk_norm,
+                                   mlp_bytes=mlp_bytes)
 
     @property
     def factor(self) -> int:

@@ -18,6 +18,7 @@ from qwenvl_ft import families
 from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, ConfigError, DataConfig, ModelConfig, \
     OptimizerConfig
 from qwenvl_ft.families import Family, ModelParts
+from qwenvl_ft.modeling.frozen_vision import keep_frozen_vision_out_of_autograd
 from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
 
 log = logging.getLogger("qwenvl_ft")
@@ -151,6 +152,7 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
             device_map=device_map,  # a distributed QLoRA run: each process's GPU (distributed/placement.py)
         )
     model.config.use_cache = False
+    keep_frozen_vision_out_of_autograd(model, family_of(model_cfg))
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 

@@ -93,6 +93,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("QWENVL_FT_CACHE", Path.home() / ".cache" / "qwenvl_ft")) / "random_models"
 
 
+def _random_model(model_class, config, dtype, seed: int, device: str):
+    """The model with random weights, initialised on `device`: on a GPU in seconds, where a random 7B did not get
+    initialised and written within two minutes on a GPU machine's 16 CPU cores (most of a short benchmark lease)."""
+    import torch
+
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            return model_class(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
 def materialize(arch: ArchitectureConfig, dtype: str = "float32", family: str = families.DEFAULT) -> Path:
     """Folder holding the random model of `family` for `arch` (weights, config, processor); built once, then reused.
 
@@ -101,7 +116,10 @@ def materialize(arch: ArchitectureConfig, dtype: str = "float32", family: str = 
     import torch
     from transformers import GenerationConfig
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     recipe = {"arch": asdict(arch), "builder": _BUILDER_VERSION, "dtype": dtype, "family": family}
+    if device != "cpu":  # random values differ by device; the CPU key stays what it was
+        recipe["device"] = device
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / key
     if (target / "complete").exists():
@@ -110,13 +128,7 @@ def materialize(arch: ArchitectureConfig, dtype: str = "float32", family: str = 
     declared = families.get(family)
     processor = build_processor(build_tokenizer(chat_template=declared.chat_template), arch, family)
     config = model_config(arch, processor.tokenizer, family)
-    torch.manual_seed(arch.init_seed)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        model = declared.load_model_class()(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = _random_model(declared.load_model_class(), config, getattr(torch, dtype), arch.init_seed, device)
     model.generation_config = GenerationConfig(
         eos_token_id=config.text_config.eos_token_id, pad_token_id=config.text_config.pad_token_id,
         bos_token_id=config.text_config.bos_token_id, do_sample=False,
@@ -134,4 +146,7 @@ def materialize(arch: ArchitectureConfig, dtype: str = "float32", family: str = 
             pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        del model
+        if device != "cpu":
+            torch.cuda.empty_cache()  # the run loads its own copy from the folder
     return target

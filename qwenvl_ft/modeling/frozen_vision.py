@@ -1,0 +1,54 @@
+"""Keep a vision tower that does not train out of autograd.
+
+Why: transformers' `enable_input_require_grads` (called by the Trainer when it turns gradient checkpointing on for
+a PEFT model, and by PEFT) hooks the input embeddings of every sub-model it finds, and the vision tower's input
+embedding is its patch embedding. The patch embeddings then require grad even when nothing in the tower trains,
+so autograd records the whole ViT: each block keeps its checkpointed input, and the backward recomputes and
+differentiates every block for gradients nobody uses. On an H200 (Qwen2-VL-2B and 7B LoRA, frozen tower) that was
+about 82 KB per image patch (32 blocks x 1280 x 2 bytes; 1.5 GiB for a pack of 18,808 patches), twice that under
+QLoRA, where the tower's residual stream is fp32 (docs/performance.md).
+
+A forward pre-hook on the first ViT block detaches its input while no parameter of the tower's blocks or patch
+embedding requires grad, checked on each call, so a tower that trains (vision LoRA, an unfrozen tower) is left
+alone. The projectors after the blocks still train when they are meant to: their parameters need the blocks'
+outputs, not gradients through them. With non-reentrant checkpointing (the only kind qwenvl-ft uses) no input
+needs to require grad for the trainable parameters to get theirs; tests/test_frozen_vision.py checks that the
+gradients are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from torch import nn
+
+from qwenvl_ft import families
+
+
+def keep_frozen_vision_out_of_autograd(model: nn.Module, family: families.Family) -> None:
+    """Registers the detaching hook on the first block of `model`'s vision tower (once per model)."""
+    parts = family.parts(model)
+    if getattr(parts.vision, "_qwenvl_ft_detach_hook", None) is not None:
+        return
+    # by name, relative to the tower: PEFT later swaps a projector that trains in full for a wrapper holding a copy
+    projectors = tuple(path[len(family.vision_tower) + 1:] + "." for path in family.projectors
+                       if path.startswith(family.vision_tower + "."))
+    parts.vision._qwenvl_ft_detach_hook = parts.vision_blocks[0].register_forward_pre_hook(
+        _detach_unless_training(parts.vision, projectors), with_kwargs=True)
+
+
+def tower_trains(tower: nn.Module, projectors: Tuple[str, ...]) -> bool:
+    """Whether a parameter of the tower outside its projectors (names starting with one of `projectors`) requires
+    grad. Read on each call: adapters added later (vision LoRA) and freezing done later both count."""
+    return any(p.requires_grad for name, p in tower.named_parameters() if not name.startswith(projectors))
+
+
+def _detach_unless_training(tower: nn.Module, projectors: Tuple[str, ...]):
+    def hook(module, args, kwargs):
+        if tower_trains(tower, projectors):
+            return None
+        if args:
+            return (args[0].detach(), *args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=kwargs["hidden_states"].detach())
+
+    return hook
