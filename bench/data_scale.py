@@ -2,9 +2,11 @@
 step with and without the cached data check, and the peak memory of the main process.
 
     python bench/data_scale.py [--rows 10000 100000] [--workers 2] [--pool 10000] [--baseline /path/to/old/tree]
+                               [--photos 1024x768] [--skip-check-rate]
 
-Rows are LLaVA JSONL rows of small generated images (56x56 to 112x112 PNG: 4 to 16 visual tokens) with a short
-question and a 2-8 word answer. Each row references one of --pool distinct image files (row i uses image i mod
+Rows are LLaVA JSONL rows of small generated images (56x56 to 112x112 PNG: 4 to 16 visual tokens), or with
+--photos photo-sized JPEGs resized to 224x224 pixels (64 visual tokens), with a short question and a 2-8 word
+answer. Each row references one of --pool distinct image files (row i uses image i mod
 pool): every row still opens and decodes its image, as a dataset of unique files would (from the page cache, as a
 warm file system serves them), without writing a million files.
 
