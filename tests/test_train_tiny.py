@@ -142,6 +142,19 @@ def test_qlora_bf16_on_cuda(tmp_path):
     assert (out / "final" / "adapter_model.safetensors").exists()
 
 
+def test_qlora_with_a_frozen_4bit_tower_and_a_merger_that_trains_runs_in_fp32(tmp_path):
+    """The merger trains in full after a frozen 4-bit tower, in an fp32 run: TRL's cast of trainable parameters
+    to bf16 used to leave it with bf16 weights and fp32 inputs, and the first forward (the trackers' gallery)
+    failed in LayerNorm ("mixed dtype (CPU)")."""
+    typed, metrics, out = _run(tmp_path, "adapter=qlora", "model.freeze_vision_tower=true",
+                               "model.freeze_merger=false", "trainer.max_steps=3", "trainer.eval_generation=true",
+                               "data.shapes.num_eval=2", "trainer.max_new_tokens=2")
+    assert metrics["global_step"] == 3 and "eval_exact_match_after" in metrics
+    saved = load_file(str(out / "final" / "adapter_model.safetensors"))
+    merger = {k: v for k, v in saved.items() if ".merger." in k}
+    assert merger and all(v.dtype == torch.float32 for v in merger.values())
+
+
 def test_qlora_with_trainable_vision_tower_and_generation_checks(tmp_path):
     """QLoRA where the vision tower and merger train in full (kept out of 4-bit) and the before/after generation
     check runs in eval mode between training steps on CPU."""

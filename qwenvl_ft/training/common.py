@@ -357,12 +357,28 @@ def trainer_class(base: type, mixins: Sequence[type]) -> type:
 
 def finish_trainer(trainer, cfg: TrainConfig):
     """What every method's trainer gets once built: per-sample attention for packed rows (data.packing), on the
-    policy and on a reference model when there is one."""
+    policy and on a reference model when there is one; full-precision modules where there is no autocast."""
     if cfg.data.packing:
         from qwenvl_ft.training.speed import packed_attention
 
         packed_attention([trainer.model, getattr(trainer, "ref_model", None)])
+    if not (trainer.args.bf16 or trainer.args.fp16):
+        restore_fully_trained_modules(trainer.model, cfg.model.dtype.value)
     return trainer
+
+
+def restore_fully_trained_modules(model, dtype: str) -> None:
+    """TRL's trainers cast every trainable parameter of a 4-bit model to bf16 (QLoRA's adapters in bf16, for
+    autocast). In a run without autocast (fp32, as on a CPU) a module that trains in full, such as a merger after
+    a frozen 4-bit vision tower, then gets inputs in the model's dtype with bf16 weights, and LayerNorm refuses
+    the mix ("mixed dtype (CPU)"). Such modules go back to the model's dtype; LoRA factors keep TRL's bf16 (PEFT
+    casts their inputs)."""
+    import torch
+
+    target = getattr(torch, dtype)
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16 != target and "lora_" not in name:
+            param.data = param.data.to(target)
 
 
 def shared_parts(cfg: TrainConfig, processor, collator, train_rows, eval_rows, model_config,
