@@ -7,7 +7,6 @@
 #   qlora2b Qwen2-VL-2B QLoRA padded and packed;  lora2b: LoRA padded and packed (both: sft2b's parts)
 #   dpo2b   Qwen2-VL-2B LoRA DPO: padded vs padding-free vs stock TRL;  dpo2b-ours: padded and padding-free only
 #   sft7b   Qwen2-VL-7B, LoRA padded/packed/TRL and QLoRA padded/packed;  lora7b: LoRA padded/packed/TRL only
-#   mem2b   Qwen2-VL-2B LoRA padded and packed under torch.profiler: the operators that allocate the most
 # Every stage's table ends with its memory against the estimate at the largest batch each run saw.
 # Hardware: one CUDA GPU (measured on an H200). Launch, after `bash bench/gpu_wheels.sh` here, through the device
 # tool with carry [".whl"]: bash bench/gpu_plan.sh check sft2b dpo2b      (then: bash bench/gpu_plan.sh sft7b)
@@ -44,8 +43,7 @@ print(\"torch\", torch.__version__, \"transformers\", transformers.__version__, 
     lora2b) stage lora2b 90 $BENCH --models qwen2_vl_2b --methods lora --layouts padded packed ;;
     dpo2b-ours) stage dpo2b-ours 110 $BENCH --dpo --models qwen2_vl_2b --methods lora --layouts padded padding-free ;;
     lora7b) stage lora7b 220 $BENCH --models qwen2_vl_7b --methods lora ;;
-    mem2b) stage mem2b 90 $BENCH --models qwen2_vl_2b --methods lora --layouts padded packed --profile-memory ;;
     sft7b) stage sft7b 330 bash -c "$BENCH --models qwen2_vl_7b --methods lora; $BENCH --models qwen2_vl_7b --methods qlora --layouts padded packed" ;;
-    *) echo "unknown stage $name (check, sft2b, qlora2b, lora2b, dpo2b, dpo2b-ours, sft7b, lora7b, mem2b)"; exit 2 ;;
+    *) echo "unknown stage $name (check, sft2b, qlora2b, lora2b, dpo2b, dpo2b-ours, sft7b, lora7b)"; exit 2 ;;
   esac
 done

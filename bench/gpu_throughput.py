@@ -237,16 +237,13 @@ def measure(trainer, model, cfg, model_name, method, layout, args, predicted):
                                                  pairs=layout.startswith("dpo"))
     static = {}
     trainer.add_callback(timed_steps_only(telemetry, timer, args.warmup, cuda, static))
-    if args.profile or args.profile_memory:  # where a step's time (or memory) goes: the top operators
+    if args.profile:  # where a step's time goes: the top operators by host and by device time
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
-                     profile_memory=args.profile_memory) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             trainer.train()
-        keys = (["self_cuda_memory_usage" if cuda else "self_cpu_memory_usage"] if args.profile_memory
-                else ["self_cpu_time_total"] + (["self_cuda_time_total"] if cuda else []))
-        for key in keys:
-            print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
+        for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if cuda else []):
+            print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
     else:
         trainer.train()
     figures = telemetry.summary
@@ -274,7 +271,8 @@ def estimate_at(cfg, budget) -> dict:
     activations = sum(b for name, b, _ in rows if name.startswith("activations"))
     static = sum(b for name, b, _ in rows if not name.startswith("activations") and name != "gradients")
     return dict(seen_static_gib=static / GiB, seen_activations_gib=activations / GiB,
-                seen_total_gib=sum(b for _, b, _ in rows) / GiB, seen_by_part={name: round(b / GiB, 3) for name, b, _ in rows})
+                seen_total_gib=sum(b for _, b, _ in rows) / GiB,
+                seen_by_part={name: round(b / GiB, 3) for name, b, _ in rows})
 
 
 def preference_pairs(rows, seed: int = 1):
@@ -345,8 +343,6 @@ def main() -> None:
     parser.add_argument("--dpo", action="store_true",
                         help="DPO instead of SFT: layouts padded, padding-free, trl on preference pairs")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per run")
-    parser.add_argument("--profile-memory", action="store_true",
-                        help="print torch.profiler's top operators by memory allocated per run")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: checks the script")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -248,6 +248,7 @@ class ActivationDtypes:
         upcast = 4 if counts.quantized else weight_bytes
         return cls(autocast, upcast, 4 if counts.quantized else autocast, upcast)
 
+
 def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] = None) -> Estimate:
     """The predicted peak of `cfg`, for the worst-case batch of its layout unless `budget` gives another batch
     (bench/gpu_throughput.py checks the formulas against the largest batch a run really saw)."""
@@ -299,7 +300,6 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
     return Estimate(rows, counts, budget)
 
 
-
 def _lora_inputs(cfg: TrainConfig, counts: ParameterCounts, family: families.Family, text, vision) -> tuple:
     """in_features of the LoRA'd Linears of one decoder layer and of one vision block."""
     if not cfg.adapter.is_peft:
@@ -336,7 +336,8 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
     if model_cfg.gradient_checkpointing:
         saved = layers * residual * h * T
         working = layer * T  # one layer recomputed in the backward
-        how = f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed ({layer} B/token)"
+        how = (f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed "
+               f"({layer} B/token)")
     else:
         saved, working = layers * layer * T, 0
         how = f"{layers} layers x {T} tokens x {layer} B/token"

@@ -11,9 +11,9 @@ QLoRA, where the tower's residual stream is fp32 (docs/performance.md).
 A forward pre-hook on the first ViT block detaches its input while no parameter of the tower's blocks or patch
 embedding requires grad, checked on each call, so a tower that trains (vision LoRA, an unfrozen tower) is left
 alone. The projectors after the blocks still train when they are meant to: their parameters need the blocks'
-outputs, not gradients through them. With non-reentrant checkpointing (the only kind qwenvl-ft uses) no input
-needs to require grad for the trainable parameters to get theirs; tests/test_frozen_vision.py checks that the
-gradients are unchanged.
+outputs, not gradients through them. Nothing before the cut trains, so no gradient is lost whichever kind of
+checkpointing runs (qwenvl-ft asks for the non-reentrant kind; TRL switches PEFT under ZeRO-3 to the reentrant
+one); tests/test_frozen_vision.py checks that every gradient is unchanged.
 """
 
 from __future__ import annotations

@@ -376,8 +376,10 @@ def restore_fully_trained_modules(model, dtype: str) -> None:
     import torch
 
     target = getattr(torch, dtype)
+    if target == torch.bfloat16:
+        return
     for name, param in model.named_parameters():
-        if param.requires_grad and param.dtype == torch.bfloat16 != target and "lora_" not in name:
+        if param.requires_grad and param.dtype == torch.bfloat16 and "lora_" not in name:
             param.data = param.data.to(target)
 
 
