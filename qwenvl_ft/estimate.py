@@ -232,21 +232,19 @@ class ActivationDtypes:
     residual  the residual stream (decoder layer inputs, which gradient checkpointing keeps, and the final hidden
               states the LM head keeps): the embedding's dtype, since RMSNorm multiplies by its weight in the
               weight's dtype; fp32 under QLoRA (prepare_model_for_kbit_training casts norms and embeddings) and
-              for an fp32 model under bf16 autocast
+              for an fp32 model under bf16 autocast. The LM head weight has it too, and TRL's fused head casts
+              that weight to the autocast dtype one vocabulary tile at a time.
     linear    a Linear's output: the autocast dtype, except a 4-bit one's, which bitsandbytes casts back to its
               input's dtype (the fp32 residual under QLoRA)
-    head      the LM head weight, which TRL's fused head casts to the autocast dtype one vocabulary tile at a time
     """
 
     autocast: int
     residual: int
     linear: int
-    head: int
 
     @classmethod
     def of(cls, counts: ParameterCounts, weight_bytes: int, autocast: int) -> "ActivationDtypes":
-        upcast = 4 if counts.quantized else weight_bytes
-        return cls(autocast, upcast, 4 if counts.quantized else autocast, upcast)
+        return cls(autocast, 4 if counts.quantized else weight_bytes, 4 if counts.quantized else autocast)
 
 
 def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] = None) -> Estimate:
@@ -350,7 +348,7 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
     tile = min(T, TOKEN_TILE) * min(vocab, VOCAB_TILE) * a
     head = residual * h * T + 2 * tile + 4 * h * T
     how = f"fused head: hidden states, two {min(T, TOKEN_TILE)}x{min(vocab, VOCAB_TILE)} tiles, fp32 gradients"
-    if dtypes.head != a:
+    if residual != a:
         head += min(vocab, VOCAB_TILE) * h * a
         how += ", a weight tile cast"
     if lm_trainable:

@@ -8,8 +8,8 @@ differentiates every block for gradients nobody uses. On an H200 (Qwen2-VL-2B an
 about 82 KB per image patch (32 blocks x 1280 x 2 bytes; 1.5 GiB for a pack of 18,808 patches), twice that under
 QLoRA, where the tower's residual stream is fp32 (docs/performance.md).
 
-A forward pre-hook on the first ViT block detaches its input while no parameter of the tower's blocks or patch
-embedding requires grad, checked on each call, so a tower that trains (vision LoRA, an unfrozen tower) is left
+A forward pre-hook on the first ViT block detaches its input while no parameter of the tower's stem or blocks
+(the family's declaration: `vision_stem`, `vision_blocks`) requires grad, checked on each call, so a tower that trains (vision LoRA, an unfrozen tower) is left
 alone. The projectors after the blocks still train when they are meant to: their parameters need the blocks'
 outputs, not gradients through them. Nothing before the cut trains, so no gradient is lost whichever kind of
 checkpointing runs (qwenvl-ft asks for the non-reentrant kind; TRL switches PEFT under ZeRO-3 to the reentrant
@@ -30,22 +30,23 @@ def keep_frozen_vision_out_of_autograd(model: nn.Module, family: families.Family
     parts = family.parts(model)
     if getattr(parts.vision, "_qwenvl_ft_detach_hook", None) is not None:
         return
-    # by name, relative to the tower: PEFT later swaps a projector that trains in full for a wrapper holding a copy
-    projectors = tuple(path[len(family.vision_tower) + 1:] + "." for path in family.projectors
-                       if path.startswith(family.vision_tower + "."))
+    # what the family declares trains before and with the blocks, by name relative to the tower: names survive
+    # PEFT swapping a module that trains in full for a wrapper holding a copy
+    before_the_cut = tuple(path[len(family.vision_tower) + 1:] + "."
+                           for path in family.vision_stem + (family.vision_blocks,))
     parts.vision._qwenvl_ft_detach_hook = parts.vision_blocks[0].register_forward_pre_hook(
-        _detach_unless_training(parts.vision, projectors), with_kwargs=True)
+        _detach_unless_training(parts.vision, before_the_cut), with_kwargs=True)
 
 
-def tower_trains(tower: nn.Module, projectors: Tuple[str, ...]) -> bool:
-    """Whether a parameter of the tower outside its projectors (names starting with one of `projectors`) requires
+def tower_trains(tower: nn.Module, before_the_cut: Tuple[str, ...]) -> bool:
+    """Whether a parameter of the tower's stem or blocks (names starting with one of `before_the_cut`) requires
     grad. Read on each call: adapters added later (vision LoRA) and freezing done later both count."""
-    return any(p.requires_grad for name, p in tower.named_parameters() if not name.startswith(projectors))
+    return any(p.requires_grad for name, p in tower.named_parameters() if name.startswith(before_the_cut))
 
 
-def _detach_unless_training(tower: nn.Module, projectors: Tuple[str, ...]):
+def _detach_unless_training(tower: nn.Module, before_the_cut: Tuple[str, ...]):
     def hook(module, args, kwargs):
-        if tower_trains(tower, projectors):
+        if tower_trains(tower, before_the_cut):
             return None
         if args:
             return (args[0].detach(), *args[1:]), kwargs
