@@ -30,6 +30,7 @@ commands:
   data-check   read and validate the whole dataset (processor only, no model, no GPU) and report on it
   estimate     predict a training run's peak GPU memory from the config (no weights loaded)
   recipes      list the available recipes
+  doctor       the installed versions against the tested range, the GPU and the kernel paths (for bug reports)
 
 `qwenvl-ft COMMAND --help` lists every config key of the command with what it does.
 
@@ -191,8 +192,12 @@ def main(argv: List[str] | None = None) -> int:
             for name, path in available_recipes(recipe_dirs).items():
                 print(f"{name:28s} {path}")
             return 0
+        if command == "doctor":
+            from qwenvl_ft.doctor import doctor
+
+            return doctor()
         if command not in COMMANDS:
-            print(f"qwenvl-ft: unknown command '{command}'. Valid commands: {', '.join(COMMANDS)}, recipes",
+            print(f"qwenvl-ft: unknown command '{command}'. Valid commands: {', '.join(COMMANDS)}, recipes, doctor",
                   file=sys.stderr)
             return 2
         root = root_schema(COMMANDS[command][0])

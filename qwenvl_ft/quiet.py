@@ -4,7 +4,8 @@ Each entry was seen on a plain `qwenvl-ft train recipe=demo` / `eval` / `merge` 
 library's internals rather than the user's run:
 
 - bitsandbytes logs, on every import, that it could not load an optional CPU 4-bit kernel from the `kernels`
-  package, even when nothing is quantised (its own slower path is used instead);
+  package, even when nothing is quantised (its own slower path is used instead); offline, `kernels` (>= 0.19, a
+  dependency of transformers) first logs that it skips that kernel repository's publisher check;
 - DeepSpeed logs, when it is imported (by accelerate or peft), that it fell back to its CPU accelerator; on a GPU
   machine it says nothing, and DeepSpeed is not in use unless the config asks for it;
 - rouge-score logs "Using default tokenizer." through absl at INFO on every score;
@@ -26,6 +27,7 @@ import warnings
 # against the start of the message)
 NOISY_LOG_MESSAGES = {
     "bitsandbytes.backends.cpu.ops": [r"Failed to load CPU gemm_4bit_forward from kernels-community"],
+    "kernels._internals.hf_hub": [r"Skipping publisher trust check for 'kernels-community/"],
     "DeepSpeed": [r"Setting accelerator to CPU"],
     "mlflow.store.db.utils": [r"Creating initial MLflow database tables", r"Updating database tables"],
 }

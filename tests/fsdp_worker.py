@@ -53,6 +53,22 @@ def shard(model, typed, rank):
     return fsdp2_prepare_model(accelerator, model), plugin
 
 
+def fsdp_units(sharded):
+    """How many FSDP units shard each class. accelerate >= 1.16 shards a layer's activation-checkpoint wrapper
+    (FSDP's hooks stay outside the recomputed code) where earlier versions sharded the layer inside it: either way
+    the unit holds exactly that one layer, so it is counted by the layer's class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    counts = {}
+    for module in sharded.modules():
+        if isinstance(module, FSDPModule):
+            inner = getattr(module, "_checkpoint_wrapped_module", module)
+            name = type(inner).__name__
+            name = name[len("FSDP"):] if name.startswith("FSDP") else name
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def token_count(batch):
     return int((batch["labels"][:, 1:] != -100).sum())
 
@@ -86,13 +102,17 @@ def mixed_modality(data_path, rank, world):
     model.train()
     sharded, plugin = shard(model, typed, rank)
     keep_vision_in_step(sharded, always=True)
-    wrapped = sorted({type(m).__name__.replace("FSDP", "") for m in sharded.modules()
-                      if type(m).__name__.startswith("FSDP")})
+    units = fsdp_units(sharded)
     scaled, _ = local_loss(sharded, batches[rank], global_tokens, world)
     scaled.backward()
     grads = full_gradients(sharded)  # collective: every rank
 
-    result = {"wrap_classes": plugin.transformer_cls_names_to_wrap, "fsdp_units": wrapped}
+    result = {"wrap_classes": plugin.transformer_cls_names_to_wrap, "fsdp_units": units,
+              "layers": {"Qwen2VLDecoderLayer": model.config.text_config.num_hidden_layers,
+                         "Qwen2VLVisionBlock": model.config.vision_config.depth},
+              "checkpoint_wrappers": sum(hasattr(m, "_checkpoint_wrapped_module") for m in sharded.modules()),
+              "transformers_checkpointing": sum(bool(getattr(m, "gradient_checkpointing", False))
+                                                for m in sharded.modules())}
     if rank == 0:
         reference = build_model(typed.model, typed.adapter)
         reference.train()

@@ -202,6 +202,26 @@ def test_srun_tasks_agree_on_one_run_name_and_launch_id(tmp_path):
     assert outputs[0]["env"]["QWENVL_FT_LAUNCH_ID"] == outputs[1]["env"]["QWENVL_FT_LAUNCH_ID"] == "4242"
 
 
+@pytest.mark.parametrize("statuses", [{0: 2, 1: 2}, {0: -15, 1: 2}, {0: 2, 1: -15}, {0: 2, 1: -9}])
+def test_a_data_error_stops_the_launch_whichever_rank_exits_first(tmp_path, statuses):
+    """torchrun stops the remaining workers once one has exited: a rank stopped on its way out of the same data
+    error must not turn the launch's one message into a failure with a traceback."""
+    from qwenvl_ft.distributed.launch import WorkersStopped, _failed
+
+    cfg = validate(compose(["recipe=demo", "dist=ddp"], output_dir=str(tmp_path)))
+    with pytest.raises(WorkersStopped, match="the launched processes stopped"):
+        _failed(cfg, statuses)
+
+
+@pytest.mark.parametrize("statuses", [{0: 1, 1: -15}, {0: -15, 1: -15}, {0: 2, 1: 1}])
+def test_a_launch_with_a_failed_rank_is_a_failure(tmp_path, statuses):
+    from qwenvl_ft.distributed.launch import WorkersFailed, _failed
+
+    cfg = validate(compose(["recipe=demo", "dist=ddp"], output_dir=str(tmp_path)))
+    with pytest.raises(WorkersFailed, match="the launched processes failed"):
+        _failed(cfg, statuses)
+
+
 def test_a_single_process_is_left_alone(monkeypatch):
     from qwenvl_ft.distributed import launch, ranks
 

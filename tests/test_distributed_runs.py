@@ -8,6 +8,7 @@ order than over one batch; the differences measured are about 1e-7).
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -205,7 +206,10 @@ def test_a_data_error_stops_every_process_with_one_message(tmp_path):
     text = (tmp_path / "bad.log").read_text()
     assert text.count("missing.png") >= 1 and "Traceback" not in text
     assert text.count("qwenvl-ft: ") == 2  # the worker's message, then the launcher's line
-    assert "the launched processes stopped (exit status rank 0: 2, rank 1: 2)" in text
+    # whichever rank exits first, torchrun may stop the other before it exits 2 itself (test_distributed.py)
+    stopped = re.search(r"the launched processes stopped \(exit status rank 0: (.*), rank 1: (.*)\); ", text)
+    assert stopped and "2" in stopped.groups()
+    assert set(stopped.groups()) <= {"2", "stopped by the launcher (SIGTERM)", "stopped by the launcher (SIGKILL)"}
 
 
 def test_fsdp2_on_gloo_mixed_modality_gradients_and_losses_equal_one_process(tmp_path):
@@ -221,7 +225,14 @@ def test_fsdp2_on_gloo_mixed_modality_gradients_and_losses_equal_one_process(tmp
     result = json.loads(out.read_text())
     mixed = result["mixed_modality"]
     assert mixed["wrap_classes"] == ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"]
-    assert {"Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"} <= set(mixed["fsdp_units"])
+    # every decoder layer and vision block is its own unit (inside FSDP's activation-checkpoint wrapper), the model
+    # the root unit (accelerate >= 1.16 also makes the embeddings and the head units of their own); transformers' own
+    # checkpointing is off, so nothing is recomputed twice
+    units = mixed["fsdp_units"]
+    assert {name: units.get(name) for name in mixed["layers"]} == mixed["layers"]
+    assert units.get("Qwen2VLForConditionalGeneration") == 1
+    assert mixed["checkpoint_wrappers"] == sum(mixed["layers"].values())
+    assert mixed["transformers_checkpointing"] == 0
     assert mixed["same_names"] and mixed["vision_grad_norm"] > 0
     assert mixed["max_abs_diff"] <= 1e-5 * mixed["max_abs_grad"] + 1e-7
     for adapter in ("lora", "full"):

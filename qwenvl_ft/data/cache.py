@@ -84,8 +84,12 @@ def key_hash(material: Dict) -> str:
 
 def processor_fingerprint(processor) -> str:
     """What of a processor changes how a row is tokenised and how many visual tokens an image becomes."""
+    import transformers
+
     tokenizer = getattr(processor, "tokenizer", processor)
     parts = {
+        # the processor's code decides too (transformers 5.25 changed how a timestamped video expands)
+        "transformers": transformers.__version__,
         "tokenizer": [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
                       str(getattr(tokenizer, "chat_template", None) or getattr(processor, "chat_template", "")),
                       sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))],

@@ -53,6 +53,26 @@ class RowDropped(DataError):
     """A valid row that does not fit data.max_length under data.overlength: dropped and counted, not an error."""
 
 
+def video_wrapper_replaced(processor) -> bool:
+    """Whether the processor replaces the chat template's whole `<|vision_start|><|video_pad|><|vision_end|>` by
+    what a video expands to, rather than only the `<|video_pad|>` inside it. A family whose expansion wraps every
+    temporal patch in its own markers (timestamped spans) does the former from transformers 5.25 on, the latter
+    before; families whose expansion is pads only always do the latter.
+
+    Asked of the processor's own text replacement with a marker for the expansion, so the collator follows the
+    installed version by what it does, not by its version number; a processor without that method (none in the
+    supported range) keeps the markers, as every earlier one did."""
+    start = getattr(processor, "vision_start_token", "<|vision_start|>")
+    end = getattr(processor, "vision_end_token", "<|vision_end|>")
+    video = getattr(processor, "video_token", "<|video_pad|>")
+    marker = "qwenvl-ft video expansion"
+    replace = getattr(processor, "get_text_with_replacements", None)
+    if replace is None:
+        return False
+    texts, _ = replace([start + video + end], videos_replacements=[marker])
+    return texts[0] == marker
+
+
 def assistant_label_mask(input_ids: Sequence[int], tokenizer) -> torch.Tensor:
     """True on the tokens of every assistant turn's content and its closing <|im_end|>; False elsewhere.
 
@@ -133,6 +153,7 @@ class VisionChatCollator:
         self.vision_start_id, self.vision_end_id = ids("<|vision_start|>"), ids("<|vision_end|>")
         self.image_pad_id, self.video_pad_id = ids("<|image_pad|>"), ids("<|video_pad|>")
         self._text_ids: Dict[str, List[int]] = {}  # timestamps and other text a video placeholder expands to
+        self.video_wrapper_replaced = video_wrapper_replaced(processor)
         # Never targets with data.train_on_prompt: the vision span and its markers (the SFT tutorial that trains on
         # the whole sequence masks exactly these); a video's timestamps stand for its <|video_pad|>, so are masked.
         self.vision_token_ids = np.asarray([self.vision_start_id, self.vision_end_id, self.image_pad_id,
@@ -307,9 +328,11 @@ class VisionChatCollator:
     def expand_placeholders(self, ids: np.ndarray, visuals: Visuals, source: str) -> Tuple[np.ndarray, np.ndarray]:
         """(model input ids, index into `ids` of the token each of them stands for). Every <|image_pad|> becomes
         as many pads as its image has visual tokens, every <|video_pad|> what the family expands a video to (pads,
-        or timestamped spans per temporal patch); every other token stays. Expanding by id after tokenising gives
-        the processor's tokens without tokenising a string of hundreds of placeholders."""
-        expansions = {}
+        or timestamped spans per temporal patch), replacing the chat template's vision markers around it too where
+        the installed processor does (`video_wrapper_replaced`); every other token stays. Expanding by id after
+        tokenising gives the processor's tokens without tokenising a string of hundreds of placeholders."""
+        # first index replaced -> (end of the replaced span, index of the placeholder, what replaces the span)
+        expansions: Dict[int, Tuple[int, int, np.ndarray]] = {}
         for pad_id, grids, kind in ((self.image_pad_id, visuals.image_grids, "image"),
                                     (self.video_pad_id, visuals.video_grids, "video")):
             positions = np.flatnonzero(ids == pad_id)
@@ -317,18 +340,30 @@ class VisionChatCollator:
                 raise DataError(f"{source}: the rendered text has {len(positions)} {kind} placeholder(s) for "
                                 f"{len(grids)} {kind}(s) (does a text contain a literal <|{kind}_pad|>?)")
             for index, (position, grid) in enumerate(zip(positions.tolist(), grids)):
-                expansions[position] = np.full(self._tokens(grid), pad_id, dtype=np.int64) if kind == "image" \
-                    else np.asarray(self.video_tokens(grid, visuals.video_frame_times[index]), dtype=np.int64)
+                if kind == "image":
+                    expansions[position] = (position + 1, position, np.full(self._tokens(grid), pad_id, dtype=np.int64))
+                    continue
+                first, end = self._video_span(ids, position)
+                tokens = np.asarray(self.video_tokens(grid, visuals.video_frame_times[index]), dtype=np.int64)
+                expansions[first] = (end, position, tokens)
         if not expansions:
             return ids, np.arange(len(ids))
         pieces, origin, start = [], [], 0
-        for position in sorted(expansions):
-            pieces += [ids[start:position], expansions[position]]
-            origin += [np.arange(start, position), np.full(len(expansions[position]), position)]
-            start = position + 1
+        for first in sorted(expansions):
+            end, placeholder, tokens = expansions[first]
+            pieces += [ids[start:first], tokens]
+            origin += [np.arange(start, first), np.full(len(tokens), placeholder)]
+            start = end
         pieces.append(ids[start:])
         origin.append(np.arange(start, len(ids)))
         return np.concatenate(pieces), np.concatenate(origin)
+
+    def _video_span(self, ids: np.ndarray, position: int) -> Tuple[int, int]:
+        """The tokens a video's expansion replaces: its <|video_pad|>, and the <|vision_start|> ... <|vision_end|>
+        around it where the processor replaces that whole wrapper (it does so only for the exact wrapper text)."""
+        wrapped = 0 < position < len(ids) - 1 and ids[position - 1] == self.vision_start_id \
+            and ids[position + 1] == self.vision_end_id
+        return (position - 1, position + 2) if self.video_wrapper_replaced and wrapped else (position, position + 1)
 
     def video_tokens(self, grid: Tuple[int, int, int], frame_times: List[float]) -> List[int]:
         ids = {"video_pad": self.video_pad_id, "vision_start": self.vision_start_id, "vision_end": self.vision_end_id}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -266,16 +267,31 @@ def launch(cfg: TrainConfig, launch_plan: LaunchPlan, overrides: Sequence[str], 
 
 def _failed(cfg: TrainConfig, statuses: Dict[int, int]) -> Dict:
     """The outcome of a launch that did not end with status 0 everywhere: an interruption with a checkpoint saved
-    (resumable: rank 0's summary says so), or a failure."""
+    (resumable: rank 0's summary says so), or a failure.
+
+    Every rank stops on a config or data error with status 2, but torchrun stops the remaining workers with
+    SIGTERM (then SIGKILL) as soon as one has exited: a rank still on its way out shows that signal instead. So the
+    launch stopped on the error when some rank exited 2 and every other one did too or was stopped by the
+    launcher, whichever rank finished first."""
     metrics = _results(cfg)
     if metrics.get("interrupted") or not statuses:
         metrics.setdefault("interrupted", True)
         return metrics
-    by_rank = ", ".join(f"rank {rank}: {status}" for rank, status in sorted(statuses.items()))
-    if set(statuses.values()) == {2}:
+    by_rank = ", ".join(f"rank {rank}: {_status_text(status)}" for rank, status in sorted(statuses.items()))
+    if 2 in statuses.values() and all(s == 2 or s in _STOPPED_BY_LAUNCHER for s in statuses.values()):
         raise WorkersStopped(f"the launched processes stopped (exit status {by_rank}); the message is above")
     raise WorkersFailed(f"the launched processes failed (exit status {by_rank}); the first failure's traceback is "
                         f"above") from None
+
+
+# what torchrun sends the workers still running once one has exited (SIGKILL after a grace period)
+_STOPPED_BY_LAUNCHER = (-signal.SIGTERM, -signal.SIGKILL)
+
+
+def _status_text(status: int) -> str:
+    if status in _STOPPED_BY_LAUNCHER:
+        return f"stopped by the launcher ({signal.Signals(-status).name})"
+    return str(status)
 
 
 def _results(cfg: TrainConfig) -> Dict:
