@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Tuple
 
 from qwenvl_ft.config.compose import available_recipes, check_override_keys, check_recipe_keys, chosen_recipe, \
     config_dir, register_all
-from qwenvl_ft.config.schema import ConfigError, root_schema
+from qwenvl_ft.config.schema import root_schema
+from qwenvl_ft.errors import ConfigError
 
 log = logging.getLogger("qwenvl_ft")
 

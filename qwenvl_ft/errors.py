@@ -1,6 +1,16 @@
-"""Errors whose message is meant for the user as it is (no traceback needed)."""
+"""Errors whose message is meant for the user as it is (no traceback needed), and the range-check helper of every
+config dataclass. The bottom of the package: it imports nothing of qwenvl_ft, so declarations anywhere (config
+groups, training methods, reward options) can raise these without importing the schema they are part of."""
 
-from qwenvl_ft.config.schema import ConfigError
+
+class ConfigError(ValueError):
+    """A config value is out of range or inconsistent with another value."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `condition` holds (the range checks of every config dataclass)."""
+    if not condition:
+        raise ConfigError(message)
 
 
 class DataError(ValueError):

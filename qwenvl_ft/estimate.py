@@ -35,7 +35,8 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig
 
 from qwenvl_ft import families, methods
-from qwenvl_ft.config.schema import AdapterMethod, ConfigError, DataConfig, ModelConfig, Precision, TrainConfig
+from qwenvl_ft.config.schema import AdapterMethod, DataConfig, ModelConfig, Precision, TrainConfig
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.families.base import language_linear_inputs
 
 log = logging.getLogger("qwenvl_ft")

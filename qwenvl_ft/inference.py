@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from qwenvl_ft.config.compose import validate
 from qwenvl_ft.config.saved_run import with_saved_run
-from qwenvl_ft.config.schema import ConfigError, InferRunConfig
+from qwenvl_ft.config.schema import InferRunConfig
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.runtime import write_atomically
 
 log = logging.getLogger("qwenvl_ft")

@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.errors import ConfigError
 
 log = logging.getLogger("qwenvl_ft")
 

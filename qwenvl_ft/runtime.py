@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.errors import UserFacingError
 
 log = logging.getLogger("qwenvl_ft")

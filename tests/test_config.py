@@ -7,7 +7,8 @@ import pytest
 
 from qwenvl_ft.cli import main
 from qwenvl_ft.config.compose import available_recipes, compose, validate
-from qwenvl_ft.config.schema import AdapterMethod, ConfigError, ModelFamily
+from qwenvl_ft.config.schema import AdapterMethod, ModelFamily
+from qwenvl_ft.errors import ConfigError
 
 # Recipes whose data lives on the user's disk need data.path to validate.
 NEEDS_PATH = {"lora_2b_coco", "full_7b_llava", "lora_qwen25vl_3b_llava", "dpo_lora_2b", "lora_qwen3vl_8b_llava",

@@ -9,7 +9,8 @@ import pytest
 
 from qwenvl_ft.cli import main
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import GROUP_SCHEMAS, ConfigError, Precision, Tracker
+from qwenvl_ft.config.schema import GROUP_SCHEMAS, Precision, Tracker
+from qwenvl_ft.errors import ConfigError
 
 
 def _cfg(*overrides):

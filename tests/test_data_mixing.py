@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 
-from qwenvl_ft.config.schema import ConfigError, DataConfig, DataFormat, DuplicateIds, SourceConfig
+from qwenvl_ft.config.schema import DataConfig, DataFormat, DuplicateIds, SourceConfig
 from qwenvl_ft.data.check import check_data
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.errors import DataError
 
 from data_helpers import llava, write_image, write_jsonl

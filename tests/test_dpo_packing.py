@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import ConfigError
 from qwenvl_ft.data.preference import to_pair_dataset
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.modeling.padding_free import repeated_half, share_pair_images, unpad_language_model
 
 from family_models import TEST_MODELS
@@ -48,8 +48,8 @@ PAIRS = [
 @pytest.fixture(scope="module", params=TEST_MODELS)
 def trainer(request, tmp_path_factory):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
-    from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
     from qwenvl_ft.methods.dpo import build_trainer
+    from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
 
     out = tmp_path_factory.mktemp("dpo_packing")
     # LoRA on the language model and the vision blocks, merger trained: gradients reach every part

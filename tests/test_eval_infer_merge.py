@@ -15,7 +15,8 @@ import torch
 
 from qwenvl_ft.cli import main
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import EVAL_METRICS, ConfigError
+from qwenvl_ft.config.schema import EVAL_METRICS
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.evaluation import metrics
 
 from family_models import DEFAULT_MODEL, TEST_MODELS

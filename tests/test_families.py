@@ -48,7 +48,8 @@ def test_the_registry_finds_every_family_module():
 
 
 def test_model_family_choices_are_the_registered_names():
-    from qwenvl_ft.config.schema import ConfigError, ModelFamily
+    from qwenvl_ft.config.schema import ModelFamily
+    from qwenvl_ft.errors import ConfigError
 
     assert [f.value for f in ModelFamily] == families.names()
     with pytest.raises(ConfigError, match="qwen3_vl"):  # the error lists the valid choices
@@ -91,7 +92,7 @@ def test_declarations_name_what_exists(family):
 
 
 def test_a_lora_target_the_family_lacks_is_named():
-    from qwenvl_ft.config.schema import ConfigError
+    from qwenvl_ft.errors import ConfigError
     from qwenvl_ft.estimate import count_parameters
 
     with pytest.raises(ConfigError, match=r"adapter.target_modules has \['qkv'\].*valid: \['q_proj'"):
@@ -107,7 +108,8 @@ def test_every_family_has_a_test_model_option():
 
 
 def test_a_checkpoint_of_another_family_is_refused_before_loading():
-    from qwenvl_ft.config.schema import ConfigError, ModelConfig, ModelFamily
+    from qwenvl_ft.config.schema import ModelConfig, ModelFamily
+    from qwenvl_ft.errors import ConfigError
     from qwenvl_ft.modeling.build import check_family, model_source
 
     typed = validate(compose(["recipe=demo"], output_dir="/tmp/unused"))

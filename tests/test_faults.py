@@ -17,7 +17,7 @@ import pytest
 
 from qwenvl_ft.cli import main
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.errors import DataError
 
 from data_helpers import data_cfg, llava, write_image, write_jsonl

@@ -15,7 +15,8 @@ from PIL import Image
 
 from qwenvl_ft import methods
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import ConfigError, DataConfig, DataFormat, Overlength
+from qwenvl_ft.config.schema import DataConfig, DataFormat, Overlength
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.data.prompts import PromptImages, PromptMeasurer, as_chat_row, load_prompt_rows, shapes_prompt_rows, \
     to_prompt_dataset
 from qwenvl_ft.data.shapes import COLOURS, SHAPES, draw

@@ -13,7 +13,7 @@ from PIL import Image
 
 from qwenvl_ft import families
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.data.batching import (ExpandGroups, padding_fraction, plan_packs, plan_token_budget, row_length,
                                      row_lengths, training_batches)
 from qwenvl_ft.data.collate import IGNORE_INDEX, VisionChatCollator
@@ -340,8 +340,8 @@ def test_liger_switch_fails_clearly_without_the_package():
 @pytest.mark.parametrize("option", TEST_MODELS)
 def test_sft_trainer_loss_and_gradients_packed_equal_padded(tmp_path, option):
     from qwenvl_ft.data.sources import to_dataset
-    from qwenvl_ft.modeling.build import build_model
     from qwenvl_ft.methods.sft import build_trainer
+    from qwenvl_ft.modeling.build import build_model
 
     collator = _collator(option)
     typed = validate(compose(["recipe=demo", f"model={option}", "adapter=full", "trainer.report_to=[none]"],

@@ -12,7 +12,7 @@ import pytest
 
 from qwenvl_ft.cli import main
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.errors import ConfigError
 
 RUN = ["recipe=demo", "adapter=lora", "run_name=exp1", "data.shapes.num_train=16", "data.shapes.num_eval=4",
        "trainer.max_steps=2", "trainer.logging_steps=1", "trainer.disable_tqdm=true", "trainer.save_steps=1000"]

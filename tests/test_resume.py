@@ -17,7 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.training.resume import (COMPLETE_MARKER, config_changes, is_complete, latest_complete,
                                        resolve_resume)
 

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from qwenvl_ft.config.base import ConfigError
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.rewards import AsyncReward, Reward, build_rewards, check_fields, score, summarise
 from qwenvl_ft.rewards.builtins import box_iou, choice_match, completion_text, exact_match, extract_answer, \
     format_match, normalised_match, number_match, parse_box, parse_number, valid_json

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.runlock import LOCK_NAME, STALE_AFTER_S, FolderLock, lock_folder, release_all
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.estimate import StepWork, forward_flops, training_flops, vision_attention_pairs
 
 QUICK = ["recipe=demo", "trainer.logging_steps=2", "trainer.disable_tqdm=true", "trainer.eval_generation=false",

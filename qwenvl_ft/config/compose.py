@@ -20,7 +20,8 @@ from typing import Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from qwenvl_ft.config.schema import GROUP_SCHEMAS, ConfigError, TrainConfig, register_schemas, root_schema
+from qwenvl_ft.config.schema import GROUP_SCHEMAS, TrainConfig, register_schemas, root_schema
+from qwenvl_ft.errors import ConfigError
 
 RECIPES_ENV = "QWENVL_FT_RECIPES"
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from enum import Enum
 from typing import Any, Dict, List, Optional, Union
 
 from qwenvl_ft import families, methods
-from qwenvl_ft.config.base import ConfigError, check as _check  # noqa: F401 (ConfigError is re-exported)
+from qwenvl_ft.errors import ConfigError, check as _check
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,15 +19,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from qwenvl_ft.config.schema import ConfigError, DistEngine, TrainConfig
+from qwenvl_ft.config.schema import DistEngine, TrainConfig
 from qwenvl_ft.distributed import ranks
+from qwenvl_ft.errors import ConfigError
 
 log = logging.getLogger("qwenvl_ft")
 

@@ -15,7 +15,8 @@ import math
 from types import SimpleNamespace
 from typing import Dict, Optional
 
-from qwenvl_ft.config.schema import ConfigError, OffloadDevice, Precision, TrainConfig
+from qwenvl_ft.config.schema import OffloadDevice, Precision, TrainConfig
+from qwenvl_ft.errors import ConfigError
 
 
 def deepspeed_config(cfg: TrainConfig) -> Dict:

@@ -3,7 +3,7 @@
 A method (SFT, DPO, GRPO, ...) is one module in this package holding one `Method` subclass and an instance of it
 named `METHOD`. Its class attributes are the declaration: the settings dataclass that becomes `trainer.<name>`, the
 data formats it reads, whether it runs distributed. They are read when the config schema is built, so a method
-module imports only the standard library and `qwenvl_ft.config.base` at its top; everything heavy (torch, TRL, the
+module imports only the standard library and `qwenvl_ft.errors` at its top; everything heavy (torch, TRL, the
 data and model layers) is imported inside its functions, which only the commands call.
 
 The skeleton that calls these is `qwenvl_ft/training/run.py`; `data-check` (data/check.py), `eval`
@@ -66,7 +66,7 @@ class Method:
     def check_config(self, cfg) -> None:
         """Cross-field rules of this method over the whole TrainConfig (raise ConfigError)."""
         from qwenvl_ft import methods
-        from qwenvl_ft.config.base import check
+        from qwenvl_ft.errors import check
 
         planners = "/".join(f"trainer={m.name}" for m in methods.registry().values() if m.length_batching)
         check(self.length_batching or (cfg.data.max_tokens_per_batch is None and not cfg.data.group_by_length),

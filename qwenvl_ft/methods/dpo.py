@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Dict, List, Optional, Tuple
 
-from qwenvl_ft.config.base import check
+from qwenvl_ft.errors import check
 from qwenvl_ft.methods.base import Method, TrainerParts
 
 log = logging.getLogger("qwenvl_ft")

@@ -37,7 +37,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from qwenvl_ft.config.base import ConfigError, check
+from qwenvl_ft.errors import ConfigError, check
 from qwenvl_ft.methods.base import Method, TrainerParts
 
 log = logging.getLogger("qwenvl_ft")

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from qwenvl_ft import families
-from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, ConfigError, DataConfig, ModelConfig, \
-    OptimizerConfig
+from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, DataConfig, ModelConfig, OptimizerConfig
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.families import Family, ModelParts
 from qwenvl_ft.modeling.frozen_vision import keep_frozen_vision_out_of_autograd
 from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qwenvl_ft.config.schema import AdapterConfig, ConfigError, DataConfig, ModelConfig
+from qwenvl_ft.config.schema import AdapterConfig, DataConfig, ModelConfig
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.modeling.build import DTYPES, build_processor, check_family, model_class, model_source, \
     quantization_config
 from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa

@@ -11,7 +11,7 @@ import errno
 import os
 from pathlib import Path
 
-from qwenvl_ft.config.schema import ConfigError
+from qwenvl_ft.errors import ConfigError
 
 _TRUE = ("1", "true", "yes", "on")
 

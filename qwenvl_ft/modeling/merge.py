@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 
 from qwenvl_ft.config.compose import validate
 from qwenvl_ft.config.saved_run import with_saved_run
-from qwenvl_ft.config.schema import ConfigError, MergeRunConfig
+from qwenvl_ft.config.schema import MergeRunConfig
+from qwenvl_ft.errors import ConfigError
 
 log = logging.getLogger("qwenvl_ft")
 

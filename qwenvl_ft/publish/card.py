@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from qwenvl_ft.config.schema import AdapterMethod, ConfigError, TrainConfig
+from qwenvl_ft.config.schema import AdapterMethod, TrainConfig
+from qwenvl_ft.errors import ConfigError
 
 PIPELINE_TAG = "image-text-to-text"
 LIBRARY = {"adapter": "peft", "model": "transformers", "merged": "transformers"}  # kind of folder -> library_name

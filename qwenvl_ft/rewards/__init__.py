@@ -8,7 +8,7 @@ anything loads: an unknown built-in (the valid names are listed), an option a bu
 wrong type, a path that does not import, a function whose signature TRL cannot call. `check_fields` does the rest
 once the rows are read: every column a reward reads must exist.
 
-This package imports only the standard library (and qwenvl_ft.config.base for ConfigError), so checking a config stays
+This package imports only the standard library (and qwenvl_ft.errors for ConfigError), so checking a config stays
 fast and torch-free.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from qwenvl_ft.config.base import ConfigError
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.rewards import builtins
 from qwenvl_ft.rewards.builtins import check_extract
 

@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_ft.config.compose import validate
-from qwenvl_ft.config.schema import ConfigError, DistEngine, HubConfig, Precision, TrainConfig
+from qwenvl_ft.config.schema import DistEngine, HubConfig, Precision, TrainConfig
 from qwenvl_ft.distributed.engine import engine_arguments
+from qwenvl_ft.errors import ConfigError
 
 log = logging.getLogger("qwenvl_ft")
 

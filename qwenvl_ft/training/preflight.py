@@ -13,7 +13,8 @@ import difflib
 import importlib
 import importlib.util
 
-from qwenvl_ft.config.schema import ConfigError, Precision, TrainConfig, Tracker
+from qwenvl_ft.config.schema import Precision, TrainConfig, Tracker
+from qwenvl_ft.errors import ConfigError
 
 # tracker -> (module that must be importable, the qwenvl-ft extra that installs it; None: a core dependency)
 TRACKER_PACKAGES = {

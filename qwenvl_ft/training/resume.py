@@ -29,7 +29,8 @@ from typing import Iterator, List, Optional, Tuple
 
 from transformers import TrainerCallback
 
-from qwenvl_ft.config.schema import ConfigError, TrainerConfig
+from qwenvl_ft.config.schema import TrainerConfig
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.runtime import write_atomically
 
 log = logging.getLogger("qwenvl_ft")

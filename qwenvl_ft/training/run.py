@@ -18,7 +18,8 @@ from typing import Dict
 
 from omegaconf import DictConfig
 
-from qwenvl_ft.config.schema import ConfigError, TrainConfig
+from qwenvl_ft.config.schema import TrainConfig
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.training.common import finish_final, interrupted, log_performance, optimizer_steps, save_final, \
     shared_parts, start_run, write_history
 

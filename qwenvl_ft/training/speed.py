@@ -8,7 +8,8 @@ import importlib.util
 import logging
 from typing import Sequence
 
-from qwenvl_ft.config.schema import ConfigError, ModelConfig
+from qwenvl_ft.config.schema import ModelConfig
+from qwenvl_ft.errors import ConfigError
 
 log = logging.getLogger("qwenvl_ft")
 

@@ -9,7 +9,8 @@ from typing import Callable, Dict, Optional
 
 from omegaconf import DictConfig
 
-from qwenvl_ft.config.schema import ConfigError, TrainConfig
+from qwenvl_ft.config.schema import TrainConfig
+from qwenvl_ft.errors import ConfigError
 
 log = logging.getLogger("qwenvl_ft")
 
