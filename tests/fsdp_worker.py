@@ -54,16 +54,20 @@ def shard(model, typed, rank):
 
 
 def fsdp_units(sharded):
-    """How many FSDP units shard each class. accelerate >= 1.16 shards a layer's activation-checkpoint wrapper
-    (FSDP's hooks stay outside the recomputed code) where earlier versions sharded the layer inside it: either way
-    the unit holds exactly that one layer, so it is counted by the layer's class."""
+    """How many modules of each class are sharded as a unit of their own: the module is an FSDP unit, or the
+    activation-checkpoint wrapper around it is (accelerate >= 1.16 shards the wrapper, so that FSDP's hooks stay
+    outside the recomputed code; 1.15 shards both the layer and its wrapper). Either way the unit holds exactly that
+    one layer's parameters."""
     from torch.distributed.fsdp import FSDPModule
 
+    wrapped_by_unit = {id(m._checkpoint_wrapped_module) for m in sharded.modules()
+                       if isinstance(m, FSDPModule) and hasattr(m, "_checkpoint_wrapped_module")}
     counts = {}
     for module in sharded.modules():
-        if isinstance(module, FSDPModule):
-            inner = getattr(module, "_checkpoint_wrapped_module", module)
-            name = type(inner).__name__
+        if hasattr(module, "_checkpoint_wrapped_module"):
+            continue  # counted as the layer it wraps
+        if isinstance(module, FSDPModule) or id(module) in wrapped_by_unit:
+            name = type(module).__name__
             name = name[len("FSDP"):] if name.startswith("FSDP") else name
             counts[name] = counts.get(name, 0) + 1
     return counts
