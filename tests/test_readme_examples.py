@@ -1,5 +1,5 @@
-"""The README's worked example runs as written: its recipe file is examples/llava_tiny.yaml, and its commands (check,
-train, eval, infer, merge with the tiny model; estimate with Qwen2-VL-2B) run offline from a copy of the
+"""The worked example of docs/data.md runs as written: its recipe file is examples/llava_tiny.yaml, and its commands
+(check, train, eval, infer, merge with the tiny model; estimate with Qwen2-VL-2B) run offline from a copy of the
 repository's examples/ folder."""
 
 import json
@@ -18,7 +18,7 @@ SECTION = "## Worked example: your own LLaVA file"
 
 
 def _section() -> str:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "data.md").read_text()
     start = readme.index(SECTION)
     return readme[start: readme.index("\n## ", start + len(SECTION))]
 
