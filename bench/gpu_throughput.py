@@ -113,7 +113,7 @@ def run(model_name, method, layout, args, rows, tmp):
     import torch
 
     from qwenvl_ft.data.collate import VisionChatCollator
-    from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.modeling.build import build_model
     from qwenvl_ft.methods.sft import build_trainer
 

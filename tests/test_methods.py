@@ -56,7 +56,7 @@ def test_format_and_method_must_agree_both_ways():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_data_check_reads_and_measures_every_methods_rows(name, tmp_path):
-    from qwenvl_ft.data.check import data_check
+    from qwenvl_ft.commands.data_check import data_check
 
     method = methods.get(name)
     summary = data_check(compose([f"recipe={method.demo_recipe}", *SMALL], output_dir=str(tmp_path)))

@@ -145,7 +145,7 @@ def _trainer(tmp_path, *overrides, delay=0.0):
     """A tiny SFT trainer built as the run builds it (the telemetry is one of the trainer class's mixins), also
     keeping the batches the loop received."""
     from qwenvl_ft.data.collate import VisionChatCollator
-    from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.methods.sft import METHOD, build_trainer
     from qwenvl_ft.modeling.build import build_model, build_processor
     from qwenvl_ft.training.common import standalone_parts
