@@ -64,7 +64,7 @@ def usage() -> str:
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("train", "qwenvl_ft.training:train"),
     "data-check": ("train", "qwenvl_ft.commands.data_check:data_check"),
-    "estimate": ("train", "qwenvl_ft.estimate:estimate"),
+    "estimate": ("train", "qwenvl_ft.commands.estimate:estimate"),
     "eval": ("eval", "qwenvl_ft.evaluation.evaluate:evaluate"),
     "infer": ("infer", "qwenvl_ft.inference:infer"),
     "merge": ("merge", "qwenvl_ft.modeling.merge:merge"),
