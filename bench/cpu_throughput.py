@@ -90,7 +90,7 @@ def _common_args(output_dir: str, batch_size: int, seed: int) -> dict:
 def run_qwenvl_ft(name, overrides, rows, tmp):
     from qwenvl_ft.config.compose import compose, validate
     from qwenvl_ft.data.collate import VisionChatCollator
-    from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.modeling.build import build_model, build_processor
     from qwenvl_ft.methods.sft import build_trainer
 

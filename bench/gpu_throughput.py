@@ -20,7 +20,7 @@ Reported per run, by the telemetry every qwenvl-ft run logs (qwenvl_ft/training/
 trainers get the same mixin and callback here, so that every layout is measured alike), over the timed steps:
 samples/s and tokens/s (real tokens), padding fraction of the batch tensors, data-wait fraction,
 torch.cuda.max_memory_allocated() next to `qwenvl-ft estimate`'s prediction for the same config, and MFU: model
-FLOPs per second (qwenvl_ft/estimate.py: training_flops, the convention in its docstring; DPO adds the reference
+FLOPs per second (qwenvl_ft/estimate/flops.py: training_flops, the convention in its docstring; DPO adds the reference
 forward) over the GPU's dense bf16 peak (--peak-tflops, else the telemetry's table); and the collator's own
 seconds per timed step (in the DataLoader's worker processes when there are workers, `data.num_workers=auto`).
 `--profile` prints torch.profiler's top operators by host and by device time for each run.
@@ -96,7 +96,7 @@ def prepare(overrides, output_dir, build):
     import torch
 
     from qwenvl_ft.config.compose import compose, validate
-    from qwenvl_ft.estimate import GiB, estimate_memory
+    from qwenvl_ft.estimate.memory import GiB, estimate_memory
     from qwenvl_ft.modeling.build import build_processor, model_source
 
     cfg = validate(compose(overrides, output_dir=str(output_dir)))
@@ -113,7 +113,7 @@ def run(model_name, method, layout, args, rows, tmp):
     import torch
 
     from qwenvl_ft.data.collate import VisionChatCollator
-    from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.modeling.build import build_model
     from qwenvl_ft.methods.sft import build_trainer
 
@@ -189,7 +189,7 @@ class CollateTimer:
 
     def budget(self):
         """The largest batch as the estimate's BatchBudget, or None when no batch was seen."""
-        from qwenvl_ft.estimate import BatchBudget
+        from qwenvl_ft.estimate.budget import BatchBudget
 
         rows, tokens, visual, patches = (int(v) for v in self.largest)
         if not tokens:
@@ -263,7 +263,7 @@ def measure(trainer, model, cfg, model_name, method, layout, args, predicted):
 
 def estimate_at(cfg, budget) -> dict:
     """The estimate's parts (what stays between steps, activations) for the largest batch the run saw."""
-    from qwenvl_ft.estimate import GiB, estimate_memory
+    from qwenvl_ft.estimate.memory import GiB, estimate_memory
 
     if budget is None:
         return {}

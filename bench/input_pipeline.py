@@ -20,7 +20,7 @@ Step times per micro-batch (the rows' real token count times a time per token):
       here: those packs hold few visual tokens (LaTeX_OCR formulas), where our rows carry 999 each, and
       qlora_7b_amazon dequantises 4-bit weights on top (both make the real step longer, the stall share smaller).
   2B  no Qwen2-VL-2B step time was found published; the 7B time per token scaled by the ratio of model FLOPs
-      per token of the two models on these rows (qwenvl_ft/estimate.py: training_flops, LoRA on all projections,
+      per token of the two models on these rows (qwenvl_ft/estimate/flops.py: training_flops, LoRA on all projections,
       frozen vision tower). Also a lower bound: small models reach a lower share of the GPU's peak, so their real
       step is longer than the FLOPs ratio says.
 
@@ -57,7 +57,7 @@ def load_average() -> str:
 def flops_per_token_ratio(work) -> float:
     """Model FLOPs of the micro-batch `work` on Qwen2-VL-2B over Qwen2-VL-7B, LoRA r=8 on every LM projection."""
     from qwenvl_ft.config.compose import compose, validate
-    from qwenvl_ft.estimate import training_flops
+    from qwenvl_ft.estimate.flops import training_flops
 
     lora = ["adapter=lora", "adapter.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
             "model.freeze_vision_tower=true"]
@@ -72,7 +72,7 @@ def micro_batch_work(batch):
     """The batch's work as the run telemetry counts it, with Qwen2-VL's ViT (the same in 2B and 7B)."""
     from transformers import Qwen2VLConfig
 
-    from qwenvl_ft.estimate import StepWork
+    from qwenvl_ft.estimate.flops import StepWork
     from qwenvl_ft.training.telemetry import COUNTS, batch_counts
 
     counts = dict(zip(COUNTS, batch_counts(batch, Qwen2VLConfig().vision_config).tolist()))
@@ -122,7 +122,7 @@ def cpu_training(args, photos) -> None:
     from qwenvl_ft.config.compose import compose, validate
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.shapes import make_rows as shape_rows
-    from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.methods.sft import build_trainer
     from qwenvl_ft.modeling.build import build_model, build_processor
     from qwenvl_ft.training.telemetry import find_telemetry

@@ -63,8 +63,8 @@ def usage() -> str:
 # command -> (primary config name, "module:function" run on the composed config; imported only when run)
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("train", "qwenvl_ft.training:train"),
-    "data-check": ("train", "qwenvl_ft.data.check:data_check"),
-    "estimate": ("train", "qwenvl_ft.estimate:estimate"),
+    "data-check": ("train", "qwenvl_ft.commands.data_check:data_check"),
+    "estimate": ("train", "qwenvl_ft.commands.estimate:estimate"),
     "eval": ("eval", "qwenvl_ft.evaluation.evaluate:evaluate"),
     "infer": ("infer", "qwenvl_ft.inference:infer"),
     "merge": ("merge", "qwenvl_ft.modeling.merge:merge"),

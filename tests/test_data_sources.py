@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from qwenvl_ft.config.schema import ColumnsConfig
-from qwenvl_ft.data.sources import load_rows, load_split_rows, split_rows, to_dataset
+from qwenvl_ft.data.arrow import to_dataset
+from qwenvl_ft.data.records import load_rows
+from qwenvl_ft.data.splitting import load_split_rows, split_rows
 from qwenvl_ft.errors import DataError
 
 from data_helpers import data_cfg, llava, write_jsonl

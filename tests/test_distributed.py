@@ -301,7 +301,7 @@ def test_per_gpu_memory_by_dist_option():
 
 
 def test_estimate_prints_the_sharding_section(capsys):
-    from qwenvl_ft.estimate import estimate
+    from qwenvl_ft.commands.estimate import estimate
 
     metrics = estimate(compose(["recipe=full_7b_llava", "data.path=/d.json", "dist.gpu_memory_gib=80"],
                                output_dir="/tmp/unused"))

@@ -6,7 +6,9 @@ import torch
 
 from qwenvl_ft import families
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.estimate import GiB, batch_budget, count_parameters, estimate_memory, meta_model
+from qwenvl_ft.estimate.budget import batch_budget
+from qwenvl_ft.estimate.counts import count_parameters, meta_model
+from qwenvl_ft.estimate.memory import GiB, estimate_memory
 
 from family_models import DEFAULT_MODEL, TEST_MODELS, family_of_option
 
@@ -212,7 +214,7 @@ FAMILY_ARCH = {"tiny_qwen2_5_vl": ["model.architecture.vision_fullatt_block_inde
 
 
 def _model(adapter, layers, depth, vision_lora=False, option="tiny"):
-    from qwenvl_ft.estimate import hf_config
+    from qwenvl_ft.estimate.counts import hf_config
     from qwenvl_ft.modeling.build import apply_freezing, build_lora_config, model_class
 
     typed = _typed("recipe=demo", f"model={option}", f"adapter={adapter}",
@@ -325,9 +327,9 @@ def test_qlora_layer_keeps_its_residual_and_mlp_in_fp32(option):
     embeddings) and bitsandbytes returns the 4-bit MLP projections' outputs in that dtype: the layer saves its MLP
     tensors at 4 bytes, where a bf16 LoRA model saves them at 2, and nothing else changes. The estimate's
     ActivationDtypes say the same (the GPU measurement of QLoRA was 29% above the estimate before this)."""
-    from qwenvl_ft.estimate import ActivationDtypes
+    from qwenvl_ft.estimate.memory import ActivationDtypes
 
-    from qwenvl_ft.estimate import hf_config
+    from qwenvl_ft.estimate.counts import hf_config
 
     qlora, qlora_residual, cfg = _built_layer_saved_bytes("qlora", option)
     lora, lora_residual, lora_cfg = _built_layer_saved_bytes("lora", option)
@@ -343,7 +345,7 @@ def test_qlora_layer_keeps_its_residual_and_mlp_in_fp32(option):
 
 
 def test_estimate_command_prints_a_table(capsys):
-    from qwenvl_ft.estimate import estimate
+    from qwenvl_ft.commands.estimate import estimate
 
     result = estimate(compose(["recipe=qlora_7b_amazon"], output_dir="/tmp/unused"))
     out = capsys.readouterr().out

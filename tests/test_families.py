@@ -62,7 +62,7 @@ def test_declarations_name_what_exists(family):
     the test model's config on the meta device."""
     import torch
 
-    from qwenvl_ft.estimate import hf_config
+    from qwenvl_ft.estimate.counts import hf_config
     from qwenvl_ft.modeling.build import build_processor
 
     typed = validate(compose(["recipe=demo", f"model={family.test_model}"], output_dir="/tmp/unused"))
@@ -93,7 +93,7 @@ def test_declarations_name_what_exists(family):
 
 def test_a_lora_target_the_family_lacks_is_named():
     from qwenvl_ft.errors import ConfigError
-    from qwenvl_ft.estimate import count_parameters
+    from qwenvl_ft.estimate.counts import count_parameters
 
     with pytest.raises(ConfigError, match=r"adapter.target_modules has \['qkv'\].*valid: \['q_proj'"):
         count_parameters(validate(compose(["recipe=demo", "adapter=lora", "adapter.target_modules=[q_proj,qkv]"],

@@ -266,7 +266,7 @@ def _rows(n=3, image="a.png"):
 
 
 def test_a_byte_order_mark_is_read_past(tmp_path):
-    from qwenvl_ft.data.sources import load_rows
+    from qwenvl_ft.data.records import load_rows
 
     write_image(tmp_path / "a.png")
     text = json.dumps(_rows(), indent=2)
@@ -283,7 +283,7 @@ def test_a_byte_order_mark_is_read_past(tmp_path):
 
 
 def test_a_top_level_object_says_where_the_list_was_expected(tmp_path):
-    from qwenvl_ft.data.sources import load_rows
+    from qwenvl_ft.data.records import load_rows
 
     cases = {"one.json": ({"data": _rows()}, "its one list field is 'data' (3 items)"),
              "two.json": ({"train": _rows(), "test": _rows(1)}, "its list fields are 'train' (3 items), 'test'"),

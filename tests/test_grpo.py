@@ -274,7 +274,7 @@ def test_grpo_arguments_follow_the_config():
 
 
 def test_estimate_sizes_prompt_plus_completion_and_the_reference():
-    from qwenvl_ft.estimate import estimate_memory
+    from qwenvl_ft.estimate.memory import estimate_memory
 
     def rows(*overrides):
         cfg = validate(compose(["recipe=grpo_demo", *overrides], output_dir="/tmp/o"))

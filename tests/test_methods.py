@@ -56,7 +56,7 @@ def test_format_and_method_must_agree_both_ways():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_data_check_reads_and_measures_every_methods_rows(name, tmp_path):
-    from qwenvl_ft.data.check import data_check
+    from qwenvl_ft.commands.data_check import data_check
 
     method = methods.get(name)
     summary = data_check(compose([f"recipe={method.demo_recipe}", *SMALL], output_dir=str(tmp_path)))
@@ -68,7 +68,7 @@ def test_data_check_reads_and_measures_every_methods_rows(name, tmp_path):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_estimate_runs_for_every_method(name, capsys):
-    from qwenvl_ft.estimate import estimate
+    from qwenvl_ft.commands.estimate import estimate
 
     method = methods.get(name)
     result = estimate(compose([f"recipe={method.demo_recipe}"], output_dir="/tmp/unused"))
@@ -77,7 +77,7 @@ def test_estimate_runs_for_every_method(name, capsys):
 
 
 def test_dpo_estimate_adds_the_reference_copy_only_when_it_exists():
-    from qwenvl_ft.estimate import estimate_memory
+    from qwenvl_ft.estimate.memory import estimate_memory
 
     def components(*overrides):
         cfg = validate(compose(["recipe=dpo_demo", *overrides], output_dir="/tmp/unused"))

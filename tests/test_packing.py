@@ -270,7 +270,7 @@ def test_batch_layout_config_errors(overrides, message):
 def test_training_batches_layouts(collator, typed):
     from dataclasses import replace
 
-    from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.data.arrow import to_dataset
 
     rows = to_dataset(ROWS[:-1] * 4)  # a datasets column cannot hold in-memory video frames
     packed = training_batches(replace(typed.data, packing=True, max_tokens_per_batch=256), 8, collator, rows, 0)
@@ -339,7 +339,7 @@ def test_liger_switch_fails_clearly_without_the_package():
 @pytest.mark.slow
 @pytest.mark.parametrize("option", TEST_MODELS)
 def test_sft_trainer_loss_and_gradients_packed_equal_padded(tmp_path, option):
-    from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.methods.sft import build_trainer
     from qwenvl_ft.modeling.build import build_model
 
@@ -377,7 +377,7 @@ def test_packed_training_learns(tmp_path):
 
 
 def test_batch_layout_and_vision_checkpointing_are_wired(collator):
-    from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.methods.sft import METHOD
     from qwenvl_ft.training.common import shared_parts
 

@@ -1,4 +1,4 @@
-"""Run telemetry (qwenvl_ft/training/telemetry.py), model FLOPs (qwenvl_ft/estimate.py) and DataLoader workers
+"""Run telemetry (qwenvl_ft/training/telemetry.py), model FLOPs (qwenvl_ft/estimate/flops.py) and DataLoader workers
 (qwenvl_ft/data/workers.py), on the tiny random models on CPU.
 
 The claims: the FLOPs formulas equal what torch.utils.flop_counter counts in the real model code; the token, sample
@@ -15,7 +15,7 @@ from PIL import Image
 
 from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.errors import ConfigError
-from qwenvl_ft.estimate import StepWork, forward_flops, training_flops, vision_attention_pairs
+from qwenvl_ft.estimate.flops import StepWork, forward_flops, training_flops, vision_attention_pairs
 
 QUICK = ["recipe=demo", "trainer.logging_steps=2", "trainer.disable_tqdm=true", "trainer.eval_generation=false",
          "optimizer.scheduler=constant", "optimizer.warmup_ratio=0", "trainer.save_steps=1000"]
@@ -107,7 +107,7 @@ def test_reference_forward_flops_equal_the_flop_counter():
 
 
 def test_estimate_prints_flops_per_token(capsys):
-    from qwenvl_ft.estimate import estimate
+    from qwenvl_ft.commands.estimate import estimate
 
     metrics = estimate(compose(["recipe=qlora_7b_amazon"], output_dir="/tmp/unused"))
     assert "GFLOP per token" in capsys.readouterr().out
@@ -145,7 +145,7 @@ def _trainer(tmp_path, *overrides, delay=0.0):
     """A tiny SFT trainer built as the run builds it (the telemetry is one of the trainer class's mixins), also
     keeping the batches the loop received."""
     from qwenvl_ft.data.collate import VisionChatCollator
-    from qwenvl_ft.data.sources import to_dataset
+    from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.methods.sft import METHOD, build_trainer
     from qwenvl_ft.modeling.build import build_model, build_processor
     from qwenvl_ft.training.common import standalone_parts

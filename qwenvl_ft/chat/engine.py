@@ -57,7 +57,7 @@ def user_turn(text: str, files: List[str]) -> Turn:
 
 
 def conversation_row(turns: List[Turn], view: str, system_message: Optional[str] = None) -> dict:
-    """The canonical row (qwenvl_ft/data/sources.py) of `turns` as `view` saw them, ending on the open question.
+    """The canonical row (qwenvl_ft/data/rows.py) of `turns` as `view` saw them, ending on the open question.
     Each user turn shows its images, then its videos, then its text, as the LLaVA layout does without
     placeholders."""
     messages, images, videos = [], [], []

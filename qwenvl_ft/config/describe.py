@@ -1,8 +1,8 @@
 """`qwenvl-ft COMMAND --help`: every config key of the command, with its type, default and a one-line description.
 
-The descriptions are the schema's own comments (config/schema.py: the comment after a field, or the comment block
-above it, or a nested group's docstring), read from the source, so that the schema stays the one place where a
-field is documented. Standard library only: `--help` must stay as fast as `--cfg job`.
+The descriptions are the schema's own comments (config/schema.py and the group files: the comment after a field, or
+the comment block above it, or a nested group's docstring), read from the source, so that the schema stays the one
+place where a field is documented. Standard library only: `--help` must stay as fast as `--cfg job`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """Preference pairs for DPO: read a dataset in one of the preference layouts and turn every row into
 
-    {"prompt":   [messages ending on a user turn; content items as in sources.py],
+    {"prompt":   [messages ending on a user turn; content items as in data/rows.py],
      "chosen":   [{"role": "assistant", "content": [text item]}],
      "rejected": [{"role": "assistant", "content": [text item]}],
      "images":   [one reference per image item of the prompt, in order],
      "source":   "file:row"}
 
 which is TRL's conversational preference format (so TRL's vision preference collator reads it as it is) plus the
-row's origin for error messages. As in sources.py, images are not opened here, and a row whose structure is wrong
-fails with its file, row and field.
+row's origin for error messages. As in data/converters.py, images are not opened here, and a row whose structure
+is wrong fails with its file, row and field.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from qwenvl_ft.config.schema import DataConfig, DataFormat, ShapesConfig
-from qwenvl_ft.data.sources import Converter, Problem, _as_list, _field, _image_ref_feature, _message_items, \
-    _resolve, _split_placeholders, add_system_message, check_conversation, image_item, read_and_split, text_item
+from qwenvl_ft.config.data import DataConfig, DataFormat, ShapesConfig
+from qwenvl_ft.data.arrow import _image_ref_feature
+from qwenvl_ft.data.converters import Converter, _as_list, _field, _resolve, _split_placeholders, images_first, \
+    message_list
+from qwenvl_ft.data.rows import Problem, check_conversation, finish_row, text_item
+from qwenvl_ft.data.splitting import read_method_rows
 from qwenvl_ft.errors import DataError
 
 log = logging.getLogger("qwenvl_ft")
@@ -36,17 +39,6 @@ def _image_refs(record: dict) -> List[Any]:
     return _as_list(record.get("images", record.get("image")))
 
 
-def _images_first(messages: List[dict], count: int) -> None:
-    """Rows whose text has no image placeholder get their images at the start of the first user turn (what LLaVA
-    and TRL's `prepare_multimodal_messages` do)."""
-    if count == 0 or any(i["type"] == "image" for m in messages for i in m["content"]):
-        return
-    for message in messages:
-        if message["role"] == "user":
-            message["content"][:0] = [image_item() for _ in range(count)]
-            return
-
-
 def from_llava_preference(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
     """{"image": ..., "prompt" (or "question"): "<image>\\n...", "chosen": "...", "rejected": "..."}"""
     prompt_field = "question" if isinstance(record, dict) and "prompt" not in record and "question" in record \
@@ -54,32 +46,17 @@ def from_llava_preference(record: Any, where: str, base: Path, cfg: DataConfig) 
     prompt = _field(record, prompt_field, where, str)
     images = _image_refs(record)
     messages = [{"role": "user", "content": _split_placeholders(prompt)}]
-    _images_first(messages, len(images))
+    images_first(messages, len(images))
     answers = {}
     for name in ANSWER_FIELDS:
         answers[name] = [{"role": "assistant", "content": [text_item(_field(record, name, where, str))]}]
     row = {"prompt": messages, **answers, "images": [_resolve(i, base) for i in images], "source": where}
-    return _finish(row, where, cfg)
+    return finish_row(row, where, cfg, "prompt", check_pair)
 
 
 def _messages(raw: Any, where: str, name: str, images: List[Any]) -> List[dict]:
-    """A message list (or one message) in the HF / TRL layout -> canonical messages; inline images are appended
-    to `images` in order (sources.py's content rules)."""
-    if isinstance(raw, dict):
-        raw = [raw]
-    if not isinstance(raw, list):
-        raise DataError(f"{where}: field '{name}' must be a list of messages, got {type(raw).__name__}")
-    out = []
-    for index, message in enumerate(raw):
-        m_where = f"{where}: {name}[{index}]"
-        role = _field(message, "role", m_where, str)
-        content = _field(message, "content", m_where, (str, list))
-        videos: List[Any] = []
-        items = _message_items(content, m_where, images, videos)
-        if videos or any(item["type"] == "video" for item in items):
-            raise DataError(f"{m_where}: videos are not supported in preference pairs")
-        out.append({"role": role, "content": items})
-    return out
+    """A message list (or one message) in the HF / TRL layout -> canonical messages (`message_list`)."""
+    return message_list(raw, where, name, images, "videos are not supported in preference pairs")
 
 
 def from_messages_preference(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
@@ -101,9 +78,9 @@ def from_messages_preference(record: Any, where: str, base: Path, cfg: DataConfi
         prompt, answers = chosen[:shared], {"chosen": chosen[shared:], "rejected": rejected[shared:]}
         if not prompt:
             raise DataError(f"{where}: field 'prompt' is missing and chosen/rejected share no leading turns")
-    _images_first(prompt, len(images))
+    images_first(prompt, len(images))
     row = {"prompt": prompt, **answers, "images": [_resolve(i, base) for i in images], "source": where}
-    return _finish(row, where, cfg)
+    return finish_row(row, where, cfg, "prompt", check_pair)
 
 
 CONVERTERS: Dict[DataFormat, Converter] = {
@@ -112,14 +89,8 @@ CONVERTERS: Dict[DataFormat, Converter] = {
 }
 
 
-def _finish(row: dict, where: str, cfg: DataConfig) -> dict:
-    add_system_message(row["prompt"], cfg)
-    check_pair(row, where)
-    return row
-
-
 def check_pair(row: dict, where: str) -> None:
-    """Each answer is one assistant turn of text; prompt + answer is a valid conversation (sources.py rules:
+    """Each answer is one assistant turn of text; prompt + answer is a valid conversation (data/rows.py rules:
     alternating turns, non-empty answer, as many images as image items)."""
     for name in ANSWER_FIELDS:
         answer = row[name]
@@ -214,15 +185,8 @@ def pairs_kind():
 def load_pair_rows(cfg: DataConfig, problems: Optional[List[Problem]] = None) -> Tuple[List[dict], List[dict]]:
     """(train pairs, held-out pairs) as lists of canonical pairs, data.max_samples applied. The first bad row
     raises DataError, or with `problems` every bad row is recorded there and left out."""
-    if cfg.format == DataFormat.shapes_preference:
-        train, evaluation = generate_pairs(cfg.shapes)
-    elif cfg.format in CONVERTERS:
-        train, evaluation = read_and_split(cfg, problems, CONVERTERS)
-    else:
-        raise DataError(f"data.format={cfg.format.value} does not hold preference pairs")
-    if cfg.max_samples is not None:
-        train = train[: cfg.max_samples]
-    return train, evaluation
+    return read_method_rows(cfg, problems, DataFormat.shapes_preference, generate_pairs, CONVERTERS,
+                            "preference pairs")
 
 
 def load_pair_splits(cfg: DataConfig) -> Tuple[Any, Optional[Any]]:

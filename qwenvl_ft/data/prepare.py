@@ -30,7 +30,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from qwenvl_ft.config.schema import CacheMode, DataConfig
 from qwenvl_ft.data.cache import Entry, cache_key, rank
 from qwenvl_ft.data.mixing import Duplicate, Mixture, Share, SourceSpan, SplitPlan, mix, plan_splits
-from qwenvl_ft.data.sources import Problem, handle_duplicates, iter_rows, source_config
+from qwenvl_ft.data.records import iter_rows
+from qwenvl_ft.data.rows import Problem
+from qwenvl_ft.data.splitting import handle_duplicates, source_config
 from qwenvl_ft.data.store import DROPPED, INVALID, OK, RowKind, RowWriter, StatsView, bookkeeping, gather, \
     open_rows, open_table, stats_record, stats_schema
 from qwenvl_ft.errors import DataError

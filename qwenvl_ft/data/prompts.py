@@ -1,6 +1,6 @@
 """Prompt rows for GRPO: read a dataset in one of the prompt layouts and turn every row into
 
-    {"prompt":   [messages ending on a user turn; content items as in sources.py],
+    {"prompt":   [messages ending on a user turn; content items as in data/rows.py],
      "images":   [one reference per image item of the prompt, in order],
      "solution": the reference answer the rewards compare with, as text (None: a prompt-only row),
      "source":   "file:row N",
@@ -10,7 +10,8 @@
 
 which is TRL's conversational prompt format (GRPOTrainer reads `prompt` and `images`, and hands every column to the
 reward functions). A reference that is not text (a number, a list of box coordinates) is stored as its JSON text.
-As in sources.py, images are not opened here, and a row whose structure is wrong fails with its file, row and field.
+As in data/converters.py, images are not opened here, and a row whose structure is wrong fails with its file, row
+and field.
 
 `PromptImages` is what stands between the dataset and TRL: GRPOTrainer's data collator is the identity, so without
 it TRL would hand the raw references to the processor. It opens, checks and sizes each row's images exactly as the
@@ -28,10 +29,13 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from qwenvl_ft.config.schema import DataConfig, DataFormat, Overlength, ShapesConfig
+from qwenvl_ft.config.data import DataConfig, DataFormat, Overlength, ShapesConfig
+from qwenvl_ft.data.arrow import _image_ref_feature
 from qwenvl_ft.data.collate import RowDropped, SampleStats, VisionChatCollator
-from qwenvl_ft.data.sources import ROLE_ALIASES, Converter, Problem, _as_list, _field, _message_items, _resolve, \
-    _split_placeholders, add_system_message, check_conversation, image_item, read_and_split, text_item
+from qwenvl_ft.data.converters import Converter, _as_list, _field, _resolve, _split_placeholders, images_first, \
+    llava_turns, message_list
+from qwenvl_ft.data.rows import Problem, check_conversation, finish_row, text_item
+from qwenvl_ft.data.splitting import read_method_rows
 from qwenvl_ft.errors import DataError
 
 log = logging.getLogger("qwenvl_ft")
@@ -40,6 +44,7 @@ PROMPT_FIELDS = ("prompt", "question", "problem", "query")  # the prompt text of
 SOLUTION_FIELDS = ("solution", "answer", "ground_truth", "reference")  # its reference answer, first found
 IMAGE_FIELDS = ("image", "images")
 VIDEO_FIELDS = ("video", "videos")
+NO_VIDEOS = "videos are not supported in GRPO prompt rows (TRL's GRPOTrainer passes images only)"
 # A placeholder answer turn: the SFT collator renders a row's prompt as "every turn but the last", plus the
 # generation prompt (what `generate` and TRL both use).
 ANSWER_SLOT = {"role": "assistant", "content": [text_item("answer")]}
@@ -65,25 +70,13 @@ def _first(record: dict, names) -> Tuple[Optional[str], Any]:
 def _no_videos(record: dict, where: str) -> None:
     for name in VIDEO_FIELDS:
         if record.get(name):
-            raise DataError(f"{where}: field '{name}': videos are not supported in GRPO prompt rows (TRL's "
-                            f"GRPOTrainer passes images only)")
+            raise DataError(f"{where}: field '{name}': {NO_VIDEOS}")
 
 
 def _extras(record: dict, consumed) -> Dict[str, Any]:
     """The record's other top-level fields with a plain value: columns the rewards may read."""
     return {key: value for key, value in record.items() if key not in consumed and not key.startswith("_")
             and (value is None or isinstance(value, (str, int, float, bool)))}
-
-
-def _images_first(messages: List[dict], count: int) -> None:
-    """Images of a row whose text has no <image> placeholder go before the text of the first user turn (what
-    LLaVA and TRL's `prepare_multimodal_messages` do)."""
-    if count == 0 or any(i["type"] == "image" for m in messages for i in m["content"]):
-        return
-    for message in messages:
-        if message["role"] == "user":
-            message["content"][:0] = [image_item() for _ in range(count)]
-            return
 
 
 def _split_answer(messages: List[dict]) -> Tuple[List[dict], Optional[str]]:
@@ -102,14 +95,7 @@ def from_llava_prompt(record: Any, where: str, base: Path, cfg: DataConfig) -> d
     _no_videos(record, where)
     solution_name, solution = _first(record, SOLUTION_FIELDS)
     if "conversations" in record:
-        messages = []
-        for index, turn in enumerate(_field(record, "conversations", where, list)):
-            turn_where = f"{where}: conversations[{index}]"
-            name = _field(turn, "from", turn_where, str)
-            role = ROLE_ALIASES.get(name.lower())
-            if role is None:
-                raise DataError(f"{turn_where}: field 'from': unknown role '{name}' (valid: {', '.join(ROLE_ALIASES)})")
-            messages.append({"role": role, "content": _split_placeholders(_field(turn, "value", turn_where, str))})
+        messages = llava_turns(_field(record, "conversations", where, list), where)
         prompt, answer = _split_answer(messages)
         consumed = {"conversations"}
     else:
@@ -120,35 +106,20 @@ def from_llava_prompt(record: Any, where: str, base: Path, cfg: DataConfig) -> d
         prompt = [{"role": "user", "content": _split_placeholders(_field(record, prompt_name, where, str))}]
         answer, consumed = None, {prompt_name}
     images = _as_list(record.get("image", record.get("images")))
-    _images_first(prompt, len(images))
+    images_first(prompt, len(images))
     consumed |= set(IMAGE_FIELDS) | set(VIDEO_FIELDS) | {"source", "solution"}
     row = {"prompt": prompt, "images": [_resolve(i, base) for i in images],
            "solution": answer if answer is not None else _reference_text(solution), "source": where,
            **_extras(record, consumed)}
     if solution_name is not None:
         row.setdefault(solution_name, _reference_text(solution))
-    return _finish(row, where, cfg)
+    return finish_row(row, where, cfg, "prompt", check_prompt)
 
 
 def _messages(raw: Any, where: str, name: str, images: List[Any]) -> List[dict]:
     if isinstance(raw, str):  # TRL's prompt-only rows may hold the user text alone
         return [{"role": "user", "content": [text_item(raw)]}]
-    if isinstance(raw, dict):
-        raw = [raw]
-    if not isinstance(raw, list):
-        raise DataError(f"{where}: field '{name}' must be a list of messages, got {type(raw).__name__}")
-    out = []
-    for index, message in enumerate(raw):
-        m_where = f"{where}: {name}[{index}]"
-        role = _field(message, "role", m_where, str)
-        content = _field(message, "content", m_where, (str, list))
-        videos: List[Any] = []
-        items = _message_items(content, m_where, images, videos)
-        if videos or any(item["type"] == "video" for item in items):
-            raise DataError(f"{m_where}: videos are not supported in GRPO prompt rows (TRL's GRPOTrainer passes "
-                            f"images only)")
-        out.append({"role": role, "content": items})
-    return out
+    return message_list(raw, where, name, images, NO_VIDEOS)
 
 
 def from_messages_prompt(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
@@ -160,7 +131,7 @@ def from_messages_prompt(record: Any, where: str, base: Path, cfg: DataConfig) -
     images = _as_list(record.get("images", record.get("image")))
     key = "prompt" if "prompt" in record else "messages"
     prompt, answer = _split_answer(_messages(_field(record, key, where), where, key, images))
-    _images_first(prompt, len(images))
+    images_first(prompt, len(images))
     solution_name, solution = _first(record, SOLUTION_FIELDS)
     consumed = {key, "source", "solution"} | set(IMAGE_FIELDS) | set(VIDEO_FIELDS)
     row = {"prompt": prompt, "images": [_resolve(i, base) for i in images],
@@ -168,7 +139,7 @@ def from_messages_prompt(record: Any, where: str, base: Path, cfg: DataConfig) -
            **_extras(record, consumed)}
     if solution_name is not None:
         row.setdefault(solution_name, _reference_text(solution))
-    return _finish(row, where, cfg)
+    return finish_row(row, where, cfg, "prompt", check_prompt)
 
 
 CONVERTERS: Dict[DataFormat, Converter] = {
@@ -177,14 +148,8 @@ CONVERTERS: Dict[DataFormat, Converter] = {
 }
 
 
-def _finish(row: dict, where: str, cfg: DataConfig) -> dict:
-    add_system_message(row["prompt"], cfg)
-    check_prompt(row, where)
-    return row
-
-
 def check_prompt(row: dict, where: str) -> None:
-    """The prompt is a valid conversation that ends on a user turn (sources.py's rules: roles, alternation, no
+    """The prompt is a valid conversation that ends on a user turn (data/rows.py's rules: roles, alternation, no
     control tokens in the text, as many images as image items)."""
     prompt = row["prompt"]
     if not prompt or prompt[-1]["role"] != "user":
@@ -221,15 +186,8 @@ def generate_prompts(cfg: ShapesConfig) -> Tuple[List[dict], List[dict]]:
 def load_prompt_rows(cfg: DataConfig, problems: Optional[List[Problem]] = None) -> Tuple[List[dict], List[dict]]:
     """(train rows, eval rows) of canonical prompt rows: read (or generated), seeded shuffle and split,
     data.max_samples. With `problems`, rows whose structure is wrong are recorded there and left out."""
-    if cfg.format == DataFormat.shapes_prompt:
-        train, evaluation = generate_prompts(cfg.shapes)
-    elif cfg.format in CONVERTERS:
-        train, evaluation = read_and_split(cfg, problems, CONVERTERS)
-    else:
-        raise DataError(f"data.format={cfg.format.value} does not hold GRPO prompt rows")
-    if cfg.max_samples is not None:
-        train = train[: cfg.max_samples]
-    return train, evaluation
+    return read_method_rows(cfg, problems, DataFormat.shapes_prompt, generate_prompts, CONVERTERS,
+                            "GRPO prompt rows")
 
 
 def as_chat_row(row: dict) -> dict:
@@ -277,8 +235,6 @@ def to_prompt_dataset(rows: List[dict]):
     undecoded datasets images when any is a PIL image or bytes; an extra column takes the type its values share
     (whole numbers with fractions become floats), or text when they disagree; a row without it holds None."""
     import datasets
-
-    from qwenvl_ft.data.sources import _image_ref_feature
 
     text = datasets.Value("string")
     features = {

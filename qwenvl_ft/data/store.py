@@ -70,7 +70,7 @@ def conversation_features():
 
 
 def encode_conversation(row: dict) -> dict:
-    from qwenvl_ft.data.sources import _video_record
+    from qwenvl_ft.data.arrow import _video_record
 
     return {"messages": row["messages"], "images": [image_record(i) for i in row.get("images") or []],
             "videos": [_video_record(v) for v in row.get("videos") or []], "source": row.get("source", "?")}

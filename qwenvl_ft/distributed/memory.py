@@ -1,6 +1,6 @@
 """Per-GPU memory of a run for each `dist` option and world size: the sharding section of `qwenvl-ft estimate`.
 
-The single-process estimate (qwenvl_ft/estimate.py) gives the bytes of weights, adapters, gradients, optimizer
+The single-process estimate (qwenvl_ft/estimate/memory.py) gives the bytes of weights, adapters, gradients, optimizer
 states and activations; here they are redistributed the way each engine keeps them:
 
   ddp            every process holds everything, plus DDP's gradient buckets (one more copy of the gradients:

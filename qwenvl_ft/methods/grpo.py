@@ -358,7 +358,8 @@ class Grpo(Method):
         gradient_accumulation_steps completions, sampled at once): its KV cache and the pixel values TRL keeps for
         every completion (it processes each copy of a prompt's images, in float32)."""
         from qwenvl_ft import families
-        from qwenvl_ft.estimate import batch_budget, hf_config
+        from qwenvl_ft.estimate.budget import batch_budget
+        from qwenvl_ft.estimate.counts import hf_config
 
         g, t = cfg.trainer.grpo, cfg.trainer
         rows = []

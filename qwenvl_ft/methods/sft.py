@@ -43,7 +43,7 @@ class Sft(Method):
     }
 
     def read_rows(self, data_cfg, problems: Optional[list] = None) -> Tuple[List[dict], List[dict]]:
-        from qwenvl_ft.data.sources import load_split_rows
+        from qwenvl_ft.data.splitting import load_split_rows
 
         return load_split_rows(data_cfg, problems)
 
@@ -51,7 +51,7 @@ class Sft(Method):
         return self.collator(processor, data_cfg).measure
 
     def to_dataset(self, rows: List[dict]):
-        from qwenvl_ft.data.sources import to_dataset
+        from qwenvl_ft.data.arrow import to_dataset
 
         return to_dataset(rows)
 
@@ -66,7 +66,7 @@ class Sft(Method):
         return CONVERSATIONS
 
     def converters(self):
-        from qwenvl_ft.data.sources import CONVERTERS
+        from qwenvl_ft.data.converters import CONVERTERS
 
         return CONVERTERS
 

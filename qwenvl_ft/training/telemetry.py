@@ -8,7 +8,7 @@ Two pieces, because the figures need the training loop's inside:
                     what the fetched batches hold, and adds the figures to every training `log` call, so that
                     TensorBoard, the other trackers, the console and log_history.json get them (keys `perf/...`).
   `RunTelemetry`    a TrainerCallback holding the counters and the config-derived constants (model FLOPs per unit
-                    of work from `qwenvl_ft.estimate.training_flops`, the device's peak); it closes each step's
+                    of work from `qwenvl_ft.estimate.flops.training_flops`, the device's peak); it closes each step's
                     timer in `on_step_end`, i.e. before logging, saving and evaluation, which are not step time.
 
 Counting happens on the batches as the loop receives them (already on the device): the counts stay device
@@ -73,7 +73,7 @@ def batch_counts(batch, vision=None, pairs: bool = False):
     """
     import torch
 
-    from qwenvl_ft.estimate import vision_attention_pairs
+    from qwenvl_ft.estimate.flops import vision_attention_pairs
 
     ids = batch.get("input_ids") if hasattr(batch, "get") else None
     if not isinstance(ids, torch.Tensor):
@@ -205,7 +205,8 @@ class RunTelemetry(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         import torch
 
-        from qwenvl_ft.estimate import meta_model, training_flops
+        from qwenvl_ft.estimate.counts import meta_model
+        from qwenvl_ft.estimate.flops import training_flops
         from qwenvl_ft.training import startup
 
         startup.mark("training loop set-up (data loader, optimizer, checkpoint)")
@@ -288,7 +289,7 @@ class RunTelemetry(TrainerCallback):
         else:
             values["peak_rss_gib"] = peaks[len(COUNTS) + 3]
         if self.flops is not None and counted:
-            from qwenvl_ft.estimate import StepWork
+            from qwenvl_ft.estimate.flops import StepWork
 
             flops = self.flops.step(StepWork(tokens=count["tokens"], token_pairs=count["token_pairs"],
                                              patches=count["patches"], frame_pairs=count["frame_pairs"],

@@ -1,0 +1,210 @@
+"""Peak GPU memory of a training run, predicted from the config before anything loads (`qwenvl-ft estimate`).
+
+Parameters are counted on a model built on PyTorch's meta device (estimate/counts.py), by the same builders the
+run uses, so the estimate cannot disagree with the run about what is trained.
+
+Bytes:
+  weights      dtype bytes per parameter; 4-bit NF4: 0.5 byte + its absmax (1 byte per 64 with double
+               quantisation, else 4 per 64); QLoRA's `prepare_model_for_kbit_training` casts every parameter that
+               is not 4-bit (embeddings, lm_head, norms, biases) to fp32, and PEFT keeps LoRA factors in fp32
+  gradients    one per trainable parameter, in its dtype
+  optimizer    AdamW: two states per trainable parameter in its dtype; 8-bit AdamW: two bytes
+  activations  autograd's saved tensors, counted per token from transformers' code of the model's family (the
+               family declares its per-block terms: qwenvl_ft/families, `decoder_layer_bytes`,
+               `vision_block_bytes`), plus the backward's working set; tests/test_estimate.py measures the saved
+               tensors of the real code on CPU, for every family, and checks the formulas against them
+A batch is the worst case of the configured layout (estimate/budget.py): padded rows of data.max_length, or a
+full pack / token budget, each row holding its image budget (data.max_visual_tokens, else the images at
+data.max_pixels, else at the family's processor default).
+Not counted: the CUDA context (~0.5 GiB, outside PyTorch's allocator) and fragmentation (typically 5-15%).
+The prediction is for `torch.cuda.max_memory_allocated()`. On an H200 it was 4-5% above the measured peak for the
+largest batch a run saw (2B LoRA padded and packed, QLoRA packed; docs/performance.md, "Memory estimate").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from qwenvl_ft import families, methods
+from qwenvl_ft.config.schema import TrainConfig
+from qwenvl_ft.config.trainer import Precision
+from qwenvl_ft.estimate.budget import BatchBudget, batch_budget
+from qwenvl_ft.estimate.counts import ParameterCounts, count_parameters, meta_model
+from qwenvl_ft.families.base import language_linear_inputs
+
+GiB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TOKEN_TILE, VOCAB_TILE = 4096, 32768  # TRL's fused LM head works on tiles of this many tokens x vocabulary rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# activations (bytes per token): the family's per-block terms (qwenvl_ft/families), summed over the batch
+
+
+@dataclass
+class Estimate:
+    rows: List[tuple]  # (component, bytes, how)
+    counts: ParameterCounts
+    budget: BatchBudget
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b, _ in self.rows)
+
+    def table(self) -> str:
+        lines = [f"{'component':<26} {'GiB':>8}  how", "-" * 100]
+        lines += [f"{name:<26} {b / GiB:8.2f}  {how}" for name, b, how in self.rows]
+        lines += ["-" * 100, f"{'predicted peak':<26} {self.total / GiB:8.2f}  torch.cuda.max_memory_allocated(); "
+                  f"add ~0.5 GiB CUDA context and 5-15% fragmentation for nvidia-smi"]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ActivationDtypes:
+    """Bytes per element of the activations that are not all in the autocast dtype.
+
+    residual  the residual stream (decoder layer inputs, which gradient checkpointing keeps, and the final hidden
+              states the LM head keeps): the embedding's dtype, since RMSNorm multiplies by its weight in the
+              weight's dtype; fp32 under QLoRA (prepare_model_for_kbit_training casts norms and embeddings) and
+              for an fp32 model under bf16 autocast. The LM head weight has it too, and TRL's fused head casts
+              that weight to the autocast dtype one vocabulary tile at a time.
+    linear    a Linear's output: the autocast dtype, except a 4-bit one's, which bitsandbytes casts back to its
+              input's dtype (the fp32 residual under QLoRA)
+    """
+
+    autocast: int
+    residual: int
+    linear: int
+
+    @classmethod
+    def of(cls, counts: ParameterCounts, weight_bytes: int, autocast: int) -> "ActivationDtypes":
+        return cls(autocast, 4 if counts.quantized else weight_bytes, 4 if counts.quantized else autocast)
+
+
+def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] = None) -> Estimate:
+    """The predicted peak of `cfg`, for the worst-case batch of its layout unless `budget` gives another batch
+    (bench/gpu_throughput.py checks the formulas against the largest batch a run really saw)."""
+    model_cfg, adapter_cfg, data_cfg, trainer_cfg = cfg.model, cfg.adapter, cfg.data, cfg.trainer
+    model = model if model is not None else meta_model(model_cfg)
+    counts = count_parameters(cfg, model)
+    config = model.config
+    text, vision = config.get_text_config(), config.vision_config
+    w = DTYPE_BYTES[model_cfg.dtype.value]
+    # activation dtype: autocast's under bf16/fp16 mixed precision, else the weights' (the estimate is for a GPU,
+    # where precision=auto means bf16)
+    a = 4 if (trainer_cfg.precision == Precision.fp32 and w == 4) else 2
+    rows: List[tuple] = []
+
+    if counts.quantized:
+        per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if adapter_cfg.bnb_4bit_use_double_quant else 4 / 64)
+        rows.append(("weights (4-bit)", int(counts.quantized * per_param),
+                     f"{counts.quantized / 1e9:.2f}B params x {per_param:.3f} B (NF4 + absmax)"))
+    if counts.fp32_base:
+        why = "QLoRA casts every non-4-bit parameter to fp32" if counts.quantized else "model.dtype=float32"
+        rows.append(("weights (fp32)", counts.fp32_base * 4, f"{counts.fp32_base / 1e9:.2f}B params x 4 B ({why})"))
+    if counts.base_other:
+        rows.append((f"weights ({model_cfg.dtype.value})", counts.base_other * w,
+                     f"{counts.base_other / 1e9:.2f}B params x {w} B"))
+
+    if adapter_cfg.is_peft:
+        # PEFT keeps LoRA factors in fp32; modules_to_save copies keep the original's dtype (fp32 under QLoRA)
+        copy_bytes = 4 if counts.quantized or w == 4 else w
+        adapter_bytes = counts.lora * 4 + counts.saved_copies * copy_bytes
+        rows.append(("adapter weights", adapter_bytes,
+                     f"LoRA r={adapter_cfg.r}: {counts.lora / 1e6:.1f}M fp32 params"
+                     + (f" + {counts.saved_copies / 1e6:.1f}M modules_to_save copies" if counts.saved_copies else "")))
+        grad_bytes = adapter_bytes
+    else:
+        grad_bytes = counts.trainable * w
+    rows.append(("gradients", grad_bytes, f"{counts.trainable / 1e6:.1f}M trainable params, each in its dtype"))
+    # AdamW keeps two states like each parameter (its dtype); bitsandbytes' 8-bit AdamW one byte each
+    eight_bit = "8bit" in cfg.optimizer.name
+    state_bytes = 2 * counts.trainable if eight_bit else 2 * grad_bytes
+    rows.append(("optimizer states", state_bytes,
+                 f"{cfg.optimizer.name}: two states per trainable param ({'1 B' if eight_bit else 'its dtype'})"))
+
+    method = methods.get(trainer_cfg.kind)
+    rows += method.memory_rows(cfg, counts, w)  # e.g. DPO's frozen reference copy
+    family = families.of_config(config)
+    budget = budget or batch_budget(method.batch_data(cfg), trainer_cfg.batch_size, family,
+                                    pairs=method.sequences_per_row() == 2)
+    rows += _activation_rows(cfg, counts, family, text, vision, budget, ActivationDtypes.of(counts, w, a))
+    return Estimate(rows, counts, budget)
+
+
+def _lora_inputs(cfg: TrainConfig, counts: ParameterCounts, family: families.Family, text, vision) -> tuple:
+    """in_features of the LoRA'd Linears of one decoder layer and of one vision block."""
+    if not cfg.adapter.is_peft:
+        return [], []
+    width = language_linear_inputs(text)
+    layers = text.num_hidden_layers
+    lm = []
+    for leaf, n in counts.lora_modules.items():
+        if leaf in width:
+            lm += [width[leaf]] * max(1, n // layers)
+    if not cfg.adapter.vision_lora:
+        return lm, []
+    return lm, list(family.vision_sizes(vision).linear_inputs)
+
+
+def _activation_rows(cfg, counts, family: families.Family, text, vision, budget: BatchBudget,
+                     dtypes: ActivationDtypes) -> List[tuple]:
+    model_cfg, adapter_cfg = cfg.model, cfg.adapter
+    a, residual = dtypes.autocast, dtypes.residual
+    h, layers = text.hidden_size, text.num_hidden_layers
+    sizes, depth, vision_heads = family.vision_sizes(vision), vision.depth, vision.num_heads
+    d = sizes.width
+    lm_trainable = not adapter_cfg.is_peft and not model_cfg.freeze_language_model
+    vision_trainable = not adapter_cfg.is_peft and not model_cfg.freeze_vision_tower
+    if adapter_cfg.is_peft and not model_cfg.freeze_vision_tower and not adapter_cfg.vision_lora:
+        vision_trainable = True  # modules_to_save: the blocks train in full
+    lm_lora, vision_lora = _lora_inputs(cfg, counts, family, text, vision)
+    r = adapter_cfg.r
+    T, P = budget.tokens, budget.vision_patches
+    rows = []
+
+    mask = 1 if adapter_cfg.dropout > 0 else 0  # no dropout: no mask (adapters on q/k/v then share one input)
+    layer = family.layer_bytes(text, a, lm_trainable, lm_lora, r, mask, mlp_bytes=dtypes.linear)
+    if model_cfg.gradient_checkpointing:
+        saved = layers * residual * h * T
+        working = layer * T  # one layer recomputed in the backward
+        how = (f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed "
+               f"({layer} B/token)")
+    else:
+        saved, working = layers * layer * T, 0
+        how = f"{layers} layers x {T} tokens x {layer} B/token"
+    rows.append(("activations: LM", saved + working, how))
+
+    # TRL's fused LM head keeps the final hidden states; its backward works on token x vocabulary tiles and
+    # accumulates the hidden-state gradient (and the head's own, when it trains) in fp32. A head weight that is
+    # not in the autocast dtype is cast one vocabulary tile at a time.
+    vocab = text.vocab_size
+    tile = min(T, TOKEN_TILE) * min(vocab, VOCAB_TILE) * a
+    head = residual * h * T + 2 * tile + 4 * h * T
+    how = f"fused head: hidden states, two {min(T, TOKEN_TILE)}x{min(vocab, VOCAB_TILE)} tiles, fp32 gradients"
+    if residual != a:
+        head += min(vocab, VOCAB_TILE) * h * a
+        how += ", a weight tile cast"
+    if lm_trainable:
+        head += 4 * vocab * h
+    rows.append(("activations: LM head", head, how))
+
+    grads_reach_vision = vision_trainable or bool(vision_lora)
+    if P and grads_reach_vision:
+        block = family.vision_block_bytes(sizes, vision_heads, a, vision_trainable, vision_lora, r, mask)
+        if model_cfg.vision_checkpointing:
+            vis, how = depth * a * d * P + block * P, f"checkpointed: {depth} block inputs x {P} patches + one block"
+        else:
+            vis, how = depth * block * P, f"{depth} blocks x {P} patches x {block} B/patch"
+        if vision_trainable:
+            vis += a * P * vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2  # patch embed
+        rows.append(("activations: vision", vis, how))
+    elif P:
+        working_set = dtypes.linear * P * (3 * d + sizes.mlp_tensors * sizes.mlp) + a * h * budget.visual_tokens
+        rows.append(("activations: vision", working_set,
+                     f"frozen: no saved tensors; one block's working set over {P} patches"))
+    if P and (not model_cfg.freeze_merger or grads_reach_vision):
+        rows.append(("activations: merger", family.projector_bytes(vision, a, P, budget.visual_tokens),
+                     f"{len(family.projectors)} projector module(s) over {P} patches"))
+    return rows
