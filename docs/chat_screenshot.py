@@ -22,7 +22,7 @@ def main(adapter: str, screenshot: str) -> None:
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from qwenvl_ft.chat.app import build_app, serve
+    from qwenvl_ft.commands.chat import build_app, serve
     from qwenvl_ft.chat.engine import ChatEngine
     from qwenvl_ft.config.compose import compose, validate
     from qwenvl_ft.data.shapes import QUESTION, draw

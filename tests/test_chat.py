@@ -68,7 +68,7 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(engine, adapter):
-    from qwenvl_ft.chat.app import build_app, serve
+    from qwenvl_ft.commands.chat import build_app, serve
 
     typed = validate(_chat_config(adapter))
     app = build_app(engine, typed.chat)
@@ -110,7 +110,7 @@ def test_a_missing_model_folder_fails_before_loading(tmp_path):
 def test_chat_without_gradio_names_the_extra(monkeypatch):
     import sys
 
-    from qwenvl_ft.chat.app import chat
+    from qwenvl_ft.commands.chat import chat
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'qwenvl-ft\[ui\]'"):
@@ -191,7 +191,7 @@ def _last_answer(messages):
 def test_chat_command_serves_on_localhost_and_prints_the_url(adapter, capsys):
     import gradio as gr
 
-    from qwenvl_ft.chat.app import chat
+    from qwenvl_ft.commands.chat import chat
 
     result = {}
     thread = threading.Thread(target=lambda: result.update(chat(_chat_config(adapter))), daemon=True)

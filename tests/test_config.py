@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from qwenvl_ft.cli import main
+from qwenvl_ft.commands.cli import main
 from qwenvl_ft.config.compose import available_recipes, compose, validate
 from qwenvl_ft.config.schema import AdapterMethod, ModelFamily
 from qwenvl_ft.errors import ConfigError
@@ -127,7 +127,7 @@ def test_user_recipe_directory(tmp_path):
 
 
 def test_cfg_job_prints_without_importing_torch():
-    code = ("import sys; from qwenvl_ft.cli import main; rc = main(['train', 'recipe=qlora_7b_amazon', '--cfg', "
+    code = ("import sys; from qwenvl_ft.commands.cli import main; rc = main(['train', 'recipe=qlora_7b_amazon', '--cfg', "
             "'job']); assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qwenvl_ft.cli import main
+from qwenvl_ft.commands.cli import main
 from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.config.schema import GROUP_SCHEMAS, Precision, Tracker
 from qwenvl_ft.errors import ConfigError
@@ -185,11 +185,11 @@ def test_help_lists_every_key_with_the_schemas_description():
     import re
     import typing
 
-    from qwenvl_ft.cli import COMMANDS
+    from qwenvl_ft.commands.cli import COMMANDS
     from qwenvl_ft.config.describe import command_sections, field_comments, one_line
     from qwenvl_ft.config.schema import root_schema
 
-    code = ("import sys; from qwenvl_ft.cli import main; rc = main(['train', '--help']); "
+    code = ("import sys; from qwenvl_ft.commands.cli import main; rc = main(['train', '--help']); "
             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

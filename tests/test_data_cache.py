@@ -107,7 +107,7 @@ def test_another_rank_or_sweep_job_reads_the_entry_instead_of_measuring(tiny_pro
 
 
 def test_the_estimate_uses_the_measured_lengths(tiny_processor, tmp_path, capsys):
-    from qwenvl_ft.cli import main
+    from qwenvl_ft.commands.cli import main
     from qwenvl_ft.config.compose import compose, validate
 
     write_image(tmp_path / "a.png", size=(56, 56))

@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from qwenvl_ft.cli import main
+from qwenvl_ft.commands.cli import main
 from qwenvl_ft.data.check import check_data, expected_padding, load_checked_splits
 from qwenvl_ft.errors import DataError
 

@@ -81,7 +81,7 @@ def test_source_settings_are_checked_when_the_config_is_composed():
 
 
 def test_sources_from_the_command_line_and_a_tsv_file(tmp_path, capsys):
-    from qwenvl_ft.cli import main
+    from qwenvl_ft.commands.cli import main
 
     general = _source_file(tmp_path, "general", 6)
     write_image(tmp_path / "a.png", size=(56, 56))

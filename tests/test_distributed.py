@@ -365,8 +365,8 @@ def test_sweep_presets_compose_with_their_launchers_wired_to_dist():
 def test_objective_values_and_the_best_job(tmp_path):
     from omegaconf import OmegaConf
 
-    from qwenvl_ft.runtime import objective_value
-    from qwenvl_ft.sweep import best_job, format_table
+    from qwenvl_ft.commands.runtime import objective_value
+    from qwenvl_ft.commands.sweep import best_job, format_table
 
     (tmp_path / "log_history.json").write_text(json.dumps([{"eval_loss": 3.0}, {"loss": 1.0}, {"eval_loss": 2.5}]))
     cfg = OmegaConf.create({"objective": "eval_loss", "output_dir": str(tmp_path)})

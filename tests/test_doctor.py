@@ -5,8 +5,8 @@ import importlib.metadata
 
 from packaging.specifiers import SpecifierSet
 
-from qwenvl_ft import doctor
-from qwenvl_ft.cli import main
+from qwenvl_ft.commands import doctor
+from qwenvl_ft.commands.cli import main
 
 
 def test_doctor_lists_the_core_stack_against_its_tested_range(capsys):

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from qwenvl_ft.cli import main
+from qwenvl_ft.commands.cli import main
 from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.config.schema import EVAL_METRICS
 from qwenvl_ft.errors import ConfigError
@@ -141,7 +141,7 @@ def test_eval_command_reports_base_and_tuned_side_by_side(full_run):
 
     # The command a user types after training with run_name=exp1: model_path defaults to that run's final/.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, "-m", "qwenvl_ft.cli", "eval", *DATA, "run_name=exp1",
+    out = subprocess.run([sys.executable, "-m", "qwenvl_ft.commands.cli", "eval", *DATA, "run_name=exp1",
                           "eval.num_examples=3"], cwd=full_run, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     eval_dir = full_run / "outputs" / "demo" / "exp1" / "eval"
@@ -183,7 +183,7 @@ def _shape_images(folder):
 
 @pytest.mark.slow
 def test_infer_batched_equals_one_by_one_and_writes_jsonl(full_run, tmp_path):
-    from qwenvl_ft.inference import infer
+    from qwenvl_ft.commands.infer import infer
 
     images = _shape_images(tmp_path / "images")
     final = full_run / "outputs" / "demo" / "exp1" / "final"
@@ -205,7 +205,7 @@ def test_infer_batched_equals_one_by_one_and_writes_jsonl(full_run, tmp_path):
 
 @pytest.mark.slow
 def test_infer_rejects_missing_images(tmp_path):
-    from qwenvl_ft.inference import infer
+    from qwenvl_ft.commands.infer import infer
 
     with pytest.raises(ConfigError, match="not found"):
         infer(compose(DATA + [f"infer.images=[{tmp_path / 'nope.png'}]", "infer.model_path=null"],
@@ -232,7 +232,7 @@ def test_merge_writes_a_plain_model_with_the_adapters_logits(tmp_path, option, m
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.shapes import make_rows
     from qwenvl_ft.modeling.build import model_class, model_source
-    from qwenvl_ft.modeling.merge import merge
+    from qwenvl_ft.commands.merge import merge
 
     run = tmp_path / "outputs" / "demo" / "exp1"
     # LoRA/DoRA: vision tower and merger stay trainable (the tiny default), so the merge must carry LoRA on the
@@ -277,7 +277,7 @@ def test_merge_writes_a_plain_model_with_the_adapters_logits(tmp_path, option, m
 
 @pytest.mark.slow
 def test_merge_refuses_a_full_model(full_run, tmp_path):
-    from qwenvl_ft.modeling.merge import merge
+    from qwenvl_ft.commands.merge import merge
 
     final = full_run / "outputs" / "demo" / "exp1" / "final"
     with pytest.raises(ConfigError, match="nothing to merge"):

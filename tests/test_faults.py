@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qwenvl_ft.cli import main
+from qwenvl_ft.commands.cli import main
 from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.errors import DataError
@@ -100,7 +100,7 @@ def _in_namespace(mount: str, script: str, cwd: Path) -> subprocess.CompletedPro
 @needs_mounts
 def test_a_read_only_file_system_is_named(tmp_path):
     (tmp_path / "ro").mkdir()
-    script = ("from qwenvl_ft.runtime import ensure_writable\n"
+    script = ("from qwenvl_ft.run_folder.files import ensure_writable\n"
               "try:\n    ensure_writable('ro/run')\nexcept Exception as err:\n    print(err)\n")
     out = _in_namespace(f"mount -t tmpfs -o ro,size=64k tmpfs {tmp_path / 'ro'}", script, tmp_path)
     assert f"cannot write the output folder {tmp_path / 'ro' / 'run'}: {tmp_path / 'ro'} is on a read-only file " \
@@ -128,7 +128,7 @@ def _save_task(run: Path):
 def test_a_full_disk_names_the_write_and_the_summary_does_not_mask_it(tmp_path, monkeypatch, capsys):
     from omegaconf import OmegaConf
 
-    from qwenvl_ft import runtime
+    from qwenvl_ft.commands import runtime
 
     monkeypatch.setattr(runtime, "_job_info", lambda: (["recipe=demo"], False))
     monkeypatch.setattr(runtime, "LOW_SPACE_BYTES", 1 << 62)  # /dev/full's file system is not the full one
@@ -157,7 +157,7 @@ def test_a_full_disk_names_the_write_and_the_summary_does_not_mask_it(tmp_path, 
 
 
 def test_write_failures_of_other_libraries_are_recognised(tmp_path):
-    from qwenvl_ft.runtime import write_failure
+    from qwenvl_ft.commands.runtime import write_failure
 
     def save_file(filename):  # what safetensors raises on ENOSPC: no errno, the text only
         raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")

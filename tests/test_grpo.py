@@ -470,7 +470,7 @@ def test_grpo_demo_raises_the_held_out_reward(demo_run):
 def test_eval_scores_the_rewards_of_base_and_tuned(demo_run):
     """`qwenvl-ft eval` on the demo's result: the configured rewards of the base (the warm start) and of the GRPO
     adapter, side by side, next to the generation metrics; they agree with what training measured."""
-    from qwenvl_ft.evaluation.evaluate import evaluate
+    from qwenvl_ft.commands.eval import evaluate
 
     root, metrics = demo_run
     cfg = compose(["recipe=grpo_demo", f"model.start_from.output_dir={root / 'start'}",

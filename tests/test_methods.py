@@ -90,7 +90,7 @@ def test_dpo_estimate_adds_the_reference_copy_only_when_it_exists():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_eval_of_the_base_model_runs_for_every_method(name, tmp_path):
-    from qwenvl_ft.evaluation.evaluate import evaluate
+    from qwenvl_ft.commands.eval import evaluate
 
     method = methods.get(name)
     cfg = compose([f"recipe={method.demo_recipe}", *SMALL, "eval.model_path=null", "eval.generation.max_new_tokens=4"],

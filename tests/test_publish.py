@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from qwenvl_ft.cli import main
+from qwenvl_ft.commands.cli import main
 from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.errors import ConfigError
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenvl_ft.cli import main
+from qwenvl_ft.commands.cli import main
 from qwenvl_ft.config.compose import compose, validate
 
 ROOT = Path(__file__).resolve().parent.parent

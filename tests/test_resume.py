@@ -79,7 +79,7 @@ def test_config_changes_name_the_keys_that_differ(tmp_path):
 
 
 def test_run_name_fixes_the_output_folder(tmp_path):
-    code = ("import sys; from qwenvl_ft.cli import main; sys.exit(main(['train', 'recipe=demo', 'run_name=exp1', "
+    code = ("import sys; from qwenvl_ft.commands.cli import main; sys.exit(main(['train', 'recipe=demo', 'run_name=exp1', "
             "'--cfg', 'hydra']))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -101,7 +101,7 @@ RUN = ["recipe=demo", "data.shapes.num_train=48", "data.shapes.num_eval=4", f"tr
 
 def _start(cwd: Path, log: Path, *overrides) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "qwenvl_ft.cli", "train", *overrides], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "qwenvl_ft.commands.cli", "train", *overrides], cwd=cwd, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

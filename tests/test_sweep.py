@@ -15,7 +15,7 @@ QUICK = ["recipe=demo", "data.shapes.num_train=16", "data.shapes.num_eval=2", "t
 
 def _cli(args, cwd):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "qwenvl_ft.cli", "train", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "qwenvl_ft.commands.cli", "train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

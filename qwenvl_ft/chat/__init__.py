@@ -1,2 +1,3 @@
-"""`qwenvl-ft chat`: engine.py (conversation -> rows, streamed generation, adapter on/off) and app.py (the Gradio
-page and the command). Gradio is the optional `ui` extra and is imported only by app.py's functions."""
+"""`qwenvl-ft chat`: engine.py (conversation -> rows, streamed generation, adapter on/off); the Gradio page and the
+command are qwenvl_ft/commands/chat.py. Gradio is the optional `ui` extra and is imported only by that file's
+functions."""

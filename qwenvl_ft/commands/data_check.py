@@ -17,8 +17,8 @@ def data_check(composed) -> Dict:
     (unless data.skip_invalid)."""
     from qwenvl_ft.config.compose import validate
     from qwenvl_ft.modeling.build import build_processor
-    from qwenvl_ft.runlock import lock_folder
-    from qwenvl_ft.runtime import ensure_writable
+    from qwenvl_ft.run_folder.files import ensure_writable
+    from qwenvl_ft.run_folder.lock import lock_folder
 
     cfg = validate(composed)
     lock = lock_folder(ensure_writable(cfg.output_dir))  # it writes data_check.json and the cache there

@@ -7,7 +7,7 @@ module imports only the standard library and `qwenvl_ft.errors` at its top; ever
 data and model layers) is imported inside its functions, which only the commands call.
 
 The skeleton that calls these is `qwenvl_ft/training/run.py`; `data-check` (data/check.py), `eval`
-(evaluation/evaluate.py) and `estimate` use the data, evaluation and memory parts. A default here is what most
+(commands/eval.py) and `estimate` use the data, evaluation and memory parts. A default here is what most
 methods want; a method overrides only what differs (LLaMA-Factory's mm_plugin idea, applied to methods).
 """
 

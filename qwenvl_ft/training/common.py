@@ -66,8 +66,8 @@ def start_run(composed: DictConfig) -> RunStart:
 
 
 def _prepare_output(cfg: TrainConfig, composed: DictConfig):
-    from qwenvl_ft.runlock import lock_folder
-    from qwenvl_ft.runtime import ensure_writable
+    from qwenvl_ft.run_folder.files import ensure_writable
+    from qwenvl_ft.run_folder.lock import lock_folder
     from qwenvl_ft.training.resume import finished_metrics, prepare_resume
 
     output_dir = ensure_writable(Path(cfg.output_dir))
@@ -129,7 +129,7 @@ def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
     performance figures (training/telemetry.py) and start-up budget (training/startup.py) join `metrics`, so
     that summary.json carries them too."""
     from qwenvl_ft.distributed import ranks
-    from qwenvl_ft.runtime import write_atomically
+    from qwenvl_ft.run_folder.files import write_atomically
     from qwenvl_ft.training import startup
     from qwenvl_ft.training.telemetry import summary_metrics
 

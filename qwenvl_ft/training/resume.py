@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 
 from qwenvl_ft.config.schema import TrainerConfig
 from qwenvl_ft.errors import ConfigError
-from qwenvl_ft.runtime import write_atomically
+from qwenvl_ft.run_folder.files import write_atomically
 
 log = logging.getLogger("qwenvl_ft")
 

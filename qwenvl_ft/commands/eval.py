@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
@@ -20,7 +20,8 @@ from qwenvl_ft.config.compose import validate
 from qwenvl_ft.config.saved_run import with_saved_run
 from qwenvl_ft.config.schema import EvalRunConfig
 from qwenvl_ft.errors import ConfigError
-from qwenvl_ft.runtime import write_atomically
+from qwenvl_ft.run_folder.files import ensure_writable, write_atomically
+from qwenvl_ft.run_folder.lock import lock_folder
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -31,19 +32,13 @@ GALLERY_MAX_SIDE = 448  # gallery images are shrunk to this, so the event file s
 def evaluate(composed: DictConfig) -> Dict:
     cfg: EvalRunConfig = validate(with_saved_run(composed))  # the named run's config.yaml, overrides on top
     e = cfg.eval
-    from qwenvl_ft.runlock import lock_folder
-    from qwenvl_ft.runtime import ensure_writable
-
     output_dir = ensure_writable(Path(cfg.output_dir), "eval output folder")
     lock = lock_folder(output_dir, "eval output folder")
     model_path = Path(os.path.normpath(e.model_path)) if e.model_path else None
 
-    from transformers import set_seed
-
     from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
-    from qwenvl_ft.evaluation.generate import generate_answers
     from qwenvl_ft.evaluation.metrics import compute
-    from qwenvl_ft.modeling.load import kind_of, load_base, load_processor, load_tuned
+    from qwenvl_ft.modeling.load import kind_of, load_processor
 
     if model_path is not None:
         kind_of(model_path)  # fail before loading anything
@@ -57,8 +52,30 @@ def evaluate(composed: DictConfig) -> Dict:
     references = [reference_answer(row) for row in rows]
     processor = load_processor(cfg.model, cfg.data, model_path)
     collator = VisionChatCollator(processor, cfg.data)
-    generation = e.generation.kwargs()
 
+    predictions, models = _generate(cfg, model_path, collator, rows)
+    metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}
+    for side, values in method.evaluate_models(models, method_rows, processor, cfg, predictions).items():
+        metrics.setdefault(side, {}).update(values)
+    examples = [
+        {"source": row.get("source"), "reference": references[i], **{side: p[i] for side, p in predictions.items()}}
+        for i, row in enumerate(rows)
+    ]
+    _write_report(output_dir, cfg, model_path, rows, examples, metrics)
+    lock.release()
+    return {f"{side}_{name}": value for side, values in metrics.items() for name, value in values.items()}
+
+
+def _generate(cfg: EvalRunConfig, model_path: Optional[Path], collator, rows: List[dict]) -> Tuple[Dict, Dict]:
+    """Answers of the base model (eval.compare_base) and of the fine-tuned one (eval.model_path) on `rows`:
+    ({side: predictions}, {"base": model or None, "tuned": model or None})."""
+    from transformers import set_seed
+
+    from qwenvl_ft.evaluation.generate import generate_answers
+    from qwenvl_ft.modeling.load import kind_of, load_base, load_tuned
+
+    e, method = cfg.eval, cfg.data.format.method
+    generation = e.generation.kwargs()
     predictions: Dict[str, List[str]] = {}
     base = tuned = None
     if e.compare_base:
@@ -78,20 +95,18 @@ def evaluate(composed: DictConfig) -> Dict:
         log.info("generating with %s", model_path)
         predictions["tuned"] = generate_answers(tuned, collator, rows, e.batch_size, generation=generation,
                                                 progress="fine-tuned model")
+    return predictions, {"base": base, "tuned": tuned}
 
-    metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}
-    for side, values in method.evaluate_models({"base": base, "tuned": tuned}, method_rows, processor, cfg,
-                                               predictions).items():
-        metrics.setdefault(side, {}).update(values)
-    examples = [
-        {"source": row.get("source"), "reference": references[i], **{side: p[i] for side, p in predictions.items()}}
-        for i, row in enumerate(rows)
-    ]
+
+def _write_report(output_dir: Path, cfg: EvalRunConfig, model_path: Optional[Path], rows: List[dict],
+                  examples: List[dict], metrics: Dict[str, Dict[str, float]]) -> None:
+    """eval_report.json, predictions.jsonl and tensorboard/ in output_dir; the table in the log."""
+    e = cfg.eval
     report = {
         "model_path": str(model_path.resolve()) if model_path else None,
         "base": cfg.model.name_or_path if not cfg.model.random_init else "random init (model.architecture)",
         "num_samples": len(rows),
-        "generation": generation,
+        "generation": e.generation.kwargs(),
         "metrics": metrics,
         "examples": examples[: e.num_examples],
     }
@@ -100,8 +115,6 @@ def evaluate(composed: DictConfig) -> Dict:
     log_gallery(output_dir / "tensorboard", rows, examples[: e.num_examples], metrics)
     log.info("%s", format_table(metrics, examples[: e.num_examples], len(rows)))
     log.info("report: %s", output_dir / REPORT)
-    lock.release()
-    return {f"{side}_{name}": value for side, values in metrics.items() for name, value in values.items()}
 
 
 def format_table(metrics: Dict[str, Dict[str, float]], examples: List[dict], num_rows: int) -> str:

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from qwenvl_ft.config.compose import available_recipes, check_override_keys, check_recipe_keys, chosen_recipe, \
     config_dir, register_all
@@ -62,13 +62,18 @@ def usage() -> str:
 
 # command -> (primary config name, "module:function" run on the composed config; imported only when run)
 COMMANDS: Dict[str, Tuple[str, str]] = {
-    "train": ("train", "qwenvl_ft.training:train"),
+    "train": ("train", "qwenvl_ft.commands.train:train"),
     "data-check": ("train", "qwenvl_ft.commands.data_check:data_check"),
     "estimate": ("train", "qwenvl_ft.commands.estimate:estimate"),
-    "eval": ("eval", "qwenvl_ft.evaluation.evaluate:evaluate"),
-    "infer": ("infer", "qwenvl_ft.inference:infer"),
-    "merge": ("merge", "qwenvl_ft.modeling.merge:merge"),
-    "chat": ("chat", "qwenvl_ft.chat.app:chat"),
+    "eval": ("eval", "qwenvl_ft.commands.eval:evaluate"),
+    "infer": ("infer", "qwenvl_ft.commands.infer:infer"),
+    "merge": ("merge", "qwenvl_ft.commands.merge:merge"),
+    "chat": ("chat", "qwenvl_ft.commands.chat:chat"),
+}
+# command -> "module:function" of a command that reads no config (no Hydra run): called with no argument, it returns
+# the exit status
+NO_CONFIG: Dict[str, str] = {
+    "doctor": "qwenvl_ft.commands.doctor:doctor",
 }
 
 
@@ -183,46 +188,73 @@ def main(argv: List[str] | None = None) -> int:
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
-    recipe_dirs, hydra_args = _split_recipe_dirs(rest)
     try:
-        recipe_files, hydra_args = _split_recipe_file(hydra_args)
-        register_all(recipe_dirs, recipe_files)
-        if recipe_files:
-            hydra_args.insert(0, f"recipe={Path(recipe_files[0]).stem}")  # before any flag (Hydra's argparse)
-        if command == "recipes":
-            for name, path in available_recipes(recipe_dirs).items():
-                print(f"{name:28s} {path}")
-            return 0
-        if command == "doctor":
-            from qwenvl_ft.doctor import doctor
-
-            return doctor()
-        if command not in COMMANDS:
-            print(f"qwenvl-ft: unknown command '{command}'. Valid commands: {', '.join(COMMANDS)}, recipes, doctor",
-                  file=sys.stderr)
-            return 2
-        root = root_schema(COMMANDS[command][0])
-        if any(a in ("-h", "--help") for a in hydra_args):
-            from qwenvl_ft.config.describe import command_help
-
-            print(command_help(command, _summary(command), root))
-            return 0
-        overrides = _overrides_only(hydra_args)
-        check_override_keys(overrides, root)
-        recipe = available_recipes(recipe_dirs, recipe_files).get(chosen_recipe(overrides) or "")
-        if recipe is not None:
-            check_recipe_keys(recipe, root)
-        if command == "train":  # launched processes find a recipe file through its folder
-            hydra_args = _as_worker(hydra_args, recipe_dirs + [str(Path(f).parent) for f in recipe_files])
+        status, hydra_args = _prepare(command, rest)
     except ConfigError as err:
         print(f"qwenvl-ft: config error: {err}", file=sys.stderr)
         return 2
+    if status is not None:
+        return status
+    return _run(command, rest, hydra_args)
 
+
+def _prepare(command: str, rest: List[str]) -> Tuple[Optional[int], List[str]]:
+    """Everything before Hydra runs the command: recipe folders and files registered, the answers that need no
+    Hydra run given, the override and recipe keys checked. (exit status, []) when the command is answered;
+    (None, Hydra's arguments) when Hydra is to run it."""
+    recipe_dirs, hydra_args = _split_recipe_dirs(rest)
+    recipe_files, hydra_args = _split_recipe_file(hydra_args)
+    register_all(recipe_dirs, recipe_files)
+    if recipe_files:
+        hydra_args.insert(0, f"recipe={Path(recipe_files[0]).stem}")  # before any flag (Hydra's argparse)
+    status = _answer_directly(command, hydra_args, recipe_dirs)
+    if status is not None:
+        return status, []
+    _check_keys(command, hydra_args, recipe_dirs, recipe_files)
+    if command == "train":  # launched processes find a recipe file through its folder
+        hydra_args = _as_worker(hydra_args, recipe_dirs + [str(Path(f).parent) for f in recipe_files])
+    return None, hydra_args
+
+
+def _answer_directly(command: str, hydra_args: List[str], recipe_dirs: List[str]) -> Optional[int]:
+    """The exit status of what is answered without a Hydra run (`recipes`, `doctor`, an unknown command,
+    `COMMAND --help`); None for a command Hydra runs."""
+    if command == "recipes":
+        for name, path in available_recipes(recipe_dirs).items():
+            print(f"{name:28s} {path}")
+        return 0
+    if command in NO_CONFIG:
+        return _task(NO_CONFIG[command])()
+    if command not in COMMANDS:
+        print(f"qwenvl-ft: unknown command '{command}'. Valid commands: {', '.join(COMMANDS)}, recipes, doctor",
+              file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in hydra_args):
+        from qwenvl_ft.config.describe import command_help
+
+        print(command_help(command, _summary(command), root_schema(COMMANDS[command][0])))
+        return 0
+    return None
+
+
+def _check_keys(command: str, hydra_args: List[str], recipe_dirs: List[str], recipe_files: List[str]) -> None:
+    """Every override's key and every key of the chosen recipe is one of the command's config (ConfigError)."""
+    root = root_schema(COMMANDS[command][0])
+    overrides = _overrides_only(hydra_args)
+    check_override_keys(overrides, root)
+    recipe = available_recipes(recipe_dirs, recipe_files).get(chosen_recipe(overrides) or "")
+    if recipe is not None:
+        check_recipe_keys(recipe, root)
+
+
+def _run(command: str, rest: List[str], hydra_args: List[str]) -> int:
+    """Run the command under `@hydra.main` (one job, or a `-m` sweep), each job through runtime.run_task; the exit
+    status."""
     import hydra
 
     config_name, target = COMMANDS[command]
-    from qwenvl_ft import runtime
-    from qwenvl_ft.runtime import run_task
+    from qwenvl_ft.commands import runtime
+    from qwenvl_ft.commands.runtime import run_task
 
     runtime.COMMAND_LINE[:] = [f"qwenvl-ft {command}"] + rest
 
@@ -236,7 +268,7 @@ def main(argv: List[str] | None = None) -> int:
         return exit.code if isinstance(exit.code, int) else 1
     if command == "train" and {"--cfg", "-c"} & set(hydra_args):
         _show_generated_deepspeed_config(hydra_args)
-    from qwenvl_ft import sweep
+    from qwenvl_ft.commands import sweep
 
     return 1 if sweep.FAILED_JOBS else 0
 

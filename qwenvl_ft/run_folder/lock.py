@@ -11,11 +11,11 @@ them, and would block the ranks of one distributed run from each other. Here:
 - All ranks of one distributed launch share it: the launcher sets QWENVL_FT_LAUNCH_ID to the same value on every
   rank (else torchrun's TORCHELASTIC_RUN_ID, else SLURM_JOB_ID + SLURM_STEP_ID, else the rendezvous address), and
   a lock taken under the same launch id counts as ours.
-- It is released when the command ends (`release_all`, called by runtime.run_task; atexit as a fallback). After a
-  crash it is stale: on the owner's host when that pid no longer runs (or runs a process started at another time,
-  i.e. a reused pid); from another host when the owner's heartbeat, rewritten every HEARTBEAT_S seconds, is older
-  than STALE_AFTER_S. A stale lock is moved aside with an atomic rename and re-checked before it is removed, so
-  two processes that both find it stale do not both take it.
+- It is released when the command ends (`release_all`, called by commands/runtime.py's run_task; atexit as a
+  fallback). After a crash it is stale: on the owner's host when that pid no longer runs (or runs a process started
+  at another time, i.e. a reused pid); from another host when the owner's heartbeat, rewritten every HEARTBEAT_S
+  seconds, is older than STALE_AFTER_S. A stale lock is moved aside with an atomic rename and re-checked before it
+  is removed, so two processes that both find it stale do not both take it.
 """
 
 from __future__ import annotations

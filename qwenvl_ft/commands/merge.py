@@ -27,6 +27,8 @@ from qwenvl_ft.config.compose import validate
 from qwenvl_ft.config.saved_run import with_saved_run
 from qwenvl_ft.config.schema import MergeRunConfig
 from qwenvl_ft.errors import ConfigError
+from qwenvl_ft.run_folder.files import ensure_writable
+from qwenvl_ft.run_folder.lock import lock_folder
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -38,9 +40,6 @@ def merge(composed: DictConfig) -> Dict:
         raise ConfigError("merge.adapter_path and merge.output_path are required")
     adapter_path = Path(os.path.normpath(m.adapter_path))
     output_path = Path(os.path.normpath(m.output_path))
-    from qwenvl_ft.runlock import lock_folder
-    from qwenvl_ft.runtime import ensure_writable
-
     # Two merges into the same folder would rename over each other: one writer per destination.
     lock = lock_folder(ensure_writable(output_path.parent, "merge output folder"), f"merge destination {output_path}",
                        name=f".qwenvl_ft.lock.{output_path.name}")

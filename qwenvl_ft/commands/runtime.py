@@ -1,13 +1,14 @@
 """What every command does around its work: record the outcome, report user errors plainly, keep a sweep going.
 
 A job writes `summary.json` into its output folder (overrides, status, final metrics, error). In a `-m` sweep a
-failing job is recorded as failed and the sweep moves on to the next job; `qwenvl_ft.sweep.SweepSummary` reads the
-summaries when the sweep ends. A single run that fails on a config or data error prints one clear message and
-exits with status 2 instead of a traceback; so does one whose output folder cannot be written (checked by the
+failing job is recorded as failed and the sweep moves on to the next job; `qwenvl_ft.commands.sweep.SweepSummary`
+reads the summaries when the sweep ends. A single run that fails on a config or data error prints one clear message
+and exits with status 2 instead of a traceback; so does one whose output folder cannot be written (checked by the
 `CheckOutputFolder` Hydra callback before Hydra creates it). A write that fails because the disk is full ends with
 a message naming the file and the space left (status 1), and Ctrl-C outside training with a plain message
 (status 130); the summary is written when it can be, and a failure to write it never hides the original error.
-Folder locks taken by the task (qwenvl_ft/runlock.py) are released when it ends.
+Folder locks taken by the task (qwenvl_ft/run_folder/lock.py) are released when it ends. The run folder's files
+themselves (atomic writes, summary.json, space checks) are qwenvl_ft/run_folder/files.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import signal
 import sys
 import traceback
@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.errors import UserFacingError
+from qwenvl_ft.run_folder.files import ensure_writable, free_space, human_bytes, save_summary
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -46,96 +47,8 @@ def _job_info():
     return list(hydra_cfg.overrides.task), hydra_cfg.mode == RunMode.MULTIRUN
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary `.NAME.partial` next to it: the file is never half-written."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-def write_summary(output_dir: str, payload: Dict) -> None:
-    from qwenvl_ft.distributed import ranks
-
-    if not ranks.is_main_process():  # one run folder, one writer: the main process of a distributed run
-        return
-    path = Path(output_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomically(path / "summary.json", json.dumps(payload, indent=2, default=str))
-
-
-def save_summary(output_dir: str, payload: Dict) -> str:
-    """write_summary that never raises: the error being reported matters more than the summary (a full disk
-    fails both). Returns "" or a sentence saying that summary.json could not be written."""
-    try:
-        write_summary(output_dir, payload)
-        return ""
-    except OSError as err:
-        partial = Path(output_dir) / ".summary.json.partial"
-        try:
-            partial.unlink()
-        except OSError:
-            pass
-        log.error("could not write %s/summary.json: %s", output_dir, err)
-        return f"\n(summary.json could not be written either: {err.strerror or err})"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # folders and failed writes
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if count < 1024 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TB"
-
-
-def _existing(path: Path) -> Path:
-    """The nearest ancestor of `path` (or itself) that exists."""
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
-def free_space(path: Path) -> Optional[int]:
-    try:
-        return shutil.disk_usage(_existing(path)).free
-    except OSError:
-        return None
-
-
-def unwritable_reason(folder: Path, err: OSError) -> str:
-    existing = _existing(folder)
-    if existing.exists() and not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    if err.errno == errno.EROFS:
-        return f"{existing} is on a read-only file system"
-    if err.errno in (errno.EACCES, errno.EPERM):
-        return f"no permission to write in {existing}"
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = free_space(existing)
-        return f"the disk is full ({human_bytes(free)} free)" if free is not None else "the disk is full"
-    return err.strerror or str(err)
-
-
-def ensure_writable(folder, what: str = "output folder") -> Path:
-    """Create `folder` (with its parents) and check that a file can be written in it; a ConfigError that names
-    the folder and why not (a file in the way, a read-only file system, permissions, a full disk)."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".qwenvl_ft-write-test-{os.getpid()}"
-        try:
-            probe.write_bytes(b"\0" * 4096)  # a block: an empty file is created even on a full disk
-        finally:
-            probe.unlink(missing_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot write the {what} {Path(os.path.abspath(folder))}: {unwritable_reason(folder, err)}."
-                          f" Choose another with hydra.run.dir=DIR (or output_dir=DIR), or run from a folder "
-                          f"you can write to (outputs/ is relative to it)") from None
-    return folder
 
 
 class CheckOutputFolder(Callback):
@@ -248,7 +161,7 @@ def _checkpoint_notes(output_dir: Path) -> List[str]:
     return notes
 
 
-# The command line as typed (cli.main sets it): the resume hint repeats it.
+# The command line as typed (commands/cli.py's main sets it): the resume hint repeats it.
 COMMAND_LINE: List[str] = []
 
 
@@ -269,7 +182,7 @@ def resume_command(cfg: DictConfig, overrides: List[str]) -> str:
 
 
 def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
-    from qwenvl_ft.runlock import release_all
+    from qwenvl_ft.run_folder.lock import release_all
 
     overrides, is_sweep = _job_info()
     output_dir = cfg.output_dir
@@ -277,16 +190,7 @@ def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
     try:
         metrics = task(cfg) or {}  # each task validates its own config first
         if metrics.get("interrupted"):
-            # Stopped by SIGTERM or Ctrl-C with a checkpoint saved: not a failure, not finished either. The exit
-            # status says terminated-by-that-signal (128 + 15, 128 + 2) so that schedulers and retry loops run it
-            # again; a sweep stops here too instead of starting its next job.
-            summary.update(status="interrupted", metrics=metrics)
-            note = save_summary(output_dir, summary)
-            number = int(metrics.get("signal_number") or signal.SIGTERM)
-            print(f"qwenvl-ft: interrupted ({signal.Signals(number).name}) at step {metrics.get('global_step')}; "
-                  f"checkpoint saved to {metrics.get('checkpoint')}. To resume, run the same command again:\n"
-                  f"  {resume_command(cfg, overrides)}{note}", file=sys.stderr)
-            sys.exit(128 + number)
+            _stop_interrupted(cfg, overrides, summary, metrics)
         summary.update(status="completed", metrics=metrics)
         value = objective_value(cfg, metrics)
         if value is not None:
@@ -294,42 +198,73 @@ def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
             return value  # what a sweeper (Optuna) optimises
         return metrics
     except UserFacingError as err:  # config and data errors: the message says everything
-        from qwenvl_ft.distributed import ranks
-
-        summary["error"] = str(err)
-        # The other ranks of a distributed run stop on the same error: the main process shows it, they log it.
-        main = ranks.is_main_process()
-        (log.error if main else log.info)("%s", err)
-        if not is_sweep:
-            note = save_summary(output_dir, summary)
-            if main:
-                print(f"qwenvl-ft: {err}{note}", file=sys.stderr)
-            sys.exit(2)
+        _report_user_error(err, summary, is_sweep)
     except KeyboardInterrupt:
-        # Ctrl-C outside the training loop (data check, model loading, generation): there is nothing to save.
-        # Inside it, StopOnSignal turns Ctrl-C into a checkpoint and `metrics["interrupted"]` above.
-        summary.update(status="interrupted", error="interrupted (Ctrl-C) outside the training loop")
-        note = save_summary(output_dir, summary)
-        print(f"\nqwenvl-ft: interrupted (Ctrl-C) outside the training loop; nothing is half-written. The same "
-              f"command starts again (resuming from the newest complete checkpoint, if there is one):\n"
-              f"  {resume_command(cfg, overrides)}{note}", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        _stop_outside_training(cfg, overrides, summary)
     except Exception as err:
-        message = write_failure(err, output_dir)
-        summary["error"] = message or f"{type(err).__name__}: {err}"
-        if not is_sweep:
-            note = save_summary(output_dir, summary)
-            if message is None:
-                raise
-            log.error("%s", message)
-            print(f"qwenvl-ft: {message}{note}", file=sys.stderr)
-            sys.exit(DISK_FULL_EXIT_STATUS)
-        log.error("job failed, the sweep goes on:\n%s", message or traceback.format_exc())
+        if not _report_failure(err, summary, is_sweep):
+            raise
     finally:
         release_all()
         if summary["status"] == "completed" or is_sweep:
             save_summary(output_dir, summary)
     return float("nan") if cfg.get("objective") else {}  # a failed trial, for a sweeper that optimises
+
+
+def _stop_interrupted(cfg: DictConfig, overrides: List[str], summary: Dict, metrics: Dict) -> None:
+    """Stopped by SIGTERM or Ctrl-C with a checkpoint saved: not a failure, not finished either. The exit status
+    says terminated-by-that-signal (128 + 15, 128 + 2) so that schedulers and retry loops run it again; a sweep
+    stops here too instead of starting its next job."""
+    summary.update(status="interrupted", metrics=metrics)
+    note = save_summary(summary["output_dir"], summary)
+    number = int(metrics.get("signal_number") or signal.SIGTERM)
+    print(f"qwenvl-ft: interrupted ({signal.Signals(number).name}) at step {metrics.get('global_step')}; "
+          f"checkpoint saved to {metrics.get('checkpoint')}. To resume, run the same command again:\n"
+          f"  {resume_command(cfg, overrides)}{note}", file=sys.stderr)
+    sys.exit(128 + number)
+
+
+def _report_user_error(err: UserFacingError, summary: Dict, is_sweep: bool) -> None:
+    """A config or data error: recorded; a single run shows the message and exits with status 2, a sweep goes on."""
+    from qwenvl_ft.distributed import ranks
+
+    summary["error"] = str(err)
+    # The other ranks of a distributed run stop on the same error: the main process shows it, they log it.
+    main = ranks.is_main_process()
+    (log.error if main else log.info)("%s", err)
+    if not is_sweep:
+        note = save_summary(summary["output_dir"], summary)
+        if main:
+            print(f"qwenvl-ft: {err}{note}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _stop_outside_training(cfg: DictConfig, overrides: List[str], summary: Dict) -> None:
+    """Ctrl-C outside the training loop (data check, model loading, generation): there is nothing to save.
+    Inside it, StopOnSignal turns Ctrl-C into a checkpoint and `metrics["interrupted"]` (_stop_interrupted)."""
+    summary.update(status="interrupted", error="interrupted (Ctrl-C) outside the training loop")
+    note = save_summary(summary["output_dir"], summary)
+    print(f"\nqwenvl-ft: interrupted (Ctrl-C) outside the training loop; nothing is half-written. The same "
+          f"command starts again (resuming from the newest complete checkpoint, if there is one):\n"
+          f"  {resume_command(cfg, overrides)}{note}", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+
+
+def _report_failure(err: Exception, summary: Dict, is_sweep: bool) -> bool:
+    """Any other error: recorded. A single run stopped by a full disk shows one message and exits with
+    DISK_FULL_EXIT_STATUS; a sweep logs it and goes on (True). False: a bug, for the caller to raise with its
+    traceback (after the summary is written)."""
+    message = write_failure(err, summary["output_dir"])
+    summary["error"] = message or f"{type(err).__name__}: {err}"
+    if not is_sweep:
+        note = save_summary(summary["output_dir"], summary)
+        if message is None:
+            return False
+        log.error("%s", message)
+        print(f"qwenvl-ft: {message}{note}", file=sys.stderr)
+        sys.exit(DISK_FULL_EXIT_STATUS)
+    log.error("job failed, the sweep goes on:\n%s", message or traceback.format_exc())
+    return True
 
 
 def objective_value(cfg: DictConfig, metrics: Dict):

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from qwenvl_ft.errors import ConfigError
-from qwenvl_ft.runlock import LOCK_NAME, STALE_AFTER_S, FolderLock, lock_folder, release_all
+from qwenvl_ft.run_folder.lock import LOCK_NAME, STALE_AFTER_S, FolderLock, lock_folder, release_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
 HOLDER = """
 import sys, time
-from qwenvl_ft.runlock import lock_folder
+from qwenvl_ft.run_folder.lock import lock_folder
 lock_folder(sys.argv[1])
 print("locked", flush=True)
 time.sleep(float(sys.argv[2]))

@@ -19,7 +19,8 @@ from qwenvl_ft.config.compose import validate
 from qwenvl_ft.config.saved_run import with_saved_run
 from qwenvl_ft.config.schema import InferRunConfig
 from qwenvl_ft.errors import ConfigError
-from qwenvl_ft.runtime import write_atomically
+from qwenvl_ft.run_folder.files import ensure_writable, write_atomically
+from qwenvl_ft.run_folder.lock import lock_folder
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -61,9 +62,6 @@ def infer(composed: DictConfig) -> Dict:
         raise ConfigError("infer.images is empty: pass infer.images=[a.jpg,b.png] or infer.images=[folder]")
     images = expand_images(list(i.images))
     model_path = Path(os.path.normpath(i.model_path)) if i.model_path else None
-    from qwenvl_ft.runlock import lock_folder
-    from qwenvl_ft.runtime import ensure_writable
-
     output_file = Path(i.output_file) if i.output_file else Path(cfg.output_dir) / "predictions.jsonl"
     lock = lock_folder(ensure_writable(output_file.parent, "infer output folder"), "infer output folder")
 
