@@ -123,7 +123,7 @@ def cpu_training(args, photos) -> None:
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.shapes import make_rows as shape_rows
     from qwenvl_ft.data.sources import to_dataset
-    from qwenvl_ft.methods.sft import build_trainer
+    from qwenvl_ft.trainers.sft import build_trainer
     from qwenvl_ft.modeling.build import build_model, build_processor
     from qwenvl_ft.training.telemetry import find_telemetry
 

@@ -62,7 +62,7 @@ def usage() -> str:
 
 # command -> (primary config name, "module:function" run on the composed config; imported only when run)
 COMMANDS: Dict[str, Tuple[str, str]] = {
-    "train": ("train", "qwenvl_ft.training:train"),
+    "train": ("train", "qwenvl_ft.commands.train:train"),
     "data-check": ("train", "qwenvl_ft.data.check:data_check"),
     "estimate": ("train", "qwenvl_ft.estimate:estimate"),
     "eval": ("eval", "qwenvl_ft.evaluation.evaluate:evaluate"),

@@ -41,19 +41,22 @@ def evaluate(composed: DictConfig) -> Dict:
     from transformers import set_seed
 
     from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
+    from qwenvl_ft.data.kinds import rows_of
     from qwenvl_ft.evaluation.generate import generate_answers
     from qwenvl_ft.evaluation.metrics import compute
     from qwenvl_ft.modeling.load import kind_of, load_base, load_processor, load_tuned
+    from qwenvl_ft.trainers.base import training_of
 
     if model_path is not None:
         kind_of(model_path)  # fail before loading anything
     # The training method that reads data.format reads the held-out rows and says what a reference answer is.
     method = cfg.data.format.method
-    _, held_out = method.read_rows(cfg.data)
+    training = training_of(method)
+    _, held_out = rows_of(method).read_rows(cfg.data)
     if not held_out:
         raise ConfigError("no held-out rows to evaluate: set data.eval_size, data.eval_path or data.shapes.num_eval")
     method_rows = list(held_out)[: e.num_samples]
-    rows = method.generation_rows(method_rows)
+    rows = training.generation_rows(method_rows)
     references = [reference_answer(row) for row in rows]
     processor = load_processor(cfg.model, cfg.data, model_path)
     collator = VisionChatCollator(processor, cfg.data)
@@ -80,8 +83,8 @@ def evaluate(composed: DictConfig) -> Dict:
                                                 progress="fine-tuned model")
 
     metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}
-    for side, values in method.evaluate_models({"base": base, "tuned": tuned}, method_rows, processor, cfg,
-                                               predictions).items():
+    for side, values in training.evaluate_models({"base": base, "tuned": tuned}, method_rows, processor, cfg,
+                                                 predictions).items():
         metrics.setdefault(side, {}).update(values)
     examples = [
         {"source": row.get("source"), "reference": references[i], **{side: p[i] for side, p in predictions.items()}}
