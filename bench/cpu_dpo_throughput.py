@@ -75,7 +75,7 @@ def run_qwenvl_ft(name, pairs, tmp, batch_size, share_images, unpad):
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
     from qwenvl_ft.modeling.padding_free import share_pair_images, unpad_language_model
     from qwenvl_ft.modeling.varlen_attention import use_for_language_model
-    from qwenvl_ft.methods.dpo import build_trainer
+    from qwenvl_ft.trainers.dpo import build_trainer
 
     cfg = _typed(tmp, name, batch_size)
     processor = build_processor(cfg.model, cfg.data)
@@ -83,7 +83,7 @@ def run_qwenvl_ft(name, pairs, tmp, batch_size, share_images, unpad):
     started, cpu = time.perf_counter(), time.process_time()
     trainer = build_trainer(cfg, base, build_lora_config(base, cfg.model, cfg.adapter), processor,
                             VisionPreferenceCollator(processor, cfg.data), to_pair_dataset(pairs), None)
-    # the hooks one by one (methods/dpo.py: remove_redundant_work applies both, or the first alone)
+    # the hooks one by one (trainers/dpo.py: remove_redundant_work applies both, or the first alone)
     if share_images:
         share_pair_images(trainer.model)
     if unpad:
@@ -135,7 +135,7 @@ def compute_breakdown(pairs, tmp, batch_size, repeats):
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
     from qwenvl_ft.modeling.padding_free import share_pair_images, unpad_language_model
     from qwenvl_ft.modeling.varlen_attention import use_for_language_model
-    from qwenvl_ft.methods.dpo import build_trainer
+    from qwenvl_ft.trainers.dpo import build_trainer
 
     cfg = _typed(tmp, "compute", batch_size)
     processor = build_processor(cfg.model, cfg.data)

@@ -92,7 +92,7 @@ def run_qwenvl_ft(name, overrides, rows, tmp):
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.modeling.build import build_model, build_processor
-    from qwenvl_ft.methods.sft import build_trainer
+    from qwenvl_ft.trainers.sft import build_trainer
 
     cfg = validate(compose(["recipe=demo", "adapter=full", "trainer.epochs=1", "trainer.report_to=[none]",
                               "trainer.disable_tqdm=true", "trainer.logging_steps=10000", "trainer.save_steps=100000",

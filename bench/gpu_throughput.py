@@ -115,7 +115,7 @@ def run(model_name, method, layout, args, rows, tmp):
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.modeling.build import build_model
-    from qwenvl_ft.methods.sft import build_trainer
+    from qwenvl_ft.trainers.sft import build_trainer
 
     cuda = torch.cuda.is_available()
     overrides = common_overrides(model_name, method, args, cuda)
@@ -128,7 +128,7 @@ def run(model_name, method, layout, args, rows, tmp):
         import datasets
         from trl import SFTConfig, SFTTrainer
 
-        from qwenvl_ft.training.common import training_arguments
+        from qwenvl_ft.training.arguments import training_arguments
 
         dataset = datasets.Dataset.from_list([{"messages": r["messages"], "images": r["images"]} for r in rows])
         targs = training_arguments(cfg)
@@ -142,7 +142,7 @@ def run(model_name, method, layout, args, rows, tmp):
 
 def with_telemetry(trainer_cls, cfg):
     """A stock TRL trainer class with the run telemetry's mixin, as qwenvl-ft's trainers have it."""
-    from qwenvl_ft.training.common import trainer_class
+    from qwenvl_ft.training.trainer import trainer_class
     from qwenvl_ft.training.telemetry import TelemetryMixin
 
     return trainer_class(trainer_cls, (TelemetryMixin,))
@@ -292,7 +292,7 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
     from qwenvl_ft.data.preference import to_pair_dataset
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config
-    from qwenvl_ft.methods.dpo import build_trainer, remove_redundant_work
+    from qwenvl_ft.trainers.dpo import build_trainer, remove_redundant_work
 
     cuda = torch.cuda.is_available()
     overrides = common_overrides(model_name, method, args, cuda)
@@ -305,7 +305,7 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
         import datasets
         from trl import DPOConfig, DPOTrainer
 
-        from qwenvl_ft.training.common import training_arguments
+        from qwenvl_ft.training.arguments import training_arguments
 
         dataset = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected", "images")}
                                               for p in pairs])

@@ -120,11 +120,11 @@ def cpu_training(args, photos) -> None:
     import statistics
 
     from qwenvl_ft.config.compose import compose, validate
+    from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.shapes import make_rows as shape_rows
-    from qwenvl_ft.data.arrow import to_dataset
-    from qwenvl_ft.methods.sft import build_trainer
     from qwenvl_ft.modeling.build import build_model, build_processor
+    from qwenvl_ft.trainers.sft import build_trainer
     from qwenvl_ft.training.telemetry import find_telemetry
 
     quiet = ["trainer.report_to=[none]", "trainer.disable_tqdm=true", "trainer.eval_generation=false",

@@ -23,7 +23,7 @@ def _cfg(*overrides):
 def test_precision_auto_resolves_for_the_machine():
     from transformers.utils import is_torch_bf16_gpu_available
 
-    from qwenvl_ft.training.common import training_arguments
+    from qwenvl_ft.training.arguments import training_arguments
     from qwenvl_ft.training.preflight import effective_precision
 
     cfg = validate(compose([], output_dir="/tmp/qwenvl_ft_test_out"))  # the default; the demo says fp32
@@ -68,7 +68,7 @@ def test_report_to_takes_every_tracker_and_names_the_extra_of_a_missing_one(monk
 
 
 def test_tracker_run_name_defaults_to_the_run_folder():
-    from qwenvl_ft.training.common import tracker_run_name
+    from qwenvl_ft.training.arguments import tracker_run_name
 
     assert tracker_run_name(validate(compose(["recipe=demo"], output_dir="/x/outputs/demo/exp1"))) == "exp1"
     assert tracker_run_name(validate(compose(["recipe=demo"], output_dir="/x/multirun/demo/sweep1/3"))) == "sweep1-3"
@@ -82,7 +82,7 @@ def test_tracker_run_name_defaults_to_the_run_folder():
 def test_extra_args_reach_the_methods_config_and_are_checked_against_it():
     from trl import DPOConfig, SFTConfig
 
-    from qwenvl_ft.training.common import training_arguments
+    from qwenvl_ft.training.arguments import training_arguments
     from qwenvl_ft.training.preflight import preflight
 
     cfg = _cfg("+trainer.extra_args.neftune_noise_alpha=5", "+trainer.extra_args.lr_scheduler_kwargs={min_lr: 1e-5}")
@@ -106,9 +106,9 @@ def test_extra_args_reach_the_methods_config_and_are_checked_against_it():
 def test_grpo_extra_args_are_checked_against_grpoconfig():
     from trl import GRPOConfig
 
-    from qwenvl_ft.methods.grpo import grpo_arguments
+    from qwenvl_ft.trainers.grpo import grpo_arguments
     from qwenvl_ft.rewards import build_rewards
-    from qwenvl_ft.training.common import training_arguments
+    from qwenvl_ft.training.arguments import training_arguments
     from qwenvl_ft.training.preflight import preflight
 
     def grpo(*overrides):
@@ -130,9 +130,10 @@ def test_every_argument_qwenvl_ft_sets_names_its_config_key():
     import dataclasses
 
     from qwenvl_ft import methods
-    from qwenvl_ft.methods.grpo import grpo_arguments
+    from qwenvl_ft.trainers.grpo import grpo_arguments
     from qwenvl_ft.rewards import build_rewards
-    from qwenvl_ft.training.common import ARGUMENT_SOURCES, training_arguments
+    from qwenvl_ft.methods.base import ARGUMENT_SOURCES
+    from qwenvl_ft.training.arguments import training_arguments
     from qwenvl_ft.training.preflight import arguments_class
 
     assert set(training_arguments(_cfg())) <= set(ARGUMENT_SOURCES)
@@ -145,7 +146,7 @@ def test_every_argument_qwenvl_ft_sets_names_its_config_key():
 
 
 def test_warmup_steps_and_save_strategy():
-    from qwenvl_ft.training.common import training_arguments
+    from qwenvl_ft.training.arguments import training_arguments
 
     arguments = training_arguments(_cfg("optimizer.warmup_ratio=0", "optimizer.warmup_steps=7",
                                         "trainer.save_strategy=epoch"))

@@ -135,6 +135,7 @@ def test_the_check_shows_progress_on_a_terminal_only(tiny_processor, dataset, ca
 def test_pairs_and_prompts_are_stored_measured_once_and_cached_too(tiny_processor, tmp_path, monkeypatch, trainer):
     """Each method's own rows go through the same store and cache, keyed by the method, with its own measurer."""
     from qwenvl_ft import methods
+    from qwenvl_ft.data.kinds import rows_of
 
     write_image(tmp_path / "a.png", size=(56, 56))
     if trainer == "dpo":
@@ -144,7 +145,7 @@ def test_pairs_and_prompts_are_stored_measured_once_and_cached_too(tiny_processo
         fmt, records = "llava_prompt", [{"image": "a.png", "prompt": f"<image>\nq{i}", "solution": str(i),
                                          "difficulty": i % 3} for i in range(6)]
     path = write_jsonl(tmp_path / "rows.jsonl", records)
-    method = methods.get(trainer)
+    method = rows_of(methods.get(trainer))
     calls = []
     original = method.measurer
 

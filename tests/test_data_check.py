@@ -112,7 +112,7 @@ def test_expected_padding():
 
 def test_train_refuses_invalid_data_before_loading_the_model(tmp_path, monkeypatch):
     from qwenvl_ft.config.compose import compose
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     path, _ = _bad_dataset(tmp_path)
 
@@ -179,7 +179,7 @@ def test_data_check_command_on_a_missing_file(tmp_path, capsys):
 @pytest.mark.slow
 def test_training_with_skip_invalid_on_images_videos_and_text(tmp_path):
     from qwenvl_ft.config.compose import compose
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     from data_helpers import write_video
 

@@ -9,6 +9,7 @@ import pytest
 
 from qwenvl_ft.config.schema import DataConfig, DataFormat, DuplicateIds, SourceConfig
 from qwenvl_ft.data.check import check_data
+from qwenvl_ft.data.kinds import rows_of
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.errors import DataError
 
@@ -108,7 +109,7 @@ def test_preference_pairs_and_prompts_mix_the_same_way(tiny_processor, tmp_path,
         SourceConfig(path=str(tmp_path / "p1.json"), weight=3.0), SourceConfig(path=str(tmp_path / "p2.json"),
                                                                               weight=1.0)])
     expected = {str(tmp_path / "p1.json"): 6, str(tmp_path / "p2.json"): 2}
-    train, held_out = fmt.method.read_rows(cfg)
+    train, held_out = rows_of(fmt.method).read_rows(cfg)
     assert held_out == [] and Counter(row["source"].rsplit(":", 1)[0] for row in train) == expected
     checked = check_data(cfg, tiny_processor)
     stored = Counter(checked.train[i]["source"].rsplit(":", 1)[0] for i in range(len(checked.train)))

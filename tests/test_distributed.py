@@ -80,12 +80,12 @@ def test_every_generated_deepspeed_config_passes_deepspeeds_validation(option):
 
 
 def test_the_deepspeed_check_reads_the_values_the_trainer_gets():
-    """`zero.trainer_values` mirrors what training/common.py gives the TrainingArguments, for every value
+    """`zero.trainer_values` mirrors what training/arguments.py gives the TrainingArguments, for every value
     transformers' DeepSpeed integration reads."""
     from transformers import TrainingArguments
 
     from qwenvl_ft.distributed.zero import trainer_values
-    from qwenvl_ft.training.common import training_arguments
+    from qwenvl_ft.training.arguments import training_arguments
 
     typed = _typed("recipe=qlora_7b_amazon", "trainer.precision=fp32", "optimizer.warmup_ratio=0.1")
     args = TrainingArguments(**training_arguments(typed))

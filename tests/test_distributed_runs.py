@@ -72,7 +72,7 @@ def _losses(run: Path) -> dict:
 
 
 def _single_process_losses(tmp_path: Path, name: str, *overrides) -> dict:
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     train(compose(list(overrides), output_dir=str(tmp_path / name)))
     return _losses(tmp_path / name)

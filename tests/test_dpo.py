@@ -265,7 +265,7 @@ def _history(out, key):
 
 @pytest.mark.slow
 def test_dpo_on_shapes_raises_reward_accuracy_and_margin(tmp_path):
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     out = tmp_path / "run"
     cfg = compose(["recipe=dpo_demo", "data.shapes.num_train=384", "data.shapes.num_eval=32",
@@ -303,7 +303,7 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled(tmp_path):
     from transformers import PreTrainedModel, Qwen2VLForConditionalGeneration
 
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
-    from qwenvl_ft.methods.dpo import build_trainer
+    from qwenvl_ft.trainers.dpo import build_trainer
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
     from qwenvl_ft.modeling.random_init import materialize
 
@@ -336,7 +336,7 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled(tmp_path):
 def test_qlora_dpo_runs_on_cpu(tmp_path):
     from safetensors.torch import load_file
 
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     out = tmp_path / "run"
     # vision tower and merger frozen: everything but the LoRA adapters is 4-bit
@@ -355,7 +355,7 @@ def test_qlora_dpo_runs_on_cpu(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_precomputed_reference_gives_the_same_training(tmp_path, adapter):
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     common = QUICK + [f"adapter={adapter}", "optimizer.lr=3e-3", "trainer.max_steps=6"]
     runs = {}
@@ -375,7 +375,7 @@ def test_precomputed_reference_gives_the_same_training(tmp_path, adapter):
 
 @pytest.mark.slow
 def test_train_command_dispatches_on_trainer_kind(tmp_path):
-    from qwenvl_ft.training import train as train_any_kind
+    from qwenvl_ft.commands.train import train as train_any_kind
 
     metrics = train_any_kind(compose(QUICK + ["trainer.max_steps=2"], output_dir=str(tmp_path / "run")))
     assert "first_logged_reward_accuracy" in metrics and metrics["global_step"] == 2
@@ -385,7 +385,7 @@ def test_train_command_dispatches_on_trainer_kind(tmp_path):
 @pytest.mark.parametrize("fmt", ["llava_preference", "messages_preference"])
 def test_dpo_trains_from_either_file_format(tmp_path, fmt):
     """Generated shape images written as PNGs, pairs written as JSON in each format, two steps of DPO."""
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     records = []
     for index, row in enumerate(shapes_preference_rows(12, 56, seed=1, split="train")):
@@ -410,7 +410,7 @@ def test_dpo_trains_from_either_file_format(tmp_path, fmt):
 @pytest.mark.slow
 def test_vision_and_merger_learning_rates_apply_to_the_wrapped_model(tmp_path):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
-    from qwenvl_ft.methods.dpo import build_trainer
+    from qwenvl_ft.trainers.dpo import build_trainer
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, model_parts
 
     typed = validate(compose(QUICK + ["optimizer.lr=1e-3", "optimizer.vision_lr=1e-5", "optimizer.merger_lr=1e-4"],

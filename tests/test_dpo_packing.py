@@ -48,7 +48,7 @@ PAIRS = [
 @pytest.fixture(scope="module", params=TEST_MODELS)
 def trainer(request, tmp_path_factory):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
-    from qwenvl_ft.methods.dpo import build_trainer
+    from qwenvl_ft.trainers.dpo import build_trainer
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
 
     out = tmp_path_factory.mktemp("dpo_packing")
@@ -167,7 +167,7 @@ def test_config_allows_packing_for_dpo_only_as_padding_free():
 
 @pytest.mark.slow
 def test_padding_free_dpo_trains_like_padded(tmp_path):
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     runs = {}
     for packing in (False, True):

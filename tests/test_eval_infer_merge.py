@@ -122,7 +122,7 @@ def test_sampling_settings_reach_generate_only_when_sampling():
 
 
 def _train(out, *overrides):
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     return train(compose(QUICK + list(overrides), output_dir=str(out)))
 

@@ -208,7 +208,7 @@ def test_trl_sees_the_tokens_and_pixels_of_the_sft_collator(tiny_processor, tmp_
 
     padding_side = tiny_processor.tokenizer.padding_side
     try:
-        tiny_processor.tokenizer.padding_side = "left"  # what methods/grpo.py sets for TRL
+        tiny_processor.tokenizer.padding_side = "left"  # what trainers/grpo.py sets for TRL
         ids, padded, forward = _trl_prompt_inputs(tiny_processor, batch)
         tiny_processor.tokenizer.padding_side = "right"  # build_processor's setting
         _, _, right_padded = _trl_prompt_inputs(tiny_processor, batch)
@@ -261,7 +261,7 @@ def test_a_generation_batch_holds_whole_groups():
 
 
 def test_grpo_arguments_follow_the_config():
-    from qwenvl_ft.methods.grpo import grpo_arguments
+    from qwenvl_ft.trainers.grpo import grpo_arguments
     from qwenvl_ft.rewards import build_rewards
 
     cfg = validate(compose(["recipe=grpo_demo", "trainer.grpo.loss_type=grpo", "trainer.grpo.scale_rewards=none",
@@ -340,7 +340,8 @@ def test_lora_grpo_trains_with_the_disabled_adapter_as_reference(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import PreTrainedModel, Qwen2VLForConditionalGeneration
 
-    from qwenvl_ft.methods.grpo import build_trainer
+    from qwenvl_ft.data.kinds import rows_of
+    from qwenvl_ft.trainers.grpo import build_trainer
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
     from qwenvl_ft.modeling.random_init import materialize
     from qwenvl_ft.rewards import build_rewards
@@ -353,7 +354,7 @@ def test_lora_grpo_trains_with_the_disabled_adapter_as_reference(tmp_path):
                                     "optimizer.lr=2e-2", "trainer.eval_steps=3", "trainer.eval_batch_size=4"],
                            output_dir=str(out)))
     assert cfg.trainer.grpo.beta > 0
-    method = methods.get("grpo")
+    method = rows_of(methods.get("grpo"))
     processor = build_processor(cfg.model, cfg.data)
     train_rows, eval_rows = (method.to_dataset(rows) for rows in method.read_rows(cfg.data))
     base = build_base_model(cfg.model, cfg.adapter)
@@ -406,7 +407,7 @@ def test_lora_grpo_trains_with_the_disabled_adapter_as_reference(tmp_path):
 def test_qlora_grpo_runs_on_cpu(tmp_path):
     from safetensors.torch import load_file
 
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     out = tmp_path / "run"
     metrics = train(compose(QUICK + ["adapter=qlora", "model.freeze_vision_tower=true", "model.freeze_merger=true",
@@ -424,7 +425,7 @@ def test_qlora_grpo_runs_on_cpu(tmp_path):
 def test_grpo_trains_on_every_family(tmp_path, option):
     """The other families' tiny models through the same GRPO run (the default family is trained above): TRL's
     GRPOTrainer generates from their processors' prompts and steps with finite losses."""
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     out = tmp_path / "run"
     metrics = train(compose(QUICK + [f"model={option}", "trainer.max_steps=1", f"trainer.grpo.rewards=[{VARIED}]"],
@@ -436,7 +437,7 @@ def test_grpo_trains_on_every_family(tmp_path, option):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """`qwenvl-ft train recipe=grpo_demo` as the README shows it (the SFT warm start included), trained once."""
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     root = tmp_path_factory.mktemp("grpo_demo")
     cfg = compose(["recipe=grpo_demo", f"model.start_from.output_dir={root / 'start'}", "trainer.disable_tqdm=true",

@@ -108,11 +108,12 @@ def test_dpo_rewards_in_eval_use_the_disabled_adapter_as_the_base(tmp_path):
     from peft import get_peft_model
 
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
+    from qwenvl_ft.data.kinds import rows_of
     from qwenvl_ft.evaluation.preference import reward_metrics
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
 
     cfg = validate(compose(["recipe=dpo_demo", *SMALL], output_dir=str(tmp_path)))
-    _, pairs = methods.get("dpo").read_rows(cfg.data)
+    _, pairs = rows_of(methods.get("dpo")).read_rows(cfg.data)
     processor = build_processor(cfg.model, cfg.data)
     collator = VisionPreferenceCollator(processor, cfg.data)
     base = build_base_model(cfg.model, cfg.adapter)

@@ -340,8 +340,8 @@ def test_liger_switch_fails_clearly_without_the_package():
 @pytest.mark.parametrize("option", TEST_MODELS)
 def test_sft_trainer_loss_and_gradients_packed_equal_padded(tmp_path, option):
     from qwenvl_ft.data.arrow import to_dataset
-    from qwenvl_ft.methods.sft import build_trainer
     from qwenvl_ft.modeling.build import build_model
+    from qwenvl_ft.trainers.sft import build_trainer
 
     collator = _collator(option)
     typed = validate(compose(["recipe=demo", f"model={option}", "adapter=full", "trainer.report_to=[none]"],
@@ -364,7 +364,7 @@ def test_sft_trainer_loss_and_gradients_packed_equal_padded(tmp_path, option):
 def test_packed_training_learns(tmp_path):
     import json
 
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     cfg = compose(["recipe=demo", "data.packing=true", "data.max_tokens_per_batch=640", "data.shapes.num_train=160",
                    "trainer.epochs=4", "trainer.eval_generation=false", "trainer.logging_steps=1",
@@ -378,15 +378,15 @@ def test_packed_training_learns(tmp_path):
 
 def test_batch_layout_and_vision_checkpointing_are_wired(collator):
     from qwenvl_ft.data.arrow import to_dataset
-    from qwenvl_ft.methods.sft import METHOD
-    from qwenvl_ft.training.common import shared_parts
+    from qwenvl_ft.trainers.base import shared_parts
+    from qwenvl_ft.trainers.sft import TRAINING
 
     rows = to_dataset(ROWS[:-1])
 
     def prepared(*overrides):
         cfg = validate(compose(["recipe=demo", *overrides], output_dir="/tmp/unused"))
         parts = shared_parts(cfg, collator.processor, collator, rows, None, None)
-        return parts, METHOD.trainer_arguments(parts, parts.arguments)
+        return parts, TRAINING.trainer_arguments(parts, parts.arguments)
 
     parts, args = prepared("data.group_by_length=true", "model.gradient_checkpointing=true",
                            "model.vision_gradient_checkpointing=false")

@@ -123,7 +123,7 @@ def _losses(history):
 
 @pytest.mark.slow
 def test_sigkill_part_way_then_the_same_command_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     command = RUN + ["run_name=exp1"]
     run = tmp_path / "outputs" / "demo" / "exp1"

@@ -109,7 +109,7 @@ def test_the_same_process_may_take_its_folder_again(tmp_path):
 
 def test_training_on_a_folder_in_use_is_refused_before_anything_loads(tmp_path):
     from qwenvl_ft.config.compose import compose
-    from qwenvl_ft.training.common import start_run
+    from qwenvl_ft.training.start import start_run
 
     holder = _holder(tmp_path / "run")
     try:

@@ -144,17 +144,17 @@ ROWS = [_row(i, size=[(56, 56), (84, 56), (112, 84)][i % 3], words=1 + i % 6) fo
 def _trainer(tmp_path, *overrides, delay=0.0):
     """A tiny SFT trainer built as the run builds it (the telemetry is one of the trainer class's mixins), also
     keeping the batches the loop received."""
-    from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.arrow import to_dataset
-    from qwenvl_ft.methods.sft import METHOD, build_trainer
+    from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.modeling.build import build_model, build_processor
-    from qwenvl_ft.training.common import standalone_parts
+    from qwenvl_ft.trainers.base import standalone_parts
+    from qwenvl_ft.trainers.sft import TRAINING, build_trainer
 
     typed = _typed("data.num_workers=0", *overrides, output_dir=str(tmp_path))
     processor = build_processor(typed.model, typed.data)
     model = build_model(typed.model, typed.adapter)
     collator, rows = VisionChatCollator(processor, typed.data), to_dataset(ROWS)
-    parts = standalone_parts(METHOD, typed, model, processor, collator, rows, None)
+    parts = standalone_parts(TRAINING, typed, model, processor, collator, rows, None)
     parts.trainer_mixins += (KeepBatches,)
     trainer = build_trainer(typed, model, processor, collator, rows, None, parts)
     if delay:
@@ -167,7 +167,7 @@ def _trainer(tmp_path, *overrides, delay=0.0):
 def test_telemetry_counts_the_collated_batches(tmp_path, layout):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from qwenvl_ft.training.common import write_history
+    from qwenvl_ft.training.finish import write_history
     from qwenvl_ft.training.telemetry import COUNTS, find_telemetry
 
     extra = ["data.packing=true", "data.max_tokens_per_batch=256"] if layout == "packed" else []

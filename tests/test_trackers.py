@@ -235,7 +235,7 @@ def test_grpo_run_reports_held_out_rewards_and_gallery(tmp_path):
     gallery of prompt, greedy completion and solution reach the trackers as an SFT run's metrics do."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from qwenvl_ft.training import train
+    from qwenvl_ft.commands.train import train
 
     run = tmp_path / "grpo"
     metrics = train(compose(["recipe=grpo_demo", "model.start_from=null", "data.shapes.num_train=8",

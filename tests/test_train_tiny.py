@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.modeling.random_init import materialize
-from qwenvl_ft.training import train
+from qwenvl_ft.commands.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -37,25 +37,28 @@ def evaluate(composed: DictConfig) -> Dict:
     model_path = Path(os.path.normpath(e.model_path)) if e.model_path else None
 
     from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
+    from qwenvl_ft.data.kinds import rows_of
     from qwenvl_ft.evaluation.metrics import compute
     from qwenvl_ft.modeling.load import kind_of, load_processor
+    from qwenvl_ft.trainers.base import training_of
 
     if model_path is not None:
         kind_of(model_path)  # fail before loading anything
     # The training method that reads data.format reads the held-out rows and says what a reference answer is.
     method = cfg.data.format.method
-    _, held_out = method.read_rows(cfg.data)
+    training = training_of(method)
+    _, held_out = rows_of(method).read_rows(cfg.data)
     if not held_out:
         raise ConfigError("no held-out rows to evaluate: set data.eval_size, data.eval_path or data.shapes.num_eval")
     method_rows = list(held_out)[: e.num_samples]
-    rows = method.generation_rows(method_rows)
+    rows = training.generation_rows(method_rows)
     references = [reference_answer(row) for row in rows]
     processor = load_processor(cfg.model, cfg.data, model_path)
     collator = VisionChatCollator(processor, cfg.data)
 
     predictions, models = _generate(cfg, model_path, collator, rows)
     metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}
-    for side, values in method.evaluate_models(models, method_rows, processor, cfg, predictions).items():
+    for side, values in training.evaluate_models(models, method_rows, processor, cfg, predictions).items():
         metrics.setdefault(side, {}).update(values)
     examples = [
         {"source": row.get("source"), "reference": references[i], **{side: p[i] for side, p in predictions.items()}}

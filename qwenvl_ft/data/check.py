@@ -5,7 +5,7 @@ Every row is read, converted, its images and videos opened and decoded, its text
 length fitted to data.max_length, through the collator's own code (the training method's measurer, e.g.
 `VisionChatCollator.measure`: `encode` without the pixel arithmetic), so a row that passes here does not fail in
 the middle of training. The method that reads data.format supplies how its rows are stored, read and measured
-(methods/base.py), so conversations, preference pairs and prompts are all checked, cached and reused the same way
+(data/kinds.py), so conversations, preference pairs and prompts are all checked, cached and reused the same way
 (qwenvl_ft/data/prepare.py). Only the processor is loaded, never the model. The result is the valid rows and a
 `DataReport` (data/report.py): rows with problems (file, row, field, reason), image sizes and visual tokens, text
 tokens, sequence lengths, rows truncated or dropped by data.overlength, duplicate ids, the mixture of data.sources,
@@ -29,7 +29,7 @@ from qwenvl_ft.data.rows import Problem
 from qwenvl_ft.data.store import DROPPED, INVALID, OK
 from qwenvl_ft.errors import DataError
 
-Measure = Callable[[dict], SampleStats]  # a training method's measurer (methods/base.py)
+Measure = Callable[[dict], SampleStats]  # a training method's measurer (data/kinds.py)
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -118,13 +118,15 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, 
     import time
 
     from qwenvl_ft.data.cache import cache_root, data_key, processor_fingerprint
+    from qwenvl_ft.data.kinds import rows_of
     from qwenvl_ft.data.prepare import prepare
 
     method = cfg.format.method
+    kind = rows_of(method)
     collator = VisionChatCollator(processor, cfg)  # the image and video bounds the report states
     started = time.perf_counter()
-    prepared = prepare(cfg, method.store_kind(), method.converters(), generate=method.generate,
-                       measure=method.measurer(processor, cfg), method=method.name,
+    prepared = prepare(cfg, kind.store_kind, kind.converters, generate=kind.generate,
+                       measure=kind.measurer(processor, cfg), method=method.name,
                        fingerprint=processor_fingerprint(processor), workers=cfg.num_workers,
                        cache_root=cache_root(cfg, output_dir), stats_type=SampleStats, progress=progress)
     splits = {name: SplitReport(name, rows=prepared.measured(name), stats=prepared.kept(name),
@@ -173,7 +175,7 @@ def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int =
                         log_report: bool = True):
     """(train dataset, eval dataset or None, report) for training: the check first, and a refusal to go on with
     invalid rows unless data.skip_invalid (then they are left out and counted). The datasets are the training
-    method's (`Method.from_store`), memory-mapped, and carry each row's `length`, which the batch layouts read
+    method's (`MethodRows.from_store`), memory-mapped, and carry each row's `length`, which the batch layouts read
     instead of measuring again (`batching.stored_lengths` reads them, in row order)."""
     checked = check_data(cfg, processor, batch_size, seed, output_dir=output_dir)
     report = checked.report
@@ -188,6 +190,8 @@ def load_checked_splits(cfg: DataConfig, processor, batch_size: int, seed: int =
         log.warning("%s", "\n".join(report.duplicate_lines()[:11]))
     if not len(checked.train):
         raise DataError(f"{cfg.describe_path()}: no training rows left after the data check")
-    from_store = cfg.format.method.from_store
+    from qwenvl_ft.data.kinds import rows_of
+
+    from_store = rows_of(cfg.format.method).from_store
     held_out = from_store(checked.eval) if checked.eval is not None and len(checked.eval) else None
     return from_store(checked.train), held_out, report

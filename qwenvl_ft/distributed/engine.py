@@ -1,5 +1,5 @@
 """What the TrainingArguments get for the configured engine (dist.engine), merged over the shared ones by
-training/common.py's `training_arguments`. accelerate and the Trainer do the rest: DDP wrapping, FSDP2 sharding,
+training/arguments.py's `training_arguments`. accelerate and the Trainer do the rest: DDP wrapping, FSDP2 sharding,
 DeepSpeed's engine, the distributed sampler, gathering metrics."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 supervision, restarts, multi-node; nothing hand-written), each running `python -m qwenvl_ft train` with the same
 overrides plus the values resolved once here: `run_name`, the output folder, the number of processes. Every rank
 therefore composes the same config; the main process records it (config.yaml, with dist.world_size) and the others
-check theirs against it (training/common.py `start_run`).
+check theirs against it (training/start.py `start_run`).
 
 Started by someone else (`torchrun -m qwenvl_ft ...`, `accelerate launch -m qwenvl_ft ...`, `srun python -m
 qwenvl_ft ...`), a process is a worker from the start: `prepare_worker` (called by the CLI before Hydra composes

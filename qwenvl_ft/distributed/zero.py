@@ -60,7 +60,7 @@ def deepspeed_config(cfg: TrainConfig) -> Dict:
 
 
 def trainer_values(cfg: TrainConfig, world_size: int) -> SimpleNamespace:
-    """The TrainingArguments values `HfTrainerDeepSpeedConfig` reads, as training/common.py's
+    """The TrainingArguments values `HfTrainerDeepSpeedConfig` reads, as training/arguments.py's
     `training_arguments` sets them (tests/test_distributed.py compares the two)."""
     trainer_cfg, optim_cfg = cfg.trainer, cfg.optimizer
     warmup = optim_cfg.warmup_ratio

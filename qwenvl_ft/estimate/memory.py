@@ -30,7 +30,7 @@ from qwenvl_ft import families, methods
 from qwenvl_ft.config.schema import TrainConfig
 from qwenvl_ft.config.trainer import Precision
 from qwenvl_ft.estimate.budget import BatchBudget, batch_budget
-from qwenvl_ft.estimate.counts import ParameterCounts, count_parameters, meta_model
+from qwenvl_ft.estimate.counts import ParameterCounts, count_parameters, hf_config, meta_model
 from qwenvl_ft.families.base import language_linear_inputs
 
 GiB = 1024 ** 3
@@ -126,11 +126,39 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
 
     method = methods.get(trainer_cfg.kind)
     rows += method.memory_rows(cfg, counts, w)  # e.g. DPO's frozen reference copy
+    rows += generation_rows(cfg, method, w)  # e.g. GRPO's sampled completions
     family = families.of_config(config)
     budget = budget or batch_budget(method.batch_data(cfg), trainer_cfg.batch_size, family,
                                     pairs=method.sequences_per_row() == 2)
     rows += _activation_rows(cfg, counts, family, text, vision, budget, ActivationDtypes.of(counts, w, a))
     return Estimate(rows, counts, budget)
+
+
+def generation_rows(cfg: TrainConfig, method: methods.Method, weight_bytes: int) -> List[tuple]:
+    """What a method samples before its loss forward (`Method.generation_batch`; GRPO: trainer.batch_size x
+    gradient_accumulation_steps completions, sampled at once): its KV cache and the pixel values TRL keeps for every
+    completion (it processes each copy of a prompt's images, in float32)."""
+    batch = method.generation_batch(cfg)
+    if batch is None:
+        return []
+    rows = []
+    config = hf_config(cfg.model)
+    text, vision = config.get_text_config(), config.vision_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    completions = batch.completions
+    if batch.kv_cache:
+        tokens = completions * (batch.prompt_tokens + batch.new_tokens)
+        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * weight_bytes
+        rows.append(("generation: KV cache", per_token * tokens,
+                     f"{completions} completions x ({batch.prompt_tokens} prompt + {batch.new_tokens} "
+                     f"generated) tokens x {per_token} B; freed before the loss forward, so an upper bound"))
+    one = batch_budget(method.batch_data(cfg), 1, families.of_config(config))
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    if one.vision_patches:
+        rows.append(("generation: pixel values", completions * one.vision_patches * patch * 4,
+                     f"{completions} completions x {one.vision_patches} patches x {patch} fp32 (each completion "
+                     f"carries its prompt's images)"))
+    return rows
 
 
 def _lora_inputs(cfg: TrainConfig, counts: ParameterCounts, family: families.Family, text, vision) -> tuple:

@@ -1,46 +1,17 @@
-"""Group relative policy optimisation with images: TRL's GRPOTrainer on prompt rows (data/prompts.py), with the
-reward functions of the config (qwenvl_ft/rewards).
-
-How TRL 1.16's GRPOTrainer runs a Qwen2-VL, and what this module adds:
-- Data. GRPOTrainer's collator is the identity: rows reach `_generate_and_score_completions` as stored, their
-  `images` are injected into the prompt messages (`prepare_multimodal_messages`) and handed to the processor twice
-  per generation batch (`apply_chat_template(tokenize=True)` for the prompt ids, `processor(images, text)` for the
-  pixel values of the loss forward). `PromptImages` replaces the identity collator: images are opened, checked and
-  sized as the SFT collator does and reach the processor already at their final size, so its resize is a no-op and
-  every data error names the row (tests/test_grpo.py compares TRL's tokens and pixels with the SFT collator's).
-- Padding. TRL left-pads the prompt ids itself but takes `mm_token_type_ids` from the processor's own padding: the
-  processor must pad on the left too (TRL's documented requirement), or Qwen2-VL's M-RoPE positions of every
-  shorter prompt in a batch are shifted. `build_trainer` sets it.
-- Reference. Given the base model and a LoraConfig, TRL wraps the model itself and computes the reference
-  log-probabilities with the adapter disabled (`use_adapter(model, None)`): no second copy. Given a PeftModel it
-  would add a "ref" adapter copied from the trained one; full fine-tuning loads a second frozen copy; beta=0 skips
-  the reference entirely.
-- Rewards. Each reward is called with prompts, completions, completion_ids, every dataset column, trainer_state,
-  log_extra, log_metric; None or NaN means "does not apply" (left out of the weighted sum and the logged mean; a
-  completion no reward applies to gets advantage 0). TRL logs reward, reward_std and rewards/<name>/mean and /std
-  every logging step (TensorBoard), plus KL, entropy, clip ratios and completion lengths; `CompletionSamples` adds
-  a few sampled completions with their rewards as TensorBoard text (TRL's own completion log goes to wandb/trackio
-  or parquet only).
-- Losses: trl.GRPOConfig.loss_type (grpo, dapo, dr_grpo, bnpo, cispo, sapo, luspo, vespo) with
-  importance_sampling_level token/sequence (GSPO), reward scaling group/batch/none and the two ways of combining
-  several rewards; all exposed in `trainer.grpo`.
-- vLLM: TRL's colocate mode (`use_vllm`, `vllm_mode="colocate"`) is `trainer.grpo.vllm.enabled`; it takes the same
-  PIL images. Not needed for CPU runs.
+"""Group relative policy optimisation with images: TRL's GRPOTrainer on prompt rows, with the reward functions of
+the config (qwenvl_ft/rewards). The declaration: its settings `trainer.grpo` and their checks, its formats, and the
+terms `estimate` sizes it by; its rows are qwenvl_ft/data/kinds.py's PROMPT_ROWS, its training
+qwenvl_ft/trainers/grpo.py (which says how TRL runs a Qwen2-VL and what qwenvl-ft adds).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional
 
 from qwenvl_ft.errors import ConfigError, check
-from qwenvl_ft.methods.base import Method, TrainerParts
-
-log = logging.getLogger("qwenvl_ft")
+from qwenvl_ft.methods.base import GenerationBatch, Method
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,6 +176,8 @@ class Grpo(Method):
         **{f"vllm_{key}": f"trainer.grpo.vllm.{key}" for key in (
             "gpu_memory_utilization", "tensor_parallel_size", "enable_sleep_mode", "max_model_length")},
     }
+    rows = "qwenvl_ft.data.kinds:PROMPT_ROWS"
+    training = "qwenvl_ft.trainers.grpo:TRAINING"
 
     def check_config(self, cfg) -> None:
         """Besides the base rules: no packing (a GRPO batch is built inside TRL), and the rewards resolved, so that
@@ -215,133 +188,6 @@ class Grpo(Method):
         check(not cfg.data.packing, "data.packing is for trainer=sft and trainer=dpo; TRL's GRPOTrainer builds the "
                                     "batches of prompts and completions itself")
         build_rewards(cfg.trainer.grpo.rewards)
-
-    # -- data ----------------------------------------------------------------------------------------------------
-
-    def read_rows(self, data_cfg, problems: Optional[list] = None) -> Tuple[List[dict], List[dict]]:
-        from qwenvl_ft.data.prompts import load_prompt_rows
-
-        return load_prompt_rows(data_cfg, problems)
-
-    def measurer(self, processor, data_cfg):
-        from qwenvl_ft.data.prompts import PromptMeasurer
-
-        return PromptMeasurer(processor, data_cfg).measure
-
-    def to_dataset(self, rows: List[dict]):
-        from qwenvl_ft.data.prompts import to_prompt_dataset
-
-        return to_prompt_dataset(rows)
-
-    def collator(self, processor, data_cfg):
-        from qwenvl_ft.data.prompts import PromptImages
-
-        return PromptImages(processor, data_cfg)
-
-    def store_kind(self):
-        from qwenvl_ft.data.prompts import prompts_kind
-
-        return prompts_kind()
-
-    def converters(self):
-        from qwenvl_ft.data.prompts import CONVERTERS
-
-        return CONVERTERS
-
-    def generate(self, data_cfg):
-        from qwenvl_ft.data.prompts import generate_prompts
-
-        return generate_prompts(data_cfg.shapes)
-
-    def from_store(self, dataset):
-        from qwenvl_ft.data.prompts import from_prompt_store
-
-        return from_prompt_store(dataset)
-
-    # -- training ------------------------------------------------------------------------------------------------
-
-    def trainer_arguments(self, parts: TrainerParts, common: Dict):
-        from trl import GRPOConfig
-
-        from qwenvl_ft.rewards import build_rewards, check_fields
-
-        cfg = parts.cfg
-        g = cfg.trainer.grpo
-        rewards = build_rewards(g.rewards)
-        check_fields(rewards, parts.train_rows.column_names)
-        check_group_batch(cfg, world_size())
-        check_vllm(cfg)
-        parts.state["rewards"] = rewards
-        log.info("grpo: %d completions per prompt, at most %d tokens; beta=%g, epsilon=%g, loss=%s; rewards: %s",
-                 g.num_generations, g.max_completion_length, g.beta, g.epsilon, g.loss_type.value,
-                 ", ".join(f"{r.name} ({r.origin}) x {r.weight:g}" for r in rewards))
-        return GRPOConfig(**common, **grpo_arguments(cfg, rewards))
-
-    def build_trainer(self, parts: TrainerParts):
-        trainer = build_trainer(parts.cfg, parts.model, parts.peft_config, parts.processor, parts.state["rewards"],
-                                parts.train_rows, parts.eval_rows, parts)
-        parts.state["reference"] = reference_kind(trainer)
-        log.info("reference: %s", parts.state["reference"])
-        return trainer
-
-    def before_training(self, trainer, parts: TrainerParts) -> Dict:
-        return {"reference": parts.state["reference"], **self._held_out(trainer, parts, "before")}
-
-    def training_metrics(self, trainer, result) -> Dict:
-        """Besides the loss: the mean reward of the sampled completions over the first and the last quarter of the
-        logged steps (one step's few prompts are too noisy to compare)."""
-        metrics = super().training_metrics(trainer, result)
-        rewards = [entry["reward"] for entry in trainer.state.log_history if entry.get("reward") is not None]
-        quarter = max(1, len(rewards) // 4)
-        metrics["logged_reward_start"] = sum(rewards[:quarter]) / quarter if rewards else None
-        metrics["logged_reward_end"] = sum(rewards[-quarter:]) / quarter if rewards else None
-        return metrics
-
-    def after_training(self, trainer, parts: TrainerParts) -> Dict:
-        # final/ is saved by now: what loads it later gets the processor as build_processor leaves it
-        parts.processor.tokenizer.padding_side = "right"
-        return self._held_out(trainer, parts, "after")
-
-    def _held_out(self, trainer, parts: TrainerParts, when: str) -> Dict:
-        cfg = parts.cfg
-        if not cfg.trainer.eval_generation or parts.eval_rows is None:
-            return {}
-        rows = [parts.eval_rows[i] for i in range(len(parts.eval_rows))]
-        result = held_out_rewards(trainer.model, parts.processor, cfg.data, rows, parts.state["rewards"],
-                                  cfg.trainer.eval_batch_size, cfg.trainer.max_new_tokens)
-        log_held_out(result, rows, cfg.trainer.num_predictions_to_print, when)
-        # flat numbers, as every method's metrics.json holds them (model cards, sweep summaries read them)
-        return {f"eval_{key}_{when}": value for key, value in reward_metrics(result["summary"]).items()}
-
-    def result_line(self, metrics: Dict) -> str:
-        start, end = metrics.get("logged_reward_start"), metrics.get("logged_reward_end")
-        line = f"mean reward of the sampled completions {_number(start)} -> {_number(end)} (first -> last quarter)"
-        names = [k[len("eval_"):-len("_before")] for k in metrics if k.startswith("eval_reward")
-                 and k.endswith("_before")]
-        if "reward" in names and "eval_reward_after" in metrics:
-            parts = [f"{name[len('reward/'):]} {_number(metrics[f'eval_{name}_before'])} -> "
-                     f"{_number(metrics.get(f'eval_{name}_after'))}" for name in names if name != "reward"]
-            line += (f"; held-out mean reward {_number(metrics['eval_reward_before'])} -> "
-                     f"{_number(metrics['eval_reward_after'])} ({', '.join(parts)})")
-        return line
-
-    # -- evaluation (`qwenvl-ft eval`) -------------------------------------------------------------------------
-
-    def generation_rows(self, rows: List[dict]) -> List[dict]:
-        """Each prompt answered by its solution (empty for a prompt-only row)."""
-        return [{"messages": list(row["prompt"]) + [{"role": "assistant", "content": [
-            {"type": "text", "text": row.get("solution") or ""}]}], "images": row.get("images") or [],
-            "videos": [], "source": row.get("source", "?")} for row in rows]
-
-    def evaluate_models(self, models: Dict, rows: List[dict], processor, cfg,
-                        predictions: Optional[Dict[str, List[str]]] = None) -> Dict[str, Dict]:
-        """The configured rewards of each side's completions (the greedy answers `eval` generated): each reward's
-        mean over the rows it applies to, and `reward`, the mean weighted total."""
-        from qwenvl_ft.rewards import build_rewards
-
-        rewards = build_rewards(cfg.trainer.grpo.rewards)
-        return {side: reward_metrics(score_completions(rewards, rows, completions)["summary"])
-                for side, completions in (predictions or {}).items()}
 
     # -- estimate ----------------------------------------------------------------------------------------------
 
@@ -354,49 +200,27 @@ class Grpo(Method):
         return replace(cfg.data, max_length=None if length is None else length + completion)
 
     def memory_rows(self, cfg, counts, weight_bytes: int) -> List[tuple]:
-        """A frozen reference copy (full fine-tuning with beta > 0); the generation batch (trainer.batch_size x
-        gradient_accumulation_steps completions, sampled at once): its KV cache and the pixel values TRL keeps for
-        every completion (it processes each copy of a prompt's images, in float32)."""
-        from qwenvl_ft import families
-        from qwenvl_ft.estimate.budget import batch_budget
-        from qwenvl_ft.estimate.counts import hf_config
-
-        g, t = cfg.trainer.grpo, cfg.trainer
+        """A frozen reference copy (full fine-tuning with beta > 0)."""
         rows = []
-        if not cfg.adapter.is_peft and g.beta > 0:
+        if not cfg.adapter.is_peft and cfg.trainer.grpo.beta > 0:
             rows.append(("reference model", counts.total * weight_bytes,
                          f"GRPO full fine-tuning with beta > 0: a frozen copy, {counts.total / 1e9:.2f}B params x "
                          f"{weight_bytes} B"))
-        if cfg.data.max_length is None:
-            return rows
-        config = hf_config(cfg.model)
-        text, vision = config.get_text_config(), config.vision_config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        completions = t.batch_size * t.gradient_accumulation_steps  # one generation batch per device
-        if not g.vllm.enabled:
-            tokens = completions * (cfg.data.max_length + g.max_completion_length)
-            per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * weight_bytes
-            rows.append(("generation: KV cache", per_token * tokens,
-                         f"{completions} completions x ({cfg.data.max_length} prompt + {g.max_completion_length} "
-                         f"generated) tokens x {per_token} B; freed before the loss forward, so an upper bound"))
-        one = batch_budget(self.batch_data(cfg), 1, families.of_config(config))
-        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-        if one.vision_patches:
-            rows.append(("generation: pixel values", completions * one.vision_patches * patch * 4,
-                         f"{completions} completions x {one.vision_patches} patches x {patch} fp32 (each completion "
-                         f"carries its prompt's images)"))
         return rows
+
+    def generation_batch(self, cfg) -> Optional[GenerationBatch]:
+        """The completions sampled at once before the loss forward: trainer.batch_size x gradient_accumulation_steps
+        per device, each a prompt of at most data.max_length plus trainer.grpo.max_completion_length tokens, their
+        KV cache in the training process unless vLLM samples them (None without data.max_length: nothing to size
+        by)."""
+        g, t = cfg.trainer.grpo, cfg.trainer
+        if cfg.data.max_length is None:
+            return None
+        completions = t.batch_size * t.gradient_accumulation_steps  # one generation batch per device
+        return GenerationBatch(completions, cfg.data.max_length, g.max_completion_length, not g.vllm.enabled)
 
 
 METHOD = Grpo()
-
-
-def _number(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# config -> TRL
 
 
 def check_group_batch(cfg, world_size: int) -> None:
@@ -411,230 +235,3 @@ def check_group_batch(cfg, world_size: int) -> None:
     if t.eval_steps is not None and (t.eval_batch_size * world_size) % g.num_generations:
         raise ConfigError(f"trainer.eval_batch_size x devices = {t.eval_batch_size * world_size} must be a multiple "
                           f"of trainer.grpo.num_generations={g.num_generations} for evaluation during training")
-
-
-def grpo_arguments(cfg, rewards: Sequence[Any]) -> Dict[str, Any]:
-    """The GRPO-specific GRPOConfig arguments (training_arguments supplies the rest): a pure function of the config
-    and the built rewards (their weights)."""
-    g = cfg.trainer.grpo
-    arguments: Dict[str, Any] = dict(
-        remove_unused_columns=False,  # the rewards read the dataset's columns
-        num_generations=g.num_generations,
-        max_completion_length=g.max_completion_length,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        min_p=g.min_p,
-        repetition_penalty=g.repetition_penalty,
-        beta=g.beta,
-        epsilon=g.epsilon,
-        epsilon_high=g.epsilon_high,
-        loss_type=g.loss_type.value,
-        importance_sampling_level=g.importance_sampling_level.value,
-        scale_rewards=g.scale_rewards.value,
-        multi_objective_aggregation=g.reward_aggregation.value,
-        num_iterations=g.num_iterations,
-        mask_truncated_completions=g.mask_truncated_completions,
-        sync_ref_model=g.sync_ref_model,
-        ref_model_sync_steps=g.ref_model_sync_steps,
-        ref_model_mixup_alpha=g.ref_model_mixup_alpha,
-        reward_weights=[reward.weight for reward in rewards],
-        log_completions=False,  # parquet files and rich tables; CompletionSamples writes TensorBoard text instead
-    )
-    if g.vllm.enabled:
-        arguments.update(
-            use_vllm=True,
-            vllm_mode="colocate",
-            vllm_gpu_memory_utilization=g.vllm.gpu_memory_utilization,
-            vllm_tensor_parallel_size=g.vllm.tensor_parallel_size,
-            vllm_enable_sleep_mode=g.vllm.enable_sleep_mode,
-            vllm_max_model_length=g.vllm.max_model_length or (
-                None if cfg.data.max_length is None else cfg.data.max_length + g.max_completion_length),
-        )
-    return arguments
-
-
-def check_vllm(cfg) -> None:
-    import importlib.util
-
-    if not cfg.trainer.grpo.vllm.enabled:
-        return
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("trainer.grpo.vllm.enabled=true needs the vllm package (pip install \"qwenvl-ft[vllm]\", "
-                          "the versions TRL supports) and a CUDA GPU")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("trainer.grpo.vllm.enabled=true needs a CUDA GPU (vLLM's colocate mode shares it with "
-                          "training)")
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def build_trainer(cfg, base, peft_config, processor, rewards, train_rows, eval_rows,
-                  parts: Optional[TrainerParts] = None):
-    """GRPOTrainer around the base model; `peft_config` (None for full fine-tuning) is applied by TRL, which then
-    takes the reference with the adapter disabled. `parts` carries what the run skeleton prepared; without it
-    (tests) the same is built here from `cfg`."""
-    from trl import GRPOTrainer
-
-    from qwenvl_ft.data.prompts import PromptImages
-    from qwenvl_ft.training.common import finish_trainer, standalone_parts, trainer_class
-
-    collator = parts.collator if parts is not None else PromptImages(processor, cfg.data)
-    if parts is None:
-        parts = standalone_parts(METHOD, cfg, base, processor, collator, train_rows, eval_rows, peft_config)
-    processor.tokenizer.padding_side = "left"  # see the module docstring: mm_token_type_ids must align
-    callbacks = list(parts.callbacks)
-    if cfg.trainer.grpo.log_completions and "tensorboard" in cfg.trainer.report_to:
-        callbacks.append(completion_samples(rewards, cfg.trainer.grpo.log_completions,
-                                            Path(cfg.output_dir) / "tensorboard"))
-    trainer = trainer_class(GRPOTrainer, parts.trainer_mixins)(
-        model=base,
-        reward_funcs=list(rewards),
-        args=parts.arguments,
-        train_dataset=train_rows,
-        eval_dataset=eval_rows if cfg.trainer.eval_steps is not None else None,
-        processing_class=processor,  # the processor, not the tokenizer: TRL treats the model as a VLM
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
-    # GRPOTrainer hands Trainer its identity collator; the DataLoaders read `data_collator` when they are built
-    # (at train / evaluate), so the checked image loading goes in here.
-    trainer.data_collator = collator
-    return finish_trainer(trainer, cfg)
-
-
-def reference_kind(trainer) -> str:
-    if trainer.beta == 0:
-        return "none (trainer.grpo.beta=0: no KL term)"
-    if trainer.ref_model is None:
-        return "the base with the adapter disabled"
-    return "a frozen copy of the starting model"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# sampled completions in TensorBoard
-
-
-def _prompt_text(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    parts = []
-    for message in prompt or []:
-        if message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-            continue
-        for item in content or []:
-            parts.append("[image]" if item.get("type") == "image" else (item.get("text") or ""))
-    return " ".join(p.strip() for p in parts if p.strip())
-
-
-def completion_table(rewards, count: int) -> Optional[str]:
-    """A markdown table of the first `count` completions of the latest generation batch with every reward, from
-    what each Reward kept of its last call; None before the first call."""
-    from qwenvl_ft.rewards.builtins import completion_text
-
-    if not rewards or rewards[0].last is None:
-        return None
-    prompts, completions, _ = rewards[0].last
-    header = "| prompt | completion | " + " | ".join(r.name for r in rewards) + " |"
-    lines = [header, "|" + "---|" * (2 + len(rewards))]
-    for index in range(min(count, len(completions))):
-        cells = [_prompt_text(prompts[index]) if prompts else "", completion_text(completions[index])]
-        for reward in rewards:
-            value = reward.last[2][index] if reward.last is not None and index < len(reward.last[2]) else None
-            cells.append("n/a" if value is None else f"{value:.3f}")
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def completion_samples(rewards, count: int, log_dir: Path):
-    """A callback writing `completion_table` to TensorBoard (tag `completions`) at every training log."""
-    from transformers import TrainerCallback
-
-    class CompletionSamples(TrainerCallback):
-        def __init__(self):
-            self.writer = None
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "reward" not in logs:
-                return
-            table = completion_table(rewards, count)
-            if table is None:
-                return
-            if self.writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(log_dir=str(log_dir))
-            self.writer.add_text("completions", table, state.global_step)
-            self.writer.flush()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.writer is not None:
-                self.writer.close()
-                self.writer = None
-
-    return CompletionSamples()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# held-out evaluation: greedy completions scored by the rewards
-
-
-def generate_completions(model, processor, data_cfg, rows: Sequence[dict], batch_size: int,
-                         generation: Optional[dict] = None, max_new_tokens: int = 64) -> List[str]:
-    """One completion per prompt row, with the images and prompt rendering training uses (the SFT collator's
-    generation batch)."""
-    from qwenvl_ft.data.collate import VisionChatCollator
-    from qwenvl_ft.data.prompts import as_chat_row
-    from qwenvl_ft.evaluation.generate import generate_answers
-
-    collator = VisionChatCollator(processor, data_cfg)
-    return generate_answers(model, collator, [as_chat_row(row) for row in rows], batch_size,
-                            max_new_tokens=max_new_tokens, generation=generation)
-
-
-def score_completions(rewards, rows: Sequence[dict], completions: Sequence[str]) -> Dict[str, Any]:
-    """Per-row scores and their summary (each reward's mean where it applies, the weighted total), with the
-    completions in the chat form TRL gives rewards."""
-    from qwenvl_ft.rewards import score, summarise
-
-    columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"} if rows else {}
-    chat = [[{"role": "assistant", "content": text}] for text in completions]
-    scores = score(rewards, [row["prompt"] for row in rows], chat, columns)
-    return {"summary": summarise(rewards, scores), "scores": scores}
-
-
-def held_out_rewards(model, processor, data_cfg, rows: Sequence[dict], rewards, batch_size: int,
-                     max_new_tokens: int, generation: Optional[dict] = None) -> Dict[str, Any]:
-    completions = generate_completions(model, processor, data_cfg, rows, batch_size, generation, max_new_tokens)
-    result = score_completions(rewards, rows, completions)
-    result["completions"] = completions
-    return result
-
-
-def reward_metrics(summary: Dict[str, Optional[float]]) -> Dict[str, float]:
-    """`summarise`'s means as metric names: `reward` (the weighted total) and `reward/<name>` per reward; a reward
-    that applied to no row is left out."""
-    return {name if name == "reward" else f"reward/{name}": value for name, value in summary.items()
-            if value is not None}
-
-
-def format_rewards(summary: Dict[str, Optional[float]]) -> str:
-    return ", ".join(f"{name} {_number(value)}" for name, value in summary.items())
-
-
-def log_held_out(result: Dict[str, Any], rows: Sequence[dict], count: int, when: str) -> None:
-    lines = [f"held-out completions {when} training (mean reward {_number(result['summary']['reward'])} on "
-             f"{len(rows)} prompts; {format_rewards(result['summary'])}):"]
-    for index in range(min(count, len(rows))):
-        lines.append(f"  completion: {result['completions'][index]!r:40s} solution: {rows[index].get('solution')!r}")
-    log.info("\n".join(lines))
-
-

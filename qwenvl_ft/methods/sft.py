@@ -1,14 +1,12 @@
 """Supervised fine-tuning: conversations in, loss on the assistant turns, TRL's SFTTrainer with our collator.
 
-Batch layouts (padded, length-grouped, token budget, packed) are planned here from the data check's row lengths
-(training/speed.py); the held-out generation check before and after training is the base class's.
+The declaration; its rows are qwenvl_ft/data/kinds.py's CONVERSATION_ROWS, its training qwenvl_ft/trainers/sft.py
+(batch layouts: padded, length-grouped, token budget, packed).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
-from qwenvl_ft.methods.base import Method, TrainerParts
+from qwenvl_ft.methods.base import Method
 
 # The conversation layouts (qwenvl_ft/data/sources.py reads them; shapes.py generates the demo's).
 FORMATS = {
@@ -41,97 +39,8 @@ class Sft(Method):
         "packing": "data.packing", "padding_free": "data.packing",
         "train_sampling_strategy": "data.group_by_length / data.max_tokens_per_batch",
     }
-
-    def read_rows(self, data_cfg, problems: Optional[list] = None) -> Tuple[List[dict], List[dict]]:
-        from qwenvl_ft.data.splitting import load_split_rows
-
-        return load_split_rows(data_cfg, problems)
-
-    def measurer(self, processor, data_cfg):
-        return self.collator(processor, data_cfg).measure
-
-    def to_dataset(self, rows: List[dict]):
-        from qwenvl_ft.data.arrow import to_dataset
-
-        return to_dataset(rows)
-
-    def collator(self, processor, data_cfg):
-        from qwenvl_ft.data.collate import VisionChatCollator
-
-        return VisionChatCollator(processor, data_cfg)
-
-    def store_kind(self):
-        from qwenvl_ft.data.store import CONVERSATIONS
-
-        return CONVERSATIONS
-
-    def converters(self):
-        from qwenvl_ft.data.converters import CONVERTERS
-
-        return CONVERTERS
-
-    def generate(self, data_cfg):
-        from qwenvl_ft.data.shapes import generate
-
-        return generate(data_cfg.shapes)
-
-    def trainer_arguments(self, parts: TrainerParts, common: Dict):
-        from trl import SFTConfig
-
-        from qwenvl_ft.data.batching import training_batches
-        from qwenvl_ft.data.packing import position_function
-
-        cfg = parts.cfg
-        batches = training_batches(cfg.data, cfg.trainer.batch_size, parts.collator, parts.train_rows,
-                                   cfg.data.seed, lengths=parts.train_lengths,
-                                   positions=position_function(parts.model_config) if parts.model_config else None)
-        parts.state["batches"] = batches
-        arguments = {**common, "per_device_train_batch_size": batches.per_device_batch_size}
-        if batches.sampling_strategy is not None:
-            arguments["train_sampling_strategy"] = batches.sampling_strategy
-        return SFTConfig(
-            **arguments,
-            # The collator needs the raw rows; TRL must neither tokenise nor drop columns.
-            remove_unused_columns=False,
-            dataset_kwargs={"skip_prepare_dataset": True},
-            max_length=None,  # truncation is the collator's (it never cuts an image)
-        )
-
-    def build_trainer(self, parts: TrainerParts):
-        from peft import get_peft_model
-
-        model = parts.model if parts.peft_config is None else get_peft_model(parts.model, parts.peft_config)
-        return build_trainer(parts.cfg, model, parts.processor, parts.collator, parts.train_rows, parts.eval_rows,
-                             parts)
-
-    def result_line(self, metrics: Dict) -> str:
-        line = super().result_line(metrics)
-        if "eval_exact_match_before" in metrics and "eval_exact_match_after" in metrics:
-            line += (f"; held-out exact match {metrics['eval_exact_match_before']:.1%} -> "
-                     f"{metrics['eval_exact_match_after']:.1%}")
-        return line
-
-
-def build_trainer(cfg, model, processor, collator, train_rows, eval_rows, parts: Optional[TrainerParts] = None):
-    """TRL's SFTTrainer in the configured batch layout. `parts` carries what the run skeleton prepared (arguments,
-    callbacks, trainer mixins); without it (tests, benchmarks) the same is built here from `cfg`."""
-    from trl import SFTTrainer
-
-    from qwenvl_ft.training.common import finish_trainer, standalone_parts, trainer_class
-
-    if parts is None:
-        parts = standalone_parts(METHOD, cfg, model, processor, collator, train_rows, eval_rows)
-    batches = parts.state["batches"]
-    trainer = trainer_class(SFTTrainer, parts.trainer_mixins)(
-        model=model,
-        args=parts.arguments,
-        data_collator=batches.collator,
-        train_dataset=batches.dataset,
-        eval_dataset=eval_rows if cfg.trainer.eval_steps is not None else None,
-        processing_class=processor,
-        callbacks=parts.callbacks,
-    )
-    return finish_trainer(trainer, cfg)
+    rows = "qwenvl_ft.data.kinds:CONVERSATION_ROWS"
+    training = "qwenvl_ft.trainers.sft:TRAINING"
 
 
 METHOD = Sft()

@@ -1,10 +1,2 @@
-"""Training: `train(cfg)` runs the method trainer.kind names (qwenvl_ft/methods/) through the one run skeleton,
-training/run.py."""
-
-from typing import Dict
-
-
-def train(composed) -> Dict:
-    from qwenvl_ft.training.run import train as run
-
-    return run(composed)
+"""The run skeleton's parts (start, arguments, trainer, finish, resume, trackers, telemetry, ...), which the `train`
+command (qwenvl_ft/commands/train.py) goes through for the method trainer.kind names."""

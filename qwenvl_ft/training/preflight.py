@@ -3,18 +3,18 @@ before anything loads: a run that cannot work stops at once with a config error,
 model load and the before-training generation.
 
 The schema (config/schema.py) stays free of torch and of optional packages so that composing a config and
-`--cfg job` stay fast; what depends on the machine is decided here, in `start_run`.
+`--cfg job` stay fast; what depends on the machine is decided here, in `start_run` (training/start.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import importlib.util
 
 from qwenvl_ft.config.schema import Precision, TrainConfig, Tracker
 from qwenvl_ft.errors import ConfigError
+from qwenvl_ft.methods.base import ARGUMENT_SOURCES, load
 
 # tracker -> (module that must be importable, the qwenvl-ft extra that installs it; None: a core dependency)
 TRACKER_PACKAGES = {
@@ -69,15 +69,13 @@ def effective_precision(precision: Precision) -> Precision:
 
 def arguments_class(method) -> type:
     """The TRL config dataclass the training method builds (its fields include TrainingArguments')."""
-    module, name = method.arguments_class.split(":")
-    return getattr(importlib.import_module(module), name)
+    return load(method.arguments_class)
 
 
 def check_extra_args(cfg: TrainConfig) -> None:
     """trainer.extra_args: every key a field of the method's TRL config (with a did-you-mean), and none that
     qwenvl-ft sets from a config key of its own (that key is named instead)."""
     from qwenvl_ft import methods
-    from qwenvl_ft.training.common import ARGUMENT_SOURCES
 
     extra = cfg.trainer.extra_args
     if not extra:

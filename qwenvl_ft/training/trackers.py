@@ -75,21 +75,13 @@ def main_process_can_generate(cfg, when: str) -> bool:
     sharded over the processes (FSDP, ZeRO-3: every forward gathers weights from all of them, so the others would
     have to take part), nor before training under DeepSpeed or FSDP (the model is put on its devices when
     training starts). The held-out metrics themselves are computed by every rank together
-    (training/common.py: held_out_generation)."""
+    (evaluation/held_out.py: held_out_generation)."""
     from qwenvl_ft.distributed import ranks
     from qwenvl_ft.distributed.placement import placed_when_training_starts
 
     if not ranks.is_distributed():
         return True
     return not cfg.dist.is_sharded and not (when == "before" and placed_when_training_starts(cfg))
-
-
-def predict_gallery(model, collator, rows: Sequence[dict], batch_size: int, max_new_tokens: int) -> List[GalleryEntry]:
-    """Greedy predictions of `model` on `rows`, as gallery entries."""
-    from qwenvl_ft.evaluation.generate import generate_answers
-
-    predictions = generate_answers(model, collator, list(rows), batch_size, max_new_tokens)
-    return gallery_entries(rows, predictions)
 
 
 def plain(value: Any) -> Any:
@@ -287,31 +279,11 @@ def _metric_name(key: str, when: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_trackers(cfg, composed, method, processor, eval_rows) -> "Trackers":
-    """The Trackers callback of a training run: the resolved config, and a gallery of the first
-    trainer.tracker.gallery_size held-out rows (as the method's `generation_rows` turns them into conversations),
-    generated greedily like the before/after check."""
-    from omegaconf import OmegaConf
-
-    from qwenvl_ft.data.collate import VisionChatCollator
-
-    size = cfg.trainer.tracker.gallery_size
-    rows = method.generation_rows(list(eval_rows))[:size] if eval_rows is not None and size else []
-    gallery = None
-    if rows:
-        collator = VisionChatCollator(processor, cfg.data)
-
-        def gallery(model):
-            return predict_gallery(model, collator, rows, cfg.trainer.eval_batch_size, cfg.trainer.max_new_tokens)
-
-    resolved = OmegaConf.to_container(composed, resolve=True)
-    return Trackers(cfg, resolved, OmegaConf.to_yaml(composed, resolve=True), gallery)
-
-
 class Trackers(TrainerCallback):
     """The run's trackers, opened on the main process when the Trainer is built, closed by `close`.
 
-    `gallery` (optional) makes the gallery of an evaluation: model -> entries. `held_out` logs the before/after
+    `gallery` (optional) makes the gallery of an evaluation: model -> entries (the run skeleton's `run_trackers`
+    makes it of evaluation/held_out.py's `predict_gallery`). `held_out` logs the before/after
     metrics and gallery (the run skeleton calls it); anything logged before the trackers are open waits for them.
     """
 

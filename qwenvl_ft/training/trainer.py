@@ -1,0 +1,105 @@
+"""What every method's TRL trainer gets: the callbacks every run shares, the trainer class (TRL's, with our mixins),
+and what is done to a trainer once built."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from qwenvl_ft.config.schema import DistEngine, TrainConfig
+
+
+def training_callbacks(cfg: TrainConfig) -> list:
+    """Callbacks every method shares: checkpoint completion markers (for resuming), the run's telemetry (fed by
+    the trainer class's TelemetryMixin), early stopping, and the vision blocks' own gradient checkpointing
+    setting."""
+    from transformers import EarlyStoppingCallback
+
+    from qwenvl_ft.training.resume import CheckpointCompleteMarker
+    from qwenvl_ft.training.speed import vision_checkpointing_callback
+    from qwenvl_ft.training.telemetry import RunTelemetry
+
+    callbacks = [CheckpointCompleteMarker(), RunTelemetry(cfg)]
+    if cfg.dist.engine != DistEngine.none:
+        from qwenvl_ft.distributed.modality import vision_in_step_callback
+
+        callbacks.append(vision_in_step_callback(always=cfg.dist.is_sharded))
+    if cfg.trainer.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.trainer.early_stopping_patience,
+                                               early_stopping_threshold=cfg.trainer.early_stopping_threshold))
+    if cfg.model.vision_checkpointing != cfg.model.gradient_checkpointing:
+        callbacks.append(vision_checkpointing_callback(cfg.model.vision_checkpointing))
+    return callbacks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the trainer class: TRL's, with our mixins. Overriding public Trainer methods in a subclass is the extension point
+# transformers documents (`create_optimizer`, `get_train_dataloader`, ...); a mixin per concern keeps each override
+# small and lets every method's trainer get the same ones.
+
+
+class PerModuleLearningRates:
+    """optimizer.vision_lr / merger_lr: the Trainer's optimizer with one parameter group per learning rate.
+
+    Built inside `create_optimizer`, i.e. on the model as the Trainer trains it (after PEFT wrapping, FSDP or
+    DeepSpeed preparation): an optimizer passed in from outside is refused under FSDP and would hold the wrong
+    parameters after wrapping. `optimizer_settings` (the optimizer group) is set on the configured subclass.
+    """
+
+    optimizer_settings: Any = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            from qwenvl_ft.modeling.build import optimizer_param_groups
+
+            target = self.model if model is None else model
+            groups = optimizer_param_groups(target, self.optimizer_settings, self.get_decay_parameter_names(target))
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, target)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return super().create_optimizer(model)  # the Trainer's own bookkeeping (it keeps an optimizer it finds)
+
+
+def trainer_mixins(cfg: TrainConfig) -> tuple:
+    """The mixins this run's trainer class gets, configured: the telemetry every run logs (training/telemetry.py),
+    and what the config asks for."""
+    from qwenvl_ft.training.telemetry import TelemetryMixin
+
+    mixins = [TelemetryMixin]
+    if cfg.optimizer.vision_lr is not None or cfg.optimizer.merger_lr is not None:
+        mixins.append(type("PerModuleLearningRates", (PerModuleLearningRates,),
+                           {"optimizer_settings": cfg.optimizer}))
+    return tuple(mixins)
+
+
+def trainer_class(base: type, mixins: Sequence[type]) -> type:
+    """`base` (SFTTrainer, DPOTrainer, ...) with `mixins` in front of it; `base` itself when there are none."""
+    if not mixins:
+        return base
+    return type(base.__name__, (*mixins, base), {"__module__": base.__module__})
+
+
+def finish_trainer(trainer, cfg: TrainConfig):
+    """What every method's trainer gets once built: per-sample attention for packed rows (data.packing), on the
+    policy and on a reference model when there is one; full-precision modules where there is no autocast."""
+    if cfg.data.packing:
+        from qwenvl_ft.training.speed import packed_attention
+
+        packed_attention([trainer.model, getattr(trainer, "ref_model", None)])
+    if not (trainer.args.bf16 or trainer.args.fp16):
+        restore_fully_trained_modules(trainer.model, cfg.model.dtype.value)
+    return trainer
+
+
+def restore_fully_trained_modules(model, dtype: str) -> None:
+    """TRL's trainers cast every trainable parameter of a 4-bit model to bf16 (QLoRA's adapters in bf16, for
+    autocast). In a run without autocast (fp32, as on a CPU) a module that trains in full, such as a merger after
+    a frozen 4-bit vision tower, then gets inputs in the model's dtype with bf16 weights, and LayerNorm refuses
+    the mix ("mixed dtype (CPU)"). Such modules go back to the model's dtype; LoRA factors keep TRL's bf16 (PEFT
+    casts their inputs)."""
+    import torch
+
+    target = getattr(torch, dtype)
+    if target == torch.bfloat16:
+        return
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16 and "lora_" not in name:
+            param.data = param.data.to(target)
