@@ -158,7 +158,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     from qwenvl_ft.config.compose import compose, validate
-    from qwenvl_ft.config.schema import DataConfig
+    from qwenvl_ft.config.data import DataConfig
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.modeling.build import build_processor
 

@@ -9,7 +9,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from qwenvl_ft.config.schema import DataConfig, DataFormat, Overlength
+from qwenvl_ft.config.data import DataConfig, DataFormat, Overlength
 
 
 def write_image(path: Path, size=(64, 48), colour=(200, 30, 30), mode="RGB", **save) -> Path:

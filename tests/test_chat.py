@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 
 from qwenvl_ft.chat.engine import BASE, TUNED, Turn, conversation_row, user_turn
+from qwenvl_ft.config.commands import GenerationSettings
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import GenerationSettings
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.errors import DataError
 from data_helpers import write_image, write_video

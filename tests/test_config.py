@@ -6,8 +6,9 @@ import sys
 import pytest
 
 from qwenvl_ft.commands.cli import main
+from qwenvl_ft.config.adapter import AdapterMethod
 from qwenvl_ft.config.compose import available_recipes, compose, validate
-from qwenvl_ft.config.schema import AdapterMethod, ModelFamily
+from qwenvl_ft.config.model import ModelFamily
 from qwenvl_ft.errors import ConfigError
 
 # Recipes whose data lives on the user's disk need data.path to validate.

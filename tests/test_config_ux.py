@@ -9,7 +9,8 @@ import pytest
 
 from qwenvl_ft.commands.cli import main
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import GROUP_SCHEMAS, Precision, Tracker
+from qwenvl_ft.config.schema import GROUP_SCHEMAS
+from qwenvl_ft.config.trainer import Precision, Tracker
 from qwenvl_ft.errors import ConfigError
 
 
@@ -106,8 +107,8 @@ def test_extra_args_reach_the_methods_config_and_are_checked_against_it():
 def test_grpo_extra_args_are_checked_against_grpoconfig():
     from trl import GRPOConfig
 
-    from qwenvl_ft.trainers.grpo import grpo_arguments
     from qwenvl_ft.rewards import build_rewards
+    from qwenvl_ft.trainers.grpo import grpo_arguments
     from qwenvl_ft.training.arguments import training_arguments
     from qwenvl_ft.training.preflight import preflight
 
@@ -130,9 +131,9 @@ def test_every_argument_qwenvl_ft_sets_names_its_config_key():
     import dataclasses
 
     from qwenvl_ft import methods
-    from qwenvl_ft.trainers.grpo import grpo_arguments
-    from qwenvl_ft.rewards import build_rewards
     from qwenvl_ft.methods.base import ARGUMENT_SOURCES
+    from qwenvl_ft.rewards import build_rewards
+    from qwenvl_ft.trainers.grpo import grpo_arguments
     from qwenvl_ft.training.arguments import training_arguments
     from qwenvl_ft.training.preflight import arguments_class
 

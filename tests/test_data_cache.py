@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from qwenvl_ft.config.schema import CacheMode
+from qwenvl_ft.config.data import CacheMode
 from qwenvl_ft.data.check import check_data, load_checked_splits
 from qwenvl_ft.data.collate import VisionChatCollator
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from qwenvl_ft.config.schema import DataConfig, DataFormat, DuplicateIds, SourceConfig
+from qwenvl_ft.config.data import DataConfig, DataFormat, DuplicateIds, SourceConfig
 from qwenvl_ft.data.check import check_data
 from qwenvl_ft.data.kinds import rows_of
 from qwenvl_ft.errors import ConfigError

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from qwenvl_ft.config.schema import ColumnsConfig
+from qwenvl_ft.config.data import ColumnsConfig
 from qwenvl_ft.data.arrow import to_dataset
 from qwenvl_ft.data.records import load_rows
 from qwenvl_ft.data.splitting import load_split_rows, split_rows

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qwenvl_ft.config.compose import compose, config_dir, validate
-from qwenvl_ft.config.schema import DistEngine
+from qwenvl_ft.config.dist import DistEngine
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.families import all_families
 

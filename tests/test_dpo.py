@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import DataConfig, DataFormat, Overlength
+from qwenvl_ft.config.data import DataConfig, DataFormat, Overlength
 from qwenvl_ft.data.preference import load_pair_splits, shapes_preference_rows
 from qwenvl_ft.data.shapes import COLOURS, SHAPES, draw
 from qwenvl_ft.errors import ConfigError
@@ -303,9 +303,9 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled(tmp_path):
     from transformers import PreTrainedModel, Qwen2VLForConditionalGeneration
 
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
-    from qwenvl_ft.trainers.dpo import build_trainer
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
     from qwenvl_ft.modeling.random_init import materialize
+    from qwenvl_ft.trainers.dpo import build_trainer
 
     typed = validate(compose(QUICK + ["optimizer.lr=1e-2"], output_dir=str(tmp_path / "run")))
     processor = build_processor(typed.model, typed.data)
@@ -410,8 +410,8 @@ def test_dpo_trains_from_either_file_format(tmp_path, fmt):
 @pytest.mark.slow
 def test_vision_and_merger_learning_rates_apply_to_the_wrapped_model(tmp_path):
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
-    from qwenvl_ft.trainers.dpo import build_trainer
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, model_parts
+    from qwenvl_ft.trainers.dpo import build_trainer
 
     typed = validate(compose(QUICK + ["optimizer.lr=1e-3", "optimizer.vision_lr=1e-5", "optimizer.merger_lr=1e-4"],
                              output_dir=str(tmp_path / "run")))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from qwenvl_ft.commands.cli import main
+from qwenvl_ft.config.commands import EVAL_METRICS
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import EVAL_METRICS
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.evaluation import metrics
 
@@ -229,10 +229,10 @@ def test_merge_writes_a_plain_model_with_the_adapters_logits(tmp_path, option, m
     from peft import PeftModel
     from transformers import AutoProcessor
 
+    from qwenvl_ft.commands.merge import merge
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.shapes import make_rows
     from qwenvl_ft.modeling.build import model_class, model_source
-    from qwenvl_ft.commands.merge import merge
 
     run = tmp_path / "outputs" / "demo" / "exp1"
     # LoRA/DoRA: vision tower and merger stay trainable (the tiny default), so the merge must carry LoRA on the

@@ -48,7 +48,7 @@ def test_the_registry_finds_every_family_module():
 
 
 def test_model_family_choices_are_the_registered_names():
-    from qwenvl_ft.config.schema import ModelFamily
+    from qwenvl_ft.config.model import ModelFamily
     from qwenvl_ft.errors import ConfigError
 
     assert [f.value for f in ModelFamily] == families.names()
@@ -108,7 +108,7 @@ def test_every_family_has_a_test_model_option():
 
 
 def test_a_checkpoint_of_another_family_is_refused_before_loading():
-    from qwenvl_ft.config.schema import ModelConfig, ModelFamily
+    from qwenvl_ft.config.model import ModelConfig, ModelFamily
     from qwenvl_ft.errors import ConfigError
     from qwenvl_ft.modeling.build import check_family, model_source
 

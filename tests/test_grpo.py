@@ -15,7 +15,7 @@ from PIL import Image
 
 from qwenvl_ft import methods
 from qwenvl_ft.config.compose import compose, validate
-from qwenvl_ft.config.schema import DataConfig, DataFormat, Overlength
+from qwenvl_ft.config.data import DataConfig, DataFormat, Overlength
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.data.prompts import PromptImages, PromptMeasurer, as_chat_row, load_prompt_rows, shapes_prompt_rows, \
     to_prompt_dataset
@@ -261,8 +261,8 @@ def test_a_generation_batch_holds_whole_groups():
 
 
 def test_grpo_arguments_follow_the_config():
-    from qwenvl_ft.trainers.grpo import grpo_arguments
     from qwenvl_ft.rewards import build_rewards
+    from qwenvl_ft.trainers.grpo import grpo_arguments
 
     cfg = validate(compose(["recipe=grpo_demo", "trainer.grpo.loss_type=grpo", "trainer.grpo.scale_rewards=none",
                             "trainer.grpo.epsilon_high=0.28", "trainer.grpo.vllm.enabled=true"], output_dir="/tmp/o"))
@@ -341,10 +341,10 @@ def test_lora_grpo_trains_with_the_disabled_adapter_as_reference(tmp_path):
     from transformers import PreTrainedModel, Qwen2VLForConditionalGeneration
 
     from qwenvl_ft.data.kinds import rows_of
-    from qwenvl_ft.trainers.grpo import build_trainer
     from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor
     from qwenvl_ft.modeling.random_init import materialize
     from qwenvl_ft.rewards import build_rewards
+    from qwenvl_ft.trainers.grpo import build_trainer
 
     (tmp_path / "my_reward.py").write_text(USER_REWARD)
     out = tmp_path / "run"

@@ -11,7 +11,8 @@ import torch
 
 from qwenvl_ft import methods
 from qwenvl_ft.config.compose import compose, config_dir, validate
-from qwenvl_ft.config.schema import DataFormat, TrainerKind
+from qwenvl_ft.config.data import DataFormat
+from qwenvl_ft.config.trainer import TrainerKind
 from qwenvl_ft.errors import ConfigError
 
 METHODS = methods.names()

@@ -55,7 +55,8 @@ def test_hub_settings_are_checked_at_compose_time(overrides, message):
 def test_card_metadata_of_a_hub_base_and_dataset():
     from omegaconf import OmegaConf
 
-    from qwenvl_ft.publish.card import RunRecord, build_card, check_card
+    from qwenvl_ft.publish.card import build_card, check_card
+    from qwenvl_ft.publish.run_record import RunRecord
 
     cfg = compose(["recipe=qlora_7b_amazon"], output_dir="/tmp/out")
     text = OmegaConf.to_yaml(cfg, resolve=True)

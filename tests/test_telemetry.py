@@ -223,7 +223,7 @@ def test_data_wait_rises_with_a_slow_collator(tmp_path):
 
 
 def test_batch_counts_of_preference_pairs(tiny_processor):
-    from qwenvl_ft.config.schema import DataConfig, DataFormat
+    from qwenvl_ft.config.data import DataConfig, DataFormat
     from qwenvl_ft.data.collate_preference import VisionPreferenceCollator
     from qwenvl_ft.data.preference import shapes_preference_rows, to_pair_dataset
     from qwenvl_ft.training.telemetry import COUNTS, batch_counts

@@ -3,7 +3,7 @@
 import torch
 from PIL import Image
 
-from qwenvl_ft.config.schema import DataConfig
+from qwenvl_ft.config.data import DataConfig
 from qwenvl_ft.data.collate import IGNORE_INDEX, VisionChatCollator
 from qwenvl_ft.modeling.random_init import QWEN_SPECIAL_TOKENS
 

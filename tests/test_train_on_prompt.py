@@ -10,7 +10,7 @@ from PIL import Image
 
 from data_helpers import assistant, user, write_video
 from qwenvl_ft.config.compose import compose
-from qwenvl_ft.config.schema import DataConfig
+from qwenvl_ft.config.data import DataConfig
 from qwenvl_ft.data.collate import IGNORE_INDEX, RowDropped, VisionChatCollator
 from qwenvl_ft.data.packing import PackingCollator
 from qwenvl_ft.errors import ConfigError

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
-from qwenvl_ft.config.schema import ChatRunConfig, GenerationSettings
+from qwenvl_ft.config.commands import GenerationSettings
+from qwenvl_ft.config.schema import ChatRunConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.errors import DataError
 

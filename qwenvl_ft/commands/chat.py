@@ -17,9 +17,10 @@ from typing import Dict, List
 from omegaconf import DictConfig
 
 from qwenvl_ft.chat.engine import BASE, TUNED, ChatEngine, Turn, conversation_row, user_turn
+from qwenvl_ft.config.commands import ChatConfig, GenerationSettings
 from qwenvl_ft.config.compose import validate
 from qwenvl_ft.config.saved_run import with_saved_run
-from qwenvl_ft.config.schema import ChatConfig, ChatRunConfig, GenerationSettings
+from qwenvl_ft.config.schema import ChatRunConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.errors import UserFacingError
 

@@ -36,8 +36,9 @@ def evaluate(composed: DictConfig) -> Dict:
     lock = lock_folder(output_dir, "eval output folder")
     model_path = Path(os.path.normpath(e.model_path)) if e.model_path else None
 
-    from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
+    from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.kinds import rows_of
+    from qwenvl_ft.data.turns import reference_answer
     from qwenvl_ft.evaluation.metrics import compute
     from qwenvl_ft.modeling.load import kind_of, load_processor
     from qwenvl_ft.trainers.base import training_of

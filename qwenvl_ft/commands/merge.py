@@ -78,8 +78,8 @@ def merge(composed: DictConfig) -> Dict:
     lock.release()
     log.info("merged %s into the base: %s", adapter_path, output_path)
     if cfg.hub.push:  # after the folder is in place: a failed upload loses nothing
-        from qwenvl_ft.publish.card import launch_command
         from qwenvl_ft.publish.hub import push_folder
+        from qwenvl_ft.publish.run_record import launch_command
 
         command = launch_command() or "qwenvl-ft merge ..."
         retry = f"merge again with merge.overwrite=true:\n  {command} merge.overwrite=true"
@@ -93,7 +93,8 @@ def _write_card(folder: Path, cfg: MergeRunConfig, composed: DictConfig, adapter
     command's config, plus how it was merged."""
     from omegaconf import OmegaConf
 
-    from qwenvl_ft.publish.card import RunRecord, build_card, launch_command, load_run, typed_config, write_card
+    from qwenvl_ft.publish.card import build_card, write_card
+    from qwenvl_ft.publish.run_record import RunRecord, launch_command, load_run, typed_config
 
     merge_info = dict(merge_info, command=launch_command())
     record = load_run(adapter_path.parent)

@@ -20,34 +20,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from qwenvl_ft import methods
-from qwenvl_ft.config.adapter import AdapterConfig, AdapterMethod, LrScheduler, OptimizerConfig
-from qwenvl_ft.config.commands import EVAL_METRICS, ChatConfig, EvalConfig, GenerationSettings, InferConfig, \
-    MergeConfig
-from qwenvl_ft.config.data import CacheMode, ColumnsConfig, DataConfig, DataFormat, DuplicateIds, Overlength, \
-    ShapesConfig, SourceConfig
-from qwenvl_ft.config.dist import DistConfig, DistEngine, FsdpConfig, FsdpStateDict, OffloadDevice, ZeroConfig
+from qwenvl_ft.config.adapter import AdapterConfig, AdapterMethod, OptimizerConfig
+from qwenvl_ft.config.commands import ChatConfig, EvalConfig, InferConfig, MergeConfig
+from qwenvl_ft.config.data import DataConfig
+from qwenvl_ft.config.dist import DistConfig, DistEngine, OffloadDevice
 from qwenvl_ft.config.hub import HubConfig
-from qwenvl_ft.config.model import ArchitectureConfig, AttnImplementation, Dtype, ModelConfig, ModelFamily, \
-    StartFromConfig
-from qwenvl_ft.config.trainer import Precision, SaveStrategy, Tracker, TrackerConfig, TrainerConfig, TrainerKind, \
-    TrainerSettings
+from qwenvl_ft.config.model import ModelConfig
+from qwenvl_ft.config.trainer import TrainerConfig
 from qwenvl_ft.errors import ConfigError, check as _check
-
-# The group classes are re-exported here for now, so that their importers elsewhere in the package, the tests and
-# bench/ keep `from qwenvl_ft.config.schema import ...` while the restructuring's branches merge (issue 23); they
-# then import from the group modules and this list shrinks to the names defined here.
-__all__ = [
-    # defined here
-    "TrainConfig", "EvalRunConfig", "InferRunConfig", "MergeRunConfig", "ChatRunConfig", "ROOT_SCHEMAS",
-    "root_schema", "GROUP_SCHEMAS", "register_schemas",
-    # re-exported from the group modules
-    "ModelFamily", "Dtype", "AttnImplementation", "ArchitectureConfig", "StartFromConfig", "ModelConfig",
-    "DataFormat", "ShapesConfig", "Overlength", "ColumnsConfig", "DuplicateIds", "SourceConfig", "CacheMode",
-    "DataConfig", "AdapterMethod", "AdapterConfig", "LrScheduler", "OptimizerConfig", "TrainerKind", "Precision",
-    "SaveStrategy", "Tracker", "TrackerConfig", "TrainerSettings", "TrainerConfig", "DistEngine", "OffloadDevice",
-    "FsdpStateDict", "FsdpConfig", "ZeroConfig", "DistConfig", "HubConfig", "GenerationSettings", "EVAL_METRICS",
-    "EvalConfig", "InferConfig", "MergeConfig", "ChatConfig",
-]
 
 
 @dataclass

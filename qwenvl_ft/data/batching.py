@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
-from qwenvl_ft.config.schema import DataConfig
+from qwenvl_ft.config.data import DataConfig
 
 log = logging.getLogger("qwenvl_ft")
 

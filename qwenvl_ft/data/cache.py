@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from qwenvl_ft.config.schema import CacheMode, DataConfig
+from qwenvl_ft.config.data import CacheMode, DataConfig
 
 log = logging.getLogger("qwenvl_ft")
 

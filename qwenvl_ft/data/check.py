@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 from qwenvl_ft.config.data import DataConfig
 from qwenvl_ft.data.batching import stored_lengths
 from qwenvl_ft.data.collate import SampleStats, VisionChatCollator
-from qwenvl_ft.data.prepare import measure_all
+from qwenvl_ft.data.measuring import measure_all
 from qwenvl_ft.data.report import DataReport, SplitReport, write_report
 from qwenvl_ft.data.rows import Problem
 from qwenvl_ft.data.store import DROPPED, INVALID, OK

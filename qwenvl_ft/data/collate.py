@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from qwenvl_ft import families
-from qwenvl_ft.config.schema import DataConfig, Overlength
+from qwenvl_ft.config.data import DataConfig, Overlength
 from qwenvl_ft.data.images import ImageLimits, load_image
+from qwenvl_ft.data.turns import assistant_label_mask, prompt_messages
 from qwenvl_ft.data.video import Sampling, load_video
 from qwenvl_ft.errors import DataError
 from qwenvl_ft.families import IMAGE, TEXT, VIDEO  # noqa: F401  (values of mm_token_type_ids, re-exported)
@@ -71,38 +72,6 @@ def video_wrapper_replaced(processor) -> bool:
         return False
     texts, _ = replace([start + video + end], videos_replacements=[marker])
     return texts[0] == marker
-
-
-def assistant_label_mask(input_ids: Sequence[int], tokenizer) -> torch.Tensor:
-    """True on the tokens of every assistant turn's content and its closing <|im_end|>; False elsewhere.
-
-    Turns are found by token: each `<|im_start|>` is followed by the role and a newline, then the content up to
-    `<|im_end|>`. The role is read by decoding the few tokens after `<|im_start|>`, so this works whatever the
-    vocabulary merges "assistant\\n" into.
-    """
-    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    ids = list(input_ids)
-    mask = torch.zeros(len(ids), dtype=torch.bool)
-    for start in (i for i, t in enumerate(ids) if t == im_start):
-        header_end = None
-        for k in range(1, 9):
-            if start + k >= len(ids):
-                break
-            if "\n" in tokenizer.decode(ids[start + 1: start + 1 + k]):
-                header_end = start + 1 + k
-                break
-        if header_end is None:
-            continue
-        role = tokenizer.decode(ids[start + 1: header_end]).split("\n", 1)[0].strip()
-        if role != "assistant":
-            continue
-        try:
-            end = ids.index(im_end, header_end)
-        except ValueError:  # truncated inside this turn: everything left is content
-            end = len(ids) - 1
-        mask[header_end: end + 1] = True
-    return mask
 
 
 @dataclass
@@ -474,10 +443,3 @@ class VisionChatCollator:
                 batch[key][i] = batch[key][i].roll(shift)
         return BatchFeature(batch)
 
-
-def prompt_messages(row: dict) -> List[dict]:
-    return row["messages"][:-1]
-
-
-def reference_answer(row: dict) -> str:
-    return "".join(i["text"] or "" for i in row["messages"][-1]["content"] if i["type"] == "text")

@@ -29,7 +29,7 @@ from typing import Dict, List, NamedTuple, Set, Tuple
 import numpy as np
 import torch
 
-from qwenvl_ft.config.schema import DataConfig, Overlength
+from qwenvl_ft.config.data import DataConfig, Overlength
 from qwenvl_ft.data.collate import RowDropped, SampleStats, VisionChatCollator
 from qwenvl_ft.errors import DataError
 

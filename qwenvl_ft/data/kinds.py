@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
-from qwenvl_ft.config.schema import DataConfig
+from qwenvl_ft.config.data import DataConfig
 from qwenvl_ft.data import arrow, converters, preference, prompts, shapes, splitting, store
 from qwenvl_ft.data.collate import VisionChatCollator
 from qwenvl_ft.data.collate_preference import VisionPreferenceCollator

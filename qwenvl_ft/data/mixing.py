@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from qwenvl_ft.config.schema import DataConfig, DuplicateIds
+from qwenvl_ft.config.data import DataConfig, DuplicateIds
 from qwenvl_ft.errors import DataError
 
 ID_FIELDS = ("id", "uid", "sample_id", "question_id")  # what data.id_field=null looks for, in this order

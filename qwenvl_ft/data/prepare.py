@@ -1,12 +1,12 @@
 """A run's data, read, split, checked and measured once, and stored so that nothing is done twice.
 
-`prepare` reads every source (data.path or data.sources, and data.eval_path) one row at a time into an Arrow
-file (qwenvl_ft/data/store.py), handles duplicate ids, plans the split and the mixture on row numbers
+`prepare` reads every source (data.path or data.sources, and data.eval_path) one row at a time into an Arrow file
+(qwenvl_ft/data/store.py), handles duplicate ids, plans the split and the mixture on row numbers
 (qwenvl_ft/data/mixing.py), runs the method's measurer on every row it will use (in DataLoader workers, with a
-progress bar) and writes the result: the training and held-out rows that passed, each with its `length` in tokens,
-and a table of every row's outcome and measurements. Packing, token-budget batches and length grouping read
-`length` instead of measuring again (qwenvl_ft/data/batching.py), and the data-check report is computed from the
-table.
+progress bar; qwenvl_ft/data/measuring.py) and writes the result: the training and held-out rows that passed, each
+with its `length` in tokens, and a table of every row's outcome and measurements. Packing, token-budget batches and
+length grouping read `length` instead of measuring again (qwenvl_ft/data/batching.py), and the data-check report is
+computed from the table.
 
 With a cache folder (qwenvl_ft/data/cache.py) that result is an entry keyed by the data files and every setting
 that changes it: the next start with the same key (a resumed run, another job of the sweep, another rank) opens it
@@ -25,21 +25,20 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from qwenvl_ft.config.schema import CacheMode, DataConfig
+from qwenvl_ft.config.data import CacheMode, DataConfig
 from qwenvl_ft.data.cache import Entry, cache_key, rank
+from qwenvl_ft.data.measuring import measure_all
 from qwenvl_ft.data.mixing import Duplicate, Mixture, Share, SourceSpan, SplitPlan, mix, plan_splits
 from qwenvl_ft.data.records import iter_rows
 from qwenvl_ft.data.rows import Problem
 from qwenvl_ft.data.splitting import handle_duplicates, source_config
 from qwenvl_ft.data.store import DROPPED, INVALID, OK, RowKind, RowWriter, StatsView, bookkeeping, gather, \
     open_rows, open_table, stats_record, stats_schema
-from qwenvl_ft.errors import DataError
 
 log = logging.getLogger("qwenvl_ft")
 
-MEASURE_CHUNK = 32  # rows per DataLoader item when measuring in workers
 TRAIN, EVAL = 0, 1  # split codes of the result table
 
 
@@ -153,58 +152,6 @@ def _read(cfg: DataConfig, kind: RowKind, converters, generate, writer: RowWrite
 
 # ----------------------------------------------------------------------------------------------------------------
 # measuring
-
-
-def measure_one(measure: Callable, row: dict) -> Tuple[int, Any]:
-    """(outcome, result): the measurer's result, or the message of a row it drops or refuses."""
-    from qwenvl_ft.data.collate import RowDropped
-
-    try:
-        return OK, measure(row)
-    except RowDropped as err:
-        return DROPPED, str(err)
-    except DataError as err:
-        return INVALID, str(err)
-    except Exception as err:  # a row that breaks a library is still that row's problem, not a crash at step 9000
-        return INVALID, (f"{row.get('source', '?')}: unexpected error while encoding "
-                         f"({type(err).__name__}: {err})")
-
-
-class _MeasuredChunks:
-    """Map-style dataset for DataLoader workers: item i is rows [i*chunk, (i+1)*chunk) measured, in order. The
-    workers read their rows from the memory-mapped store themselves."""
-
-    def __init__(self, rows, measure: Callable, chunk: int = MEASURE_CHUNK):
-        self.rows, self.measure, self.chunk = rows, measure, chunk
-
-    def __len__(self) -> int:
-        return (len(self.rows) + self.chunk - 1) // self.chunk
-
-    def __getitem__(self, index: int):
-        stop = min(len(self.rows), (index + 1) * self.chunk)
-        return [measure_one(self.measure, self.rows[i]) for i in range(index * self.chunk, stop)]
-
-
-def _as_is(items):
-    return items
-
-
-def measure_all(rows, measure: Callable, workers: Union[int, str] = 0):
-    """(outcome, result) for every row, in order; in `workers` DataLoader worker processes (data.num_workers: a
-    number, or `auto`, data/workers.py) when there are enough rows (the same workers and pickled measurer
-    training uses)."""
-    from qwenvl_ft.data.workers import check_workers
-
-    workers = check_workers(workers, len(rows))
-    if workers == 0 or len(rows) < 2 * workers * MEASURE_CHUNK:
-        for index in range(len(rows)):
-            yield measure_one(measure, rows[index])
-        return
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(_MeasuredChunks(rows, measure), batch_size=None, num_workers=workers, collate_fn=_as_is)
-    for chunk in loader:
-        yield from chunk
 
 
 def _measure(folder: Path, store, needed: List[int], splits: List[int], measure: Callable, workers: int,

@@ -11,7 +11,7 @@ from typing import List
 
 from PIL import Image, ImageDraw
 
-from qwenvl_ft.config.schema import ShapesConfig
+from qwenvl_ft.config.data import ShapesConfig
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
 SHAPES = ("circle", "square", "triangle")

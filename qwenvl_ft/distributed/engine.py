@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Dict
 
-from qwenvl_ft.config.schema import DistEngine, TrainConfig
+from qwenvl_ft.config.dist import DistEngine
+from qwenvl_ft.config.schema import TrainConfig
 
 
 def engine_arguments(cfg: TrainConfig) -> Dict:

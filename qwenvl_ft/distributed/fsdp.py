@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from qwenvl_ft.config.schema import FsdpStateDict, TrainConfig
+from qwenvl_ft.config.dist import FsdpStateDict
+from qwenvl_ft.config.schema import TrainConfig
 
 _STATE_DICT_TYPES = {FsdpStateDict.sharded: "SHARDED_STATE_DICT", FsdpStateDict.full: "FULL_STATE_DICT"}
 

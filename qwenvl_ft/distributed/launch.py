@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from qwenvl_ft.config.schema import DistEngine, TrainConfig
+from qwenvl_ft.config.dist import DistEngine
+from qwenvl_ft.config.schema import TrainConfig
 from qwenvl_ft.distributed import ranks
 from qwenvl_ft.errors import ConfigError
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from qwenvl_ft.config.schema import DistEngine, TrainConfig
+from qwenvl_ft.config.dist import DistEngine
+from qwenvl_ft.config.schema import TrainConfig
 from qwenvl_ft.distributed import ranks
 
 log = logging.getLogger("qwenvl_ft")

@@ -15,7 +15,9 @@ import math
 from types import SimpleNamespace
 from typing import Dict, Optional
 
-from qwenvl_ft.config.schema import OffloadDevice, Precision, TrainConfig
+from qwenvl_ft.config.dist import OffloadDevice
+from qwenvl_ft.config.schema import TrainConfig
+from qwenvl_ft.config.trainer import Precision
 from qwenvl_ft.errors import ConfigError
 
 

@@ -6,7 +6,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
+from qwenvl_ft.data.collate import VisionChatCollator
+from qwenvl_ft.data.turns import reference_answer
 from qwenvl_ft.evaluation.metrics import compute
 
 

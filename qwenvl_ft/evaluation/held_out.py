@@ -25,7 +25,8 @@ def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, wh
     each forward gathers weights from all of them). Before training, DeepSpeed and FSDP have not yet put the model
     on its devices (ZeRO-3 holds it partitioned, FSDP shards it when training starts), so the check is left out
     there; `qwenvl-ft eval` compares the base with final/."""
-    from qwenvl_ft.data.collate import VisionChatCollator, reference_answer
+    from qwenvl_ft.data.collate import VisionChatCollator
+    from qwenvl_ft.data.turns import reference_answer
     from qwenvl_ft.distributed import ranks
     from qwenvl_ft.distributed.placement import placed_when_training_starts
     from qwenvl_ft.evaluation.generate import generate_answers

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from qwenvl_ft import families
-from qwenvl_ft.config.schema import AdapterConfig, AdapterMethod, DataConfig, ModelConfig, OptimizerConfig
+from qwenvl_ft.config.adapter import AdapterConfig, AdapterMethod, OptimizerConfig
+from qwenvl_ft.config.data import DataConfig
+from qwenvl_ft.config.model import ModelConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.families import Family, ModelParts
 from qwenvl_ft.modeling.frozen_vision import keep_frozen_vision_out_of_autograd

@@ -16,7 +16,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qwenvl_ft.config.schema import AdapterConfig, DataConfig, ModelConfig
+from qwenvl_ft.config.adapter import AdapterConfig
+from qwenvl_ft.config.data import DataConfig
+from qwenvl_ft.config.model import ModelConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.modeling.build import DTYPES, build_processor, check_family, model_class, model_source, \
     quantization_config

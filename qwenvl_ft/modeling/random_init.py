@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from qwenvl_ft import families
-from qwenvl_ft.config.schema import ArchitectureConfig
+from qwenvl_ft.config.model import ArchitectureConfig
 
 # In the order of their real ids 151643..151656.
 QWEN_SPECIAL_TOKENS = [

@@ -10,7 +10,7 @@ import logging
 import shlex
 from pathlib import Path
 
-from qwenvl_ft.config.schema import HubConfig
+from qwenvl_ft.config.hub import HubConfig
 from qwenvl_ft.errors import HubError
 
 log = logging.getLogger("qwenvl_ft")

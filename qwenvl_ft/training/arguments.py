@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Dict
 
-from qwenvl_ft.config.schema import Precision, TrainConfig
+from qwenvl_ft.config.schema import TrainConfig
+from qwenvl_ft.config.trainer import Precision
 from qwenvl_ft.distributed.engine import engine_arguments
 
 log = logging.getLogger("qwenvl_ft")

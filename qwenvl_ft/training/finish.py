@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
-from qwenvl_ft.config.schema import HubConfig
+from qwenvl_ft.config.hub import HubConfig
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -65,7 +65,7 @@ def finish_final(output_dir: Path, command: Optional[str] = None, started_at: Op
     run_info.json (command, hardware, software, times), the model card of final/, and the upload when hub.push.
     `command` defaults to this job's command line, `started_at` to when start_run wrote config.yaml (the start of
     this session of the run)."""
-    from qwenvl_ft.publish.card import launch_command, run_info, typed_config, write_run_info
+    from qwenvl_ft.publish.run_record import launch_command, run_info, typed_config, write_run_info
 
     config_yaml = output_dir / "config.yaml"
     started = started_at if started_at is not None else config_yaml.stat().st_mtime
@@ -76,8 +76,9 @@ def finish_final(output_dir: Path, command: Optional[str] = None, started_at: Op
 def publish_final(output_dir: Path, hub: HubConfig) -> Path:
     """(Re)write the card of final/ from the run folder's records, naming hub.repo_id as where to load it from
     when set, then upload final/ when hub.push (a HubError when that fails: final/ stays as it is)."""
-    from qwenvl_ft.publish.card import build_card, launch_command, load_run, write_card
+    from qwenvl_ft.publish.card import build_card, write_card
     from qwenvl_ft.publish.hub import push_folder
+    from qwenvl_ft.publish.run_record import launch_command, load_run
 
     final_dir = output_dir / "final"
     kind = "adapter" if (final_dir / "adapter_config.json").is_file() else "model"

@@ -12,7 +12,8 @@ import dataclasses
 import difflib
 import importlib.util
 
-from qwenvl_ft.config.schema import Precision, TrainConfig, Tracker
+from qwenvl_ft.config.schema import TrainConfig
+from qwenvl_ft.config.trainer import Precision, Tracker
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.methods.base import ARGUMENT_SOURCES, load
 

@@ -29,7 +29,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from transformers import TrainerCallback
 
-from qwenvl_ft.config.schema import TrainerConfig
+from qwenvl_ft.config.trainer import TrainerConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.run_folder.files import write_atomically
 

@@ -8,7 +8,7 @@ import importlib.util
 import logging
 from typing import Sequence
 
-from qwenvl_ft.config.schema import ModelConfig
+from qwenvl_ft.config.model import ModelConfig
 from qwenvl_ft.errors import ConfigError
 
 log = logging.getLogger("qwenvl_ft")

@@ -12,7 +12,8 @@ from typing import Dict, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_ft.config.compose import validate
-from qwenvl_ft.config.schema import DistEngine, TrainConfig
+from qwenvl_ft.config.dist import DistEngine
+from qwenvl_ft.config.schema import TrainConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.training.finish import publish_final
 

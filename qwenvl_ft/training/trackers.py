@@ -54,8 +54,8 @@ class GalleryEntry:
 
 def gallery_entries(rows: Sequence[dict], predictions: Sequence[str]) -> List[GalleryEntry]:
     """Gallery entries of canonical conversation rows (their last turn is the reference) and their predictions."""
-    from qwenvl_ft.data.collate import prompt_messages, reference_answer
     from qwenvl_ft.data.images import open_image
+    from qwenvl_ft.data.turns import prompt_messages, reference_answer
 
     entries = []
     for row, prediction in zip(rows, predictions):

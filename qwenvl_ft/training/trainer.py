@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from qwenvl_ft.config.schema import DistEngine, TrainConfig
+from qwenvl_ft.config.dist import DistEngine
+from qwenvl_ft.config.schema import TrainConfig
 
 
 def training_callbacks(cfg: TrainConfig) -> list:
