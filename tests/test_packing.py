@@ -80,6 +80,7 @@ def _packer(model, collator):
 
 def _model(typed, attn_implementation):
     from qwenvl_ft.modeling.build import model_class, model_source
+    from qwenvl_ft.modeling.linear_attention import run_linear_attention_per_sample
     from qwenvl_ft.modeling.varlen_attention import use_for_language_model
 
     torch.manual_seed(0)
@@ -88,6 +89,7 @@ def _model(typed, attn_implementation):
         attn_implementation="sdpa" if attn_implementation == "sdpa_varlen" else attn_implementation)
     if attn_implementation == "sdpa_varlen":
         assert use_for_language_model(model)
+    run_linear_attention_per_sample(model)  # as build_base_model does: recurrent layers keep samples apart too
     return model.train()  # the tiny models have no dropout; train() is what the Trainer runs
 
 

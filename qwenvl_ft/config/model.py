@@ -50,7 +50,7 @@ class ArchitectureConfig:
     head_dim: Optional[int] = None  # width of one attention head (None: hidden_size / num_attention_heads)
     tie_word_embeddings: bool = True  # lm_head shares the embedding matrix
     rope_theta: float = 1000000.0  # rotary position base
-    mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])  # sums to head_dim / 2
+    mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])  # sums to the rotary width / 2
     max_position_embeddings: int = 32768  # longest sequence the positions cover
     vision_depth: int = 32  # vision transformer blocks
     vision_embed_dim: int = 1280  # vision transformer width
@@ -69,6 +69,16 @@ class ArchitectureConfig:
     # language model through a merger of its own (DeepStack).
     vision_num_position_embeddings: int = 2304
     deepstack_visual_indexes: List[int] = field(default_factory=list)  # DeepStack: blocks with their own merger
+    # Hybrid language models: every full_attention_interval-th decoder layer is softmax attention, the
+    # others Gated DeltaNet (linear attention: a causal depthwise conv of this kernel, then the gated delta rule
+    # over these heads); rotary positions on partial_rotary_factor of each attention head.
+    full_attention_interval: Optional[int] = None  # None: every layer is softmax attention
+    linear_conv_kernel_dim: int = 4  # width of a linear-attention layer's causal depthwise conv
+    linear_key_head_dim: int = 128  # width of one key (and query) head of the delta rule
+    linear_value_head_dim: int = 128  # width of one value head of the delta rule
+    linear_num_key_heads: int = 16  # key (and query) heads of a linear-attention layer
+    linear_num_value_heads: int = 32  # value heads of a linear-attention layer (a multiple of the key heads)
+    partial_rotary_factor: float = 1.0  # share of each attention head that carries rotary positions
     init_seed: int = 0  # the random weights are a pure function of the sizes and this seed
 
     @property
@@ -80,9 +90,14 @@ class ArchitectureConfig:
                "model.architecture.hidden_size must be divisible by num_attention_heads (or set head_dim)")
         _check(self.num_attention_heads % self.num_key_value_heads == 0,
                "model.architecture.num_attention_heads must be divisible by num_key_value_heads")
-        head_dim = self.attention_head_dim
-        _check(sum(self.mrope_section) * 2 == head_dim,
-               f"model.architecture.mrope_section {list(self.mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
+        rotary = int(self.attention_head_dim * self.partial_rotary_factor)
+        width = "head_dim/2" if self.partial_rotary_factor == 1.0 else "head_dim x partial_rotary_factor / 2"
+        _check(sum(self.mrope_section) * 2 == rotary,
+               f"model.architecture.mrope_section {list(self.mrope_section)} must sum to {width} = {rotary // 2}")
+        _check(self.full_attention_interval is None or self.full_attention_interval >= 1,
+               "model.architecture.full_attention_interval must be >= 1 (or null: every layer is attention)")
+        _check(self.linear_num_value_heads % self.linear_num_key_heads == 0,
+               "model.architecture.linear_num_value_heads must be divisible by linear_num_key_heads")
         _check(self.vision_embed_dim % self.vision_num_heads == 0,
                "model.architecture.vision_embed_dim must be divisible by vision_num_heads")
 

@@ -24,7 +24,8 @@ def hf_config(model_cfg: ModelConfig):
     if model_cfg.architecture is not None:
         from qwenvl_ft.modeling.random_init import build_tokenizer, model_config
 
-        return model_config(model_cfg.architecture, build_tokenizer(), model_cfg.family.value)
+        family = model_cfg.family.value
+        return model_config(model_cfg.architecture, build_tokenizer(family=family), family)
     from transformers import AutoConfig
 
     from qwenvl_ft.modeling.locate import check_model_available

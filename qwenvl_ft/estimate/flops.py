@@ -135,7 +135,7 @@ def training_flops(cfg: TrainConfig, model=None) -> TrainingFlops:
     per_token = matmuls(parts["decoder"], True) + matmuls(parts["lm_head"], True)
     heads = text.num_attention_heads
     lm_width = heads * (getattr(text, "head_dim", None) or text.hidden_size // heads)
-    per_token_pair = 3 * 4 * lm_width * text.num_hidden_layers
+    per_token_pair = 3 * 4 * lm_width * attention_layers(text)
     vision_width, full_blocks, window_blocks = vision_attention_blocks(config)
     vision_attention = (3 if vision_reached else 1) * 4 * vision_width
     flops = TrainingFlops(per_token, per_token_pair, per_patch, vision_attention * full_blocks,
@@ -159,9 +159,17 @@ def _base_forward(parts: Dict[str, _PartMatmuls], config) -> TrainingFlops:
     vision_width, full_blocks, window_blocks = vision_attention_blocks(config)
     merge_unit = vision.spatial_merge_size ** 2
     return TrainingFlops(2 * (parts["decoder"].base + parts["lm_head"].base),
-                         4 * lm_width * text.num_hidden_layers,
+                         4 * lm_width * attention_layers(text),
                          2 * (parts["patch_embed"].base + parts["vision"].base + parts["merger"].base / merge_unit),
                          4 * vision_width * full_blocks, 4 * vision_width * window_blocks)
+
+
+def attention_layers(text) -> int:
+    """Decoder layers with softmax attention (the token-pair terms): all of them, unless the config lists layer
+    types (a hybrid model's linear-attention layers cost matmuls per token, counted with the projections; their
+    recurrence itself, heads x key x value width per token, is left out of the model FLOPs)."""
+    types = getattr(text, "layer_types", None)
+    return sum(kind == "full_attention" for kind in types) if types else text.num_hidden_layers
 
 
 def vision_attention_blocks(config) -> tuple:

@@ -31,6 +31,7 @@ from qwenvl_ft.config.schema import TrainConfig
 from qwenvl_ft.config.trainer import Precision
 from qwenvl_ft.estimate.budget import BatchBudget, batch_budget
 from qwenvl_ft.estimate.counts import ParameterCounts, count_parameters, hf_config, meta_model
+from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.families.base import language_linear_inputs
 
 GiB = 1024 ** 3
@@ -90,6 +91,11 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
     counts = count_parameters(cfg, model)
     config = model.config
     text, vision = config.get_text_config(), config.vision_config
+    family = families.of_config(config)
+    if family.linear_attention_class:
+        raise ConfigError(f"qwenvl-ft estimate has no activation formula for {family.title}'s linear-attention "
+                          f"(Gated DeltaNet) layers yet, so it would predict too low a peak; this config's model has "
+                          f"{counts.total:,} parameters, {counts.trainable:,} of them trained")
     w = DTYPE_BYTES[model_cfg.dtype.value]
     # activation dtype: autocast's under bf16/fp16 mixed precision, else the weights' (the estimate is for a GPU,
     # where precision=auto means bf16)
@@ -127,7 +133,6 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
     method = methods.get(trainer_cfg.kind)
     rows += method.memory_rows(cfg, counts, w)  # e.g. DPO's frozen reference copy
     rows += generation_rows(cfg, method, w)  # e.g. GRPO's sampled completions
-    family = families.of_config(config)
     budget = budget or batch_budget(method.batch_data(cfg), trainer_cfg.batch_size, family,
                                     pairs=method.sequences_per_row() == 2)
     rows += _activation_rows(cfg, counts, family, text, vision, budget, ActivationDtypes.of(counts, w, a))

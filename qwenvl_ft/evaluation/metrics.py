@@ -5,6 +5,10 @@
 - bleu: sacrebleu's corpus BLEU (0-100) with effective order, so that answers shorter than four words still score
   (plain BLEU-4 is 0 for every three-word answer).
 - rouge_l: mean ROUGE-L F1 (0-1) of rouge-score with stemming, for captions and descriptions.
+
+A model whose chat template thinks first (`<think>` reasoning `</think>`, then the answer: the generation prompt
+opens the block, so a completion holds its end) is scored on its answer, the text after the last `</think>`; the
+predictions written next to the metrics keep the whole completion.
 """
 
 from __future__ import annotations
@@ -45,5 +49,11 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
 METRICS = {"exact_match": exact_match, "bleu": bleu, "rouge_l": rouge_l}
 
 
+def final_answer(completion: str) -> str:
+    """The answer of a completion: what follows its reasoning, if it reasoned."""
+    return completion.rpartition("</think>")[2].strip() if "</think>" in completion else completion
+
+
 def compute(predictions: Sequence[str], references: Sequence[str], names: List[str] = None) -> Dict[str, float]:
-    return {name: METRICS[name](predictions, references) for name in (names or list(METRICS))}
+    answers = [final_answer(p) for p in predictions]
+    return {name: METRICS[name](answers, references) for name in (names or list(METRICS))}

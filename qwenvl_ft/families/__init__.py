@@ -1,7 +1,7 @@
 """Model families as declarations: one module per family, found by scanning this package.
 
     from qwenvl_ft import families
-    families.names()                 # ['qwen2_5_vl', 'qwen2_vl', 'qwen3_vl']
+    families.names()                 # ['qwen2_5_vl', 'qwen2_vl', 'qwen3_5', 'qwen3_vl']
     families.get("qwen3_vl")         # its Family (qwenvl_ft/families/base.py says what one holds)
     families.of_model(model)         # by model.config.model_type (PEFT-wrapped models too)
     families.of_processor(processor) # by the processor's class
@@ -68,10 +68,13 @@ def of_model(model: Any) -> Family:
 
 
 def of_processor(processor: Any) -> Family:
-    """The family whose processor class `processor` is (or derives from)."""
+    """The family whose processor class `processor` is (or derives from); among families that share a processor
+    class (Qwen3-VL and Qwen3.5), the one whose tokenizer class the processor's tokenizer is."""
+    tokenizer_classes = [cls.__name__ for cls in type(getattr(processor, "tokenizer", None)).__mro__]
     for cls in type(processor).__mro__:
-        for family in _discover().values():
-            if family.processor_class == cls.__name__:
-                return family
+        candidates = [family for family in _discover().values() if family.processor_class == cls.__name__]
+        if candidates:
+            by_tokenizer = [f for f in candidates if f.tokenizer_class in tokenizer_classes]
+            return (by_tokenizer or candidates)[0]
     raise ValueError(f"no model family uses the processor {type(processor).__name__}; known families: "
                      f"{', '.join(names())}")

@@ -262,8 +262,13 @@ class Family:
     model_class: str  # transformers classes, by name (imported on use: `load`)
     processor_class: str
     config_class: str
+    tokenizer_class: str = "Qwen2Tokenizer"  # also tells apart families that share a processor class
+    added_tokens: Tuple[str, ...] = ()  # plain added tokens after Qwen's special ones (a random model's tokenizer)
     vision_block_class: str  # FSDP wrap units, with decoder_layer_class
     decoder_layer_class: str
+    # the decoder's recurrent (linear-attention) layer class, for families that have one: packed rows run it per
+    # sample (modeling/linear_attention.py)
+    linear_attention_class: Optional[str] = None
     test_model: str  # the conf/model option of its tiny random model (tests, demos)
 
     # vision geometry: a patch_size x patch_size patch, merge_size x merge_size patches per visual token
@@ -280,7 +285,9 @@ class Family:
     language_model: str = "model.language_model"
     decoder_layers: str = "model.language_model.layers"
     embeddings: str = "model.language_model.embed_tokens"
-    never_quantized: Tuple[str, ...] = ("lm_head",)  # kept out of 4-bit whatever trains
+    # kept out of 4-bit whatever trains: module names or patterns, as bitsandbytes' llm_int8_skip_modules reads them
+    # (from the start of a module's name, as a regex, or as a suffix)
+    never_quantized: Tuple[str, ...] = ("lm_head",)
     language_lora_targets: Tuple[str, ...] = LANGUAGE_PROJECTIONS
 
     # inputs and outputs
@@ -319,6 +326,9 @@ class Family:
 
     def load_vision_block_class(self):
         return _module_class(self.model_class, self.vision_block_class)
+
+    def load_linear_attention_class(self):
+        return _module_class(self.model_class, self.linear_attention_class) if self.linear_attention_class else None
 
     def resize_function(self) -> Callable:
         """The processor's `smart_resize(height, width, factor, min_pixels, max_pixels)`."""

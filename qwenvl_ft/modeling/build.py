@@ -21,6 +21,7 @@ from qwenvl_ft.config.model import ModelConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.families import Family, ModelParts
 from qwenvl_ft.modeling.frozen_vision import keep_frozen_vision_out_of_autograd
+from qwenvl_ft.modeling.linear_attention import run_linear_attention_per_sample
 from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
 
 log = logging.getLogger("qwenvl_ft")
@@ -155,6 +156,7 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
         )
     model.config.use_cache = False
     keep_frozen_vision_out_of_autograd(model, family_of(model_cfg))
+    run_linear_attention_per_sample(model)  # packed rows keep their samples apart in recurrent layers too
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from qwenvl_ft import families
+from qwenvl_ft.families.base import load
 from qwenvl_ft.config.model import ArchitectureConfig
 
 # In the order of their real ids 151643..151656.
@@ -45,13 +46,16 @@ COCO Yes: a man riding a bike down a street. Two dogs playing in the grass. A pl
 """
 
 
-def build_tokenizer(num_merges: int = 600, chat_template: Optional[str] = None):
-    """A small byte-level BPE tokenizer with Qwen2's pre-tokenizer, Qwen's special tokens and `chat_template`."""
+def build_tokenizer(num_merges: int = 600, chat_template: Optional[str] = None, family: str = families.DEFAULT):
+    """A small byte-level BPE tokenizer of the family's tokenizer class (Qwen2Tokenizer, or a family's own, whose
+    pre-tokenizer may differ), Qwen's special tokens, the family's added tokens (`<think>` ...) and
+    `chat_template`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
 
-    # Learn merges with the same pre-tokenisation Qwen2Tokenizer applies, then hand vocab+merges to it.
-    reference = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[])
+    declared = families.get(family)
+    tokenizer_class = load(declared.tokenizer_class)
+    # Learn merges with the same pre-tokenisation the tokenizer class applies, then hand vocab+merges to it.
+    reference = tokenizer_class(vocab={"<|endoftext|>": 0}, merges=[])
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -61,10 +65,12 @@ def build_tokenizer(num_merges: int = 600, chat_template: Optional[str] = None):
     learned = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
 
-    tokenizer = Qwen2Tokenizer(vocab=learned["vocab"], merges=merges, unk_token=None, eos_token=None,
-                               pad_token=None)
+    tokenizer = tokenizer_class(vocab=learned["vocab"], merges=merges, unk_token=None, eos_token=None,
+                                pad_token=None)
     # Added in one go, in the real order, before naming eos/pad (naming them first would add them first).
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    if declared.added_tokens:
+        tokenizer.add_tokens(list(declared.added_tokens))
     tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
     tokenizer.chat_template = chat_template
     tokenizer.model_max_length = 32768
@@ -126,7 +132,7 @@ def materialize(arch: ArchitectureConfig, dtype: str = "float32", family: str = 
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     declared = families.get(family)
-    processor = build_processor(build_tokenizer(chat_template=declared.chat_template), arch, family)
+    processor = build_processor(build_tokenizer(chat_template=declared.chat_template, family=family), arch, family)
     config = model_config(arch, processor.tokenizer, family)
     model = _random_model(declared.load_model_class(), config, getattr(torch, dtype), arch.init_seed, device)
     model.generation_config = GenerationConfig(
