@@ -261,3 +261,39 @@ def test_helpers_for_other_consumers(tiny_processor):
     batch = collator.generation_batch([row, video_row])
     assert batch["input_ids"].shape[0] == 2 and (batch["attention_mask"][:, -1] == 1).all()  # left-padded
     assert "pixel_values_videos" in batch and "pixel_values" in batch
+
+
+def _thinking_option():
+    from family_models import family_of_option
+
+    return next(option for option in TEST_MODELS if "<think>" in family_of_option(option).added_tokens)
+
+
+def test_reasoning_renders_as_the_template_renders_it_and_is_trained(processor_of):
+    """A thinking template (Qwen3.5): a turn's reasoning, inline or as a reasoning_content field, renders exactly
+    as the template renders reasoning_content; the last answer's think block (empty without reasoning) is a target,
+    the turn before the last user query loses its reasoning, as the template does."""
+    processor = processor_of(_thinking_option())
+    collator = _collator(processor)
+    inline = [user("Q1"), assistant("<think>\nfirst thought\n</think>\n\nA1"), user("Q2"),
+              assistant("<think>\nsecond thought\n</think>\n\nA2")]
+    fields = [user("Q1"), dict(assistant("A1"), reasoning_content="first thought"), user("Q2"),
+              dict(assistant("A2"), reasoning_content="second thought")]
+    assert collator.render(inline) == processor.apply_chat_template(fields, tokenize=False)
+    tok = processor.tokenizer
+    runs = _runs(collator.encode(_row(inline))["labels"], tok)
+    assert runs == ["A1<|im_end|>", "<think>\nsecond thought\n</think>\n\nA2<|im_end|>"]
+    plain = _runs(collator.encode(_row([user("Q"), assistant("A")]))["labels"], tok)
+    assert plain == ["<think>\n\n</think>\n\nA<|im_end|>"]
+
+
+def test_thinking_strip_and_enable_thinking(processor_of):
+    processor = processor_of(_thinking_option())
+    stripped = _collator(processor, thinking="strip")
+    row = [user("Q"), assistant("<think>\nlong reasoning\n</think>\n\nA")]
+    assert "long reasoning" not in stripped.render(row)
+    assert stripped.render(row) == _collator(processor).render([user("Q"), assistant("A")])
+    prompt = [user("Q")]
+    assert _collator(processor).render(prompt, add_generation_prompt=True).endswith("<think>\n")
+    closed = _collator(processor, enable_thinking=False).render(prompt, add_generation_prompt=True)
+    assert closed.endswith("<think>\n\n</think>\n\n")

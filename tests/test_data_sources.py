@@ -55,6 +55,26 @@ def test_llava_video_as_a_path_or_as_frames(tmp_path):
     assert _kinds(rows[1])[0] == ["video", "image", "text"] and rows[1]["images"] == [str(tmp_path / "p.jpg")]
 
 
+def test_a_reasoning_field_is_folded_in_front_of_the_answer(tmp_path):
+    """reasoning_content / reasoning / thinking on an assistant message become `<think>...</think>` before its
+    answer, the form the thinking templates parse; on any other message it is an error naming the place."""
+    records = [
+        {"messages": [{"role": "user", "content": "Q"},
+                      {"role": "assistant", "content": "A", "reasoning_content": " because \n"}]},
+        {"messages": [{"role": "user", "content": "Q"},
+                      {"role": "assistant", "content": [{"type": "text", "text": "B"}], "thinking": "so"}]},
+    ]
+    write_jsonl(tmp_path / "m.jsonl", records)
+    rows = load_rows(data_cfg(tmp_path / "m.jsonl", format="messages"), str(tmp_path / "m.jsonl"))
+    assert rows[0]["messages"][1]["content"] == [{"type": "text", "text": "<think>\nbecause\n</think>\n\nA"}]
+    assert rows[1]["messages"][1]["content"][0]["text"] == "<think>\nso\n</think>\n\nB"
+    write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "Q", "reasoning": "x"},
+                                                       {"role": "assistant", "content": "A"}]}])
+    with pytest.raises(DataError, match=r"bad.jsonl:line 1: messages\[0\]: field 'reasoning' must be a string on an "
+                                        r"assistant message"):
+        load_rows(data_cfg(tmp_path / "bad.jsonl", format="messages"), str(tmp_path / "bad.jsonl"))
+
+
 def test_messages_with_an_images_column_inline_images_openai_urls_and_videos(tmp_path):
     records = [
         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},

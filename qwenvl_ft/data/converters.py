@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from qwenvl_ft.config.data import DataConfig, DataFormat
 from qwenvl_ft.data.rows import finish_row, image_item, text_item, video_item
+from qwenvl_ft.data.turns import with_reasoning
 from qwenvl_ft.errors import DataError
 
 
@@ -142,6 +143,27 @@ def _message_items(content: Any, m_where: str, images: List[Any], videos: List[A
     return items
 
 
+# an assistant message's reasoning, as OpenAI-style and reasoning datasets name it
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _with_reasoning_field(items: List[dict], message: dict, role: str, where: str) -> List[dict]:
+    """An assistant message's reasoning field folded in front of its first text (`<think>...</think>`), the form
+    the thinking chat templates parse; data.thinking then keeps or strips it like inline reasoning."""
+    fields = [name for name in REASONING_FIELDS if message.get(name) is not None]
+    if not fields:
+        return items
+    reasoning = message[fields[0]]
+    if role != "assistant" or not isinstance(reasoning, str):
+        raise DataError(f"{where}: field '{fields[0]}' must be a string on an assistant message")
+    texts = [index for index, item in enumerate(items) if item["type"] == "text"]
+    if not texts:
+        return items + [text_item(with_reasoning("", reasoning))]
+    first = texts[0]
+    return items[:first] + [dict(items[first], text=with_reasoning(items[first]["text"], reasoning))] \
+        + items[first + 1:]
+
+
 def from_messages(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
     raw_messages = _field(record, "messages", where, list)
     images = _as_list(record.get("images", record.get("image")))
@@ -152,7 +174,8 @@ def from_messages(record: Any, where: str, base: Path, cfg: DataConfig) -> dict:
         m_where = f"{where}: messages[{index}]"
         role = _field(message, "role", m_where, str)
         content = _field(message, "content", m_where, (str, list))
-        messages.append({"role": role, "content": _message_items(content, m_where, images, videos)})
+        items = _message_items(content, m_where, images, videos)
+        messages.append({"role": role, "content": _with_reasoning_field(items, message, role, m_where)})
     row = {"messages": messages, "images": [_resolve(i, base) for i in images],
            "videos": [_resolve(v, base) for v in videos], "source": where}
     return finish_row(row, where, cfg)

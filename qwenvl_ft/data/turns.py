@@ -1,10 +1,12 @@
 """A conversation row's turns: which tokens are an assistant's turn (the training targets), the prompt part of a
-row (every turn but the last answer) and its reference answer (the last answer's text).
+row (every turn but the last answer), its reference answer (the last answer's text), and the reasoning of its
+assistant turns (`<think>...</think>` before the answer, the form chat templates that think parse).
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence
+import re
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -47,3 +49,25 @@ def prompt_messages(row: dict) -> List[dict]:
 
 def reference_answer(row: dict) -> str:
     return "".join(i["text"] or "" for i in row["messages"][-1]["content"] if i["type"] == "text")
+
+
+# An assistant turn's reasoning: an optional opening tag, the reasoning, the closing tag, and the blank lines after it.
+_REASONING = re.compile(r"^\s*(?:<think>)?.*?</think>\s*", re.DOTALL)
+
+
+def with_reasoning(text: str, reasoning: Optional[str]) -> str:
+    """An answer with its reasoning in front, as Qwen's thinking templates write an assistant turn."""
+    return text if not reasoning else f"<think>\n{reasoning.strip()}\n</think>\n\n{text}"
+
+
+def without_reasoning(messages: List[dict]) -> List[dict]:
+    """The messages with every assistant turn's reasoning removed (data.thinking=strip)."""
+    out = []
+    for message in messages:
+        if message["role"] == "assistant":
+            content = [dict(item, text=_REASONING.sub("", item["text"], count=1))
+                       if item["type"] == "text" and item.get("text") and "</think>" in item["text"] else item
+                       for item in message["content"]]
+            message = dict(message, content=content)
+        out.append(message)
+    return out

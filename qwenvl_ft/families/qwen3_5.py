@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import Any, List
 
-from qwenvl_ft.families.base import LANGUAGE_PROJECTIONS, Family, qwen_processor, text_config, vision_token_ids
-from qwenvl_ft.families.qwen3_vl import positions, video_tokens, vision_block_bytes, vision_sizes
+from qwenvl_ft.families.base import LANGUAGE_PROJECTIONS, Family, text_config, vision_token_ids
+# Qwen3-VL's vision tower and processor: the same functions serve both
+from qwenvl_ft.families.qwen3_vl import positions, random_processor, video_tokens, vision_block_bytes, vision_sizes
 
 # Qwen3.5's chat template, verbatim: the `chat_template` of Qwen/Qwen3.5-27B's tokenizer_config.json (7,756 bytes;
 # the same file ships with Qwen3.5-35B-A3B, and the 4B and 9B think by default as it does). It thinks by default: a
@@ -220,16 +221,6 @@ def random_config(arch: Any, tokenizer):
                   num_position_embeddings=arch.vision_num_position_embeddings)
     return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=arch.tie_word_embeddings,
                          **vision_token_ids(tokenizer))
-
-
-def random_processor(tokenizer, arch: Any, chat_template: str):
-    """Qwen3-VL's processor settings (mean and std 0.5, video bounds), images as small as 4 visual tokens (as for
-    the other tiny models)."""
-    factor = arch.patch_size * arch.spatial_merge_size
-    half = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    image = dict(half, size={"shortest_edge": 4 * factor ** 2, "longest_edge": 16384 * factor ** 2})
-    video = dict(half, size={"shortest_edge": 4096, "longest_edge": 25165824})
-    return qwen_processor("Qwen3VLProcessor", tokenizer, arch, chat_template, image, "Qwen3VLVideoProcessor", video)
 
 
 def architecture_problems(arch: Any) -> List[str]:
