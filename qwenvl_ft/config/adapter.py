@@ -88,7 +88,8 @@ class OptimizerConfig:
             value = getattr(self, name)
             _check(value is None or value >= 0, f"optimizer.{name} must be >= 0")
         _check(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas must be two values in [0, 1)")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               "optimizer.betas must be two values in [0, 1)")
         _check(0 <= self.warmup_ratio < 1, "optimizer.warmup_ratio must be in [0, 1)")
         _check(self.warmup_steps is None or self.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
         _check(self.warmup_steps is None or self.warmup_ratio == 0,
