@@ -60,7 +60,7 @@ class Thinking(str, Enum):
     """What happens to an assistant turn's reasoning (`<think>...</think>` before its answer, or a
     `reasoning_content` / `reasoning` / `thinking` field of a messages-format row, folded in so)."""
 
-    template = "template"  # as the chat template renders it (Qwen3.5: the turns after the last user query keep it)
+    template = "template"  # as the chat template renders it (a thinking template may keep the last turns' only)
     strip = "strip"  # removed before rendering: the model learns the answers only
 
 
@@ -177,7 +177,7 @@ class DataConfig:
     # Loss on the whole sequence (system and user turns, template tokens) instead of the answers only, as some
     # tutorials train; image and video tokens are never targets. SFT only.
     train_on_prompt: bool = False
-    # For models whose chat template thinks (Qwen3.5): reasoning in assistant turns, and the template's
+    # For models whose chat template thinks: reasoning in assistant turns, and the template's
     # enable_thinking for the prompts the model answers (held-out checks, eval, infer, chat).
     thinking: Thinking = Thinking.template  # reasoning in assistant turns: as the template renders it, or stripped
     enable_thinking: Optional[bool] = None  # a generation prompt opens (true) or closes (false) the think block
