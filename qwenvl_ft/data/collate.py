@@ -275,8 +275,7 @@ class VisionChatCollator:
     # -- one sample --------------------------------------------------------------------------------------------
 
     def render(self, messages: List[dict], add_generation_prompt: bool = False) -> str:
-        """The chat template's text of `messages`, reasoning removed with data.thinking=strip; a generation prompt
-        takes data.enable_thinking when set (a template without the switch ignores it)."""
+        """The chat template's text; reasoning stripped (data.thinking), data.enable_thinking for a prompt."""
         if self.cfg.thinking == Thinking.strip:
             messages = without_reasoning(messages)
         switches = {"enable_thinking": self.cfg.enable_thinking} \
