@@ -355,10 +355,10 @@ def test_qlora_layer_keeps_its_residual_and_mlp_in_fp32(option):
     embeddings) and bitsandbytes returns the 4-bit MLP projections' outputs in that dtype: the layer saves its MLP
     tensors at 4 bytes, where a bf16 LoRA model saves them at 2, and nothing else changes. The estimate's
     ActivationDtypes say the same (the GPU measurement of QLoRA was 29% above the estimate before this)."""
-    _skip_without_a_linear_attention_formula(option)
+    from qwenvl_ft.estimate.counts import hf_config
     from qwenvl_ft.estimate.memory import ActivationDtypes
 
-    from qwenvl_ft.estimate.counts import hf_config
+    _skip_without_a_linear_attention_formula(option)
 
     qlora, qlora_residual, cfg = _built_layer_saved_bytes("qlora", option)
     lora, lora_residual, lora_cfg = _built_layer_saved_bytes("lora", option)

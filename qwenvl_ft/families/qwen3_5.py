@@ -196,18 +196,12 @@ LINEAR_ATTENTION_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_pro
 ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
 
 
-def layer_types(arch: Any) -> List[str]:
-    """Every full_attention_interval-th layer is softmax attention (transformers' own rule for the released
-    configs, which list the same pattern in `layer_types`)."""
-    interval = arch.full_attention_interval or 1
-    return ["full_attention" if (index + 1) % interval == 0 else "linear_attention"
-            for index in range(arch.num_hidden_layers)]
-
-
 def random_config(arch: Any, tokenizer):
     from transformers import Qwen3_5Config
 
-    text = text_config(arch, tokenizer, head_dim=arch.attention_head_dim, layer_types=layer_types(arch),
+    # transformers' Qwen3_5TextConfig lays out the layers from full_attention_interval, as the released configs do
+    text = text_config(arch, tokenizer, head_dim=arch.attention_head_dim,
+                       full_attention_interval=arch.full_attention_interval,
                        rope_parameters={"mrope_interleaved": True,
                                         "partial_rotary_factor": arch.partial_rotary_factor},
                        linear_conv_kernel_dim=arch.linear_conv_kernel_dim,

@@ -29,6 +29,7 @@ import torch
 
 from qwenvl_ft import families
 from qwenvl_ft.families.base import attribute
+from qwenvl_ft.modeling.varlen_attention import restarts
 
 _WRAPPED = "_qwenvl_ft_per_sample"
 
@@ -51,11 +52,7 @@ def packed_lengths(text_positions: Optional[torch.Tensor]) -> Optional[List[int]
     """Lengths of the samples of one packed row from its text positions ((1, L)), or None when it is not one."""
     if text_positions is None or text_positions.dim() != 2 or text_positions.shape[0] != 1:
         return None
-    starts = (torch.diff(text_positions[0]) != 1).nonzero().flatten() + 1
-    if starts.numel() == 0:
-        return None
-    bounds = [0] + starts.tolist() + [text_positions.shape[1]]
-    return [end - start for start, end in zip(bounds, bounds[1:])]
+    return restarts(text_positions[0])
 
 
 # A decoder layer's per-token keyword inputs (the sequence is their second-to-last dimension for the rotary cos and

@@ -44,11 +44,16 @@ def sample_spans(position_ids: Optional[torch.Tensor], query: torch.Tensor, key:
     length = query.shape[2]
     if length == 1 or key.shape[2] != length or position_ids.shape[-1] != length:
         return None
-    positions = position_ids.reshape(-1)
+    return restarts(position_ids.reshape(-1))
+
+
+def restarts(positions: torch.Tensor) -> Optional[List[int]]:
+    """Lengths of the samples of a packed row from its 1-D text positions (they restart at every sample), or None
+    when they do not restart (one sample)."""
     starts = (torch.diff(positions) != 1).nonzero().flatten() + 1
     if starts.numel() == 0:
         return None
-    bounds = [0] + starts.tolist() + [length]
+    bounds = [0] + starts.tolist() + [positions.numel()]
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
