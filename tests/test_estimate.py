@@ -8,7 +8,7 @@ from qwenvl_ft import families
 from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.estimate.budget import batch_budget
 from qwenvl_ft.estimate.counts import count_parameters, meta_model
-from qwenvl_ft.estimate.memory import GiB, estimate_memory
+from qwenvl_ft.estimate.memory import GiB, estimate_memory, unsized_parts
 
 from family_models import DEFAULT_MODEL, TEST_MODELS, family_of_option
 
@@ -268,11 +268,12 @@ def _cpu_sdpa_saves_the_attention_matrix_with_gqa() -> bool:
     return sum(saved) >= 4 * 64 * 64
 
 
-def _skip_without_a_linear_attention_formula(option):
-    """Families with linear-attention (Gated DeltaNet) layers: `estimate` refuses them until those layers have a
-    formula (tests/test_estimate.py::test_estimate_refuses_a_family_it_cannot_size checks that it does)."""
-    if family_of_option(option).linear_attention_class:
-        pytest.skip(f"{family_of_option(option).title}: no activation formula for linear-attention layers yet")
+def _skip_without_a_formula(option):
+    """Families with layers the activation formulas do not cover (Gated DeltaNet, routed experts): `estimate`
+    refuses them (test_estimate_refuses_a_family_it_cannot_size checks that it does)."""
+    missing = unsized_parts(family_of_option(option))
+    if missing:
+        pytest.skip(f"{family_of_option(option).title}: no activation formula for its {' and '.join(missing)} yet")
 
 
 @pytest.mark.parametrize("option", TEST_MODELS)
@@ -280,7 +281,7 @@ def _skip_without_a_linear_attention_formula(option):
 def test_decoder_layer_formula_matches_saved_tensors(adapter, option):
     from qwenvl_ft.modeling.build import model_parts
 
-    _skip_without_a_linear_attention_formula(option)
+    _skip_without_a_formula(option)
     if _cpu_sdpa_saves_the_attention_matrix_with_gqa():
         pytest.skip(f"torch {torch.__version__} runs CPU SDPA with grouped-query heads on its math kernel; the "
                     f"formula models the fused kernels of GPUs and of newer torch")
@@ -358,7 +359,7 @@ def test_qlora_layer_keeps_its_residual_and_mlp_in_fp32(option):
     from qwenvl_ft.estimate.counts import hf_config
     from qwenvl_ft.estimate.memory import ActivationDtypes
 
-    _skip_without_a_linear_attention_formula(option)
+    _skip_without_a_formula(option)
 
     qlora, qlora_residual, cfg = _built_layer_saved_bytes("qlora", option)
     lora, lora_residual, lora_cfg = _built_layer_saved_bytes("lora", option)
@@ -404,3 +405,5 @@ def test_estimate_refuses_a_family_it_cannot_size(capsys):
     err = capsys.readouterr().err
     assert "no activation formula for Qwen3.5's linear-attention (Gated DeltaNet) layers" in err
     assert "parameters" in err and "Traceback" not in err
+    assert main(["estimate", "recipe=demo", "model=tiny_qwen3_vl_moe"]) == 2
+    assert "no activation formula for Qwen3-VL MoE's routed experts" in capsys.readouterr().err

@@ -99,6 +99,7 @@ def _part_matmuls(cfg: TrainConfig, model) -> Dict[str, _PartMatmuls]:
         lora_cfg = build_lora_config(model, model_cfg, adapter_cfg)
         lora_pattern, saved = re.compile(lora_cfg.target_modules), list(lora_cfg.modules_to_save or [])
     parts = {name: _PartMatmuls() for name in ("patch_embed", "vision", "merger", "decoder", "lm_head")}
+    _add_routed_experts(parts["decoder"], model, family)
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv3d)):
             continue
@@ -113,6 +114,20 @@ def _part_matmuls(cfg: TrainConfig, model) -> Dict[str, _PartMatmuls]:
         if any(name == key or name.startswith(key + ".") for key in saved):  # full paths (build_lora_config)
             part.trained += weights
     return parts
+
+
+def _add_routed_experts(decoder: _PartMatmuls, model, family: families.Family) -> None:
+    """A mixture-of-experts model's fused expert weights (not Linear layers): each token runs
+    num_experts_per_tok of num_experts experts, so that share of them counts. The router is left out (num_experts
+    outputs per token), as is the expert LoRA's low-rank update."""
+    if not family.expert_parameters:
+        return
+    text = model.config.get_text_config()
+    share = text.num_experts_per_tok / text.num_experts
+    for name, parameter in model.named_parameters():
+        if any(name.endswith(suffix) for suffix in family.expert_parameters):
+            decoder.base += parameter.numel() * share
+            decoder.trained += parameter.numel() * share if parameter.requires_grad else 0
 
 
 def training_flops(cfg: TrainConfig, model=None) -> TrainingFlops:

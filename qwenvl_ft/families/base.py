@@ -269,6 +269,9 @@ class Family:
     # the decoder's recurrent (linear-attention) layer class, for families that have one: packed rows run it per
     # sample (modeling/linear_attention.py)
     linear_attention_class: Optional[str] = None
+    # a mixture-of-experts language model's fused expert weights (3-D parameters, suffixes of their names): LoRA
+    # reaches them through PEFT's target_parameters when adapter.target_modules names `experts`
+    expert_parameters: Tuple[str, ...] = ()
     test_model: str  # the conf/model option of its tiny random model (tests, demos)
 
     # vision geometry: a patch_size x patch_size patch, merge_size x merge_size patches per visual token

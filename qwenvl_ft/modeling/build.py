@@ -93,6 +93,9 @@ def build_processor(model_cfg: ModelConfig, data_cfg: DataConfig, source: Option
             "shortest_edge": data_cfg.min_pixels or size["shortest_edge"],
             "longest_edge": data_cfg.max_pixels or size["longest_edge"],
         }
+    # Which family the processor serves: families sharing a processor and tokenizer class (Qwen3-VL dense and MoE)
+    # cannot be told apart by the processor itself (families.of_processor reads this first).
+    setattr(processor, families.PROCESSOR_FAMILY, model_cfg.family.value)
     # Training batches are padded on the right, generation batches on the left (set per call).
     processor.tokenizer.padding_side = "right"
     if processor.tokenizer.pad_token is None:
@@ -155,6 +158,7 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
             device_map=device_map,  # a distributed QLoRA run: each process's GPU (distributed/placement.py)
         )
     model.config.use_cache = False
+    train_the_router_balance(model, model_cfg.router_aux_loss_coef)
     keep_frozen_vision_out_of_autograd(model, family_of(model_cfg))
     run_linear_attention_per_sample(model)  # packed rows keep their samples apart in recurrent layers too
     if quant is not None:
@@ -168,6 +172,16 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
     if adapter_cfg.method == AdapterMethod.full:
         apply_freezing(model, model_cfg)
     return model
+
+
+def train_the_router_balance(model: nn.Module, coefficient: float) -> None:
+    """A mixture-of-experts model adds its router's load-balancing loss, times `coefficient`, to the loss it returns
+    (transformers' output_router_logits and router_aux_loss_coef), so the Trainer trains it; dense models have
+    neither setting and are left alone."""
+    text = model.config.get_text_config()
+    if hasattr(text, "router_aux_loss_coef"):
+        text.router_aux_loss_coef = coefficient
+        text.output_router_logits = coefficient > 0
 
 
 def keep_4bit_weights_trainable_on_cpu(model: nn.Module) -> None:
@@ -208,14 +222,17 @@ def build_lora_config(model: nn.Module, model_cfg: ModelConfig, adapter_cfg: Ada
     from peft import LoraConfig
 
     family = families.of_model(model)
-    patterns = []
+    patterns, expert_parameters = [], []
     if not model_cfg.freeze_language_model and adapter_cfg.target_modules:
         unknown = sorted(set(adapter_cfg.target_modules) - set(family.language_lora_targets))
         if unknown:
             raise ConfigError(f"adapter.target_modules has {unknown}, which {family.title}'s decoder layers do not "
                               f"have; valid: {list(family.language_lora_targets)}")
-        leaves = "|".join(re.escape(m) for m in adapter_cfg.target_modules)
-        patterns.append(rf"{re.escape(family.language_model)}\..*\.({leaves})")
+        modules = [m for m in adapter_cfg.target_modules if m != EXPERTS]
+        expert_parameters = expert_targets(family, adapter_cfg)
+        if modules:
+            leaves = "|".join(re.escape(m) for m in modules)
+            patterns.append(rf"{re.escape(family.language_model)}\..*\.({leaves})")
     if adapter_cfg.vision_lora:
         prefix = family.vision_blocks + "."
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
@@ -225,18 +242,36 @@ def build_lora_config(model: nn.Module, model_cfg: ModelConfig, adapter_cfg: Ada
         modules_to_save += wrappable(model, family.vision_stem + (family.vision_blocks,))
     if not model_cfg.freeze_merger:
         modules_to_save += wrappable(model, family.projectors)
-    if not patterns:
+    if not patterns and not expert_parameters:
         raise ValueError("the adapter has no target module: unfreeze the language model or set adapter.vision_lora")
     return LoraConfig(
         r=adapter_cfg.r,
         lora_alpha=adapter_cfg.alpha,
         lora_dropout=adapter_cfg.dropout,
         bias=adapter_cfg.bias,
-        target_modules="^(" + "|".join(patterns) + ")$",
+        target_modules="^(" + "|".join(patterns) + ")$" if patterns else [],
+        target_parameters=expert_parameters or None,
         modules_to_save=modules_to_save or None,
         use_dora=adapter_cfg.method == AdapterMethod.dora,
         task_type="CAUSAL_LM",
     )
+
+
+EXPERTS = "experts"  # adapter.target_modules' name for a mixture-of-experts model's fused expert weights
+
+
+def expert_targets(family: Family, adapter_cfg: AdapterConfig) -> List[str]:
+    """The fused expert parameters LoRA adapts (PEFT's target_parameters), when adapter.target_modules names
+    `experts`. PEFT's parameter LoRA takes neither dropout nor DoRA: a config error, not a traceback later."""
+    if EXPERTS not in adapter_cfg.target_modules:
+        return []
+    if adapter_cfg.dropout:
+        raise ConfigError("adapter.target_modules with `experts` needs adapter.dropout=0: PEFT's LoRA on fused "
+                          "expert weights (target_parameters) has no dropout")
+    if adapter_cfg.method == AdapterMethod.dora:
+        raise ConfigError("adapter=dora cannot adapt `experts`: PEFT's LoRA on fused expert weights has no DoRA; "
+                          "use adapter=lora, or leave experts out of adapter.target_modules")
+    return list(family.expert_parameters)
 
 
 def wrappable(model: nn.Module, paths) -> List[str]:
