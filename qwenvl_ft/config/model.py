@@ -79,11 +79,12 @@ class ArchitectureConfig:
     linear_num_key_heads: int = 16  # key (and query) heads of a linear-attention layer
     linear_num_value_heads: int = 32  # value heads of a linear-attention layer (a multiple of the key heads)
     partial_rotary_factor: float = 1.0  # share of each attention head that carries rotary positions
-    # Mixture-of-experts language models (Qwen3-VL-30B-A3B, Qwen3.5-35B-A3B): each decoder layer's MLP is
-    # num_experts experts of moe_intermediate_size, num_experts_per_tok of them per token.
+    # Mixture-of-experts language models: each decoder layer's MLP is num_experts experts of moe_intermediate_size,
+    # num_experts_per_tok of them per token.
     num_experts: int = 0  # 0: a dense MLP in every layer
     num_experts_per_tok: int = 0  # experts routed to per token
     moe_intermediate_size: Optional[int] = None  # MLP width of one expert
+    shared_expert_intermediate_size: Optional[int] = None  # MLP width of a shared expert, where a family has one
     init_seed: int = 0  # the random weights are a pure function of the sizes and this seed
 
     @property

@@ -1,7 +1,7 @@
 """Model families as declarations: one module per family, found by scanning this package.
 
     from qwenvl_ft import families
-    families.names()                 # ['qwen2_5_vl', 'qwen2_vl', 'qwen3_5', 'qwen3_vl']
+    families.names()                 # ['qwen2_5_vl', 'qwen2_vl', 'qwen3_5', 'qwen3_5_moe', 'qwen3_vl', ...]
     families.get("qwen3_vl")         # its Family (qwenvl_ft/families/base.py says what one holds)
     families.of_model(model)         # by model.config.model_type (PEFT-wrapped models too)
     families.of_processor(processor) # by the processor's class

@@ -93,8 +93,8 @@ def build_processor(model_cfg: ModelConfig, data_cfg: DataConfig, source: Option
             "shortest_edge": data_cfg.min_pixels or size["shortest_edge"],
             "longest_edge": data_cfg.max_pixels or size["longest_edge"],
         }
-    # Which family the processor serves: families sharing a processor and tokenizer class (Qwen3-VL dense and MoE)
-    # cannot be told apart by the processor itself (families.of_processor reads this first).
+    # Which family the processor serves: families sharing a processor and a tokenizer class (a dense family and its
+    # mixture-of-experts variant) cannot be told apart by the processor itself (families.of_processor reads this first).
     setattr(processor, families.PROCESSOR_FAMILY, model_cfg.family.value)
     # Training batches are padded on the right, generation batches on the left (set per call).
     processor.tokenizer.padding_side = "right"
@@ -217,7 +217,9 @@ def build_lora_config(model: nn.Module, model_cfg: ModelConfig, adapter_cfg: Ada
     """LoRA/DoRA on the chosen language-model projections (and the vision blocks when asked).
 
     Targets are a regex over full module names: leaf names alone (q_proj, ...) would also match a vision tower
-    whose MLP uses gate/up/down_proj too.
+    whose MLP uses gate/up/down_proj too. On a mixture-of-experts family the MLP names also adapt the fused expert
+    weights they stand for (`Family.adapted_experts`, PEFT's target_parameters: one LoRA per expert); config/schema.py
+    has refused what PEFT's parameter LoRA cannot do (dropout, DoRA).
     """
     from peft import LoraConfig
 
@@ -228,11 +230,9 @@ def build_lora_config(model: nn.Module, model_cfg: ModelConfig, adapter_cfg: Ada
         if unknown:
             raise ConfigError(f"adapter.target_modules has {unknown}, which {family.title}'s decoder layers do not "
                               f"have; valid: {list(family.language_lora_targets)}")
-        modules = [m for m in adapter_cfg.target_modules if m != EXPERTS]
-        expert_parameters = expert_targets(family, adapter_cfg)
-        if modules:
-            leaves = "|".join(re.escape(m) for m in modules)
-            patterns.append(rf"{re.escape(family.language_model)}\..*\.({leaves})")
+        expert_parameters = family.adapted_experts(adapter_cfg.target_modules)
+        leaves = "|".join(re.escape(m) for m in adapter_cfg.target_modules)
+        patterns.append(rf"{re.escape(family.language_model)}\..*\.({leaves})")
     if adapter_cfg.vision_lora:
         prefix = family.vision_blocks + "."
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
@@ -242,36 +242,19 @@ def build_lora_config(model: nn.Module, model_cfg: ModelConfig, adapter_cfg: Ada
         modules_to_save += wrappable(model, family.vision_stem + (family.vision_blocks,))
     if not model_cfg.freeze_merger:
         modules_to_save += wrappable(model, family.projectors)
-    if not patterns and not expert_parameters:
+    if not patterns:
         raise ValueError("the adapter has no target module: unfreeze the language model or set adapter.vision_lora")
     return LoraConfig(
         r=adapter_cfg.r,
         lora_alpha=adapter_cfg.alpha,
         lora_dropout=adapter_cfg.dropout,
         bias=adapter_cfg.bias,
-        target_modules="^(" + "|".join(patterns) + ")$" if patterns else [],
+        target_modules="^(" + "|".join(patterns) + ")$",
         target_parameters=expert_parameters or None,
         modules_to_save=modules_to_save or None,
         use_dora=adapter_cfg.method == AdapterMethod.dora,
         task_type="CAUSAL_LM",
     )
-
-
-EXPERTS = "experts"  # adapter.target_modules' name for a mixture-of-experts model's fused expert weights
-
-
-def expert_targets(family: Family, adapter_cfg: AdapterConfig) -> List[str]:
-    """The fused expert parameters LoRA adapts (PEFT's target_parameters), when adapter.target_modules names
-    `experts`. PEFT's parameter LoRA takes neither dropout nor DoRA: a config error, not a traceback later."""
-    if EXPERTS not in adapter_cfg.target_modules:
-        return []
-    if adapter_cfg.dropout:
-        raise ConfigError("adapter.target_modules with `experts` needs adapter.dropout=0: PEFT's LoRA on fused "
-                          "expert weights (target_parameters) has no dropout")
-    if adapter_cfg.method == AdapterMethod.dora:
-        raise ConfigError("adapter=dora cannot adapt `experts`: PEFT's LoRA on fused expert weights has no DoRA; "
-                          "use adapter=lora, or leave experts out of adapter.target_modules")
-    return list(family.expert_parameters)
 
 
 def wrappable(model: nn.Module, paths) -> List[str]:
