@@ -29,6 +29,7 @@ from typing import List, Optional
 from qwenvl_ft import families, methods
 from qwenvl_ft.config.schema import TrainConfig
 from qwenvl_ft.config.trainer import Precision
+from qwenvl_ft.estimate import experts
 from qwenvl_ft.estimate.budget import BatchBudget, batch_budget
 from qwenvl_ft.estimate.counts import ParameterCounts, count_parameters, hf_config, meta_model
 from qwenvl_ft.errors import ConfigError
@@ -145,8 +146,6 @@ def unsized_parts(family: families.Family) -> List[str]:
     missing = []
     if family.linear_attention_class:
         missing.append("linear-attention (Gated DeltaNet) layers")
-    if family.expert_parameters:
-        missing.append("routed experts")
     return missing
 
 
@@ -181,7 +180,7 @@ def _lora_inputs(cfg: TrainConfig, counts: ParameterCounts, family: families.Fam
     """in_features of the LoRA'd Linears of one decoder layer and of one vision block."""
     if not cfg.adapter.is_peft:
         return [], []
-    width = language_linear_inputs(text)
+    width = language_linear_inputs(experts.dense_view(text, family))  # MoE: the shared expert's Linears
     layers = text.num_hidden_layers
     lm = []
     for leaf, n in counts.lora_modules.items():
@@ -209,15 +208,19 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
     rows = []
 
     mask = 1 if adapter_cfg.dropout > 0 else 0  # no dropout: no mask (adapters on q/k/v then share one input)
-    layer = family.layer_bytes(text, a, lm_trainable, lm_lora, r, mask, mlp_bytes=dtypes.linear)
+    adapted = family.adapted_experts(adapter_cfg.target_modules) if counts.expert_lora else []
+    layer, folded = experts.layer_bytes(family, text, a, lm_trainable, lm_lora, r, mask, dtypes.linear, adapted,
+                                        DTYPE_BYTES[model_cfg.dtype.value])
     if model_cfg.gradient_checkpointing:
         saved = layers * residual * h * T
-        working = layer * T  # one layer recomputed in the backward
+        working = layer * T + folded  # one layer recomputed in the backward
         how = (f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed "
                f"({layer} B/token)")
     else:
-        saved, working = layers * layer * T, 0
+        saved, working = layers * (layer * T + folded), 0
         how = f"{layers} layers x {T} tokens x {layer} B/token"
+    if adapted:
+        how += f", + {folded / GiB:.2f} GiB per layer of LoRA-folded expert weights"
     rows.append(("activations: LM", saved + working, how))
 
     # TRL's fused LM head keeps the final hidden states; its backward works on token x vocabulary tiles and
