@@ -1,0 +1,149 @@
+"""Mixture-of-experts families (families.Family.expert_parameters; docs/moe.md): LoRA on the fused experts, the
+router's load-balancing loss in the trained loss, what the config refuses, and the estimate's expert terms
+(qwenvl_ft/estimate/experts.py; the saved-tensor check of a whole decoder layer is in tests/test_estimate.py)."""
+
+import pytest
+import torch
+
+from qwenvl_ft.config.compose import compose, validate
+from qwenvl_ft.errors import ConfigError
+
+from family_models import TEST_MODELS, family_of_option, lora_settings
+
+MOE_MODELS = [option for option in TEST_MODELS if family_of_option(option).expert_parameters]
+EVERY_PROJECTION = "adapter.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+
+
+def _typed(*overrides):
+    return validate(compose(["recipe=demo", *overrides], output_dir="/tmp/unused"))
+
+
+def test_both_moe_families_have_test_models():
+    assert {family_of_option(option).name for option in MOE_MODELS} == {"qwen3_vl_moe", "qwen3_5_moe"}
+
+
+@pytest.mark.parametrize("option", MOE_MODELS)
+def test_expert_lora_holds_expert_parameters_and_changes_expert_outputs(option):
+    """The MLP names adapt every layer's fused experts (one rank-r LoRA per expert) and the shared expert's Linear
+    layers where there is one; the router stays frozen and unadapted. A non-zero LoRA changes what the experts
+    compute; disabled, the block computes the base model's output."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from qwenvl_ft.modeling.build import build_model, model_parts
+
+    family = family_of_option(option)
+    typed = _typed(f"model={option}", "adapter=lora", EVERY_PROJECTION, *lora_settings(option))
+    model = build_model(typed.model, typed.adapter)
+    r = typed.adapter.r
+    for layer in model_parts(model).decoder_layers:
+        wrappers = [m for m in layer.mlp.modules() if isinstance(m, ParamWrapper)]
+        assert sorted(w.parameter_name for w in wrappers) == ["down_proj", "gate_up_proj"]
+        for wrapper in wrappers:
+            experts = wrapper.get_param().shape[0]
+            assert wrapper.num_experts == experts == typed.model.architecture.num_experts
+            assert wrapper.lora_A["default"].weight.shape[0] == r * experts  # one rank-r pair per expert
+            assert wrapper.lora_A["default"].weight.requires_grad
+        assert not layer.mlp.gate.weight.requires_grad
+        if hasattr(layer.mlp, "shared_expert"):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                assert hasattr(getattr(layer.mlp.shared_expert, name), "lora_A"), name
+        assert not hasattr(getattr(layer.mlp, "shared_expert_gate", None), "lora_A")
+    expert_lora = [n for n, p in model.named_parameters() if "mlp.experts" in n and "lora_" in n and p.requires_grad]
+    layers = typed.model.architecture.num_hidden_layers
+    assert len(expert_lora) == 2 * 2 * layers  # A and B of gate_up_proj and down_proj, every layer
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "mlp.experts" in name and "lora_B" in name:
+                parameter.normal_(std=0.5)  # PEFT starts B at zero: make the update visible
+    block = model_parts(model).decoder_layers[0].mlp
+    hidden = torch.randn(1, 16, typed.model.architecture.hidden_size)
+    with torch.no_grad():
+        adapted = block(hidden)
+        with model.disable_adapter():
+            base = block(hidden)
+    assert (adapted - base).abs().max() > 1e-3
+    assert family.adapted_experts(["gate_proj"]) == ["mlp.experts.gate_up_proj"]  # gate and up share one weight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", MOE_MODELS)
+def test_router_loss_is_in_the_trained_loss(option, tmp_path):
+    """TRL's SFT loss with model.router_aux_loss_coef=c is the loss with 0 plus c x the router's load-balancing
+    loss (transformers' load_balancing_loss_func over every layer's router logits)."""
+    from qwenvl_ft.data.arrow import to_dataset
+    from qwenvl_ft.data.collate import VisionChatCollator
+    from qwenvl_ft.data.shapes import make_rows
+    from qwenvl_ft.modeling.build import build_model, build_processor
+    from qwenvl_ft.trainers.sft import build_trainer
+
+    rows = make_rows(4, 56, seed=0, split="train")
+    losses = {}
+    for coef in (0.5, 0.0):
+        typed = validate(compose(["recipe=demo", f"model={option}", "adapter=full", "trainer.report_to=[none]",
+                                  f"model.router_aux_loss_coef={coef}"], output_dir=str(tmp_path / str(coef))))
+        processor = build_processor(typed.model, typed.data)
+        collator = VisionChatCollator(processor, typed.data)
+        model = build_model(typed.model, typed.adapter)
+        assert model.config.get_text_config().output_router_logits is (coef > 0)
+        trainer = build_trainer(typed, model, processor, collator, to_dataset(rows), None)
+        batch = trainer._prepare_inputs(collator(rows))
+        with torch.no_grad():
+            losses[coef] = trainer.compute_loss(model, dict(batch))
+            if coef:
+                aux = model(**batch, output_router_logits=True).aux_loss
+    assert aux > 0
+    torch.testing.assert_close(losses[0.5] - losses[0.0], 0.5 * aux, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("option", MOE_MODELS)
+def test_what_expert_lora_cannot_do_is_a_config_error_naming_the_key(option):
+    family = family_of_option(option)
+    with pytest.raises(ConfigError, match=r"adapter.dropout=0.05: adapter.target_modules \['down_proj'\] adapt "
+                                          rf"{family.title}'s fused experts \(mlp.experts.down_proj\).*no dropout"):
+        _typed(f"model={option}", "adapter=lora", "adapter.target_modules=[q_proj,down_proj]")
+    with pytest.raises(ConfigError, match=r"adapter=dora: .*mlp.experts.gate_up_proj.*no DoRA"):
+        _typed(f"model={option}", "adapter=dora", "adapter.dropout=0", "adapter.target_modules=[gate_proj]")
+    with pytest.raises(ConfigError, match=rf"adapter=qlora .*model.family={family.name}: bitsandbytes quantises "
+                                          r"Linear layers only"):
+        _typed(f"model={option}", "adapter=qlora")
+    # the adapters' defaults (attention only, dropout 0.05) and DoRA off the experts stay valid
+    assert _typed(f"model={option}", "adapter=lora").adapter.dropout == 0.05
+    _typed(f"model={option}", "adapter=dora", "adapter.target_modules=[q_proj,v_proj]")
+    # the language model frozen: the MLP names adapt nothing, so dropout is fine
+    _typed(f"model={option}", "adapter=lora", "model.freeze_language_model=true", "adapter.vision_lora=true",
+           "adapter.target_modules=[down_proj]")
+
+
+def test_the_cli_says_it_on_one_screen(capsys):
+    from qwenvl_ft.commands.cli import main
+
+    option = MOE_MODELS[0]
+    assert main(["estimate", "recipe=demo", f"model={option}", "adapter=lora",
+                 "adapter.target_modules=[q_proj,gate_proj]"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter.dropout=0.05" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option", MOE_MODELS)
+def test_expert_counts_and_active_parameters(option):
+    """The estimate's counts of a mixture-of-experts model against the built model: the fused experts' parameters,
+    the expert LoRA (r x experts x (in + out) per fused weight), and the active parameters (all but the routed
+    experts a token is not sent to)."""
+    from qwenvl_ft.estimate.counts import count_parameters, meta_model
+
+    typed = _typed(f"model={option}", "adapter=lora", EVERY_PROJECTION, *lora_settings(option))
+    arch = typed.model.architecture
+    counts = count_parameters(typed, meta_model(typed.model))
+    h, inter, experts, k = arch.hidden_size, arch.moe_intermediate_size, arch.num_experts, arch.num_experts_per_tok
+    per_layer = experts * 3 * h * inter
+    assert counts.experts == arch.num_hidden_layers * per_layer
+    assert counts.active == counts.total - counts.experts + counts.experts * k // experts
+    r = typed.adapter.r
+    assert counts.expert_lora == arch.num_hidden_layers * r * experts * ((2 * inter + h) + (h + inter))
+    from qwenvl_ft.modeling.build import build_model
+
+    built = build_model(typed.model, typed.adapter)
+    lora = sum(p.numel() for n, p in built.named_parameters() if p.requires_grad and "lora_" in n)
+    assert counts.lora == lora
