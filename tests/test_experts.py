@@ -147,3 +147,44 @@ def test_expert_counts_and_active_parameters(option):
     built = build_model(typed.model, typed.adapter)
     lora = sum(p.numel() for n, p in built.named_parameters() if p.requires_grad and "lora_" in n)
     assert counts.lora == lora
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", MOE_MODELS)
+def test_every_command_runs_on_the_moe_family(option, tmp_path, monkeypatch):
+    """The commands a user types, in process, on the family's tiny model: data-check, estimate, SFT training with
+    expert LoRA on packed rows, eval, infer and merge of that run, a DPO step, and the chat engine's answer with
+    the adapter on and off (GRPO: tests/test_grpo.py::test_grpo_trains_on_every_family)."""
+    from qwenvl_ft.chat.engine import BASE, TUNED, ChatEngine, conversation_row, user_turn
+    from qwenvl_ft.commands.cli import main
+    from qwenvl_ft.config.commands import GenerationSettings
+
+    from data_helpers import write_image
+
+    monkeypatch.chdir(tmp_path)
+    common = ["recipe=demo", f"model={option}", "run_name=exp1", "data.shapes.num_train=16", "data.shapes.num_eval=4",
+              "trainer.report_to=[none]", "trainer.disable_tqdm=true"]
+    lora = ["adapter=lora", EVERY_PROJECTION, *lora_settings(option)]
+    assert main(["data-check", *common]) == 0
+    assert main(["estimate", *common, *lora]) == (2 if family_of_option(option).linear_attention_class else 0)
+    assert main(["train", *common, *lora, "trainer.max_steps=2", "data.packing=true", "data.max_tokens_per_batch=512",
+                 "trainer.eval_generation=false"]) == 0
+    run = tmp_path / "outputs" / "demo" / "exp1"
+    adapter = (run / "final" / "adapter_config.json").read_text()
+    assert "mlp.experts.gate_up_proj" in adapter and "mlp.experts.down_proj" in adapter  # target_parameters
+    assert main(["eval", *common, *lora, "eval.num_examples=1", "trainer.max_new_tokens=4"]) == 0
+    image = write_image(tmp_path / "red.png", size=(56, 56))
+    assert main(["infer", *common, *lora, f"infer.images=[{image}]", "infer.prompt=What is it?",
+                 "trainer.max_new_tokens=4"]) == 0
+    assert main(["merge", *common, *lora]) == 0 and (run / "merged" / "config.json").exists()
+    assert main(["train", "recipe=dpo_demo", f"model={option}", "run_name=dpo", "trainer.max_steps=1",
+                 "data.shapes.num_train=8", "data.shapes.num_eval=2", "trainer.eval_generation=false",
+                 "trainer.report_to=[none]", "trainer.disable_tqdm=true"]) == 0
+    chat = validate(compose(["recipe=demo", f"model={option}", *lora, f"chat.model_path={run / 'final'}",
+                             "chat.port=null", "chat.generation.max_new_tokens=4"], config_name="chat",
+                            output_dir=str(tmp_path / "chat")))
+    engine = ChatEngine.load(chat)
+    turn = user_turn("What is in the image?", [str(image)])
+    settings = GenerationSettings(max_new_tokens=4)
+    assert isinstance(engine.answer(conversation_row([turn], TUNED), settings, TUNED), str)
+    assert isinstance(engine.answer(conversation_row([turn], BASE), settings, BASE), str)
