@@ -1,8 +1,8 @@
 """The estimate's mixture-of-experts terms: parameters (total and active per token), LoRA on the fused experts,
 and the saved tensors of a decoder layer's routed experts.
 
-A mixture-of-experts decoder layer (families: `Family.expert_parameters`) runs the attention, norms and (Qwen3.5
-MoE) a shared expert densely, which the family's dense formula counts with the shared expert as its MLP
+A mixture-of-experts decoder layer (families: `Family.expert_parameters`) runs the attention, norms and (where the
+family has one) a shared expert densely, which the family's dense formula counts with the shared expert as its MLP
 (`dense_view`), and routes each token to exactly num_experts_per_tok experts: the routed rows are k per token, so
 their activations are exact, not an average. From transformers' router and `grouped_mm_experts_forward`
 (transformers/integrations/moe.py, the default experts implementation) and PEFT's ParamWrapper, per token:

@@ -181,6 +181,23 @@ def moe_problems(arch: Any, family: str) -> List[str]:
     return []
 
 
+def moe_config(dense: Any, config_class: str, text_class: str, **moe: Any):
+    """The mixture-of-experts config of a dense family's random config: its text settings that the MoE text config
+    has (the layer pattern, attention, rotary, token ids), the MoE MLP settings, and its vision config as it is."""
+    import dataclasses
+
+    import transformers
+
+    fields = {f.name for f in dataclasses.fields(getattr(transformers, text_class))} - {"transformers_version",
+                                                                                      "architectures"}
+    text = {key: value for key, value in dense.text_config.to_dict().items() if key in fields}
+    text.update(moe)
+    ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return getattr(transformers, config_class)(text_config=text, vision_config=dense.vision_config.to_dict(),
+                                               tie_word_embeddings=dense.tie_word_embeddings,
+                                               **{key: getattr(dense, key) for key in ids})
+
+
 def qwen_processor(processor_class: str, tokenizer, arch: Any, chat_template: str, image_processor: Dict,
                    video_processor_class: str, video_processor: Dict):
     """A processor around the in-process tokenizer, sized as `arch` says."""

@@ -19,22 +19,14 @@ import dataclasses
 from typing import Any, List
 
 from qwenvl_ft.families import qwen3_5
-from qwenvl_ft.families.base import EXPERT_MLP_TARGETS, Family, moe_problems, moe_settings
+from qwenvl_ft.families.base import EXPERT_MLP_TARGETS, moe_config, moe_problems, moe_settings
 
 
 def random_config(arch: Any, tokenizer):
-    """Qwen3.5's random config at these sizes (its layer pattern, DeltaNet and vision settings), with the MLP
-    settings of the MoE text config instead of the dense width."""
-    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig
-
-    dense = qwen3_5.random_config(arch, tokenizer)
-    fields = {f.name for f in dataclasses.fields(Qwen3_5MoeTextConfig)} - {"transformers_version", "architectures"}
-    text = {key: value for key, value in dense.text_config.to_dict().items() if key in fields}
-    text.update(moe_settings(arch), shared_expert_intermediate_size=arch.shared_expert_intermediate_size)
-    return Qwen3_5MoeConfig(text_config=text, vision_config=dense.vision_config.to_dict(),
-                            tie_word_embeddings=arch.tie_word_embeddings,
-                            **{key: getattr(dense, key) for key in ("image_token_id", "video_token_id",
-                                                                    "vision_start_token_id", "vision_end_token_id")})
+    """Qwen3.5's random config at these sizes (its layer pattern, DeltaNet and vision settings), every decoder
+    layer's MLP a sparse MoE block with a shared expert."""
+    return moe_config(qwen3_5.random_config(arch, tokenizer), "Qwen3_5MoeConfig", "Qwen3_5MoeTextConfig",
+                      **moe_settings(arch), shared_expert_intermediate_size=arch.shared_expert_intermediate_size)
 
 
 def architecture_problems(arch: Any) -> List[str]:

@@ -17,59 +17,34 @@ Its processor and tokenizer classes are Qwen3-VL's, so a processor built for it 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, List
 
-from qwenvl_ft.families.base import EXPERT_MLP_TARGETS, Family, moe_problems, moe_settings, text_config, \
-    vision_token_ids
-from qwenvl_ft.families.qwen3_vl import CHAT_TEMPLATE, positions, projector_bytes, random_processor, video_tokens, \
-    vision_block_bytes, vision_sizes
-from qwenvl_ft.families.qwen3_vl import architecture_problems as dense_problems
+from qwenvl_ft.families import qwen3_vl
+from qwenvl_ft.families.base import EXPERT_MLP_TARGETS, moe_config, moe_problems, moe_settings
 
 
 def random_config(arch: Any, tokenizer):
-    from transformers import Qwen3VLMoeConfig
-
-    text = text_config(arch, tokenizer, head_dim=arch.attention_head_dim,
-                       rope_parameters={"mrope_interleaved": True}, **moe_settings(arch))
-    vision = dict(depth=arch.vision_depth, hidden_size=arch.vision_embed_dim,
-                  intermediate_size=arch.vision_intermediate_size, num_heads=arch.vision_num_heads,
-                  out_hidden_size=arch.hidden_size, patch_size=arch.patch_size,
-                  temporal_patch_size=arch.temporal_patch_size, spatial_merge_size=arch.spatial_merge_size,
-                  num_position_embeddings=arch.vision_num_position_embeddings,
-                  deepstack_visual_indexes=list(arch.deepstack_visual_indexes))
-    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=arch.tie_word_embeddings,
-                            **vision_token_ids(tokenizer))
+    """Qwen3-VL's random config at these sizes, every decoder layer's MLP a sparse MoE block."""
+    return moe_config(qwen3_vl.random_config(arch, tokenizer), "Qwen3VLMoeConfig", "Qwen3VLMoeTextConfig",
+                      **moe_settings(arch))
 
 
 def architecture_problems(arch: Any) -> List[str]:
-    return dense_problems(arch) + moe_problems(arch, "qwen3_vl_moe")
+    return qwen3_vl.architecture_problems(arch) + moe_problems(arch, "qwen3_vl_moe")
 
 
-FAMILY = Family(
+FAMILY = dataclasses.replace(
+    qwen3_vl.FAMILY,
     name="qwen3_vl_moe",
     title="Qwen3-VL MoE",
     model_class="Qwen3VLMoeForConditionalGeneration",
-    processor_class="Qwen3VLProcessor",
     config_class="Qwen3VLMoeConfig",
     vision_block_class="Qwen3VLMoeVisionBlock",
     decoder_layer_class="Qwen3VLMoeTextDecoderLayer",
     moe_block_class="Qwen3VLMoeTextSparseMoeBlock",
     expert_lora_targets=EXPERT_MLP_TARGETS,
     test_model="tiny_qwen3_vl_moe",
-    patch_size=16,
-    image_max_pixels=16384 * 32 * 32,  # Qwen3-VL's released preprocessor_config (the MoE checkpoints' not seen)
-    vision_stem=("model.visual.patch_embed", "model.visual.pos_embed"),
-    projectors=("model.visual.merger", "model.visual.deepstack_merger_list"),
-    vision_output_fields=("pooler_output", "last_hidden_state", "deepstack_features"),
-    language_model_token_inputs=("visual_pos_masks",),
-    qk_norm=True,
-    positions=positions,
-    video_tokens=video_tokens,
-    chat_template=CHAT_TEMPLATE,
     random_config=random_config,
-    random_processor=random_processor,
     architecture_problems=architecture_problems,
-    vision_sizes=vision_sizes,
-    vision_block_bytes=vision_block_bytes,
-    projector_bytes=projector_bytes,
 )
