@@ -126,6 +126,27 @@ def test_the_cli_says_it_on_one_screen(capsys):
     assert "adapter.dropout=0.05" in err and "Traceback" not in err
 
 
+# Mixture-of-experts options against the released models: the total (Qwen3-VL-30B-A3B: the count of its released
+# safetensors, exact; the others: the model cards' and names' rounded totals, within 1%) and the language model's
+# parameters a token runs through (decoder layers with its k routed experts, and the LM head) against the name's
+# "A..B" (within 12%: the names round, and the 122B-A10B's counts 9.0B this way).
+@pytest.mark.parametrize("option, total, tolerance, active", [
+    ("qwen3_vl_30b_a3b", 31_070_754_032, 0, 3e9),
+    ("qwen3_vl_235b_a22b", 235e9, 0.01, 22e9),
+    ("qwen3_5_35b_a3b", 35e9, 0.01, 3e9),  # Megatron-Bridge's Qwen3.5 page, transformers' qwen3_5_moe doc
+    ("qwen3_5_122b_a10b", 122e9, 0.01, 10e9),  # Megatron-Bridge's Qwen3.5 page
+])
+def test_moe_parameter_totals_match_the_released_models(option, total, tolerance, active):
+    from qwenvl_ft.estimate.counts import count_parameters
+
+    counts = count_parameters(validate(compose([f"model={option}", "adapter=full"], output_dir="/tmp/unused")))
+    assert abs(counts.total - total) <= tolerance * total
+    parts = counts.by_part
+    language_active = counts.active - parts["vision"] - parts["merger"] - parts["embeddings"]
+    assert abs(language_active - active) <= 0.12 * active
+    assert counts.experts > 0.9 * counts.total  # the routed experts are most of the weights
+
+
 @pytest.mark.parametrize("option", MOE_MODELS)
 def test_expert_counts_and_active_parameters(option):
     """The estimate's counts of a mixture-of-experts model against the built model: the fused experts' parameters,

@@ -104,9 +104,7 @@ def count_parameters(cfg: TrainConfig, model=None) -> ParameterCounts:
     base_other = total - quantized - fp32_base
 
     family = families.of_model(model)
-    expert_weights = experts.expert_weights(model, family)
-    moe = dict(experts=expert_weights,
-               active=experts.active_parameters(total, expert_weights, model.config.get_text_config()))
+    moe = experts.parameter_counts(model, family, total)
     if adapter_cfg.method == AdapterMethod.full:
         apply_freezing(model, model_cfg)
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)

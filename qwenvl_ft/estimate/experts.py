@@ -19,7 +19,8 @@ their activations are exact, not an average. From transformers' router and `grou
 
 and per decoder layer the grouped matmuls' group offsets (int32 per expert) and, with LoRA on a fused weight: PEFT
 folds W + BA into a new tensor of the whole expert stack for the forward (torch.baddbmm), which the grouped matmul
-keeps for the backward: E x out x in at the weights' dtype. tests/test_estimate.py measures autograd's saved tensors of the real code and checks these terms.
+keeps for the backward: E x out x in at the weights' dtype. tests/test_estimate.py measures autograd's saved
+tensors of the real code and checks these terms.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def expert_weights(model, family: families.Family) -> int:
         return 0
     return sum(p.numel() for name, p in model.named_parameters()
                if any(name.endswith(suffix) for suffix in family.expert_parameters))
+
+
+def parameter_counts(model, family: families.Family, total: int) -> dict:
+    """ParameterCounts' `experts` and `active` of a model of `total` parameters."""
+    weights = expert_weights(model, family)
+    return dict(experts=weights, active=active_parameters(total, weights, model.config.get_text_config()))
 
 
 def active_parameters(total: int, experts: int, text) -> int:

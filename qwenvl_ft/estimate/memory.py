@@ -191,6 +191,28 @@ def _lora_inputs(cfg: TrainConfig, counts: ParameterCounts, family: families.Fam
     return lm, list(family.vision_sizes(vision).linear_inputs)
 
 
+def _decoder_row(cfg, counts, family: families.Family, text, T: int, dtypes: ActivationDtypes, trainable: bool,
+                 lm_lora, mask: int) -> tuple:
+    """The decoder layers' saved tensors: per token (the family's formula, with expert terms for a
+    mixture-of-experts family) and per layer (LoRA-folded expert weights; estimate/experts.py)."""
+    model_cfg, adapter_cfg = cfg.model, cfg.adapter
+    residual, h, layers = dtypes.residual, text.hidden_size, text.num_hidden_layers
+    adapted = family.adapted_experts(adapter_cfg.target_modules) if counts.expert_lora else []
+    layer, folded = experts.layer_bytes(family, text, dtypes.autocast, trainable, lm_lora, adapter_cfg.r, mask,
+                                        dtypes.linear, adapted, DTYPE_BYTES[model_cfg.dtype.value])
+    if model_cfg.gradient_checkpointing:
+        saved = layers * residual * h * T
+        working = layer * T + folded  # one layer recomputed in the backward
+        how = (f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed "
+               f"({layer} B/token)")
+    else:
+        saved, working = layers * (layer * T + folded), 0
+        how = f"{layers} layers x {T} tokens x {layer} B/token"
+    if adapted:
+        how += f", + {folded / GiB:.2f} GiB per layer of LoRA-folded expert weights"
+    return "activations: LM", saved + working, how
+
+
 def _activation_rows(cfg, counts, family: families.Family, text, vision, budget: BatchBudget,
                      dtypes: ActivationDtypes) -> List[tuple]:
     model_cfg, adapter_cfg = cfg.model, cfg.adapter
@@ -208,20 +230,7 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
     rows = []
 
     mask = 1 if adapter_cfg.dropout > 0 else 0  # no dropout: no mask (adapters on q/k/v then share one input)
-    adapted = family.adapted_experts(adapter_cfg.target_modules) if counts.expert_lora else []
-    layer, folded = experts.layer_bytes(family, text, a, lm_trainable, lm_lora, r, mask, dtypes.linear, adapted,
-                                        DTYPE_BYTES[model_cfg.dtype.value])
-    if model_cfg.gradient_checkpointing:
-        saved = layers * residual * h * T
-        working = layer * T + folded  # one layer recomputed in the backward
-        how = (f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed "
-               f"({layer} B/token)")
-    else:
-        saved, working = layers * (layer * T + folded), 0
-        how = f"{layers} layers x {T} tokens x {layer} B/token"
-    if adapted:
-        how += f", + {folded / GiB:.2f} GiB per layer of LoRA-folded expert weights"
-    rows.append(("activations: LM", saved + working, how))
+    rows.append(_decoder_row(cfg, counts, family, text, T, dtypes, lm_trainable, lm_lora, mask))
 
     # TRL's fused LM head keeps the final hidden states; its backward works on token x vocabulary tiles and
     # accumulates the hidden-state gradient (and the head's own, when it trains) in fp32. A head weight that is
