@@ -70,7 +70,8 @@ def prepare(run: RunStart, composed: DictConfig, method: methods.Method, trainin
     from qwenvl_ft.data.kinds import rows_of
     from qwenvl_ft.distributed import ranks
     from qwenvl_ft.distributed.placement import describe_placement, device_map, keep_moe_blocks_whole
-    from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, model_source
+    from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, describe_experts, \
+        model_source
     from qwenvl_ft.training import startup
 
     cfg, output_dir = run.cfg, run.output_dir
@@ -100,6 +101,7 @@ def prepare(run: RunStart, composed: DictConfig, method: methods.Method, trainin
     describe_placement(parts.model, cfg)
     keep_moe_blocks_whole(parts.model, cfg)
     parts.peft_config = build_lora_config(parts.model, cfg.model, cfg.adapter) if cfg.adapter.is_peft else None
+    describe_experts(parts.model, parts.peft_config)
     startup.mark("model load")
     return parts, trackers
 

@@ -184,6 +184,25 @@ def train_the_router_balance(model: nn.Module, coefficient: float) -> None:
         text.output_router_logits = coefficient > 0
 
 
+def describe_experts(model: nn.Module, lora_config) -> None:
+    """Say at run start what a mixture-of-experts run does with its experts and router (docs/moe.md)."""
+    family = families.of_model(model)
+    if not family.expert_parameters:
+        return
+    text = model.config.get_text_config()
+    adapted = list(getattr(lora_config, "target_parameters", None) or [])
+    if lora_config is None:
+        experts = "the experts and the router train in full where the language model does"
+    elif adapted:
+        experts = f"LoRA on the fused experts {adapted} (PEFT target_parameters, one per expert), the router frozen"
+    else:
+        experts = "the experts and the router frozen, without LoRA"
+    balance = (f"x {text.router_aux_loss_coef} in the trained loss" if text.output_router_logits
+               else "off (model.router_aux_loss_coef=0)")
+    log.info("%s: %d of %d experts per token; %s; the router's load-balancing loss %s", family.title,
+             text.num_experts_per_tok, text.num_experts, experts, balance)
+
+
 def keep_4bit_weights_trainable_on_cpu(model: nn.Module) -> None:
     """bitsandbytes 0.50 repacks a Linear4bit's weight into an inference-only CPU layout the first time it runs in
     eval mode on an AVX512-BF16 CPU, and does not unpack it when training resumes: the next training step fails
