@@ -209,3 +209,52 @@ def test_every_command_runs_on_the_moe_family(option, tmp_path, monkeypatch):
     settings = GenerationSettings(max_new_tokens=4)
     assert isinstance(engine.answer(conversation_row([turn], TUNED), settings, TUNED), str)
     assert isinstance(engine.answer(conversation_row([turn], BASE), settings, BASE), str)
+
+
+def _saved_bytes(run) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of `run()`, parameters left out."""
+    seen = {}
+
+    def pack(tensor):
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return seen
+
+
+@pytest.mark.parametrize("option", MOE_MODELS)
+@pytest.mark.parametrize("targets", ["q_proj", "q_proj,down_proj", "q_proj,gate_proj,down_proj"])
+def test_moe_block_saved_tensors_match_the_expert_terms(option, targets):
+    """One sparse MoE block (router, routed experts, and the shared expert where there is one) against
+    estimate/experts.py, with the experts frozen and with LoRA on one or both fused weights: per token the routed
+    terms (+ the shared expert as the dense formula's gated MLP, and its LoRA), per layer the folded expert stacks.
+    Two token counts separate the two. Qwen3.5 MoE's whole decoder layer waits for the DeltaNet formula
+    (tests/test_estimate.py), so its block is checked here."""
+    from qwenvl_ft.estimate import experts
+    from qwenvl_ft.families.base import lora_bytes
+    from qwenvl_ft.modeling.build import build_model, model_parts
+
+    family = family_of_option(option)
+    typed = _typed(f"model={option}", "adapter=lora", f"adapter.target_modules=[{targets}]", "adapter.dropout=0")
+    model = build_model(typed.model, typed.adapter).train()
+    block = model_parts(model).decoder_layers[0].mlp
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    text, r = model.config.get_text_config(), typed.adapter.r
+    adapted = family.adapted_experts(targets.split(","))
+    shared = getattr(text, "shared_expert_intermediate_size", None) or 0
+    measured = {}
+    for tokens in (64, 128):
+        hidden = torch.randn(1, tokens, text.hidden_size, requires_grad=True)
+        saved = _saved_bytes(lambda: block(hidden))
+        measured[tokens] = sum(b for ptr, b in saved.items() if ptr not in params)
+    per_token = (measured[128] - measured[64]) / 64
+    per_layer = measured[64] - 64 * per_token
+    expected = experts.routed_bytes(text, family, 4, False, adapted) + 3 * 4 * shared
+    if shared:  # the shared expert's Linear layers carry the names too
+        expected += sum(lora_bytes(width, r, 4, 0) for name, width in (("gate_proj", text.hidden_size),
+                                                                         ("down_proj", shared))
+                        if name in targets.split(","))
+    assert per_token == expected
+    assert per_layer == experts.folded_weight_bytes(text, family, 4, adapted)
