@@ -9,3 +9,9 @@ DEFAULT_MODEL = families.get(families.DEFAULT).test_model
 
 def family_of_option(option: str) -> families.Family:
     return next(family for family in families.all_families() if family.test_model == option)
+
+
+def lora_settings(option: str) -> list:
+    """Overrides a LoRA on every projection needs on this family: none, except that on a mixture-of-experts family
+    the MLP names adapt the fused experts, whose LoRA (PEFT's target_parameters) has no dropout."""
+    return ["adapter.dropout=0"] if family_of_option(option).expert_parameters else []

@@ -396,3 +396,25 @@ def test_qlora_loads_each_process_model_onto_its_own_gpu(monkeypatch):
     assert device_map(qlora) == {"": 1} and device_map(lora) is None
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert device_map(qlora) is None
+
+
+@pytest.mark.parametrize("family", [f for f in all_families() if f.moe_block_class], ids=lambda f: f.name)
+def test_zero3_keeps_every_moe_block_whole(family):
+    """Under ZeRO-3 a mixture-of-experts family's sparse MoE blocks are DeepSpeed leaf modules (one per decoder
+    layer, from the family declaration); under other engines nothing is marked. FSDP2's wrap units are the decoder
+    layers, which hold the MoE blocks whole."""
+    from deepspeed.utils import get_z3_leaf_modules
+
+    from qwenvl_ft.distributed.fsdp import wrap_classes
+    from qwenvl_ft.distributed.placement import keep_moe_blocks_whole
+    from qwenvl_ft.estimate.counts import meta_model
+
+    for dist, marked in (("zero2", 0), ("fsdp", 0), ("zero3", None)):
+        typed = _typed("recipe=demo", f"model={family.test_model}", f"dist={dist}")
+        model = meta_model(typed.model)
+        layers = typed.model.architecture.num_hidden_layers
+        assert keep_moe_blocks_whole(model, typed) == (layers if marked is None else marked)
+        leaves = get_z3_leaf_modules(model)
+        assert len(leaves) == (layers if marked is None else 0)
+        assert all(isinstance(m, family.load_moe_block_class()) for m in leaves)
+    assert wrap_classes(typed) == [family.decoder_layer_class, family.vision_block_class]

@@ -8,9 +8,10 @@ from qwenvl_ft import families
 from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.estimate.budget import batch_budget
 from qwenvl_ft.estimate.counts import count_parameters, meta_model
-from qwenvl_ft.estimate.memory import GiB, estimate_memory
+from qwenvl_ft.estimate import experts
+from qwenvl_ft.estimate.memory import GiB, estimate_memory, unsized_parts
 
-from family_models import DEFAULT_MODEL, TEST_MODELS, family_of_option
+from family_models import DEFAULT_MODEL, TEST_MODELS, family_of_option, lora_settings
 
 
 def _typed(*overrides):
@@ -230,15 +231,33 @@ ARCH = ["model.architecture.hidden_size=128", "model.architecture.intermediate_s
 # Qwen3-VL: one DeepStack merger, on block 0, in every model compared (it must cancel out of the difference).
 FAMILY_ARCH = {"tiny_qwen2_5_vl": ["model.architecture.vision_fullatt_block_indexes=[]"],
                "tiny_qwen3_vl": ["model.architecture.deepstack_visual_indexes=[0]"],
-               "tiny_qwen3_5": ["model.architecture.mrope_section=[2,1,1]"]}  # rotary on a quarter of a 32-wide head
+               "tiny_qwen3_5": ["model.architecture.mrope_section=[2,1,1]"],  # rotary on a quarter of a 32-wide head
+               "tiny_qwen3_vl_moe": ["model.architecture.deepstack_visual_indexes=[0]"],
+               "tiny_qwen3_5_moe": ["model.architecture.mrope_section=[2,1,1]"]}
+
+
+def _targets(option, experts=True):
+    """q_proj, v_proj and down_proj; on a mixture-of-experts family q_proj and down_proj (the experts' and the
+    shared expert's), without dropout, which LoRA on experts lacks (without dropout q_proj and v_proj would share
+    one saved input, which the formula counts twice), or no MLP name (`experts` false: dropout stays)."""
+    if not family_of_option(option).expert_parameters:
+        return ["adapter.target_modules=[q_proj,v_proj,down_proj]"]
+    if not experts:
+        return ["adapter.target_modules=[q_proj,v_proj]"]
+    return ["adapter.target_modules=[q_proj,down_proj]", *lora_settings(option)]
+
+
+def _skip_qlora(option):
+    """adapter=qlora is refused for mixture-of-experts families (tests/test_experts.py checks the message)."""
+    if family_of_option(option).expert_parameters:
+        pytest.skip(f"{family_of_option(option).title}: adapter=qlora is refused (fused experts stay 16-bit)")
 
 
 def _model(adapter, layers, depth, vision_lora=False, option="tiny"):
     from qwenvl_ft.estimate.counts import hf_config
     from qwenvl_ft.modeling.build import apply_freezing, build_lora_config, model_class
 
-    typed = _typed("recipe=demo", f"model={option}", f"adapter={adapter}",
-                   "adapter.target_modules=[q_proj,v_proj,down_proj]",
+    typed = _typed("recipe=demo", f"model={option}", f"adapter={adapter}", *_targets(option, not vision_lora),
                    f"adapter.vision_lora={str(vision_lora).lower()}", *ARCH, *FAMILY_ARCH.get(option, []),
                    f"model.architecture.num_hidden_layers={layers}",
                    f"model.architecture.vision_depth={depth}")
@@ -268,11 +287,12 @@ def _cpu_sdpa_saves_the_attention_matrix_with_gqa() -> bool:
     return sum(saved) >= 4 * 64 * 64
 
 
-def _skip_without_a_linear_attention_formula(option):
-    """Families with linear-attention (Gated DeltaNet) layers: `estimate` refuses them until those layers have a
-    formula (tests/test_estimate.py::test_estimate_refuses_a_family_it_cannot_size checks that it does)."""
-    if family_of_option(option).linear_attention_class:
-        pytest.skip(f"{family_of_option(option).title}: no activation formula for linear-attention layers yet")
+def _skip_without_a_formula(option):
+    """Families with layers the activation formulas do not cover (Gated DeltaNet, routed experts): `estimate`
+    refuses them (test_estimate_refuses_a_family_it_cannot_size checks that it does)."""
+    missing = unsized_parts(family_of_option(option))
+    if missing:
+        pytest.skip(f"{family_of_option(option).title}: no activation formula for its {' and '.join(missing)} yet")
 
 
 @pytest.mark.parametrize("option", TEST_MODELS)
@@ -280,7 +300,7 @@ def _skip_without_a_linear_attention_formula(option):
 def test_decoder_layer_formula_matches_saved_tensors(adapter, option):
     from qwenvl_ft.modeling.build import model_parts
 
-    _skip_without_a_linear_attention_formula(option)
+    _skip_without_a_formula(option)
     if _cpu_sdpa_saves_the_attention_matrix_with_gqa():
         pytest.skip(f"torch {torch.__version__} runs CPU SDPA with grouped-query heads on its math kernel; the "
                     f"formula models the fused kernels of GPUs and of newer torch")
@@ -292,11 +312,16 @@ def test_decoder_layer_formula_matches_saved_tensors(adapter, option):
         lm = model_parts(model).language_model
         per_model.append(_saved_bytes(model, lambda: lm(inputs_embeds=embeds, use_cache=False)))
     measured = (per_model[1] - per_model[0]) / 2 / tokens
-    lora_in = [] if adapter == "full" else [128, 128, 352]
-    text = model.config.get_text_config()
-    predicted = family_of_option(option).layer_bytes(text, a=4, trainable=adapter == "full", lora_in=lora_in, r=8,
-                                                     mask_bytes=4)
-    assert measured == predicted
+    family, text = family_of_option(option), model.config.get_text_config()
+    if family.expert_parameters:  # q_proj, the shared expert's down_proj if any, and the experts' down_proj
+        shared = getattr(text, "shared_expert_intermediate_size", None)
+        lora_in, mask, adapted = [128] + ([shared] if shared else []), 0, ["mlp.experts.down_proj"]
+    else:
+        lora_in, mask, adapted = [128, 128, 352], 4, []
+    per_token, per_layer = experts.layer_bytes(family, text, a=4, trainable=adapter == "full",
+                                               lora_in=[] if adapter == "full" else lora_in, r=8, mask_bytes=mask,
+                                               adapted=[] if adapter == "full" else adapted, weight_bytes=4)
+    assert measured == per_token + per_layer / tokens
 
 
 @pytest.mark.parametrize("option", TEST_MODELS)
@@ -358,7 +383,8 @@ def test_qlora_layer_keeps_its_residual_and_mlp_in_fp32(option):
     from qwenvl_ft.estimate.counts import hf_config
     from qwenvl_ft.estimate.memory import ActivationDtypes
 
-    _skip_without_a_linear_attention_formula(option)
+    _skip_without_a_formula(option)
+    _skip_qlora(option)
 
     qlora, qlora_residual, cfg = _built_layer_saved_bytes("qlora", option)
     lora, lora_residual, lora_cfg = _built_layer_saved_bytes("lora", option)
@@ -388,6 +414,7 @@ def test_quantized_linears_are_the_ones_bitsandbytes_replaces(option):
 
     from qwenvl_ft.modeling.build import build_model
 
+    _skip_qlora(option)
     typed = _typed("recipe=demo", f"model={option}", "adapter=qlora", "model.freeze_vision_tower=true",
                    "model.freeze_merger=false")
     model = build_model(typed.model, typed.adapter)

@@ -19,7 +19,7 @@ from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.evaluation import metrics
 
-from family_models import DEFAULT_MODEL, TEST_MODELS
+from family_models import DEFAULT_MODEL, TEST_MODELS, lora_settings
 
 # 64 generated training rows, 8 held out; no before/after check (the eval command does that here).
 DATA = ["recipe=demo", "data.shapes.num_train=64", "data.shapes.num_eval=8"]
@@ -238,8 +238,9 @@ def test_merge_writes_a_plain_model_with_the_adapters_logits(tmp_path, option, m
     # LoRA/DoRA: vision tower and merger stay trainable (the tiny default), so the merge must carry LoRA on the
     # language model plus fully trained modules_to_save. QLoRA: both frozen, as 4-bit vision blocks cannot train.
     frozen = ["model.freeze_vision_tower=true", "model.freeze_merger=true"] if method == "qlora" else []
-    _train(run, f"model={option}", f"adapter={method}", "trainer.max_steps=6", *ADAPTER_FAST, *frozen)
-    merge_cfg = compose(DATA + [f"model={option}", f"adapter={method}", *frozen], config_name="merge",
+    settings = lora_settings(option)  # MoE: the MLP names adapt the experts, whose LoRA takes no dropout
+    _train(run, f"model={option}", f"adapter={method}", "trainer.max_steps=6", *ADAPTER_FAST, *frozen, *settings)
+    merge_cfg = compose(DATA + [f"model={option}", f"adapter={method}", *frozen, *settings], config_name="merge",
                         output_dir=str(run / "merge"))
     typed = validate(merge_cfg)
     merge(merge_cfg)

@@ -43,7 +43,8 @@ def test_the_registry_finds_every_family_module():
     modules = {p.stem for p in (PACKAGE / "families").glob("*.py")} - {"__init__", "base"}
     assert set(families.names()) == modules >= {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
     assert families.DEFAULT in families.names()
-    with pytest.raises(ValueError, match="unknown model family 'nope'; known: qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl"):
+    known = "qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_5_moe, qwen3_vl, qwen3_vl_moe"
+    with pytest.raises(ValueError, match=f"unknown model family 'nope'; known: {known}"):
         families.get("nope")
 
 
@@ -89,7 +90,15 @@ def test_declarations_name_what_exists(family):
     vision = {id(p) for p in parts.vision.parameters()}
     assert all(id(p) in vision for projector in parts.projectors for p in projector.parameters())
     leaves = {name.rsplit(".", 1)[-1] for layer in parts.decoder_layers for name, _ in layer.named_modules()}
-    assert set(family.language_lora_targets) <= leaves
+    # every target name is a Linear leaf of the decoder layers, or (MoE) names fused expert weights they all have
+    expert_names = {name for name, _ in family.expert_lora_targets}
+    assert set(family.language_lora_targets) <= leaves | expert_names
+    for layer in parts.decoder_layers:
+        layer_parameters = {name for name, _ in layer.named_parameters()}
+        assert set(family.expert_parameters) <= layer_parameters
+        assert all(layer.get_parameter(p).dim() == 3 for p in family.expert_parameters)
+    if family.moe_block_class:
+        assert all(isinstance(layer.mlp, family.load_moe_block_class()) for layer in parts.decoder_layers)
     processor = build_processor(typed.model, typed.data)
     assert families.of_processor(processor) is family
     assert processor.image_processor.patch_size == family.patch_size == typed.model.architecture.patch_size

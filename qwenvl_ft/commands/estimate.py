@@ -31,6 +31,11 @@ def estimate(composed: DictConfig) -> Dict:
     parts = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sorted(c.by_part.items()))
     print(f"model: {cfg.model.name_or_path} ({cfg.model.family.value}), {c.total / 1e9:.3f}B parameters "
           f"({parts})")
+    if c.experts:
+        text = model.config.get_text_config()
+        print(f"mixture of experts: {c.active / 1e9:.3f}B parameters active per token of {c.total / 1e9:.3f}B "
+              f"({c.experts / 1e9:.3f}B in routed experts, {text.num_experts_per_tok} of {text.num_experts} per "
+              f"token)")
     print(f"training: {cfg.adapter.method.value}, {c.trainable / 1e6:.2f}M trainable "
           f"({100 * c.trainable / c.total:.2f}%), gradient checkpointing "
           f"{'on' if cfg.model.gradient_checkpointing else 'off'}")
@@ -45,6 +50,7 @@ def estimate(composed: DictConfig) -> Dict:
           f"the run's telemetry divides the FLOP/s of its real batches by the GPU's peak for MFU)")
     sharded, fits = sharding(cfg, result, model)
     out = {"predicted_peak_gib": round(result.total / GiB, 2), "parameters": c.total, "trainable": c.trainable,
+           "active_parameters": c.active,
            "tokens_per_step": b.tokens, "components_gib": {n: round(v / GiB, 3) for n, v, _ in result.rows},
            "model_tflop_per_step": round(step_flops / 1e12, 3), "model_flops_per_token": step_flops / b.tokens,
            "per_gpu_gib_by_dist": sharded, "fits": fits}

@@ -69,8 +69,9 @@ def prepare(run: RunStart, composed: DictConfig, method: methods.Method, trainin
     from qwenvl_ft.data.batching import stored_lengths
     from qwenvl_ft.data.kinds import rows_of
     from qwenvl_ft.distributed import ranks
-    from qwenvl_ft.distributed.placement import describe_placement, device_map
-    from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, model_source
+    from qwenvl_ft.distributed.placement import describe_placement, device_map, keep_moe_blocks_whole
+    from qwenvl_ft.modeling.build import build_base_model, build_lora_config, build_processor, describe_experts, \
+        model_source
     from qwenvl_ft.training import startup
 
     cfg, output_dir = run.cfg, run.output_dir
@@ -98,7 +99,9 @@ def prepare(run: RunStart, composed: DictConfig, method: methods.Method, trainin
     # After the arguments: under ZeRO-3 transformers creates the model partitioned over the processes.
     parts.model = build_base_model(cfg.model, cfg.adapter, source, device_map=device_map(cfg))
     describe_placement(parts.model, cfg)
+    keep_moe_blocks_whole(parts.model, cfg)
     parts.peft_config = build_lora_config(parts.model, cfg.model, cfg.adapter) if cfg.adapter.is_peft else None
+    describe_experts(parts.model, parts.peft_config)
     startup.mark("model load")
     return parts, trackers
 

@@ -79,6 +79,12 @@ class ArchitectureConfig:
     linear_num_key_heads: int = 16  # key (and query) heads of a linear-attention layer
     linear_num_value_heads: int = 32  # value heads of a linear-attention layer (a multiple of the key heads)
     partial_rotary_factor: float = 1.0  # share of each attention head that carries rotary positions
+    # Mixture-of-experts language models: each decoder layer's MLP is num_experts experts of moe_intermediate_size,
+    # num_experts_per_tok of them per token.
+    num_experts: int = 0  # 0: a dense MLP in every layer
+    num_experts_per_tok: int = 0  # experts routed to per token
+    moe_intermediate_size: Optional[int] = None  # MLP width of one expert
+    shared_expert_intermediate_size: Optional[int] = None  # MLP width of a shared expert, where a family has one
     init_seed: int = 0  # the random weights are a pure function of the sizes and this seed
 
     @property
@@ -96,6 +102,8 @@ class ArchitectureConfig:
                f"model.architecture.mrope_section {list(self.mrope_section)} must sum to {width} = {rotary // 2}")
         _check(self.full_attention_interval is None or self.full_attention_interval >= 1,
                "model.architecture.full_attention_interval must be >= 1 (or null: every layer is attention)")
+        _check(self.num_experts == 0 or 0 < self.num_experts_per_tok <= self.num_experts,
+               "model.architecture.num_experts_per_tok must be between 1 and num_experts")
         _check(self.linear_num_value_heads % self.linear_num_key_heads == 0,
                "model.architecture.linear_num_value_heads must be divisible by linear_num_key_heads")
         _check(self.vision_embed_dim % self.vision_num_heads == 0,
@@ -138,6 +146,9 @@ class ModelConfig:
     freeze_merger: bool = True  # the patch merger that projects vision features into the language model
     freeze_language_model: bool = False  # embeddings, decoder layers and lm_head
     trust_remote_code: bool = False  # allow a checkpoint's own Python code (transformers' flag)
+    # Mixture-of-experts models: the router's load-balancing loss, times this, is added to the trained loss
+    # (transformers' output_router_logits and router_aux_loss_coef); 0 leaves it out. Dense models ignore it.
+    router_aux_loss_coef: float = 0.001
     start_from: Optional[StartFromConfig] = None  # start from the result of another run (see StartFromConfig)
 
     def __post_init__(self) -> None:

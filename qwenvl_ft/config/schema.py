@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from qwenvl_ft import methods
+from qwenvl_ft import families, methods
 from qwenvl_ft.config.adapter import AdapterConfig, AdapterMethod, OptimizerConfig
 from qwenvl_ft.config.commands import ChatConfig, EvalConfig, InferConfig, MergeConfig
 from qwenvl_ft.config.data import DataConfig
@@ -65,6 +65,7 @@ class TrainConfig:
                                 f"or use data={', data='.join(method.data_formats)}")
         method.check_config(self)
         self._check_dist(method)
+        self._check_experts()
 
     def _check_dist(self, method) -> None:
         """What the distributed engines cannot do with the rest of the config."""
@@ -78,6 +79,30 @@ class TrainConfig:
                               f"per GPU) or dist=zero2 to train it on several")
         _check(dist.zero.offload_optimizer == OffloadDevice.none or dist.zero.stage >= 1,
                "dist.zero.offload_optimizer needs dist.zero.stage >= 1 (stage 0 keeps no optimizer partition)")
+
+    def _check_experts(self) -> None:
+        """What a mixture-of-experts family's fused expert weights (3-D parameters, not Linear layers) rule out."""
+        family = families.get(self.model.family.value)
+        if not family.expert_parameters:
+            return
+        _check(not self.adapter.load_in_4bit,
+               f"adapter=qlora (adapter.load_in_4bit) with model.family={family.name}: bitsandbytes quantises Linear "
+               f"layers only, so {family.title}'s fused experts ({', '.join(family.expert_parameters)}: most of its "
+               f"weights) would stay 16-bit, and PEFT's 4-bit preparation casts every weight it does not quantise to "
+               f"fp32, doubling them. Use adapter=lora (dist=zero3 shards the experts over GPUs); docs/moe.md")
+        adapter = self.adapter
+        if not adapter.is_peft or self.model.freeze_language_model:
+            return
+        experts = family.adapted_experts(adapter.target_modules)
+        if not experts:
+            return
+        named = [name for name, _ in family.expert_lora_targets if name in adapter.target_modules]
+        what = (f"adapter.target_modules {named} adapt {family.title}'s fused experts ({', '.join(experts)}) "
+                f"through PEFT's target_parameters")
+        _check(adapter.dropout == 0, f"adapter.dropout={adapter.dropout}: {what}, which has no dropout; set "
+                                     f"adapter.dropout=0, or leave {'/'.join(named)} out of adapter.target_modules")
+        _check(adapter.method != AdapterMethod.dora, f"adapter=dora: {what}, which has no DoRA; use adapter=lora, or "
+                                                     f"leave {'/'.join(named)} out of adapter.target_modules")
 
 
 # eval / infer / merge / chat: the train groups (so that a recipe means the same model, data and adapter) plus

@@ -4,7 +4,8 @@
   run would load onto the current (first) GPU. Each process gets its own (its LOCAL_RANK).
 - ZeRO-3: transformers creates the model partitioned when the TrainingArguments with the ZeRO-3 config exist
   before `from_pretrained` (the run skeleton builds them first); `describe_placement` says how much of the model
-  this process holds, so that a run log shows that no process materialised all of it.
+  this process holds, so that a run log shows that no process materialised all of it. A mixture-of-experts
+  family's sparse MoE block (`Family.moe_block_class`) is a ZeRO-3 leaf (`keep_moe_blocks_whole`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,24 @@ def device_map(cfg: TrainConfig):
     if cfg.adapter.load_in_4bit and ranks.is_distributed() and torch.cuda.is_available():
         return {"": ranks.local_rank()}
     return None
+
+
+def keep_moe_blocks_whole(model, cfg: TrainConfig) -> int:
+    """Under ZeRO-3, make a mixture-of-experts family's sparse MoE block (router + experts) one leaf: DeepSpeed
+    gathers its parameters once for the whole block instead of tracing the modules inside it, whose calls depend on
+    which experts this rank's tokens reach (an expert no token reached on one rank would leave the others waiting
+    in a gather; LLaMA-Factory and ms-swift do the same). The number of blocks marked."""
+    from qwenvl_ft import families
+
+    family = families.of_model(model)
+    dist = cfg.dist
+    if not family.moe_block_class or dist.engine != DistEngine.deepspeed or dist.zero.stage != 3:
+        return 0
+    from deepspeed.utils import set_z3_leaf_modules
+
+    marked = set_z3_leaf_modules(model, [family.load_moe_block_class()])
+    log.info("ZeRO-3: %d %s blocks are leaf modules (gathered whole)", len(marked), family.moe_block_class)
+    return len(marked)
 
 
 def describe_placement(model, cfg: TrainConfig) -> None:

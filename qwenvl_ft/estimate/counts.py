@@ -13,10 +13,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict
 
+from qwenvl_ft import families
 from qwenvl_ft.config.adapter import AdapterMethod
 from qwenvl_ft.config.model import ModelConfig
 from qwenvl_ft.config.schema import TrainConfig
 from qwenvl_ft.errors import ConfigError
+from qwenvl_ft.estimate import experts
 
 
 def hf_config(model_cfg: ModelConfig):
@@ -60,6 +62,9 @@ class ParameterCounts:
     lora: int
     saved_copies: int  # modules_to_save: PEFT trains a copy next to the frozen original
     lora_modules: Dict[str, int] = field(default_factory=dict)  # leaf name -> how many modules got LoRA
+    experts: int = 0  # base parameters in fused expert weights (mixture of experts; estimate/experts.py)
+    active: int = 0  # base parameters a token runs through: all but the routed experts it is not sent to
+    expert_lora: int = 0  # of `lora`, the LoRA factors on fused expert weights
 
 
 def count_parameters(cfg: TrainConfig, model=None) -> ParameterCounts:
@@ -98,10 +103,12 @@ def count_parameters(cfg: TrainConfig, model=None) -> ParameterCounts:
     fp32_base = total - quantized if (quant is not None or dtype_fp32) else 0
     base_other = total - quantized - fp32_base
 
+    family = families.of_model(model)
+    moe = experts.parameter_counts(model, family, total)
     if adapter_cfg.method == AdapterMethod.full:
         apply_freezing(model, model_cfg)
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-        return ParameterCounts(total, by_part, trainable, quantized, fp32_base, base_other, 0, 0)
+        return ParameterCounts(total, by_part, trainable, quantized, fp32_base, base_other, 0, 0, **moe)
 
     lora_cfg = build_lora_config(model, model_cfg, adapter_cfg)
     pattern = re.compile(lora_cfg.target_modules)
@@ -113,5 +120,8 @@ def count_parameters(cfg: TrainConfig, model=None) -> ParameterCounts:
                 lora += module.out_features  # the magnitude vector
             leaf = name.rsplit(".", 1)[-1]
             leaves[leaf] = leaves.get(leaf, 0) + 1
+    expert_lora = experts.expert_lora(model, family, lora_cfg.target_parameters or [], adapter_cfg.r)
+    lora += expert_lora
     saved = sum(p.numel() for key in lora_cfg.modules_to_save or [] for p in model.get_submodule(key).parameters())
-    return ParameterCounts(total, by_part, lora + saved, quantized, fp32_base, base_other, lora, saved, leaves)
+    return ParameterCounts(total, by_part, lora + saved, quantized, fp32_base, base_other, lora, saved, leaves,
+                           expert_lora=expert_lora, **moe)

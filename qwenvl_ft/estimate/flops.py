@@ -92,13 +92,15 @@ def _part_matmuls(cfg: TrainConfig, model) -> Dict[str, _PartMatmuls]:
                           ("merger", found.projectors), ("patch_embed", stem)):  # the last match wins: nested
         for module in modules:                                                  # parts override
             owner.update({id(m): part for m in module.modules()})
-    lora_pattern, saved = None, []
+    lora_pattern, saved, adapted = None, [], []
     if adapter_cfg.method == AdapterMethod.full:
         apply_freezing(model, model_cfg)
     else:
         lora_cfg = build_lora_config(model, model_cfg, adapter_cfg)
         lora_pattern, saved = re.compile(lora_cfg.target_modules), list(lora_cfg.modules_to_save or [])
+        adapted = list(lora_cfg.target_parameters or [])
     parts = {name: _PartMatmuls() for name in ("patch_embed", "vision", "merger", "decoder", "lm_head")}
+    _add_routed_experts(parts["decoder"], model, family, adapted)
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv3d)):
             continue
@@ -113,6 +115,23 @@ def _part_matmuls(cfg: TrainConfig, model) -> Dict[str, _PartMatmuls]:
         if any(name == key or name.startswith(key + ".") for key in saved):  # full paths (build_lora_config)
             part.trained += weights
     return parts
+
+
+def _add_routed_experts(decoder: _PartMatmuls, model, family: families.Family, adapted) -> None:
+    """A mixture-of-experts model's fused expert weights (not Linear layers): each token runs exactly
+    num_experts_per_tok of num_experts experts, so that share of them counts (estimate/experts.py). A fused weight
+    with LoRA counts as trained: PEFT folds the LoRA into a copy of the weight, whose gradient the backward computes
+    in full before it reaches the factors (the fold itself, once per layer and step, is not per token and is left
+    out, as is the router: num_experts outputs per token)."""
+    if not family.expert_parameters:
+        return
+    text = model.config.get_text_config()
+    share = text.num_experts_per_tok / text.num_experts
+    for name, parameter in model.named_parameters():
+        suffix = next((s for s in family.expert_parameters if name.endswith(s)), None)
+        if suffix is not None:
+            decoder.base += parameter.numel() * share
+            decoder.trained += parameter.numel() * share if parameter.requires_grad or suffix in adapted else 0
 
 
 def training_flops(cfg: TrainConfig, model=None) -> TrainingFlops:

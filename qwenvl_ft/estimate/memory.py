@@ -29,6 +29,7 @@ from typing import List, Optional
 from qwenvl_ft import families, methods
 from qwenvl_ft.config.schema import TrainConfig
 from qwenvl_ft.config.trainer import Precision
+from qwenvl_ft.estimate import experts
 from qwenvl_ft.estimate.budget import BatchBudget, batch_budget
 from qwenvl_ft.estimate.counts import ParameterCounts, count_parameters, hf_config, meta_model
 from qwenvl_ft.errors import ConfigError
@@ -92,10 +93,11 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
     config = model.config
     text, vision = config.get_text_config(), config.vision_config
     family = families.of_config(config)
-    if family.linear_attention_class:
-        raise ConfigError(f"qwenvl-ft estimate has no activation formula for {family.title}'s linear-attention "
-                          f"(Gated DeltaNet) layers yet, so it would predict too low a peak; this config's model has "
-                          f"{counts.total:,} parameters, {counts.trainable:,} of them trained")
+    missing = unsized_parts(family)
+    if missing:
+        raise ConfigError(f"qwenvl-ft estimate has no activation formula for {family.title}'s {' and '.join(missing)} "
+                          f"yet, so it would predict too low a peak; this config's model has {counts.total:,} "
+                          f"parameters, {counts.trainable:,} of them trained")
     w = DTYPE_BYTES[model_cfg.dtype.value]
     # activation dtype: autocast's under bf16/fp16 mixed precision, else the weights' (the estimate is for a GPU,
     # where precision=auto means bf16)
@@ -139,6 +141,14 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
     return Estimate(rows, counts, budget)
 
 
+def unsized_parts(family: families.Family) -> List[str]:
+    """The layers of a family the activation formulas do not cover yet."""
+    missing = []
+    if family.linear_attention_class:
+        missing.append("linear-attention (Gated DeltaNet) layers")
+    return missing
+
+
 def generation_rows(cfg: TrainConfig, method: methods.Method, weight_bytes: int) -> List[tuple]:
     """What a method samples before its loss forward (`Method.generation_batch`; GRPO: trainer.batch_size x
     gradient_accumulation_steps completions, sampled at once): its KV cache and the pixel values TRL keeps for every
@@ -170,7 +180,7 @@ def _lora_inputs(cfg: TrainConfig, counts: ParameterCounts, family: families.Fam
     """in_features of the LoRA'd Linears of one decoder layer and of one vision block."""
     if not cfg.adapter.is_peft:
         return [], []
-    width = language_linear_inputs(text)
+    width = language_linear_inputs(experts.dense_view(text, family))  # MoE: the shared expert's Linears
     layers = text.num_hidden_layers
     lm = []
     for leaf, n in counts.lora_modules.items():
@@ -179,6 +189,28 @@ def _lora_inputs(cfg: TrainConfig, counts: ParameterCounts, family: families.Fam
     if not cfg.adapter.vision_lora:
         return lm, []
     return lm, list(family.vision_sizes(vision).linear_inputs)
+
+
+def _decoder_row(cfg, counts, family: families.Family, text, T: int, dtypes: ActivationDtypes, trainable: bool,
+                 lm_lora, mask: int) -> tuple:
+    """The decoder layers' saved tensors: per token (the family's formula, with expert terms for a
+    mixture-of-experts family) and per layer (LoRA-folded expert weights; estimate/experts.py)."""
+    model_cfg, adapter_cfg = cfg.model, cfg.adapter
+    residual, h, layers = dtypes.residual, text.hidden_size, text.num_hidden_layers
+    adapted = family.adapted_experts(adapter_cfg.target_modules) if counts.expert_lora else []
+    layer, folded = experts.layer_bytes(family, text, dtypes.autocast, trainable, lm_lora, adapter_cfg.r, mask,
+                                        dtypes.linear, adapted, DTYPE_BYTES[model_cfg.dtype.value])
+    if model_cfg.gradient_checkpointing:
+        saved = layers * residual * h * T
+        working = layer * T + folded  # one layer recomputed in the backward
+        how = (f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed "
+               f"({layer} B/token)")
+    else:
+        saved, working = layers * (layer * T + folded), 0
+        how = f"{layers} layers x {T} tokens x {layer} B/token"
+    if adapted:
+        how += f", + {folded / GiB:.2f} GiB per layer of LoRA-folded expert weights"
+    return "activations: LM", saved + working, how
 
 
 def _activation_rows(cfg, counts, family: families.Family, text, vision, budget: BatchBudget,
@@ -198,16 +230,7 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
     rows = []
 
     mask = 1 if adapter_cfg.dropout > 0 else 0  # no dropout: no mask (adapters on q/k/v then share one input)
-    layer = family.layer_bytes(text, a, lm_trainable, lm_lora, r, mask, mlp_bytes=dtypes.linear)
-    if model_cfg.gradient_checkpointing:
-        saved = layers * residual * h * T
-        working = layer * T  # one layer recomputed in the backward
-        how = (f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed "
-               f"({layer} B/token)")
-    else:
-        saved, working = layers * layer * T, 0
-        how = f"{layers} layers x {T} tokens x {layer} B/token"
-    rows.append(("activations: LM", saved + working, how))
+    rows.append(_decoder_row(cfg, counts, family, text, T, dtypes, lm_trainable, lm_lora, mask))
 
     # TRL's fused LM head keeps the final hidden states; its backward works on token x vocabulary tiles and
     # accumulates the hidden-state gradient (and the head's own, when it trains) in fp32. A head weight that is

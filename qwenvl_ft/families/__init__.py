@@ -1,7 +1,7 @@
 """Model families as declarations: one module per family, found by scanning this package.
 
     from qwenvl_ft import families
-    families.names()                 # ['qwen2_5_vl', 'qwen2_vl', 'qwen3_5', 'qwen3_vl']
+    families.names()                 # ['qwen2_5_vl', 'qwen2_vl', 'qwen3_5', 'qwen3_5_moe', 'qwen3_vl', ...]
     families.get("qwen3_vl")         # its Family (qwenvl_ft/families/base.py says what one holds)
     families.of_model(model)         # by model.config.model_type (PEFT-wrapped models too)
     families.of_processor(processor) # by the processor's class
@@ -20,8 +20,8 @@ from typing import Any, Dict, List
 
 from qwenvl_ft.families.base import IMAGE, TEXT, VIDEO, Family, ModelParts, VisionSizes
 
-__all__ = ["DEFAULT", "Family", "IMAGE", "ModelParts", "TEXT", "VIDEO", "VisionSizes", "all_families", "get",
-           "names", "of_config", "of_model", "of_processor"]
+__all__ = ["DEFAULT", "Family", "IMAGE", "ModelParts", "PROCESSOR_FAMILY", "TEXT", "VIDEO", "VisionSizes",
+           "all_families", "get", "names", "of_config", "of_model", "of_processor"]
 
 DEFAULT = "qwen2_vl"  # model.family when a config does not say
 
@@ -67,9 +67,17 @@ def of_model(model: Any) -> Family:
     return of_config(model.config)
 
 
+# the attribute modeling/build.py's build_processor sets on every processor it builds: the family it serves
+PROCESSOR_FAMILY = "qwenvl_ft_family"
+
+
 def of_processor(processor: Any) -> Family:
-    """The family whose processor class `processor` is (or derives from); among families that share a processor
-    class (Qwen3-VL and Qwen3.5), the one whose tokenizer class the processor's tokenizer is."""
+    """The family a processor serves: the one it was built for (PROCESSOR_FAMILY), else the family whose processor
+    class `processor` is (or derives from) and, among families sharing a processor class, whose tokenizer class
+    its tokenizer is."""
+    declared = getattr(processor, PROCESSOR_FAMILY, None)
+    if declared is not None:
+        return get(declared)
     tokenizer_classes = [cls.__name__ for cls in type(getattr(processor, "tokenizer", None)).__mro__]
     for cls in type(processor).__mro__:
         candidates = [family for family in _discover().values() if family.processor_class == cls.__name__]

@@ -25,6 +25,13 @@ TEXT, IMAGE, VIDEO = 0, 1, 2
 
 # The language-model projections of every Qwen decoder layer: what adapter.target_modules may name.
 LANGUAGE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What the MLP names of adapter.target_modules mean on a mixture-of-experts decoder layer, whose routed experts are
+# fused 3-D parameters (experts x out x in) instead of Linear layers: the experts' MLPs. gate_proj and up_proj
+# share one fused parameter (one LoRA per expert adapts both halves), down_proj has its own. A shared expert's
+# Linear layers (Qwen3.5 MoE: mlp.shared_expert.{gate,up,down}_proj) carry the names themselves. The router
+# (mlp.gate) is never a target: it stays as released.
+EXPERT_MLP_TARGETS = (("gate_proj", "mlp.experts.gate_up_proj"), ("up_proj", "mlp.experts.gate_up_proj"),
+                      ("down_proj", "mlp.experts.down_proj"))
 
 
 @lru_cache(maxsize=None)
@@ -161,6 +168,36 @@ def text_config(arch: Any, tokenizer, **extra) -> Dict[str, Any]:
     )
 
 
+def moe_settings(arch: Any) -> dict:
+    """The text-config keys of a mixture-of-experts MLP (both MoE families)."""
+    return dict(num_experts=arch.num_experts, num_experts_per_tok=arch.num_experts_per_tok,
+                moe_intermediate_size=arch.moe_intermediate_size)
+
+
+def moe_problems(arch: Any, family: str) -> List[str]:
+    if arch.num_experts < 1 or arch.moe_intermediate_size is None:
+        return [f"model.architecture.num_experts, num_experts_per_tok and moe_intermediate_size are required for "
+                f"family={family}"]
+    return []
+
+
+def moe_config(dense: Any, config_class: str, text_class: str, **moe: Any):
+    """The mixture-of-experts config of a dense family's random config: its text settings that the MoE text config
+    has (the layer pattern, attention, rotary, token ids), the MoE MLP settings, and its vision config as it is."""
+    import dataclasses
+
+    import transformers
+
+    fields = {f.name for f in dataclasses.fields(getattr(transformers, text_class))} - {"transformers_version",
+                                                                                      "architectures"}
+    text = {key: value for key, value in dense.text_config.to_dict().items() if key in fields}
+    text.update(moe)
+    ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return getattr(transformers, config_class)(text_config=text, vision_config=dense.vision_config.to_dict(),
+                                               tie_word_embeddings=dense.tie_word_embeddings,
+                                               **{key: getattr(dense, key) for key in ids})
+
+
 def qwen_processor(processor_class: str, tokenizer, arch: Any, chat_template: str, image_processor: Dict,
                    video_processor_class: str, video_processor: Dict):
     """A processor around the in-process tokenizer, sized as `arch` says."""
@@ -269,6 +306,12 @@ class Family:
     # the decoder's recurrent (linear-attention) layer class, for families that have one: packed rows run it per
     # sample (modeling/linear_attention.py)
     linear_attention_class: Optional[str] = None
+    # A mixture-of-experts language model: its sparse MoE block (router + experts; a ZeRO-3 leaf module, gathered
+    # whole, so that a rank whose tokens reach no copy of an expert does not wait for the others) and, for each
+    # fused expert weight (a 3-D parameter, by the suffix of its name), the adapter.target_modules names that adapt
+    # it through PEFT's target_parameters (EXPERT_MLP_TARGETS). `expert_parameters` lists the fused weights.
+    moe_block_class: Optional[str] = None
+    expert_lora_targets: Tuple[Tuple[str, str], ...] = ()  # (target name, fused parameter)
     test_model: str  # the conf/model option of its tiny random model (tests, demos)
 
     # vision geometry: a patch_size x patch_size patch, merge_size x merge_size patches per visual token
@@ -327,12 +370,26 @@ class Family:
     def load_vision_block_class(self):
         return _module_class(self.model_class, self.vision_block_class)
 
+    def load_moe_block_class(self):
+        return _module_class(self.model_class, self.moe_block_class) if self.moe_block_class else None
+
     def load_linear_attention_class(self):
         return _module_class(self.model_class, self.linear_attention_class) if self.linear_attention_class else None
 
     def resize_function(self) -> Callable:
         """The processor's `smart_resize(height, width, factor, min_pixels, max_pixels)`."""
         return load(self.smart_resize)
+
+    # -- mixture of experts ---------------------------------------------------------------------------------------
+
+    @property
+    def expert_parameters(self) -> Tuple[str, ...]:
+        """The fused expert weights of one decoder layer (suffixes of parameter names); () for a dense family."""
+        return tuple(dict.fromkeys(parameter for _, parameter in self.expert_lora_targets))
+
+    def adapted_experts(self, target_modules: Sequence[str]) -> List[str]:
+        """The fused expert weights LoRA adapts when adapter.target_modules names these."""
+        return list(dict.fromkeys(p for name, p in self.expert_lora_targets if name in target_modules))
 
     # -- a model's parts -----------------------------------------------------------------------------------------
 

@@ -9,9 +9,7 @@ interleaved M-RoPE) and two things earlier families lack:
     <|vision_end|>` span inside the chat template's `<|vision_start|><|video_pad|><|vision_end|>` (what
     transformers' Qwen3VLProcessor makes), and M-RoPE numbers each such span as a one-frame image.
 
-The MoE models (Qwen3-VL-30B-A3B, -235B-A22B: Qwen3VLMoeForConditionalGeneration) are not declared here: their
-experts are fused 3-D parameters that bitsandbytes does not quantise and PEFT's target_modules cannot reach, and
-the estimate has no expert terms.
+The MoE models (Qwen3-VL-30B-A3B, -235B-A22B) are qwen3_vl_moe.py, which reuses this module's functions.
 """
 
 from __future__ import annotations

@@ -93,6 +93,9 @@ def build_processor(model_cfg: ModelConfig, data_cfg: DataConfig, source: Option
             "shortest_edge": data_cfg.min_pixels or size["shortest_edge"],
             "longest_edge": data_cfg.max_pixels or size["longest_edge"],
         }
+    # Which family the processor serves: families sharing a processor and a tokenizer class (a dense family and its
+    # mixture-of-experts variant) cannot be told apart by the processor itself (families.of_processor reads this first).
+    setattr(processor, families.PROCESSOR_FAMILY, model_cfg.family.value)
     # Training batches are padded on the right, generation batches on the left (set per call).
     processor.tokenizer.padding_side = "right"
     if processor.tokenizer.pad_token is None:
@@ -155,6 +158,7 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
             device_map=device_map,  # a distributed QLoRA run: each process's GPU (distributed/placement.py)
         )
     model.config.use_cache = False
+    train_the_router_balance(model, model_cfg.router_aux_loss_coef)
     keep_frozen_vision_out_of_autograd(model, family_of(model_cfg))
     run_linear_attention_per_sample(model)  # packed rows keep their samples apart in recurrent layers too
     if quant is not None:
@@ -168,6 +172,35 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
     if adapter_cfg.method == AdapterMethod.full:
         apply_freezing(model, model_cfg)
     return model
+
+
+def train_the_router_balance(model: nn.Module, coefficient: float) -> None:
+    """A mixture-of-experts model adds its router's load-balancing loss, times `coefficient`, to the loss it returns
+    (transformers' output_router_logits and router_aux_loss_coef), so the Trainer trains it; dense models have
+    neither setting and are left alone."""
+    text = model.config.get_text_config()
+    if hasattr(text, "router_aux_loss_coef"):
+        text.router_aux_loss_coef = coefficient
+        text.output_router_logits = coefficient > 0
+
+
+def describe_experts(model: nn.Module, lora_config) -> None:
+    """Say at run start what a mixture-of-experts run does with its experts and router (docs/moe.md)."""
+    family = families.of_model(model)
+    if not family.expert_parameters:
+        return
+    text = model.config.get_text_config()
+    adapted = list(getattr(lora_config, "target_parameters", None) or [])
+    if lora_config is None:
+        experts = "the experts and the router train in full where the language model does"
+    elif adapted:
+        experts = f"LoRA on the fused experts {adapted} (PEFT target_parameters, one per expert), the router frozen"
+    else:
+        experts = "the experts and the router frozen, without LoRA"
+    balance = (f"x {text.router_aux_loss_coef} in the trained loss" if text.output_router_logits
+               else "off (model.router_aux_loss_coef=0)")
+    log.info("%s: %d of %d experts per token; %s; the router's load-balancing loss %s", family.title,
+             text.num_experts_per_tok, text.num_experts, experts, balance)
 
 
 def keep_4bit_weights_trainable_on_cpu(model: nn.Module) -> None:
@@ -203,17 +236,20 @@ def build_lora_config(model: nn.Module, model_cfg: ModelConfig, adapter_cfg: Ada
     """LoRA/DoRA on the chosen language-model projections (and the vision blocks when asked).
 
     Targets are a regex over full module names: leaf names alone (q_proj, ...) would also match a vision tower
-    whose MLP uses gate/up/down_proj too.
+    whose MLP uses gate/up/down_proj too. On a mixture-of-experts family the MLP names also adapt the fused expert
+    weights they stand for (`Family.adapted_experts`, PEFT's target_parameters: one LoRA per expert); config/schema.py
+    has refused what PEFT's parameter LoRA cannot do (dropout, DoRA).
     """
     from peft import LoraConfig
 
     family = families.of_model(model)
-    patterns = []
+    patterns, expert_parameters = [], []
     if not model_cfg.freeze_language_model and adapter_cfg.target_modules:
         unknown = sorted(set(adapter_cfg.target_modules) - set(family.language_lora_targets))
         if unknown:
             raise ConfigError(f"adapter.target_modules has {unknown}, which {family.title}'s decoder layers do not "
                               f"have; valid: {list(family.language_lora_targets)}")
+        expert_parameters = family.adapted_experts(adapter_cfg.target_modules)
         leaves = "|".join(re.escape(m) for m in adapter_cfg.target_modules)
         patterns.append(rf"{re.escape(family.language_model)}\..*\.({leaves})")
     if adapter_cfg.vision_lora:
@@ -233,6 +269,7 @@ def build_lora_config(model: nn.Module, model_cfg: ModelConfig, adapter_cfg: Ada
         lora_dropout=adapter_cfg.dropout,
         bias=adapter_cfg.bias,
         target_modules="^(" + "|".join(patterns) + ")$",
+        target_parameters=expert_parameters or None,
         modules_to_save=modules_to_save or None,
         use_dora=adapter_cfg.method == AdapterMethod.dora,
         task_type="CAUSAL_LM",

@@ -74,10 +74,22 @@ def unpad_language_model(model: nn.Module) -> List[torch.utils.hooks.RemovableHa
         hidden = output.last_hidden_state
         padded = hidden.new_zeros(*keep.shape, hidden.shape[-1])
         output.last_hidden_state = padded.masked_scatter(keep.unsqueeze(-1), hidden[0])
+        if getattr(output, "router_logits", None):
+            output.router_logits = padded_router_logits(output.router_logits, keep)
         return output
 
     return [language_model.register_forward_pre_hook(pack, with_kwargs=True),
             language_model.register_forward_hook(unpack, with_kwargs=True, always_call=True)]
+
+
+def padded_router_logits(router_logits, keep: torch.Tensor):
+    """A mixture-of-experts model's router logits of the packed real tokens, back in the padded rows' layout (one
+    (rows x length, experts) tensor per layer, zeros at the padding), where its load-balancing loss masks the
+    padding out with the attention mask. The router is called once per layer, or once per sample of a layer that
+    runs per sample (modeling/linear_attention.py): either way the calls of one layer cover its tokens in order."""
+    flat = keep.reshape(-1, 1)
+    per_layer = torch.cat(router_logits).view(-1, int(keep.sum()), router_logits[0].shape[-1])
+    return tuple(layer.new_zeros(flat.shape[0], layer.shape[-1]).masked_scatter(flat, layer) for layer in per_layer)
 
 
 def repeated_half(pixels: torch.Tensor, grid_thw: Optional[torch.Tensor]) -> Optional[int]:
