@@ -31,7 +31,7 @@ from qwenvl_ft.config.schema import TrainConfig
 from qwenvl_ft.config.trainer import Precision
 from qwenvl_ft.estimate.budget import BatchBudget, batch_budget
 from qwenvl_ft.estimate.counts import ParameterCounts, count_parameters, hf_config, meta_model
-from qwenvl_ft.errors import ConfigError
+from qwenvl_ft.estimate.layers import hybrid_layer_bytes
 from qwenvl_ft.families.base import language_linear_inputs
 
 GiB = 1024 ** 3
@@ -92,10 +92,6 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
     config = model.config
     text, vision = config.get_text_config(), config.vision_config
     family = families.of_config(config)
-    if family.linear_attention_class:
-        raise ConfigError(f"qwenvl-ft estimate has no activation formula for {family.title}'s linear-attention "
-                          f"(Gated DeltaNet) layers yet, so it would predict too low a peak; this config's model has "
-                          f"{counts.total:,} parameters, {counts.trainable:,} of them trained")
     w = DTYPE_BYTES[model_cfg.dtype.value]
     # activation dtype: autocast's under bf16/fp16 mixed precision, else the weights' (the estimate is for a GPU,
     # where precision=auto means bf16)
@@ -135,7 +131,7 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
     rows += generation_rows(cfg, method, w)  # e.g. GRPO's sampled completions
     budget = budget or batch_budget(method.batch_data(cfg), trainer_cfg.batch_size, family,
                                     pairs=method.sequences_per_row() == 2)
-    rows += _activation_rows(cfg, counts, family, text, vision, budget, ActivationDtypes.of(counts, w, a))
+    rows += _activation_rows(cfg, counts, family, text, vision, budget, ActivationDtypes.of(counts, w, a), model)
     return Estimate(rows, counts, budget)
 
 
@@ -182,7 +178,7 @@ def _lora_inputs(cfg: TrainConfig, counts: ParameterCounts, family: families.Fam
 
 
 def _activation_rows(cfg, counts, family: families.Family, text, vision, budget: BatchBudget,
-                     dtypes: ActivationDtypes) -> List[tuple]:
+                     dtypes: ActivationDtypes, model=None) -> List[tuple]:
     model_cfg, adapter_cfg = cfg.model, cfg.adapter
     a, residual = dtypes.autocast, dtypes.residual
     h, layers = text.hidden_size, text.num_hidden_layers
@@ -198,16 +194,19 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
     rows = []
 
     mask = 1 if adapter_cfg.dropout > 0 else 0  # no dropout: no mask (adapters on q/k/v then share one input)
-    layer = family.layer_bytes(text, a, lm_trainable, lm_lora, r, mask, mlp_bytes=dtypes.linear)
-    if model_cfg.gradient_checkpointing:
-        saved = layers * residual * h * T
-        working = layer * T  # one layer recomputed in the backward
-        how = (f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed "
-               f"({layer} B/token)")
+    if family.kind_layer_bytes is not None:  # layers of different kinds (Gated DeltaNet and attention)
+        rows.append(_kinds_of_layers_row(cfg, counts, family, text, T, dtypes, lm_trainable, mask, model))
     else:
-        saved, working = layers * layer * T, 0
-        how = f"{layers} layers x {T} tokens x {layer} B/token"
-    rows.append(("activations: LM", saved + working, how))
+        layer = family.layer_bytes(text, a, lm_trainable, lm_lora, r, mask, mlp_bytes=dtypes.linear)
+        if model_cfg.gradient_checkpointing:
+            saved = layers * residual * h * T
+            working = layer * T  # one layer recomputed in the backward
+            how = (f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed "
+                   f"({layer} B/token)")
+        else:
+            saved, working = layers * layer * T, 0
+            how = f"{layers} layers x {T} tokens x {layer} B/token"
+        rows.append(("activations: LM", saved + working, how))
 
     # TRL's fused LM head keeps the final hidden states; its backward works on token x vocabulary tiles and
     # accumulates the hidden-state gradient (and the head's own, when it trains) in fp32. A head weight that is
@@ -241,3 +240,23 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
         rows.append(("activations: merger", family.projector_bytes(vision, a, P, budget.visual_tokens),
                      f"{len(family.projectors)} projector module(s) over {P} patches"))
     return rows
+
+
+def _kinds_of_layers_row(cfg, counts, family: families.Family, text, tokens: int, dtypes: ActivationDtypes,
+                         lm_trainable: bool, mask: int, model) -> tuple:
+    """The language model's activations when its layers differ in kind (estimate/layers.py), on transformers'
+    torch path of the Gated DeltaNet layers (flash-linear-attention's kernels keep less)."""
+    model = model if model is not None else meta_model(cfg.model)
+    lora_modules = counts.lora_modules if cfg.adapter.is_peft else {}
+    found = hybrid_layer_bytes(model, family, text, lora_modules, dtypes.autocast, lm_trainable, cfg.adapter.r,
+                               mask, dtypes.linear)
+    if cfg.model.gradient_checkpointing:
+        layers = len(found.per_layer)
+        saved = layers * dtypes.residual * text.hidden_size * tokens
+        working = max(found.per_layer) * tokens  # the largest layer recomputed in the backward
+        how = (f"checkpointed: {layers} layer inputs ({dtypes.residual} B) x {tokens} tokens, + the largest layer "
+               f"recomputed ({found.describe()}; DeltaNet on the torch path)")
+    else:
+        saved, working = sum(found.per_layer) * tokens, 0
+        how = f"{found.describe()}, x {tokens} tokens (DeltaNet on the torch path)"
+    return ("activations: LM", int(saved + working), how)
