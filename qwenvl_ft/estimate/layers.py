@@ -54,3 +54,18 @@ def hybrid_layer_bytes(model, family: families.Family, text, lora_modules: Dict[
     by_kind = {kind: family.layer_kind_bytes(text, kind, a, trainable, lora.get(kind, []), r, mask_bytes,
                                              mlp_bytes=linear) for kind in set(kinds)}
     return LayerBytes([by_kind[kind] for kind in kinds], kinds)
+
+
+def recurrent_state_rows(text, completions: int) -> List[tuple]:
+    """What generation keeps per sequence in each Gated DeltaNet layer instead of a KV cache: the delta rule's
+    state (value heads x key width x value width, fp32 on transformers' torch path) and the conv's last
+    kernel-size inputs (in the activation dtype; counted at 2 bytes)."""
+    layers = layer_kinds(text).count(LINEAR_ATTENTION)
+    if not layers:
+        return []
+    heads, key, value = text.linear_num_value_heads, text.linear_key_head_dim, text.linear_value_head_dim
+    conv = 2 * text.linear_num_key_heads * key + heads * value
+    per_sequence = layers * (4 * heads * key * value + 2 * conv * text.linear_conv_kernel_dim)
+    return [("generation: recurrent state", per_sequence * completions,
+             f"{completions} completions x {layers} Gated DeltaNet layers' state and conv inputs "
+             f"({per_sequence / 2 ** 20:.1f} MiB per completion)")]

@@ -31,8 +31,8 @@ from qwenvl_ft.config.schema import TrainConfig
 from qwenvl_ft.config.trainer import Precision
 from qwenvl_ft.estimate.budget import BatchBudget, batch_budget
 from qwenvl_ft.estimate.counts import ParameterCounts, count_parameters, hf_config, meta_model
-from qwenvl_ft.estimate.layers import hybrid_layer_bytes
-from qwenvl_ft.families.base import language_linear_inputs
+from qwenvl_ft.estimate.layers import hybrid_layer_bytes, recurrent_state_rows
+from qwenvl_ft.families.base import FULL_ATTENTION, language_linear_inputs, layer_kinds
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -149,10 +149,12 @@ def generation_rows(cfg: TrainConfig, method: methods.Method, weight_bytes: int)
     completions = batch.completions
     if batch.kv_cache:
         tokens = completions * (batch.prompt_tokens + batch.new_tokens)
-        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * weight_bytes
+        attention_layers = layer_kinds(text).count(FULL_ATTENTION)  # recurrent layers keep a state instead
+        per_token = 2 * attention_layers * text.num_key_value_heads * head_dim * weight_bytes
         rows.append(("generation: KV cache", per_token * tokens,
                      f"{completions} completions x ({batch.prompt_tokens} prompt + {batch.new_tokens} "
                      f"generated) tokens x {per_token} B; freed before the loss forward, so an upper bound"))
+        rows += recurrent_state_rows(text, completions)
     one = batch_budget(method.batch_data(cfg), 1, families.of_config(config))
     patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
     if one.vision_patches:
