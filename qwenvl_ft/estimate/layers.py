@@ -1,4 +1,4 @@
-"""The decoder layers' saved bytes per token, layer by layer: a language model whose layers differ in kind (Qwen3.5:
+"""The decoder layers' saved bytes per token, layer by layer: a language model whose layers differ in kind (hybrid
 Gated DeltaNet and gated attention, `layer_types`) has a formula per kind (`Family.layer_kind_bytes`), and each kind
 has its own LoRA'd Linears (q/k/v/o_proj in the attention layers, in_proj_*/out_proj in the DeltaNet ones, the MLP in
 both), read off the model the estimate builds on the meta device."""
