@@ -112,6 +112,11 @@ def build(training: Training, parts: TrainerParts):
     startup.mark("trainer build")
     trainable, total = count_parameters(trainer.model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    if hasattr(trainer.model, "peft_config"):  # whether vLLM can serve what this run will save
+        from qwenvl_ft import families
+        from qwenvl_ft.publish.serving import serving_of_model
+
+        log.info("serving: %s", serving_of_model(trainer.model, families.of_model(trainer.model)).sentence())
     return trainer
 
 

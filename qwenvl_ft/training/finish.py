@@ -82,7 +82,14 @@ def publish_final(output_dir: Path, hub: HubConfig) -> Path:
 
     final_dir = output_dir / "final"
     kind = "adapter" if (final_dir / "adapter_config.json").is_file() else "model"
-    card = write_card(final_dir, build_card(load_run(output_dir), kind, hub.repo_id or str(final_dir)))
+    record = load_run(output_dir)
+    serving = None
+    if kind == "adapter":
+        from qwenvl_ft import families
+        from qwenvl_ft.publish.serving import serving_of_folder
+
+        serving = serving_of_folder(final_dir, families.get(record.config.model.family.value)).sentence()
+    card = write_card(final_dir, build_card(record, kind, hub.repo_id or str(final_dir), serving=serving))
     log.info("model card: %s", card)
     if hub.push:
         retry = (f"run the same command again (the run is finished: it only uploads):\n"
