@@ -3,9 +3,9 @@
 Why: a LoRA adapter that vLLM cannot load fails (or, worse, is silently cut down) at deployment, long after
 training. vLLM loads LoRA factors on the language model's Linears only:
   - LoRA on the vision tower (adapter.vision_lora) is ignored with a warning ("vLLM currently only supports adding
-    LoRA to language model, visual.… will be ignored": vllm-project/vllm#23796, QwenLM/Qwen3-VL#1675);
+    LoRA to language model, visual.… will be ignored": vllm-project/vllm#23796; issue 1675 of QwenLM's VL repository);
   - LoRA on fused MoE experts (PEFT's target_parameters on the 3-D expert weights) does not load
-    (QwenLM/Qwen3-VL#1675; vllm-project/vllm#40005, and #41384 found it silently dropped);
+    (issue 1675 of QwenLM's VL repository; vllm-project/vllm#40005, and #41384 found it silently dropped);
   - an adapter with modules_to_save (fully trained copies, e.g. an unfrozen vision tower or merger) is refused
     ("vLLM only supports modules_to_save being None": vllm-project/vllm#9280, hiyouga/LlamaFactory#9545).
 `qwenvl-ft merge` folds the adapter into the base: the merged folder is a plain transformers model, which vLLM
@@ -27,8 +27,8 @@ from qwenvl_ft.families.base import Family
 
 PEFT_PREFIX = "base_model.model."
 VISION = ("LoRA on the vision tower, which vLLM ignores (it adapts the language model only: vllm-project/vllm#23796, "
-          "QwenLM/Qwen3-VL#1675)")
-EXPERTS = ("LoRA on fused MoE expert weights, which vLLM does not load (QwenLM/Qwen3-VL#1675, "
+          "QwenLM's VL repository, issue 1675)")
+EXPERTS = ("LoRA on fused MoE expert weights, which vLLM does not load (QwenLM's VL repository, issue 1675; "
            "vllm-project/vllm#40005)")
 SAVED_COPIES = ("fully trained module copies (modules_to_save: {names}), which vLLM refuses (vllm-project/vllm#9280)")
 
