@@ -200,15 +200,7 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
         rows.append(_kinds_of_layers_row(cfg, counts, family, text, T, dtypes, lm_trainable, mask, model))
     else:
         layer = family.layer_bytes(text, a, lm_trainable, lm_lora, r, mask, mlp_bytes=dtypes.linear)
-        if model_cfg.gradient_checkpointing:
-            saved = layers * residual * h * T
-            working = layer * T  # one layer recomputed in the backward
-            how = (f"checkpointed: {layers} layer inputs ({residual} B) x {T} tokens, + one layer recomputed "
-                   f"({layer} B/token)")
-        else:
-            saved, working = layers * layer * T, 0
-            how = f"{layers} layers x {T} tokens x {layer} B/token"
-        rows.append(("activations: LM", saved + working, how))
+        rows.append(_layers_row(model_cfg.gradient_checkpointing, layers, layer, residual, h, T))
 
     # TRL's fused LM head keeps the final hidden states; its backward works on token x vocabulary tiles and
     # accumulates the hidden-state gradient (and the head's own, when it trains) in fp32. A head weight that is
@@ -242,6 +234,16 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
         rows.append(("activations: merger", family.projector_bytes(vision, a, P, budget.visual_tokens),
                      f"{len(family.projectors)} projector module(s) over {P} patches"))
     return rows
+
+
+def _layers_row(checkpointing: bool, layers: int, layer: int, residual: int, hidden: int, tokens: int) -> tuple:
+    """The language model's activations when every layer is alike: `layer` bytes per token each; checkpointing
+    keeps each layer's input (`hidden` values of `residual` bytes per token) and recomputes one layer."""
+    if checkpointing:
+        how = (f"checkpointed: {layers} layer inputs ({residual} B) x {tokens} tokens, + one layer recomputed "
+               f"({layer} B/token)")
+        return ("activations: LM", layers * residual * hidden * tokens + layer * tokens, how)
+    return ("activations: LM", layers * layer * tokens, f"{layers} layers x {tokens} tokens x {layer} B/token")
 
 
 def _kinds_of_layers_row(cfg, counts, family: families.Family, text, tokens: int, dtypes: ActivationDtypes,
