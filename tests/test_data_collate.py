@@ -314,7 +314,8 @@ def test_thinking_keep_renders_every_turn_as_the_template_renders_the_last(proce
     assert think.sub("", text) == think.sub("", default) and text != default
     tok = processor.tokenizer
     runs = _runs(kept.encode(_row(first + second))["labels"], tok)
-    assert runs == ["<think>\nfirst thought\n</think>\n\nA1<|im_end|>", "<think>\nsecond thought\n</think>\n\nA2<|im_end|>"]
+    assert runs == ["<think>\nfirst thought\n</think>\n\nA1<|im_end|>",
+                    "<think>\nsecond thought\n</think>\n\nA2<|im_end|>"]
     # one turn, and a generation prompt after earlier turns: as the template, earlier reasoning kept
     assert kept.render(first) == template(first)
     prompt = kept.render(first + [user("Q2")], add_generation_prompt=True)

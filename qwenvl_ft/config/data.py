@@ -62,8 +62,8 @@ class Thinking(str, Enum):
 
     template = "template"  # as the chat template renders it (a thinking template may keep the last turns' only)
     strip = "strip"  # removed before rendering: the model learns the answers only
-    # every assistant turn rendered as the template renders the turns after the last user query: Qwen3.5's drops
-    # the reasoning of earlier turns, keep trains it too (and gives an earlier turn without any an empty block)
+    # every assistant turn rendered as the template renders the turns after the last user query: where a thinking
+    # template drops the reasoning of earlier turns, keep trains it too (an earlier turn without any: an empty block)
     keep = "keep"
 
 

@@ -86,7 +86,7 @@ def every_reasoning_kept(template: Callable[[List[dict], bool], str], messages: 
     """The conversation as `template(messages, add_generation_prompt)` renders it, except that every assistant
     turn is rendered the way the template renders the turns after the last user query (data.thinking=keep).
 
-    Why: a thinking template (Qwen3.5's) renders reasoning only in the turns after the last user query, so a
+    Why: a thinking template may render reasoning only in the turns after the last user query (Qwen's newest do), so a
     multi-turn row would train the last turn's reasoning only. How, from the template alone: the turns answering
     user query k are cut from the template's text of the conversation up to the next query (where they are the
     last turns), after its text up to query k itself; each next query is the template's text of that message alone.

@@ -1,5 +1,6 @@
-"""(Not a family: the layer formulas Qwen3.5's families share.) The estimate's activation bytes of a hybrid Gated DeltaNet / gated attention language model (Qwen3.5), per
-token and per layer kind, from the saved tensors of transformers' torch path (modeling_qwen3_5.py:
+"""Not a family (the registry skips modules named with a leading underscore): the layer formulas Qwen3.5's families
+share. The estimate's activation bytes of a hybrid Gated DeltaNet / gated attention language model, per token and
+per layer kind, from the saved tensors of transformers' torch path (modeling_qwen3_5.py:
 Qwen3_5DecoderLayer, Qwen3_5GatedDeltaNet with torch_chunk_gated_delta_rule, Qwen3_5Attention, Qwen3_5RMSNorm).
 tests/test_estimate.py measures autograd's saved tensors of the real code on CPU and checks these against them.
 

@@ -22,7 +22,7 @@ tests/test_packing.py checks packed = unpacked losses and gradients on the famil
 Which kernels run the recurrent layer (`linear_attention_backend`, in the run log and run_info.json): transformers
 5.25 resolves the delta rule to flash-linear-attention's `chunk_gated_delta_rule` when the `fla` package imports
 (fla-core, `pip install ".[fla]"`) and the inputs are on CUDA (or XPU, MLU), and to its fp32 torch loop otherwise
-(transformers#48718 measured 1.22 s/step against 0.70 with the kernel on Qwen3.5-9B). Its causal conv goes to the
+(transformers#48718 measured 1.22 s/step against 0.70 with the kernel on the 9B). Its causal conv goes to the
 separate `causal_conv1d` package, whose function takes no sample boundaries (transformers passes `cu_seq_lens_q`,
 which it filters out), so transformers' own varlen path would still leak through the conv: packed rows keep the
 per-sample loop on every backend, and on CUDA each sample's slice runs fla's kernel.
