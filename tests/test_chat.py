@@ -259,3 +259,46 @@ def test_page_in_a_real_browser(served, engine, images, tmp_path):
     finally:
         browser.quit()
     assert (tmp_path / "chat.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def thinking_adapter(tmp_path_factory):
+    """A random LoRA adapter on the tiny Qwen3.5 (a thinking template, Gated DeltaNet layers)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qwenvl_ft.modeling.build import model_class, model_source
+
+    typed = validate(compose(["recipe=demo", "model=tiny_qwen3_5"], output_dir="/tmp/unused"))
+    base = model_class(typed.model).from_pretrained(model_source(typed.model))
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=32, init_lora_weights=False,
+                      target_modules=["q_proj", "v_proj", "in_proj_qkv", "out_proj", "up_proj", "down_proj"])
+    folder = tmp_path_factory.mktemp("qwen3_5_run") / "final"
+    get_peft_model(base, lora).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("enable_thinking, prompt_end", [(None, "<think>\n"), (True, "<think>\n"),
+                                                         (False, "<think>\n\n</think>\n\n")])
+def test_chat_on_qwen3_5_with_enable_thinking(thinking_adapter, images, enable_thinking, prompt_end):
+    """Chat on the tiny Qwen3.5: data.enable_thinking opens or closes the think block of the prompt (unset: the
+    template's default, which thinks); answers equal generate's, the base is the adapter switched off, and a
+    second turn carries the first answer."""
+    from qwenvl_ft.chat.engine import ChatEngine
+    from qwenvl_ft.evaluation.generate import generate_answers
+
+    switch = [] if enable_thinking is None else [f"data.enable_thinking={str(enable_thinking).lower()}"]
+    engine = ChatEngine.load(validate(_chat_config(thinking_adapter, "model=tiny_qwen3_5", *switch)))
+    turn = user_turn(QUESTION, [str(images[0])])
+    row = conversation_row([turn], TUNED)
+    prompt = engine.collator.render(row["messages"][:-1], add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n" + prompt_end)
+    tuned = engine.answer(row, GREEDY, TUNED)
+    assert tuned == generate_answers(engine.model, engine.collator, [row], 1, generation=GREEDY.kwargs())[0]
+    assert tuned != engine.answer(conversation_row([turn], BASE), GREEDY, BASE)
+    turn.answers[TUNED] = tuned
+    again = conversation_row([turn, user_turn("And the colour?", [])], TUNED)
+    assert engine.answer(again, GREEDY, TUNED) == generate_answers(engine.model, engine.collator, [again], 1,
+                                                                   generation=GREEDY.kwargs())[0]

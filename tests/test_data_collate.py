@@ -4,6 +4,8 @@ collator runs in DataLoader workers with each image decoded once."""
 
 import pickle
 
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -285,6 +287,53 @@ def test_reasoning_renders_as_the_template_renders_it_and_is_trained(processor_o
     assert runs == ["A1<|im_end|>", "<think>\nsecond thought\n</think>\n\nA2<|im_end|>"]
     plain = _runs(collator.encode(_row([user("Q"), assistant("A")]))["labels"], tok)
     assert plain == ["<think>\n\n</think>\n\nA<|im_end|>"]
+
+
+def test_thinking_keep_renders_every_turn_as_the_template_renders_the_last(processor_of):
+    """data.thinking=keep: the template renders reasoning after the last user query only; keep renders every
+    assistant turn that way (its think block, empty without reasoning), and the think blocks are what differs from
+    the template's own text. Each turn is compared with the template's rendering of it as the last turn."""
+    processor = processor_of(_thinking_option())
+    kept = _collator(processor, thinking="keep")
+
+    def template(messages, prompt=False):
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+
+    first = [user("Q1"), dict(assistant("A1"), reasoning_content="first thought")]
+    second = [user("Q2"), dict(assistant("A2"), reasoning_content="second thought")]
+    third = [user("Q3"), assistant("A3")]
+    text = kept.render(first + second + third)
+    # each turn as the template renders it when last: the first whole, then each user query and answer
+    for before, turn in (([], first), (first, second), (first + second, third)):
+        last = template(before + turn)[len(template(before + turn[:1])):]  # the answer, as the last turn
+        assert last in text
+    assert "<think>\nfirst thought\n</think>\n\nA1" in text and "<think>\n\n</think>\n\nA3" in text
+    assert "first thought" not in template(first + second + third)  # what keep is for
+    default = _collator(processor).render(first + second + third)
+    think = re.compile(r"<think>\n.*?\n</think>\n\n", re.DOTALL)
+    assert think.sub("", text) == think.sub("", default) and text != default
+    tok = processor.tokenizer
+    runs = _runs(kept.encode(_row(first + second))["labels"], tok)
+    assert runs == ["<think>\nfirst thought\n</think>\n\nA1<|im_end|>",
+                    "<think>\nsecond thought\n</think>\n\nA2<|im_end|>"]
+    # one turn, and a generation prompt after earlier turns: as the template, earlier reasoning kept
+    assert kept.render(first) == template(first)
+    prompt = kept.render(first + [user("Q2")], add_generation_prompt=True)
+    assert prompt.endswith(template([user("Q2")], prompt=True)) and "first thought" in prompt
+
+
+def test_thinking_keep_refuses_a_template_it_cannot_cut(processor_of):
+    """A template that renders more than think blocks differently (here: a made-up one numbering the turns from the
+    end) cannot be kept: a ConfigError naming the setting, not a wrong text."""
+    from qwenvl_ft.data.turns import every_reasoning_kept
+
+    def numbered(messages, prompt=False):
+        return "".join(f"{len(messages) - i}:{m['role']};" for i, m in enumerate(messages))
+
+    from qwenvl_ft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.thinking=keep"):
+        every_reasoning_kept(numbered, [user("Q1"), assistant("A1"), user("Q2"), assistant("A2")])
 
 
 def test_thinking_strip_and_enable_thinking(processor_of):

@@ -318,6 +318,24 @@ def test_the_same_cli_under_every_launch_config_follows_the_one_process_trajecto
     assert "held-out predictions after training (exact match 0.0% on 4 rows)" in (run / "cli.log").read_text()
 
 
+def test_qwen3_5_under_ddp_follows_the_one_process_trajectory(tmp_path):
+    """The tiny Qwen3.5 (Gated DeltaNet layers, a thinking template) as `qwenvl-ft train dist=ddp` on two processes
+    x 4 rows: the losses of every step and the final weights equal one process's on the same 8 rows."""
+    from qwenvl_ft.modeling.build import model_class
+
+    common = SMALL + ["model=tiny_qwen3_5", "adapter=full", f"trainer.max_steps={STEPS}"]
+    log = tmp_path / "ddp.log"
+    _finish(_start(tmp_path, log, *common, "dist=ddp", "dist.num_processes=2", "trainer.batch_size=4",
+                   "run_name=run"), log)
+    run = tmp_path / "outputs" / "demo" / "run"
+    reference = _single_process_losses(tmp_path, "single", *common, "trainer.batch_size=8")
+    _assert_same_losses(_losses(run), reference, STEPS)
+    cls = model_class(validate(compose(common, output_dir="/tmp/unused")).model)
+    tuned, single = (cls.from_pretrained(str(folder / "final")).state_dict() for folder in (run, tmp_path / "single"))
+    assert tuned.keys() == single.keys()
+    assert max(float((tuned[k] - single[k]).abs().max()) for k in single) < 1e-4
+
+
 QUICK_SWEEP = ["recipe=demo", "data.shapes.num_train=16", "data.shapes.num_eval=4", "trainer.max_steps=2",
                "trainer.eval_generation=false", "trainer.disable_tqdm=true"]
 

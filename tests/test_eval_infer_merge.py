@@ -204,6 +204,27 @@ def test_infer_batched_equals_one_by_one_and_writes_jsonl(full_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_infer_on_qwen3_5_with_enable_thinking(tmp_path, enable_thinking):
+    """infer on the tiny Qwen3.5 (base weights): batched equals one by one, with the think block of the prompt
+    closed or opened by data.enable_thinking."""
+    from qwenvl_ft.commands.infer import infer
+
+    images = _shape_images(tmp_path / "images")
+    common = DATA + ["model=tiny_qwen3_5", f"data.enable_thinking={str(enable_thinking).lower()}",
+                     "infer.model_path=null", "infer.prompt=What is in the image?", f"infer.images=[{images}]",
+                     "infer.generation.max_new_tokens=6"]
+    batched = infer(compose(common + ["infer.batch_size=3"], config_name="infer", output_dir=str(tmp_path / "b")))
+    single = infer(compose(common + ["infer.batch_size=1"], config_name="infer", output_dir=str(tmp_path / "s")))
+    assert batched["num_predictions"] == single["num_predictions"] == 3
+
+    def predictions(folder):
+        return [json.loads(line)["prediction"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+    assert predictions(tmp_path / "b") == predictions(tmp_path / "s")
+
+
+@pytest.mark.slow
 def test_infer_rejects_missing_images(tmp_path):
     from qwenvl_ft.commands.infer import infer
 

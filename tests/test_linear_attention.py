@@ -74,3 +74,95 @@ def test_only_one_packed_row_is_cut():
     assert packed_lengths(torch.tensor([[0, 1, 2, 3]])) is None  # one sample
     assert packed_lengths(torch.tensor([[0, 1, 0], [0, 1, 0]])) is None  # several rows: padded batches
     assert packed_lengths(None) is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# which kernels run the recurrent layers: flash-linear-attention on CUDA when installed, transformers' torch path
+# otherwise
+
+
+def test_the_backend_is_torch_on_cpu_even_with_fla(monkeypatch):
+    from qwenvl_ft.modeling import linear_attention
+
+    model, *_ = _setup(RECURRENT[0])
+    assert linear_attention.linear_attention_backend(model) == linear_attention.TORCH
+    monkeypatch.setattr(linear_attention, "fla_installed", lambda: True)
+    assert linear_attention.linear_attention_backend(model) == linear_attention.TORCH  # fla's kernels need CUDA
+    other, *_ = _setup(next(option for option in TEST_MODELS if option not in RECURRENT))
+    assert linear_attention.linear_attention_backend(other) is None
+
+
+@pytest.mark.slow
+def test_the_run_log_and_run_info_name_the_backend(tmp_path, caplog):
+    import json
+    import logging
+
+    from qwenvl_ft.commands.train import train
+
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="qwenvl_ft"):
+        train(compose(["recipe=demo", f"model={RECURRENT[0]}", "adapter=lora", "data.shapes.num_train=8",
+                       "data.shapes.num_eval=2", "trainer.max_steps=1", "trainer.eval_generation=false"],
+                      output_dir=str(run)))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("linear attention: ")]
+    assert len(said) == 1 and "delta rule runs on torch" in said[0] and ".[fla]" in said[0]
+    assert json.loads((run / "run_info.json").read_text())["linear_attention"] == "torch"
+
+
+def _deltanet_on_cuda(option):
+    """A Gated DeltaNet layer of the tiny model's config, widened to kernel-friendly head sizes, on CUDA."""
+    from qwenvl_ft.families.base import attribute
+
+    typed = validate(compose(["recipe=demo", f"model={option}", "model.architecture.linear_key_head_dim=64",
+                              "model.architecture.linear_value_head_dim=64"], output_dir="/tmp/unused"))
+    model = model_class(typed.model).from_pretrained(model_source(typed.model), dtype=torch.float32)
+    family = family_of_option(option)
+    layer_class = family.load_linear_attention_class()
+    layer = next(m for m in attribute(model, family.decoder_layers).modules() if isinstance(m, layer_class))
+    return layer.cuda().train()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("option", RECURRENT)
+def test_fla_matches_the_torch_path_forward_and_gradients(option):
+    """The same layer, weights and inputs through fla's chunk kernel (transformers' choice for CUDA inputs when fla
+    is installed) and through transformers' torch path (its choice for CPU inputs): outputs, input gradients and
+    weight gradients agree."""
+    pytest.importorskip("fla")
+    import copy
+
+    on_cuda = _deltanet_on_cuda(option)
+    on_cpu = copy.deepcopy(on_cuda).cpu()
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 192, on_cuda.hidden_size)
+
+    def run(layer, device):
+        inputs = hidden.to(device).requires_grad_(True)
+        output = layer(inputs)
+        output.pow(2).mean().backward()
+        return [t.detach().cpu() for t in (output, inputs.grad, layer.in_proj_qkv.weight.grad, layer.A_log.grad)]
+
+    for fla_value, torch_value in zip(run(on_cuda, "cuda"), run(on_cpu, "cpu")):
+        torch.testing.assert_close(fla_value, torch_value, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("option", RECURRENT)
+def test_packed_rows_stay_apart_on_cuda(option):
+    """On CUDA (fla's kernels when installed) the per-sample loop keeps a pack's samples apart as on CPU."""
+    from qwenvl_ft.modeling.linear_attention import linear_attention_backend
+
+    model, collator, samples, batch = _setup(option)
+    model = model.cuda()
+    run_linear_attention_per_sample(model)
+    assert linear_attention_backend(model) in ("torch", "flash-linear-attention")
+
+    def on_gpu(inputs):
+        return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    with torch.no_grad():
+        packed = model(**on_gpu(batch), use_cache=False).logits[0]
+        starts = sample_boundaries(batch["position_ids"]) + [batch["input_ids"].shape[1]]
+        gap = max(float((packed[a:b] - model(**on_gpu(collator.pad([s])), use_cache=False).logits[0]).abs().max())
+                  for s, a, b in zip(samples, starts, starts[1:]))
+    assert gap < 1e-4

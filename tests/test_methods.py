@@ -102,6 +102,24 @@ def test_eval_of_the_base_model_runs_for_every_method(name, tmp_path):
     assert report["num_samples"] == 4 and all(example["reference"] for example in report["examples"])
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_data_check_estimate_and_eval_run_on_qwen3_5_for_every_method(name, tmp_path, capsys):
+    """The tiny Qwen3.5 (Gated DeltaNet layers, a thinking template) through each method's data check, estimate
+    and base-model eval, its prompts' think block closed (data.enable_thinking=false)."""
+    from qwenvl_ft.commands.data_check import data_check
+    from qwenvl_ft.commands.estimate import estimate
+    from qwenvl_ft.commands.eval import evaluate
+
+    common = [f"recipe={methods.get(name).demo_recipe}", "model=tiny_qwen3_5", *SMALL, "data.enable_thinking=false"]
+    summary = data_check(compose(common, output_dir=str(tmp_path / "check")))
+    assert summary["invalid_rows"] == 0 and summary["train"]["rows_kept"] == 16
+    assert estimate(compose(common, output_dir="/tmp/unused"))["predicted_peak_gib"] > 0
+    assert "Gated DeltaNet x" in capsys.readouterr().out
+    result = evaluate(compose(common + ["eval.model_path=null", "eval.generation.max_new_tokens=4"],
+                              config_name="eval", output_dir=str(tmp_path / "eval")))
+    assert set(result) >= {"base_exact_match", "base_bleu", "base_rouge_l"}
+
+
 @pytest.mark.slow
 def test_dpo_rewards_in_eval_use_the_disabled_adapter_as_the_base(tmp_path):
     """`qwenvl-ft eval` on a DPO adapter: implicit rewards against the adapter disabled equal those against a

@@ -52,6 +52,11 @@ def merge(composed: DictConfig) -> Dict:
         raise ConfigError(f"{output_path} exists; pass merge.overwrite=true to replace it")
     adapter_config = json.loads((adapter_path / ADAPTER_CONFIG).read_text())
     dtype = (m.dtype or cfg.model.dtype).value
+    from qwenvl_ft import families
+    from qwenvl_ft.publish.serving import serving_of_folder
+
+    serving = serving_of_folder(adapter_path, families.get(cfg.model.family.value))
+    log.info("serving: %s; the merged folder is a plain model, which vLLM serves", serving.sentence())
     if cfg.adapter.load_in_4bit:
         log.info("QLoRA adapter: merging into the unquantised %s base (not the 4-bit one it trained on)", dtype)
 
@@ -69,9 +74,10 @@ def merge(composed: DictConfig) -> Dict:
             "method": "dora" if adapter_config.get("use_dora") else ("qlora" if cfg.adapter.load_in_4bit else "lora"),
             "dtype": dtype,
             "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "adapter_servable_by_vllm": serving.servable,
         }
         (staging / "merge_info.json").write_text(json.dumps(merge_info, indent=2))
-        _write_card(staging, cfg, composed, adapter_path, merge_info)
+        _write_card(staging, cfg, composed, adapter_path, merge_info, serving.sentence())
         _replace(staging, output_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -88,7 +94,7 @@ def merge(composed: DictConfig) -> Dict:
 
 
 def _write_card(folder: Path, cfg: MergeRunConfig, composed: DictConfig, adapter_path: Path,
-                merge_info: Dict) -> None:
+                merge_info: Dict, serving: str) -> None:
     """The merged model's card: the training run's record (the adapter's run folder) when there is one, else this
     command's config, plus how it was merged."""
     from omegaconf import OmegaConf
@@ -102,7 +108,7 @@ def _write_card(folder: Path, cfg: MergeRunConfig, composed: DictConfig, adapter
         train_keys = {k: v for k, v in OmegaConf.to_container(composed, resolve=True).items() if k != "merge"}
         text = OmegaConf.to_yaml(OmegaConf.create(train_keys))
         record = RunRecord(config=typed_config(text), config_yaml=text)
-    write_card(folder, build_card(record, "merged", cfg.hub.repo_id or str(folder), merge_info))
+    write_card(folder, build_card(record, "merged", cfg.hub.repo_id or str(folder), merge_info, serving))
 
 
 def _replace(staging: Path, target: Path) -> None:

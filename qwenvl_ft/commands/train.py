@@ -56,7 +56,7 @@ def train(composed: DictConfig) -> Dict:
     log.info("saved %s to %s", "adapter" if cfg.adapter.is_peft else "model", final_dir)
     log.info("result: %s", training.result_line(metrics))
     if trainer.is_world_process_zero():  # the model card of final/ (and the upload when hub.push), once
-        finish_final(output_dir, started_at=started)
+        finish_final(output_dir, started_at=started, linear_attention=linear_attention_backend(trainer.model))
     log_performance(metrics)
     return metrics
 
@@ -115,7 +115,23 @@ def build(training: Training, parts: TrainerParts):
     startup.mark("trainer build")
     trainable, total = count_parameters(trainer.model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    if hasattr(trainer.model, "peft_config"):  # whether vLLM can serve what this run will save
+        from qwenvl_ft import families
+        from qwenvl_ft.publish.serving import serving_of_model
+
+        log.info("serving: %s", serving_of_model(trainer.model, families.of_model(trainer.model)).sentence())
+    backend = linear_attention_backend(trainer.model)
+    if backend is not None:
+        log.info("linear attention: the recurrent layers' delta rule runs on %s%s", backend,
+                 " (pip install \".[fla]\" on CUDA for flash-linear-attention's kernels)" if backend == "torch" else "")
     return trainer
+
+
+def linear_attention_backend(model):
+    """What runs the recurrent layers (modeling/linear_attention.py), None without them."""
+    from qwenvl_ft.modeling.linear_attention import linear_attention_backend as backend_of
+
+    return backend_of(model)
 
 
 def fit(run: RunStart, method: methods.Method, training: Training, trainer, parts: TrainerParts,

@@ -62,6 +62,9 @@ class Thinking(str, Enum):
 
     template = "template"  # as the chat template renders it (a thinking template may keep the last turns' only)
     strip = "strip"  # removed before rendering: the model learns the answers only
+    # every assistant turn rendered as the template renders the turns after the last user query: where a thinking
+    # template drops the reasoning of earlier turns, keep trains it too (an earlier turn without any: an empty block)
+    keep = "keep"
 
 
 @dataclass
@@ -179,7 +182,7 @@ class DataConfig:
     train_on_prompt: bool = False
     # For models whose chat template thinks: reasoning in assistant turns, and the template's
     # enable_thinking for the prompts the model answers (held-out checks, eval, infer, chat).
-    thinking: Thinking = Thinking.template  # reasoning in assistant turns: as the template renders it, or stripped
+    thinking: Thinking = Thinking.template  # reasoning in assistant turns: as the template renders it, kept, stripped
     enable_thinking: Optional[bool] = None  # a generation prompt opens (true) or closes (false) the think block
 
     def __post_init__(self) -> None:

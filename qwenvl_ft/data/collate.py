@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from qwenvl_ft import families
-from qwenvl_ft.config.data import DataConfig, Overlength, Thinking
+from qwenvl_ft.config.data import DataConfig, Overlength
 from qwenvl_ft.data.images import ImageLimits, load_image
-from qwenvl_ft.data.turns import assistant_label_mask, prompt_messages, without_reasoning
+from qwenvl_ft.data.turns import assistant_label_mask, prompt_messages, render_chat
 from qwenvl_ft.data.video import Sampling, load_video
 from qwenvl_ft.errors import DataError
 from qwenvl_ft.families import IMAGE, TEXT, VIDEO  # noqa: F401  (values of mm_token_type_ids, re-exported)
@@ -275,13 +275,8 @@ class VisionChatCollator:
     # -- one sample --------------------------------------------------------------------------------------------
 
     def render(self, messages: List[dict], add_generation_prompt: bool = False) -> str:
-        """The chat template's text; reasoning stripped (data.thinking), data.enable_thinking for a prompt."""
-        if self.cfg.thinking == Thinking.strip:
-            messages = without_reasoning(messages)
-        switches = {"enable_thinking": self.cfg.enable_thinking} \
-            if add_generation_prompt and self.cfg.enable_thinking is not None else {}
-        return self.processor.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt, **switches)
+        """The chat template's text; reasoning stripped or kept (data.thinking), data.enable_thinking for a prompt."""
+        return render_chat(self.processor, messages, self.cfg, add_generation_prompt)
 
     def _tokens_and_labels(self, row: dict, visuals: Visuals, prompt_only: bool = False) -> Dict[str, torch.Tensor]:
         # NumPy, not torch, for these small index operations: torch's intra-op thread pool makes each of them cost

@@ -1,14 +1,18 @@
 """A conversation row's turns: which tokens are an assistant's turn (the training targets), the prompt part of a
-row (every turn but the last answer), its reference answer (the last answer's text), and the reasoning of its
-assistant turns (`<think>...</think>` before the answer, the form chat templates that think parse).
+row (every turn but the last answer), its reference answer (the last answer's text), the reasoning of its
+assistant turns (`<think>...</think>` before the answer, the form chat templates that think parse), and the row's
+text as the chat template renders it under data.thinking and data.enable_thinking.
 """
 
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
+
+from qwenvl_ft.config.data import DataConfig, Thinking
+from qwenvl_ft.errors import ConfigError
 
 
 def assistant_label_mask(input_ids: Sequence[int], tokenizer) -> torch.Tensor:
@@ -71,3 +75,54 @@ def without_reasoning(messages: List[dict]) -> List[dict]:
             message = dict(message, content=content)
         out.append(message)
     return out
+
+
+# A rendered think block (Qwen's thinking templates): what data.thinking=keep may add to the template's text.
+_THINK_BLOCK = re.compile(r"<think>\n.*?\n</think>\n\n", re.DOTALL)
+
+
+def every_reasoning_kept(template: Callable[[List[dict], bool], str], messages: List[dict],
+                         add_generation_prompt: bool = False) -> str:
+    """The conversation as `template(messages, add_generation_prompt)` renders it, except that every assistant
+    turn is rendered the way the template renders the turns after the last user query (data.thinking=keep).
+
+    Why: a thinking template may render reasoning only in the turns after the last user query (Qwen's newest do), so a
+    multi-turn row would train the last turn's reasoning only. How, from the template alone: the turns answering
+    user query k are cut from the template's text of the conversation up to the next query (where they are the
+    last turns), after its text up to query k itself; each next query is the template's text of that message alone.
+    The result differs from the template's own text by think blocks only (checked: a template that renders
+    anything else differently is a ConfigError)."""
+    queries = [i for i, message in enumerate(messages) if message["role"] == "user"]
+    whole = template(messages, add_generation_prompt)
+    if len(queries) < 2:
+        return whole
+    ends = queries[1:] + [len(messages)]
+    text = template(messages[:queries[0] + 1], False)
+    for query, end in zip(queries, ends):
+        asked = template(messages[:query + 1], False)
+        answered = template(messages[:end], add_generation_prompt and end == len(messages))
+        if not answered.startswith(asked):
+            raise ConfigError("data.thinking=keep: the chat template renders a conversation differently when it "
+                             "continues, so its turns cannot be cut apart; use data.thinking=template or strip")
+        text += answered[len(asked):]
+        if end < len(messages):
+            text += template([messages[end]], False)
+    if _THINK_BLOCK.sub("", text) != _THINK_BLOCK.sub("", whole):
+        raise ConfigError("data.thinking=keep: this chat template renders more than the reasoning differently in "
+                         "earlier turns; use data.thinking=template or strip")
+    return text
+
+
+def render_chat(processor, messages: List[dict], cfg: DataConfig, add_generation_prompt: bool = False) -> str:
+    """The chat template's text of `messages` under the data settings `cfg`: reasoning stripped or kept
+    (data.thinking), data.enable_thinking passed to a generation prompt."""
+    if cfg.thinking == Thinking.strip:
+        messages = without_reasoning(messages)
+    switch = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
+
+    def template(part: List[dict], prompt: bool) -> str:
+        return processor.apply_chat_template(part, tokenize=False, add_generation_prompt=prompt,
+                                             **(switch if prompt else {}))
+    if cfg.thinking == Thinking.keep:
+        return every_reasoning_kept(template, messages, add_generation_prompt)
+    return template(messages, add_generation_prompt)

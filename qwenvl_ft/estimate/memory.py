@@ -32,8 +32,8 @@ from qwenvl_ft.config.trainer import Precision
 from qwenvl_ft.estimate import experts
 from qwenvl_ft.estimate.budget import BatchBudget, batch_budget
 from qwenvl_ft.estimate.counts import ParameterCounts, count_parameters, hf_config, meta_model
-from qwenvl_ft.errors import ConfigError
-from qwenvl_ft.families.base import language_linear_inputs
+from qwenvl_ft.estimate.layers import hybrid_layer_bytes, recurrent_state_rows
+from qwenvl_ft.families.base import FULL_ATTENTION, language_linear_inputs, layer_kinds
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -93,11 +93,6 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
     config = model.config
     text, vision = config.get_text_config(), config.vision_config
     family = families.of_config(config)
-    missing = unsized_parts(family)
-    if missing:
-        raise ConfigError(f"qwenvl-ft estimate has no activation formula for {family.title}'s {' and '.join(missing)} "
-                          f"yet, so it would predict too low a peak; this config's model has {counts.total:,} "
-                          f"parameters, {counts.trainable:,} of them trained")
     w = DTYPE_BYTES[model_cfg.dtype.value]
     # activation dtype: autocast's under bf16/fp16 mixed precision, else the weights' (the estimate is for a GPU,
     # where precision=auto means bf16)
@@ -137,16 +132,8 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
     rows += generation_rows(cfg, method, w)  # e.g. GRPO's sampled completions
     budget = budget or batch_budget(method.batch_data(cfg), trainer_cfg.batch_size, family,
                                     pairs=method.sequences_per_row() == 2)
-    rows += _activation_rows(cfg, counts, family, text, vision, budget, ActivationDtypes.of(counts, w, a))
+    rows += _activation_rows(cfg, counts, family, text, vision, budget, ActivationDtypes.of(counts, w, a), model)
     return Estimate(rows, counts, budget)
-
-
-def unsized_parts(family: families.Family) -> List[str]:
-    """The layers of a family the activation formulas do not cover yet."""
-    missing = []
-    if family.linear_attention_class:
-        missing.append("linear-attention (Gated DeltaNet) layers")
-    return missing
 
 
 def generation_rows(cfg: TrainConfig, method: methods.Method, weight_bytes: int) -> List[tuple]:
@@ -163,10 +150,12 @@ def generation_rows(cfg: TrainConfig, method: methods.Method, weight_bytes: int)
     completions = batch.completions
     if batch.kv_cache:
         tokens = completions * (batch.prompt_tokens + batch.new_tokens)
-        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * weight_bytes
+        attention_layers = layer_kinds(text).count(FULL_ATTENTION)  # recurrent layers keep a state instead
+        per_token = 2 * attention_layers * text.num_key_value_heads * head_dim * weight_bytes
         rows.append(("generation: KV cache", per_token * tokens,
                      f"{completions} completions x ({batch.prompt_tokens} prompt + {batch.new_tokens} "
                      f"generated) tokens x {per_token} B; freed before the loss forward, so an upper bound"))
+        rows += recurrent_state_rows(text, completions)
     one = batch_budget(method.batch_data(cfg), 1, families.of_config(config))
     patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
     if one.vision_patches:
@@ -214,7 +203,7 @@ def _decoder_row(cfg, counts, family: families.Family, text, T: int, dtypes: Act
 
 
 def _activation_rows(cfg, counts, family: families.Family, text, vision, budget: BatchBudget,
-                     dtypes: ActivationDtypes) -> List[tuple]:
+                     dtypes: ActivationDtypes, model=None) -> List[tuple]:
     model_cfg, adapter_cfg = cfg.model, cfg.adapter
     a, residual = dtypes.autocast, dtypes.residual
     h, layers = text.hidden_size, text.num_hidden_layers
@@ -230,7 +219,10 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
     rows = []
 
     mask = 1 if adapter_cfg.dropout > 0 else 0  # no dropout: no mask (adapters on q/k/v then share one input)
-    rows.append(_decoder_row(cfg, counts, family, text, T, dtypes, lm_trainable, lm_lora, mask))
+    if family.kind_layer_bytes is not None:  # layers of different kinds (Gated DeltaNet and attention)
+        rows.append(_kinds_of_layers_row(cfg, counts, family, text, T, dtypes, lm_trainable, mask, model))
+    else:
+        rows.append(_decoder_row(cfg, counts, family, text, T, dtypes, lm_trainable, lm_lora, mask))
 
     # TRL's fused LM head keeps the final hidden states; its backward works on token x vocabulary tiles and
     # accumulates the hidden-state gradient (and the head's own, when it trains) in fp32. A head weight that is
@@ -264,3 +256,39 @@ def _activation_rows(cfg, counts, family: families.Family, text, vision, budget:
         rows.append(("activations: merger", family.projector_bytes(vision, a, P, budget.visual_tokens),
                      f"{len(family.projectors)} projector module(s) over {P} patches"))
     return rows
+
+
+def _layers_row(checkpointing: bool, layers: int, layer: int, residual: int, hidden: int, tokens: int) -> tuple:
+    """The language model's activations when every layer is alike: `layer` bytes per token each; checkpointing
+    keeps each layer's input (`hidden` values of `residual` bytes per token) and recomputes one layer."""
+    if checkpointing:
+        how = (f"checkpointed: {layers} layer inputs ({residual} B) x {tokens} tokens, + one layer recomputed "
+               f"({layer} B/token)")
+        return ("activations: LM", layers * residual * hidden * tokens + layer * tokens, how)
+    return ("activations: LM", layers * layer * tokens, f"{layers} layers x {tokens} tokens x {layer} B/token")
+
+
+def _kinds_of_layers_row(cfg, counts, family: families.Family, text, tokens: int, dtypes: ActivationDtypes,
+                         lm_trainable: bool, mask: int, model) -> tuple:
+    """The language model's activations when its layers differ in kind (estimate/layers.py), on transformers'
+    torch path of the Gated DeltaNet layers (flash-linear-attention's kernels keep less)."""
+    model = model if model is not None else meta_model(cfg.model)
+    lora_modules = counts.lora_modules if cfg.adapter.is_peft else {}
+    adapted = family.adapted_experts(cfg.adapter.target_modules) if counts.expert_lora else []
+    # a mixture-of-experts layer: the kind's formula with the shared expert as its MLP, plus the routed experts
+    found = hybrid_layer_bytes(model, family, experts.dense_view(text, family), lora_modules, dtypes.autocast,
+                               lm_trainable, cfg.adapter.r, mask, dtypes.linear,
+                               extra=experts.routed_bytes(text, family, dtypes.autocast, lm_trainable, adapted))
+    folded = experts.folded_weight_bytes(text, family, DTYPE_BYTES[cfg.model.dtype.value], adapted)
+    if cfg.model.gradient_checkpointing:
+        layers = len(found.per_layer)
+        saved = layers * dtypes.residual * text.hidden_size * tokens
+        working = max(found.per_layer) * tokens + folded  # the largest layer recomputed in the backward
+        how = (f"checkpointed: {layers} layer inputs ({dtypes.residual} B) x {tokens} tokens, + the largest layer "
+               f"recomputed ({found.describe()}; DeltaNet on the torch path)")
+    else:
+        saved, working = sum(found.per_layer) * tokens + len(found.per_layer) * folded, 0
+        how = f"{found.describe()}, x {tokens} tokens (DeltaNet on the torch path)"
+    if adapted:
+        how += f", + {folded / GiB:.2f} GiB per layer of LoRA-folded expert weights"
+    return ("activations: LM", int(saved + working), how)

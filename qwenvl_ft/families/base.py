@@ -216,6 +216,14 @@ def qwen_processor(processor_class: str, tokenizer, arch: Any, chat_template: st
 # tests/test_estimate.py measures autograd's saved tensors of the real code on CPU and checks these against them
 
 
+LINEAR_ATTENTION, FULL_ATTENTION = "linear_attention", "full_attention"  # transformers' config.layer_types
+
+
+def layer_kinds(text: Any) -> List[str]:
+    """The kind of each decoder layer, as the config lays them out (`layer_types`; all attention without it)."""
+    return list(getattr(text, "layer_types", None) or [FULL_ATTENTION] * text.num_hidden_layers)
+
+
 def lora_bytes(in_features: int, r: int, a: int, mask_bytes: int) -> int:
     """lora_A keeps its dropped-out input, lora_B keeps lora_A's output, dropout keeps its mask (a bool on CUDA;
     PyTorch's CPU dropout multiplies by a float mask instead, hence the parameter)."""
@@ -351,6 +359,9 @@ class Family:
     vision_sizes: Callable[[Any], VisionSizes]
     vision_block_bytes: Callable[..., int]  # (VisionSizes, heads, a, trainable, lora_in, r, mask_bytes)
     projector_bytes: Callable[[Any, int, int, int], int] = merger_bytes  # (vision config, a, patches, tokens)
+    # a language model whose layers differ in kind (`layer_types`: Gated DeltaNet and attention): the saved bytes
+    # per token of a layer of each kind, (text config, kind, a, trainable, lora_in, r, mask_bytes, linear bytes)
+    kind_layer_bytes: Optional[Callable[..., float]] = None
 
     # -- classes -------------------------------------------------------------------------------------------------
 
@@ -406,6 +417,14 @@ class Family:
         """Saved tensors of one decoder layer per token (`decoder_layer_bytes` for this family's layers)."""
         return decoder_layer_bytes(text, a, trainable, lora_in, r, mask_bytes, qk_norm=self.qk_norm,
                                    mlp_bytes=mlp_bytes)
+
+    def layer_kind_bytes(self, text: Any, kind: str, a: int, trainable: bool, lora_in: Sequence[int], r: int,
+                         mask_bytes: int = 1, mlp_bytes: Optional[int] = None) -> float:
+        """Saved tensors per token of one decoder layer of `kind` (a `layer_types` value); every layer is alike
+        unless the family declares `kind_layer_bytes`."""
+        if self.kind_layer_bytes is None:
+            return self.layer_bytes(text, a, trainable, lora_in, r, mask_bytes, mlp_bytes)
+        return self.kind_layer_bytes(text, kind, a, trainable, lora_in, r, mask_bytes, mlp_bytes)
 
     @property
     def factor(self) -> int:

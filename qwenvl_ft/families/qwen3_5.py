@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any, List
 
 from qwenvl_ft.families.base import LANGUAGE_PROJECTIONS, Family, text_config, vision_token_ids
+from qwenvl_ft.families._gated_deltanet import hybrid_layer_bytes
 # Qwen3-VL's vision tower and processor: the same functions serve both
 from qwenvl_ft.families.qwen3_vl import positions, random_processor, video_tokens, vision_block_bytes, vision_sizes
 
@@ -256,4 +257,5 @@ FAMILY = Family(
     architecture_problems=architecture_problems,
     vision_sizes=vision_sizes,
     vision_block_bytes=vision_block_bytes,
+    kind_layer_bytes=hybrid_layer_bytes,
 )

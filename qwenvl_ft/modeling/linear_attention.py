@@ -18,6 +18,14 @@ layer runs per sample (its norms, residuals and MLP are per token, so this chang
 layer's own `forward`: transformers kernelizes that class (`use_kernel_forward_from_hub`) and resets its forward
 whenever the model switches between train() and eval(). The classes and transformers' code are left alone;
 tests/test_packing.py checks packed = unpacked losses and gradients on the family's tiny model.
+
+Which kernels run the recurrent layer (`linear_attention_backend`, in the run log and run_info.json): transformers
+5.25 resolves the delta rule to flash-linear-attention's `chunk_gated_delta_rule` when the `fla` package imports
+(fla-core, `pip install ".[fla]"`) and the inputs are on CUDA (or XPU, MLU), and to its fp32 torch loop otherwise
+(transformers#48718 measured 1.22 s/step against 0.70 with the kernel on the 9B). Its causal conv goes to the
+separate `causal_conv1d` package, whose function takes no sample boundaries (transformers passes `cu_seq_lens_q`,
+which it filters out), so transformers' own varlen path would still leak through the conv: packed rows keep the
+per-sample loop on every backend, and on CUDA each sample's slice runs fla's kernel.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from qwenvl_ft.families.base import attribute
 from qwenvl_ft.modeling.varlen_attention import restarts
 
 _WRAPPED = "_qwenvl_ft_per_sample"
+FLA, TORCH = "flash-linear-attention", "torch"
+FLA_DEVICES = ("cuda", "xpu", "mlu")  # where transformers hands the delta rule to fla (hub_kernels.py)
 
 
 class SampleLengths:
@@ -103,3 +113,32 @@ def run_linear_attention_per_sample(model) -> int:
         layer.forward = functools.partial(per_sample_forward, layer.forward, lengths)
         setattr(layer, _WRAPPED, True)
     return len(layers)
+
+
+def linear_attention_backend(model) -> Optional[str]:
+    """What runs the delta rule of `model`'s recurrent layers: "flash-linear-attention" (fla-core's Triton
+    kernels: the `fla` package imports and the model sits on a device fla runs on) or "torch" (transformers' fp32
+    chunked loop); None for a family without recurrent layers."""
+    family = families.of_model(model)
+    if family.linear_attention_class is None:
+        return None
+    device = next(model.parameters()).device.type
+    return FLA if device in FLA_DEVICES and fla_installed() else TORCH
+
+
+def fla_installed() -> bool:
+    """Whether transformers would take flash-linear-attention's kernels: the `fla` package at 0.2.2 or newer
+    (transformers' floor; the `fla` extra asks for fla-core 0.4.1, the version packing users pin)."""
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.util import find_spec
+
+    if find_spec("fla") is None:
+        return False
+    from packaging.version import Version
+
+    for distribution in ("fla-core", "flash-linear-attention"):
+        try:
+            return Version(version(distribution)) >= Version("0.2.2")
+        except PackageNotFoundError:
+            continue
+    return False

@@ -35,13 +35,15 @@ _METRIC_NAMES = {"exact_match": "exact match", "bleu": "BLEU", "rouge_l": "ROUGE
 # the card
 
 
-def build_card(record: RunRecord, kind: str, where: str, merge_info: Optional[Dict] = None):
+def build_card(record: RunRecord, kind: str, where: str, merge_info: Optional[Dict] = None,
+               serving: Optional[str] = None):
     """The ModelCard of a folder of `kind` 'adapter', 'model' (a full fine-tune) or 'merged'. `where` is how a
-    reader loads it: the Hub repository id when it is pushed, else the folder."""
+    reader loads it: the Hub repository id when it is pushed, else the folder. `serving`: whether vLLM can serve
+    the adapter unmerged (publish/serving.py), for an adapter and for what was merged from one."""
     from huggingface_hub import ModelCard
 
     data = card_data(record, kind, where)
-    sections = [_title(record, kind, where), _model_section(record, kind, merge_info), _data_section(record),
+    sections = [_title(record, kind, where), _model_section(record, kind, merge_info, serving), _data_section(record),
                 _results_section(record), _loss_section(record.log_history), _usage_section(record, kind, where),
                 _launch_section(record, merge_info), _hardware_section(record), _config_section(record)]
     body = "\n\n".join(s for s in sections if s) + "\n"
@@ -155,7 +157,7 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
-def _model_section(record: RunRecord, kind: str, merge_info: Optional[Dict]) -> str:
+def _model_section(record: RunRecord, kind: str, merge_info: Optional[Dict], serving: Optional[str] = None) -> str:
     cfg, t, o = record.config, record.config.trainer, record.config.optimizer
     steps = record.metrics.get("global_step", "?")
     length = f"{steps} optimizer steps" if t.max_steps > 0 else f"{t.epochs:g} epochs ({steps} optimizer steps)"
@@ -178,6 +180,10 @@ def _model_section(record: RunRecord, kind: str, merge_info: Optional[Dict]) -> 
                               f"{merge_info.get('merged_at')}" + (" (QLoRA: into the unquantised base, not the 4-bit "
                                                                   "one it trained on)" if cfg.adapter.method ==
                                                                   AdapterMethod.qlora else "")))
+    if serving and kind == "merged":
+        rows.append(("serving", f"vLLM serves this merged folder as a plain model (the adapter unmerged: {serving})"))
+    elif serving:
+        rows.append(("serving", serving))
     return "## Model\n\n" + _table(rows)
 
 

@@ -60,7 +60,8 @@ def write_history(trainer, output_dir: Path, metrics: Dict) -> None:
     write_atomically(output_dir / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
 
 
-def finish_final(output_dir: Path, command: Optional[str] = None, started_at: Optional[float] = None) -> Path:
+def finish_final(output_dir: Path, command: Optional[str] = None, started_at: Optional[float] = None,
+                 linear_attention: Optional[str] = None) -> Path:
     """Once final/, metrics.json and log_history.json are written (the held-out metrics after training included):
     run_info.json (command, hardware, software, times), the model card of final/, and the upload when hub.push.
     `command` defaults to this job's command line, `started_at` to when start_run wrote config.yaml (the start of
@@ -69,7 +70,10 @@ def finish_final(output_dir: Path, command: Optional[str] = None, started_at: Op
 
     config_yaml = output_dir / "config.yaml"
     started = started_at if started_at is not None else config_yaml.stat().st_mtime
-    write_run_info(output_dir, run_info(command or launch_command(), started))
+    info = run_info(command or launch_command(), started)
+    if linear_attention is not None:  # what ran the recurrent layers (modeling/linear_attention.py)
+        info["linear_attention"] = linear_attention
+    write_run_info(output_dir, info)
     return publish_final(output_dir, typed_config(config_yaml.read_text()).hub)
 
 
@@ -82,7 +86,14 @@ def publish_final(output_dir: Path, hub: HubConfig) -> Path:
 
     final_dir = output_dir / "final"
     kind = "adapter" if (final_dir / "adapter_config.json").is_file() else "model"
-    card = write_card(final_dir, build_card(load_run(output_dir), kind, hub.repo_id or str(final_dir)))
+    record = load_run(output_dir)
+    serving = None
+    if kind == "adapter":
+        from qwenvl_ft import families
+        from qwenvl_ft.publish.serving import serving_of_folder
+
+        serving = serving_of_folder(final_dir, families.get(record.config.model.family.value)).sentence()
+    card = write_card(final_dir, build_card(record, kind, hub.repo_id or str(final_dir), serving=serving))
     log.info("model card: %s", card)
     if hub.push:
         retry = (f"run the same command again (the run is finished: it only uploads):\n"
