@@ -38,7 +38,6 @@ def evaluate(composed: DictConfig) -> Dict:
 
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.kinds import rows_of
-    from qwenvl_ft.data.turns import reference_answer
     from qwenvl_ft.evaluation.metrics import compute
     from qwenvl_ft.modeling.load import kind_of, load_processor
     from qwenvl_ft.trainers.base import training_of
@@ -53,9 +52,9 @@ def evaluate(composed: DictConfig) -> Dict:
         raise ConfigError("no held-out rows to evaluate: set data.eval_size, data.eval_path or data.shapes.num_eval")
     method_rows = list(held_out)[: e.num_samples]
     rows = training.generation_rows(method_rows)
-    references = [reference_answer(row) for row in rows]
     processor = load_processor(cfg.model, cfg.data, model_path)
     collator = VisionChatCollator(processor, cfg.data)
+    references = [collator.reference(row) for row in rows]
 
     predictions, models = _generate(cfg, model_path, collator, rows)
     metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}

@@ -8,7 +8,9 @@ inside box tokens or as JSON objects. This package turns those declarations into
 - coords.py: maps between a dataset's coordinates (pixels of the original image, relative 0-1, or already the
   family's), the family's coordinates and the original image's pixels;
 - text.py: writes objects (label + box or point) in a family's text form and parses them back from any answer;
-- geometry.py: IoU, best-match IoU, point in box.
+- geometry.py: IoU, matched IoU, point in box;
+- draw.py: boxes and points drawn on an image (PIL, imported when drawing).
 
-It imports only the standard library, so rewards (one layer up) and data-check stay torch-free.
+It imports only the standard library (draw.py PIL, when called), so rewards (one layer up) and data-check stay
+torch-free.
 """

@@ -9,8 +9,9 @@ when max_pixels, resized_height/width or the processor's bounds change.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from qwenvl_ft.grounding.convention import BoxConvention
 
@@ -65,3 +66,8 @@ def rounding_error(original: Size, resized: Size, convention: BoxConvention) -> 
         step = [s / convention.grid for s in original]
         return tuple(s * (0.5 + convention.grid - convention.top) for s in step)
     return tuple(s / n * 1.5 for s, n in zip(original, resized))  # half a pixel, plus the clip at n - 1
+
+
+def marks_to_original(marks: Sequence, original: Size, shown: Size, convention: BoxConvention) -> List:
+    """Parsed marks (grounding/text.py), in the family's numbers, as marks in the original image's pixels."""
+    return [dataclasses.replace(mark, values=to_original(mark.values, original, shown, convention)) for mark in marks]

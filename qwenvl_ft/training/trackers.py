@@ -52,13 +52,14 @@ class GalleryEntry:
         return f"prompt: {self.prompt}\nprediction: {self.prediction}\nreference: {self.reference}"
 
 
-def gallery_entries(rows: Sequence[dict], predictions: Sequence[str]) -> List[GalleryEntry]:
-    """Gallery entries of canonical conversation rows (their last turn is the reference) and their predictions."""
+def gallery_entries(rows: Sequence[dict], predictions: Sequence[str],
+                    references: Sequence[str]) -> List[GalleryEntry]:
+    """Gallery entries of canonical conversation rows, their predictions and references."""
     from qwenvl_ft.data.images import open_image
-    from qwenvl_ft.data.turns import prompt_messages, reference_answer
+    from qwenvl_ft.data.turns import prompt_messages
 
     entries = []
-    for row, prediction in zip(rows, predictions):
+    for row, prediction, reference in zip(rows, predictions, references):
         image = None
         if row.get("images"):
             image = open_image(row["images"][0], f"{row.get('source', '?')}: images[0]").copy()
@@ -66,7 +67,7 @@ def gallery_entries(rows: Sequence[dict], predictions: Sequence[str]) -> List[Ga
         users = [m for m in prompt_messages(row) if m["role"] == "user"]
         prompt = "".join(part.get("text") or "" for part in users[-1]["content"] if part["type"] == "text") \
             if users else ""
-        entries.append(GalleryEntry(image, prompt.strip(), prediction, reference_answer(row)))
+        entries.append(GalleryEntry(image, prompt.strip(), prediction, reference))
     return entries
 
 
