@@ -31,7 +31,7 @@ def draw_shape(colour: str, shape: str, size: int, rng: random.Random, cell: Opt
     """The image, and the shape's box (x1, y1, x2, y2) in its pixels. Without `cell`, one large shape anywhere;
     with it, a shape filling most of that cell (column, row) of a 3 x 3 grid."""
     background = tuple(rng.randint(200, 255) for _ in range(3))
-    image = Image.new("RGB", (size, size), background)
+    image = Image.new("RGB", (size, size), background) if cell is None else _position_ramp(size)
     pen = ImageDraw.Draw(image)
     if cell is None:  # large shapes, so that the corners of the image tell a circle from a square from a triangle
         extent = rng.randint(int(size * 0.7), size - 4)
@@ -49,6 +49,15 @@ def draw_shape(colour: str, shape: str, size: int, rng: random.Random, cell: Opt
     else:
         pen.polygon([(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=fill)
     return image, box
+
+
+def _position_ramp(size: int) -> Image.Image:
+    """A pale background whose red part grows left to right and blue part top to bottom. A real model knows where
+    each of its patches is; a tiny one trained from scratch for minutes does not (rotary positions move attention
+    scores, not the features it reads out), so the grounding demo lets every patch show its place."""
+    ramp = Image.new("RGB", (size, size))
+    ramp.putdata([(200 + 55 * x // size, 235, 200 + 55 * y // size) for y in range(size) for x in range(size)])
+    return ramp
 
 
 def make_rows(count: int, size: int, seed: int, split: str, task: ShapesTask = ShapesTask.caption) -> List[dict]:

@@ -82,4 +82,4 @@ def predict_gallery(model, collator, rows: Sequence[dict], batch_size: int, max_
     from qwenvl_ft.training.trackers import gallery_entries
 
     predictions = generate_answers(model, collator, list(rows), batch_size, max_new_tokens)
-    return gallery_entries(rows, predictions, [collator.reference(row) for row in rows])
+    return gallery_entries(rows, predictions, [collator.reference(row) for row in rows], collator)
