@@ -84,3 +84,22 @@ def test_resized_pixel_families_follow_the_resize(processor_of, max_pixels, tmp_
     assert want in collator.reference(row)
     text = collator.tokenizer.decode(collator.encode(row)["input_ids"])
     assert want in text
+
+
+def test_grpo_prompt_rows_get_their_objects_as_the_solution(processor_of):
+    """A grounding prompt row's solution is its objects in the family's convention for the image as shown, in the
+    batches TRL gets (PromptImages) and in the held-out checks (with_solutions); a completion repeating it scores
+    IoU 1."""
+    from qwenvl_ft.config.data import ShapesConfig, ShapesTask
+    from qwenvl_ft.data.prompts import PromptImages, generate_prompts, with_solutions
+    from qwenvl_ft.rewards.builtins import iou_reward
+
+    train, _ = generate_prompts(ShapesConfig(num_train=3, num_eval=0, image_size=84, task=ShapesTask.grounding))
+    assert all(row["solution"] is None and row["objects"] for row in train)
+    cfg = data_cfg(format="shapes_prompt", max_length=None)
+    batch = PromptImages(processor_of("tiny"), cfg)(train)
+    held_out = with_solutions(train, processor_of("tiny"), cfg)
+    assert [row["solution"] for row in batch] == [row["solution"] for row in held_out]
+    assert all(row["solution"].startswith("<|object_ref_start|>") for row in batch)  # Qwen2-VL's box tokens
+    completions = [[{"role": "assistant", "content": row["solution"]}] for row in batch]
+    assert iou_reward(completions=completions, solution=[row["solution"] for row in batch]) == [1.0, 1.0, 1.0]

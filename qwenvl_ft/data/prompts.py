@@ -346,10 +346,22 @@ class PromptImages:
         its image is shown at (the rewards compare the completions' boxes with it in that frame)."""
         from qwenvl_ft.data.grounding import objects_text
 
-        objects = row.get("objects")
-        if isinstance(objects, str):  # an extra column is stored as JSON text
-            objects = json.loads(objects)
+        objects = objects_of(row)
         if not objects:
             return row.get("solution")
         return objects_text(objects, self.chat.shown_sizes(visuals), self.chat.family.box_convention,
                             self.chat.cfg.grounding, row.get("source", "?"))
+
+
+def objects_of(row: dict) -> Optional[List[dict]]:
+    """A prompt row's objects (data.grounding), also when its dataset holds them as JSON text (an extra column)."""
+    objects = row.get("objects")
+    return json.loads(objects) if isinstance(objects, str) else objects
+
+
+def with_solutions(rows: List[dict], processor, data_cfg: DataConfig) -> List[dict]:
+    """The rows with each grounding row's solution written as training's rewards see it (PromptImages), for the
+    held-out checks and `eval`, which score completions outside GRPO's data loader."""
+    images = PromptImages(processor, data_cfg)
+    return [dict(row, solution=images.solution(row, images.chat.load_visuals(as_chat_row(row), resize=False)))
+            if objects_of(row) else row for row in rows]
