@@ -100,6 +100,6 @@ def test_grpo_prompt_rows_get_their_objects_as_the_solution(processor_of):
     batch = PromptImages(processor_of("tiny"), cfg)(train)
     held_out = with_solutions(train, processor_of("tiny"), cfg)
     assert [row["solution"] for row in batch] == [row["solution"] for row in held_out]
-    assert all(row["solution"].startswith("<|object_ref_start|>") for row in batch)  # Qwen2-VL's box tokens
+    assert all(row["solution"].startswith("<|box_start|>(") for row in batch)  # Qwen2-VL's box tokens
     completions = [[{"role": "assistant", "content": row["solution"]}] for row in batch]
     assert iou_reward(completions=completions, solution=[row["solution"] for row in batch]) == [1.0, 1.0, 1.0]

@@ -70,7 +70,7 @@ class GroundingConfig:
 
 class ShapesTask(str, Enum):
     caption = "caption"  # "What is in the image?" -> "a red circle"
-    grounding = "grounding"  # "Where is the red circle?" -> its box, in the family's convention
+    grounding = "grounding"  # "Where is the red circle?" -> its box, in the family's convention (data.shapes.grid)
 
 
 @dataclass
@@ -82,10 +82,12 @@ class ShapesConfig:
     image_size: int = 56  # square; resized like any image (model.family's patch x merge size rounds it)
     seed: int = 0  # seed of the generated images and questions
     task: ShapesTask = ShapesTask.caption  # what the question asks (see ShapesTask)
+    grid: int = 3  # grounding: the shape sits in one cell of a grid x grid layout
 
     def __post_init__(self) -> None:
         _check(self.num_train > 0 and self.num_eval >= 0, "data.shapes.num_train must be > 0, num_eval >= 0")
         _check(self.image_size > 0, "data.shapes.image_size must be > 0")
+        _check(self.grid >= 1, "data.shapes.grid must be >= 1")
 
 
 class Overlength(str, Enum):

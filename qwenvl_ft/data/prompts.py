@@ -163,13 +163,13 @@ def check_prompt(row: dict, where: str) -> None:
 
 
 def shapes_prompt_rows(count: int, size: int, seed: int, split: str,
-                       task: ShapesTask = ShapesTask.caption) -> List[dict]:
+                       task: ShapesTask = ShapesTask.caption, grid: int = 3) -> List[dict]:
     """The shapes rows (shapes.py) as prompts: "What is in the image?", solution = its description (grounding: the
     shape's box, as the row's objects)."""
     from qwenvl_ft.data.shapes import make_rows
 
     rows = []
-    for row in make_rows(count, size, seed, split, task):
+    for row in make_rows(count, size, seed, split, task, grid):
         *prompt, answer = row["messages"]
         solution = answer["content"][0]["text"]
         extra = {}
@@ -181,8 +181,8 @@ def shapes_prompt_rows(count: int, size: int, seed: int, split: str,
 
 
 def generate_prompts(cfg: ShapesConfig) -> Tuple[List[dict], List[dict]]:
-    return (shapes_prompt_rows(cfg.num_train, cfg.image_size, cfg.seed, "train", cfg.task),
-            shapes_prompt_rows(cfg.num_eval, cfg.image_size, cfg.seed, "eval", cfg.task))
+    return (shapes_prompt_rows(cfg.num_train, cfg.image_size, cfg.seed, "train", cfg.task, cfg.grid),
+            shapes_prompt_rows(cfg.num_eval, cfg.image_size, cfg.seed, "eval", cfg.task, cfg.grid))
 
 
 # ----------------------------------------------------------------------------------------------------------------
