@@ -151,6 +151,23 @@ def test_streamed_answers_equal_generate_and_base_is_the_adapter_switched_off(en
     assert all(pieces[-1].startswith(p) for p in growing)
 
 
+def test_an_answer_with_boxes_is_drawn_on_the_latest_image(engine, images, tmp_path):
+    """The answer's boxes, in the family's convention for the image as the model saw it, drawn on that image."""
+    from PIL import Image
+
+    from qwenvl_ft.commands.chat import _messages
+
+    turn = user_turn("Where is it?", [str(images[1])])  # 84 x 56
+    row = conversation_row([turn], TUNED)
+    assert engine.annotate(row, "no box here", tmp_path) is None
+    drawn = engine.annotate(row, "(0,0),(499,998)", tmp_path)  # Qwen2-VL: the left half, on its 0-999 grid
+    picture = Image.open(drawn)
+    assert picture.size == (84, 56)
+    assert picture.getpixel((20, 0)) != Image.open(images[1]).convert("RGB").getpixel((20, 0))  # the top edge
+    turn.answers[TUNED], turn.annotated[TUNED] = "(0,0),(499,998)", drawn
+    assert _messages([turn], TUNED)[-1] == {"role": "assistant", "content": {"path": drawn}}
+
+
 @pytest.mark.slow
 @needs_gradio
 def test_gradio_client_side_by_side_multi_turn_and_streaming(served, engine, images):

@@ -233,6 +233,33 @@ def test_infer_rejects_missing_images(tmp_path):
                       config_name="infer", output_dir=str(tmp_path)))
 
 
+@pytest.mark.parametrize("option", ["tiny", "tiny_qwen2_5_vl"])
+def test_infer_gives_boxes_in_the_original_pixels_and_draws_them(processor_of, option, tmp_path):
+    """A prediction's boxes, in the family's convention for the image as shown, come back in the original image's
+    pixels (relative grid or resized pixels alike), and an annotated copy is written."""
+    from PIL import Image
+
+    from qwenvl_ft.commands.infer import annotate_objects, prompt_rows
+    from qwenvl_ft.data.collate import VisionChatCollator
+    from qwenvl_ft.grounding.coords import to_family
+    from data_helpers import data_cfg
+
+    Image.new("RGB", (300, 150), (250, 250, 250)).save(tmp_path / "cat.png")
+    collator = VisionChatCollator(processor_of(option), data_cfg(format="shapes", max_length=None))
+    rows = prompt_rows([tmp_path / "cat.png"], "Where is the cat?")
+    (original, shown), = collator.shown_sizes(collator.load_visuals(rows[0], resize=False))
+    convention = collator.family.box_convention
+    x1, y1, x2, y2 = to_family((30, 15, 150, 120), original, shown, convention)
+    records = [{"image": str(tmp_path / "cat.png"), "prediction": f"cat ({x1},{y1}),({x2},{y2})"},
+               {"image": str(tmp_path / "cat.png"), "prediction": "no box"}]
+    annotate_objects(records, rows * 2, collator, tmp_path / "annotated")
+    (found,) = records[0]["objects"]
+    assert found["bbox"] == pytest.approx([30, 15, 150, 120], abs=max(300 / shown[0], 0.3) + 0.1)
+    drawn = Image.open(records[0]["annotated"])
+    assert drawn.size == (300, 150) and drawn.getpixel((90, 15)) != (250, 250, 250)  # the box's top edge
+    assert "objects" not in records[1] and "annotated" not in records[1]
+
+
 def _logits(model, batch):
     with torch.no_grad():
         return model(**batch).logits.float()

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qwenvl_ft"
 # allowed (as long as it makes no circle); between layers only downwards. docs/architecture.md is this table.
 LAYERS: List[List[str]] = [
     ["qwenvl_ft.errors", "qwenvl_ft.quiet"],
-    ["qwenvl_ft.families"],
+    ["qwenvl_ft.grounding", "qwenvl_ft.families"],
     ["qwenvl_ft.rewards"],
     ["qwenvl_ft.methods"],
     ["qwenvl_ft.config"],

@@ -10,8 +10,8 @@ import pytest
 
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.rewards import AsyncReward, Reward, build_rewards, check_fields, score, summarise
-from qwenvl_ft.rewards.builtins import box_iou, choice_match, completion_text, exact_match, extract_answer, \
-    format_match, normalised_match, number_match, parse_box, parse_number, valid_json
+from qwenvl_ft.rewards.builtins import box_format, box_iou, choice_match, completion_text, exact_match, extract_answer, \
+    format_match, iou_reward, normalised_match, number_match, parse_box, parse_number, valid_json
 
 
 def chat(*texts):
@@ -163,6 +163,25 @@ def test_box_iou():
     assert box_iou(completions=chat("(0,0),(10,10)"), bbox=[[0, 0, 10, 10]], field="bbox") == [1.0]
 
 
+def test_iou_matches_every_box_in_either_form():
+    ref = '```json\n[\n\t{"bbox_2d": [0, 0, 100, 100], "label": "cat"}\n]\n```'
+    completions = ['[{"bbox_2d": [0, 0, 100, 100], "label": "cat"}]', "(50,0),(150,100)",
+                   '[{"bbox_2d": [0, 0, 100, 100]}, {"bbox_2d": [200, 200, 300, 300]}]', "no box", ""]
+    assert scores(iou_reward, completions, [ref] * 5) == pytest.approx([1.0, 1 / 3, 0.5, 0.0, 0.0])
+    assert scores(iou_reward, completions[:2], [ref] * 2, threshold=0.5) == [1.0, 0.0]
+    two = [[0, 0, 10, 10], [20, 20, 30, 30]]  # an object list's boxes as the reference
+    assert iou_reward(completions=chat("(20,20),(30,30) (0,0),(10,10)"), boxes=[two], field="boxes") == [1.0]
+    assert scores(iou_reward, ["(0,0),(1,1)"], ["no box"]) == [None]  # nothing to compare with
+
+
+def test_box_format():
+    completions = ['[{"bbox_2d": [0, 0, 10, 10]}]', "(0,0),(10,10)", '[{"bbox_2d": [10, 0, 0, 10]}]',
+                   '[{"point_2d": [3, 4]}]', "a cat"]
+    assert box_format(completions=chat(*completions)) == [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert box_format(completions=chat(*completions), form="json") == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert box_format(completions=chat(*completions), form="box_tokens") == [0.0, 1.0, 0.0, 0.0, 0.0]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the registry
 
@@ -190,6 +209,7 @@ def test_built_ins_resolve_with_their_options():
     ([{"function": "format", "options": {"pattern": "*bad"}}], "options.pattern is not a valid regular expression"),
     ([{"function": "choice_match", "options": {"letters": "abc"}}], "distinct capital letters"),
     ([{"function": "box_iou", "options": {"threshold": 2}}], r"threshold must be a number in \[0, 1\]"),
+    ([{"function": "box_format", "options": {"form": "xml"}}], r"options.form must be one of"),
     ([{"function": "exact_match", "weight": float("nan")}], "weight must be a finite number"),
     ([{"function": "exact_match"}, {"function": "exact_match"}], "used by two rewards"),
 ])

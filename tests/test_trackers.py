@@ -251,3 +251,19 @@ def test_grpo_run_reports_held_out_rewards_and_gallery(tmp_path):
     assert [e.step for e in events.Images("gallery/00")] == [0, 1]
     cards = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("gallery/00/text_summary")]
     assert all("**prompt:** What is in the image?" in c and "**reference:** a " in c for c in cards)
+
+
+def test_gallery_images_show_the_predicted_and_reference_boxes(processor_of):
+    from PIL import Image
+
+    from qwenvl_ft.data.collate import VisionChatCollator
+    from qwenvl_ft.training.trackers import gallery_entries
+    from data_helpers import data_cfg
+
+    collator = VisionChatCollator(processor_of("tiny"), data_cfg(format="shapes", max_length=None))
+    row = {"messages": [], "images": [Image.new("RGB", (100, 100), (250, 250, 250))], "source": "t:1"}
+    boxed, plain = gallery_entries([row, row], ["(0,0),(499,499)", "a cat"], ["(500,500),(999,999)", "a cat"],
+                                   collator)
+    assert boxed.image.getpixel((20, 0)) != (250, 250, 250)  # the predicted box's top edge (upper left)
+    assert boxed.image.getpixel((75, 50)) != (250, 250, 250)  # the reference's (lower right)
+    assert plain.image.getpixel((20, 0)) == (250, 250, 250)  # no box: the image as it is

@@ -38,6 +38,7 @@ class Turn:
     images: List[str] = field(default_factory=list)
     videos: List[str] = field(default_factory=list)
     answers: Dict[str, str] = field(default_factory=dict)  # view -> answer
+    annotated: Dict[str, str] = field(default_factory=dict)  # view -> the image with its answer's boxes drawn
 
 
 def user_turn(text: str, files: List[str]) -> Turn:
@@ -157,6 +158,25 @@ class ChatEngine:
         for text in self.stream(row, settings, view):
             pass
         return text
+
+    def annotate(self, row: dict, answer: str, folder: Path) -> Optional[str]:
+        """A PNG in `folder` of the conversation's latest image with the answer's boxes and points drawn (in the
+        family's convention for that image as the model saw it), or None when the answer holds none."""
+        from qwenvl_ft.data.images import open_image
+        from qwenvl_ft.grounding.coords import marks_to_original
+        from qwenvl_ft.grounding.draw import draw_marks
+        from qwenvl_ft.grounding.text import parse
+
+        marks = parse(answer)
+        if not marks or not row.get("images"):
+            return None
+        latest = {"images": row["images"][-1:], "videos": [], "source": "chat"}
+        (original, shown), = self.collator.shown_sizes(self.collator.load_visuals(latest, resize=False))
+        placed = marks_to_original(marks, original, shown, self.collator.family.box_convention)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"annotated_{len(list(folder.glob('annotated_*.png'))):04d}.png"
+        draw_marks(open_image(latest["images"][0], "chat"), placed).save(path)
+        return str(path)
 
     def _adapter_off(self, off: bool):
         return self.model.disable_adapter() if off else contextlib.nullcontext()

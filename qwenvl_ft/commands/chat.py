@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from pathlib import Path
 from typing import Dict, List
 
 from omegaconf import DictConfig
@@ -94,7 +96,8 @@ def build_app(engine: ChatEngine, chat_cfg: ChatConfig, system_message: str = No
                 top_k = gr.Slider(0, 200, value=g.top_k, step=1, label="top k (0: off)")
         turns = gr.State([])
 
-        respond = _responder(engine, chat_cfg.max_files)
+        # answers' boxes drawn on their image, shown under the answer (a folder of the app's own)
+        respond = _responder(engine, chat_cfg.max_files, Path(tempfile.mkdtemp(prefix="qwenvl-ft-chat-")))
         settings = [system, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty]
         message.submit(respond, [message, turns, mode] + settings,
                        [chatbots[TUNED], chatbots[BASE], turns, message], api_name="chat")
@@ -112,7 +115,7 @@ def _switch(mode: str):
     return gr.update(value=[], visible=TUNED in views), gr.update(value=[], visible=BASE in views), []
 
 
-def _responder(engine: ChatEngine, max_files: int):
+def _responder(engine: ChatEngine, max_files: int, annotated: Path):
     import gradio as gr
 
     def respond(message: dict, turns: List[Turn], mode: str, system: str, max_new_tokens: float, do_sample: bool,
@@ -134,6 +137,9 @@ def _responder(engine: ChatEngine, max_files: int):
                     turns[-1].answers[view] = text
                     yield _shown(turns) + (turns, cleared)
                 turns[-1].answers.setdefault(view, "")
+                drawn = engine.annotate(row, turns[-1].answers[view], annotated)
+                if drawn:
+                    turns[-1].annotated[view] = drawn
                 yield _shown(turns) + (turns, cleared)
         except UserFacingError as err:  # a bad message or setting: shown in the page, the server goes on
             raise gr.Error(str(err)) from None
@@ -154,5 +160,7 @@ def _messages(turns: List[Turn], view: str) -> List[dict]:
             out.append({"role": "user", "content": turn.text})
         if view in turn.answers:
             out.append({"role": "assistant", "content": turn.answers[view] or "(empty answer)"})
+        if view in turn.annotated:  # the answer's boxes drawn on the image
+            out.append({"role": "assistant", "content": {"path": turn.annotated[view]}})
     return out
 

@@ -38,7 +38,6 @@ def evaluate(composed: DictConfig) -> Dict:
 
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.kinds import rows_of
-    from qwenvl_ft.data.turns import reference_answer
     from qwenvl_ft.evaluation.metrics import compute
     from qwenvl_ft.modeling.load import kind_of, load_processor
     from qwenvl_ft.trainers.base import training_of
@@ -53,9 +52,9 @@ def evaluate(composed: DictConfig) -> Dict:
         raise ConfigError("no held-out rows to evaluate: set data.eval_size, data.eval_path or data.shapes.num_eval")
     method_rows = list(held_out)[: e.num_samples]
     rows = training.generation_rows(method_rows)
-    references = [reference_answer(row) for row in rows]
     processor = load_processor(cfg.model, cfg.data, model_path)
     collator = VisionChatCollator(processor, cfg.data)
+    references = [collator.reference(row) for row in rows]
 
     predictions, models = _generate(cfg, model_path, collator, rows)
     metrics = {side: compute(preds, references, list(e.metrics)) for side, preds in predictions.items()}
@@ -65,7 +64,7 @@ def evaluate(composed: DictConfig) -> Dict:
         {"source": row.get("source"), "reference": references[i], **{side: p[i] for side, p in predictions.items()}}
         for i, row in enumerate(rows)
     ]
-    _write_report(output_dir, cfg, model_path, rows, examples, metrics)
+    _write_report(output_dir, cfg, model_path, rows, examples, metrics, collator)
     lock.release()
     return {f"{side}_{name}": value for side, values in metrics.items() for name, value in values.items()}
 
@@ -103,7 +102,7 @@ def _generate(cfg: EvalRunConfig, model_path: Optional[Path], collator, rows: Li
 
 
 def _write_report(output_dir: Path, cfg: EvalRunConfig, model_path: Optional[Path], rows: List[dict],
-                  examples: List[dict], metrics: Dict[str, Dict[str, float]]) -> None:
+                  examples: List[dict], metrics: Dict[str, Dict[str, float]], collator=None) -> None:
     """eval_report.json, predictions.jsonl and tensorboard/ in output_dir; the table in the log."""
     e = cfg.eval
     report = {
@@ -116,7 +115,7 @@ def _write_report(output_dir: Path, cfg: EvalRunConfig, model_path: Optional[Pat
     }
     write_atomically(output_dir / REPORT, json.dumps(report, indent=2))
     write_atomically(output_dir / "predictions.jsonl", "".join(json.dumps(x) + "\n" for x in examples))
-    log_gallery(output_dir / "tensorboard", rows, examples[: e.num_examples], metrics)
+    log_gallery(output_dir / "tensorboard", rows, examples[: e.num_examples], metrics, collator)
     log.info("%s", format_table(metrics, examples[: e.num_examples], len(rows)))
     log.info("report: %s", output_dir / REPORT)
 
@@ -135,12 +134,15 @@ def format_table(metrics: Dict[str, Dict[str, float]], examples: List[dict], num
     return "\n".join(lines)
 
 
-def log_gallery(log_dir: Path, rows: List[dict], examples: List[dict], metrics: Dict[str, Dict[str, float]]) -> None:
-    """Metrics as scalars and, per example, its first image and a text card with reference and predictions."""
+def log_gallery(log_dir: Path, rows: List[dict], examples: List[dict], metrics: Dict[str, Dict[str, float]],
+                collator=None) -> None:
+    """Metrics as scalars and, per example, its first image and a text card with reference and predictions; with
+    the collator, boxes of the last side's prediction and of the reference are drawn on the image."""
     import numpy as np
     from torch.utils.tensorboard import SummaryWriter
 
     from qwenvl_ft.data.images import open_image
+    from qwenvl_ft.training.trackers import with_boxes
 
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
@@ -151,6 +153,9 @@ def log_gallery(log_dir: Path, rows: List[dict], examples: List[dict], metrics: 
             tag = f"eval_examples/{index:03d}"
             if row.get("images"):
                 image = open_image(row["images"][0], f"{row.get('source', '?')}: images[0]")
+                if collator is not None:
+                    shown = [side for side in metrics if side in example][-1]
+                    image = with_boxes(image, row, example[shown], example["reference"], collator)
                 image.thumbnail((GALLERY_MAX_SIDE, GALLERY_MAX_SIDE))
                 writer.add_image(tag, np.asarray(image), 0, dataformats="HWC")
             card = [f"**reference:** {example['reference']}"]

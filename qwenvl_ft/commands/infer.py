@@ -2,7 +2,9 @@
 
 Images are sized exactly as in training (the data group's min/max pixels or fixed resize) and the prompt gets the
 data group's system message, so the model sees what it was trained on. Predictions are printed and written as
-JSONL, one {"image", "prompt", "prediction"} per line, in the order of infer.images.
+JSONL, one {"image", "prompt", "prediction"} per line, in the order of infer.images. A prediction holding boxes or
+points (in the family's convention, qwenvl_ft/grounding) also gets them as "objects" in the original image's pixels,
+and a copy of the image with them drawn goes to annotated/ next to the predictions file.
 """
 
 from __future__ import annotations
@@ -85,9 +87,32 @@ def infer(composed: DictConfig) -> Dict:
 
     records = [{"image": str(image), "prompt": i.prompt, "prediction": prediction}
                for image, prediction in zip(images, predictions)]
+    annotate_objects(records, rows, collator, output_file.parent / "annotated")
     write_atomically(output_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     for record in records:
         print(f"{record['image']}\t{record['prediction']}")
     log.info("predictions: %s", output_file)
     lock.release()
     return {"num_predictions": len(records), "output_file": str(output_file)}
+
+
+def annotate_objects(records: List[dict], rows: List[dict], collator, folder: Path) -> None:
+    """Each record whose prediction holds boxes or points gets them in the original image's pixels ("objects"), and
+    an annotated copy of its image in `folder`."""
+    from qwenvl_ft.data.images import open_image
+    from qwenvl_ft.grounding.coords import marks_to_original
+    from qwenvl_ft.grounding.draw import draw_marks
+    from qwenvl_ft.grounding.text import parse
+
+    for index, (record, row) in enumerate(zip(records, rows)):
+        marks = parse(record["prediction"])
+        if not marks:
+            continue
+        (original, shown), = collator.shown_sizes(collator.load_visuals(row, resize=False))
+        placed = marks_to_original(marks, original, shown, collator.family.box_convention)
+        record["objects"] = [{"label": m.label, ("bbox" if m.is_box else "point"): [round(v, 1) for v in m.values]}
+                             for m in placed]
+        folder.mkdir(parents=True, exist_ok=True)
+        image = draw_marks(open_image(row["images"][0], row["source"]), placed)
+        record["annotated"] = str(folder / f"{index:04d}_{Path(record['image']).stem}.png")
+        image.save(record["annotated"])

@@ -42,7 +42,8 @@ class GenerationSettings:
         return out
 
 
-EVAL_METRICS = ("exact_match", "bleu", "rouge_l")  # implemented in qwenvl_ft/evaluation/metrics.py
+# implemented in qwenvl_ft/evaluation/metrics.py; the grounding ones are reported only for rows with boxes
+EVAL_METRICS = ("exact_match", "bleu", "rouge_l", "mean_iou", "iou_50", "point_in_box")
 
 
 @dataclass
@@ -55,7 +56,8 @@ class EvalConfig:
     compare_base: bool = True  # also generate with the base model (model group) and report both
     num_samples: Optional[int] = None  # the first N held-out rows (None: all)
     batch_size: int = 8  # rows per generation batch
-    # Reported metrics: exact_match, bleu, rouge_l
+    # Reported metrics: exact_match, bleu, rouge_l, and for rows whose reference holds boxes mean_iou, iou_50,
+    # point_in_box
     metrics: List[str] = field(default_factory=lambda: list(EVAL_METRICS))
     num_examples: int = 8  # predictions shown in the log, the report and the TensorBoard gallery
     generation: GenerationSettings = field(default_factory=GenerationSettings)

@@ -33,6 +33,46 @@ DataFormat = _DataFormatBase("DataFormat", [(name, name) for method in methods.r
                                             for name in method.data_formats])
 
 
+class BoxCoords(str, Enum):
+    """The frame a dataset's boxes and points are in (data.grounding.coords)."""
+
+    pixels = "pixels"  # pixels of the original image (what annotation tools write)
+    relative = "relative"  # fractions of the original image's width and height, 0-1
+    qwen = "qwen"  # already in the trained family's convention (its grid, or its resized image's pixels)
+
+
+class BoxText(str, Enum):
+    """How boxes are written in answers (data.grounding.text)."""
+
+    family = "family"  # the trained family's own form (families/*.py: box_convention)
+    json = "json"  # [{"bbox_2d": [x1, y1, x2, y2], "label": ...}] in a ```json fence
+    box_tokens = "box_tokens"  # <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
+
+
+@dataclass
+class GroundingConfig:
+    """Boxes and points (docs/grounding.md). A row's objects are written where its text says <objects> (usually the
+    answer), in the trained family's coordinates for the image size the run shows the model: recomputed for every
+    resize, so a box never drifts when a size setting changes."""
+
+    # The record field holding a row's objects: [{"label": ..., "bbox": [x1, y1, x2, y2] or "point": [x, y],
+    # "image": index of the row's image (default 0)}, ...]
+    field: str = "objects"
+    coords: BoxCoords = BoxCoords.pixels  # the frame of the dataset's numbers (see BoxCoords)
+    text: BoxText = BoxText.family  # the answers' text form
+    # data-check reports a box narrower or shorter than this many patches once resized (the model cannot tell it)
+    min_box_patches: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.field), "data.grounding.field must be a field name")
+        _check(self.min_box_patches >= 0, "data.grounding.min_box_patches must be >= 0")
+
+
+class ShapesTask(str, Enum):
+    caption = "caption"  # "What is in the image?" -> "a red circle"
+    grounding = "grounding"  # "Where is the red circle?" -> its box, in the family's convention (data.shapes.grid)
+
+
 @dataclass
 class ShapesConfig:
     """The generated demo dataset."""
@@ -41,10 +81,13 @@ class ShapesConfig:
     num_eval: int = 24  # generated held-out rows
     image_size: int = 56  # square; resized like any image (model.family's patch x merge size rounds it)
     seed: int = 0  # seed of the generated images and questions
+    task: ShapesTask = ShapesTask.caption  # what the question asks (see ShapesTask)
+    grid: int = 3  # grounding: the shape sits in one cell of a grid x grid layout
 
     def __post_init__(self) -> None:
         _check(self.num_train > 0 and self.num_eval >= 0, "data.shapes.num_train must be > 0, num_eval >= 0")
         _check(self.image_size > 0, "data.shapes.image_size must be > 0")
+        _check(self.grid >= 1, "data.shapes.grid must be >= 1")
 
 
 class Overlength(str, Enum):
@@ -184,6 +227,7 @@ class DataConfig:
     # enable_thinking for the prompts the model answers (held-out checks, eval, infer, chat).
     thinking: Thinking = Thinking.template  # reasoning in assistant turns: as the template renders it, kept, stripped
     enable_thinking: Optional[bool] = None  # a generation prompt opens (true) or closes (false) the think block
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)  # boxes and points in answers
 
     def __post_init__(self) -> None:
         if self.sources:

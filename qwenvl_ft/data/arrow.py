@@ -23,9 +23,11 @@ def to_dataset(rows: List[dict]):
         "images": datasets.List(_image_ref_feature(rows)),
         "videos": datasets.List({"path": text, "frames": datasets.List(text)}),
         "source": text,
+        "objects": objects_feature(),
     })
     table = [{"messages": r["messages"], "images": r["images"], "source": r.get("source", "?"),
-              "videos": [_video_record(v) for v in r.get("videos") or []]} for r in rows]
+              "videos": [_video_record(v) for v in r.get("videos") or []], "objects": r.get("objects") or []}
+             for r in rows]
     return datasets.Dataset.from_list(table, features=features)
 
 
@@ -45,3 +47,11 @@ def _image_ref_feature(rows: List[dict]):
     if any(not isinstance(image, str) for r in rows for image in r["images"]):
         return datasets.Image(decode=False)
     return datasets.Value("string")
+
+
+def objects_feature():
+    """A row's objects (data/grounding.py): label, the dataset's numbers (4: a box, 2: a point), image index."""
+    import datasets
+
+    return datasets.List({"label": datasets.Value("string"), "values": datasets.List(datasets.Value("float64")),
+                          "image": datasets.Value("int32")})

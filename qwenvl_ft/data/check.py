@@ -130,7 +130,8 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, 
                        fingerprint=processor_fingerprint(processor), workers=cfg.num_workers,
                        cache_root=cache_root(cfg, output_dir), stats_type=SampleStats, progress=progress)
     splits = {name: SplitReport(name, rows=prepared.measured(name), stats=prepared.kept(name),
-                                dropped=prepared.refused(name, DROPPED), invalid=prepared.refused(name, INVALID))
+                                dropped=prepared.refused(name, DROPPED), invalid=prepared.refused(name, INVALID),
+                                min_box_patches=cfg.grounding.min_box_patches)
               for name in ("train", "eval")}
     if not splits["eval"].rows:
         del splits["eval"]

@@ -32,9 +32,10 @@ import torch
 
 from qwenvl_ft import families
 from qwenvl_ft.config.data import DataConfig, Overlength
+from qwenvl_ft.data.grounding import box_patches, write_objects
 from qwenvl_ft.data.images import ImageLimits, load_image
-from qwenvl_ft.data.turns import assistant_label_mask, prompt_messages, render_chat
-from qwenvl_ft.data.video import Sampling, load_video
+from qwenvl_ft.data.turns import assistant_label_mask, prompt_messages, reference_answer, render_chat
+from qwenvl_ft.data.video import Sampling, load_video, video_wrapper_replaced
 from qwenvl_ft.errors import DataError
 from qwenvl_ft.families import IMAGE, TEXT, VIDEO  # noqa: F401  (values of mm_token_type_ids, re-exported)
 
@@ -52,26 +53,6 @@ def concat_vision(samples: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch
 
 class RowDropped(DataError):
     """A valid row that does not fit data.max_length under data.overlength: dropped and counted, not an error."""
-
-
-def video_wrapper_replaced(processor) -> bool:
-    """Whether the processor replaces the chat template's whole `<|vision_start|><|video_pad|><|vision_end|>` by
-    what a video expands to, rather than only the `<|video_pad|>` inside it. A family whose expansion wraps every
-    temporal patch in its own markers (timestamped spans) does the former from transformers 5.25 on, the latter
-    before; families whose expansion is pads only always do the latter.
-
-    Asked of the processor's own text replacement with a marker for the expansion, so the collator follows the
-    installed version by what it does, not by its version number; a processor without that method (none in the
-    supported range) keeps the markers, as every earlier one did."""
-    start = getattr(processor, "vision_start_token", "<|vision_start|>")
-    end = getattr(processor, "vision_end_token", "<|vision_end|>")
-    video = getattr(processor, "video_token", "<|video_pad|>")
-    marker = "qwenvl-ft video expansion"
-    replace = getattr(processor, "get_text_with_replacements", None)
-    if replace is None:
-        return False
-    texts, _ = replace([start + video + end], videos_replacements=[marker])
-    return texts[0] == marker
 
 
 @dataclass
@@ -101,6 +82,7 @@ class SampleStats:
     image_tokens: List[int]
     video_sizes: List[Tuple[int, int, int]]
     video_tokens: List[int]
+    box_patches: List[float] = field(default_factory=list)  # each box's smaller side, in patches once resized
 
     @property
     def truncated(self) -> bool:
@@ -278,10 +260,26 @@ class VisionChatCollator:
         """The chat template's text; reasoning stripped or kept (data.thinking), data.enable_thinking for a prompt."""
         return render_chat(self.processor, messages, self.cfg, add_generation_prompt)
 
+    def grounded(self, row: dict, visuals: Visuals) -> List[dict]:
+        """The row's messages with its objects (data.grounding) written for the sizes its images are shown at."""
+        return write_objects(row, self.shown_sizes(visuals), self.family.box_convention, self.cfg.grounding)
+
+    def shown_sizes(self, visuals: Visuals) -> List[Tuple[Tuple[int, int], Tuple[int, int]]]:
+        """(stored, shown) (width, height) of each image."""
+        shown = [(g[2] * self.patch_size, g[1] * self.patch_size) for g in visuals.image_grids]
+        return list(zip(visuals.image_sizes, shown))
+
+    def reference(self, row: dict) -> str:
+        """The row's last answer as training sees it (its objects written, which needs its images' sizes)."""
+        if not row.get("objects"):
+            return reference_answer(row)
+        return reference_answer(dict(row, messages=self.grounded(row, self.load_visuals(row, resize=False))))
+
     def _tokens_and_labels(self, row: dict, visuals: Visuals, prompt_only: bool = False) -> Dict[str, torch.Tensor]:
         # NumPy, not torch, for these small index operations: torch's intra-op thread pool makes each of them cost
         # milliseconds on a busy machine (a DataLoader worker shares its cores with the others).
         source = row.get("source", "?")
+        row = dict(row, messages=self.grounded(row, visuals))
         text = self.render(prompt_messages(row), add_generation_prompt=True) if prompt_only else \
             self.render(row["messages"])
         ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int64)
@@ -372,7 +370,9 @@ class VisionChatCollator:
             text_tokens=full_length - sum(image_tokens) - sum(video_tokens),
             label_tokens=int((sample["labels"] != IGNORE_INDEX).sum()),
             image_sizes=visuals.image_sizes, image_tokens=image_tokens,
-            video_sizes=visuals.video_sizes, video_tokens=video_tokens)
+            video_sizes=visuals.video_sizes, video_tokens=video_tokens,
+            box_patches=box_patches(row, self.shown_sizes(visuals), self.family.box_convention, self.cfg.grounding,
+                                    self.patch_size))
 
     def fit_length(self, sample: Dict[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
         """Apply data.max_length under data.overlength. A cut never falls inside a vision span: a vision span

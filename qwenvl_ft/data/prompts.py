@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from qwenvl_ft.config.data import DataConfig, DataFormat, Overlength, ShapesConfig
+from qwenvl_ft.config.data import DataConfig, DataFormat, Overlength, ShapesConfig, ShapesTask
 from qwenvl_ft.data.arrow import _image_ref_feature
 from qwenvl_ft.data.collate import RowDropped, SampleStats, VisionChatCollator
 from qwenvl_ft.data.converters import Converter, _as_list, _field, _resolve, _split_placeholders, images_first, \
@@ -162,21 +162,27 @@ def check_prompt(row: dict, where: str) -> None:
 # the generated set
 
 
-def shapes_prompt_rows(count: int, size: int, seed: int, split: str) -> List[dict]:
-    """The shapes rows (shapes.py) as prompts: "What is in the image?", solution = its description."""
+def shapes_prompt_rows(count: int, size: int, seed: int, split: str,
+                       task: ShapesTask = ShapesTask.caption, grid: int = 3) -> List[dict]:
+    """The shapes rows (shapes.py) as prompts: "What is in the image?", solution = its description (grounding: the
+    shape's box, as the row's objects)."""
     from qwenvl_ft.data.shapes import make_rows
 
     rows = []
-    for row in make_rows(count, size, seed, split):
+    for row in make_rows(count, size, seed, split, task, grid):
         *prompt, answer = row["messages"]
-        rows.append({"prompt": prompt, "images": row["images"], "solution": answer["content"][0]["text"],
-                     "source": row["source"]})
+        solution = answer["content"][0]["text"]
+        extra = {}
+        if row.get("objects"):  # grounding: the solution is the objects, written per image size (PromptImages)
+            solution, extra = None, {"objects": row["objects"]}
+        rows.append({"prompt": prompt, "images": row["images"], "solution": solution, "source": row["source"],
+                     **extra})
     return rows
 
 
 def generate_prompts(cfg: ShapesConfig) -> Tuple[List[dict], List[dict]]:
-    return (shapes_prompt_rows(cfg.num_train, cfg.image_size, cfg.seed, "train"),
-            shapes_prompt_rows(cfg.num_eval, cfg.image_size, cfg.seed, "eval"))
+    return (shapes_prompt_rows(cfg.num_train, cfg.image_size, cfg.seed, "train", cfg.task, cfg.grid),
+            shapes_prompt_rows(cfg.num_eval, cfg.image_size, cfg.seed, "eval", cfg.task, cfg.grid))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,12 +330,38 @@ class PromptImages:
     def __call__(self, rows: List[dict]) -> List[dict]:
         from torchvision.transforms.v2 import functional as tvF
 
-        loaded: Dict[str, list] = {}
+        loaded: Dict[str, tuple] = {}
         out = []
         for row in rows:
             key = row.get("source", "?")
             if key not in loaded:
                 visuals = self.chat.load_visuals(as_chat_row(row))
-                loaded[key] = [tvF.to_pil_image(pixels) for pixels in visuals.images]
-            out.append({**row, "images": loaded[key]})
+                loaded[key] = [tvF.to_pil_image(pixels) for pixels in visuals.images], self.solution(row, visuals)
+            images, solution = loaded[key]
+            out.append({**row, "images": images, "solution": solution})
         return out
+
+    def solution(self, row: dict, visuals) -> Optional[str]:
+        """The row's solution; a grounding row's objects written as the trained family writes them, for the size
+        its image is shown at (the rewards compare the completions' boxes with it in that frame)."""
+        from qwenvl_ft.data.grounding import objects_text
+
+        objects = objects_of(row)
+        if not objects:
+            return row.get("solution")
+        return objects_text(objects, self.chat.shown_sizes(visuals), self.chat.family.box_convention,
+                            self.chat.cfg.grounding, row.get("source", "?"))
+
+
+def objects_of(row: dict) -> Optional[List[dict]]:
+    """A prompt row's objects (data.grounding), also when its dataset holds them as JSON text (an extra column)."""
+    objects = row.get("objects")
+    return json.loads(objects) if isinstance(objects, str) else objects
+
+
+def with_solutions(rows: List[dict], processor, data_cfg: DataConfig) -> List[dict]:
+    """The rows with each grounding row's solution written as training's rewards see it (PromptImages), for the
+    held-out checks and `eval`, which score completions outside GRPO's data loader."""
+    images = PromptImages(processor, data_cfg)
+    return [dict(row, solution=images.solution(row, images.chat.load_visuals(as_chat_row(row), resize=False)))
+            if objects_of(row) else row for row in rows]

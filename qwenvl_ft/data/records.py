@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from qwenvl_ft.config.data import DataConfig, DataFormat
 from qwenvl_ft.data.converters import CONVERTERS, Converter
+from qwenvl_ft.data.grounding import read_objects
 from qwenvl_ft.data.decoding import read_json_records
 from qwenvl_ft.data.rows import Problem
 from qwenvl_ft.errors import DataError
@@ -90,6 +91,9 @@ def iter_rows(cfg: DataConfig, path: str, problems: Optional[List[Problem]] = No
     for where, record in records:
         try:
             row = convert(record, where, base, cfg)
+            objects = read_objects(record, where, cfg.grounding, len(row.get("images") or []))
+            if objects is not None:
+                row["objects"] = objects
         except DataError as err:
             if problems is None:
                 raise

@@ -28,6 +28,7 @@ class SplitReport:
     stats: Any = field(default_factory=list)  # the valid rows kept: a StatsView (or a list of SampleStats)
     dropped: List[Problem] = field(default_factory=list)  # valid rows data.overlength left out
     invalid: List[Problem] = field(default_factory=list)
+    min_box_patches: float = 1.0  # data.grounding.min_box_patches: smaller boxes are listed
 
     @property
     def truncated(self) -> int:
@@ -87,6 +88,8 @@ def _split_summary(split: SplitReport) -> Dict[str, object]:
         "visual_tokens_per_row": percentiles(v.column("full_length") - v.column("text_tokens")),
         "image_width": percentiles(v.flat("image_sizes", 0)),
         "image_height": percentiles(v.flat("image_sizes", 1)),
+        "boxes": int(v.counts("box_patches").sum()),
+        "box_side_patches": percentiles(v.flat("box_patches")),
     }
 
 
@@ -234,11 +237,30 @@ def _split_lines(name: str, split: SplitReport) -> List[str]:
     if len(videos):
         lines.append(_stats_line("frames per video (source)", v.flat("video_sizes", 0)))
         lines.append(_stats_line("visual tokens per video", videos))
+    lines += _box_lines(v, split)
     lines.append(_stats_line("text tokens per row", v.column("text_tokens")))
     lines.append(_stats_line("trained (assistant) tokens per row", v.column("label_tokens")))
     lengths = v.column("length")
     lines.append(_stats_line("sequence length", lengths))
     lines += histogram(lengths.tolist())
+    return lines
+
+
+def _box_lines(v: StatsView, split: SplitReport) -> List[str]:
+    """Boxes (data.grounding): how many, their smaller side in patches once resized, and the rows with one under
+    data.grounding.min_box_patches (listed: the model cannot tell such a box from its neighbours)."""
+    sides = v.flat("box_patches")
+    if not len(sides):
+        return []
+    per_row = v.counts("box_patches")
+    lines = [f"  boxes: {len(sides)} in {int((per_row > 0).sum())} rows",
+             _stats_line("box size (smaller side, patches once resized)", sides)]
+    floor = split.min_box_patches
+    small = [s for s in split.stats if any(side < floor for side in s.box_patches)]
+    if small:
+        shown = ", ".join(s.source for s in small[:10]) + (f" and {len(small) - 10} more" if len(small) > 10 else "")
+        lines.append(f"  boxes under data.grounding.min_box_patches={floor:g} patch once resized: {len(small)} "
+                     f"rows ({shown})")
     return lines
 
 

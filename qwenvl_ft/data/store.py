@@ -63,17 +63,20 @@ def bookkeeping() -> dict:
 def conversation_features():
     import datasets
 
+    from qwenvl_ft.data.arrow import objects_feature
+
     text = datasets.Value("string")
     return datasets.Features({"messages": messages_feature(), "images": datasets.List(datasets.Image(decode=False)),
                               "videos": datasets.List({"path": text, "frames": datasets.List(text)}),
-                              "source": text})
+                              "source": text, "objects": objects_feature()})
 
 
 def encode_conversation(row: dict) -> dict:
     from qwenvl_ft.data.arrow import _video_record
 
     return {"messages": row["messages"], "images": [image_record(i) for i in row.get("images") or []],
-            "videos": [_video_record(v) for v in row.get("videos") or []], "source": row.get("source", "?")}
+            "videos": [_video_record(v) for v in row.get("videos") or []], "source": row.get("source", "?"),
+            "objects": row.get("objects") or []}
 
 
 CONVERSATIONS = RowKind("conversation", conversation_features, encode_conversation)

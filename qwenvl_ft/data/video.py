@@ -152,3 +152,23 @@ def load_video(ref: Any, where: str, limits: ImageLimits, sampling: Sampling, si
         return read_video_file(io.BytesIO(raw), where, sampling, size, describe(ref))
     path = ref[len("file://"):] if ref.startswith("file://") else ref
     return read_video_file(path, where, sampling, size, describe(ref))
+
+
+def video_wrapper_replaced(processor) -> bool:
+    """Whether the processor replaces the chat template's whole `<|vision_start|><|video_pad|><|vision_end|>` by
+    what a video expands to, rather than only the `<|video_pad|>` inside it. A family whose expansion wraps every
+    temporal patch in its own markers (timestamped spans) does the former from transformers 5.25 on, the latter
+    before; families whose expansion is pads only always do the latter.
+
+    Asked of the processor's own text replacement with a marker for the expansion, so the collator follows the
+    installed version by what it does, not by its version number; a processor without that method (none in the
+    supported range) keeps the markers, as every earlier one did."""
+    start = getattr(processor, "vision_start_token", "<|vision_start|>")
+    end = getattr(processor, "vision_end_token", "<|vision_end|>")
+    video = getattr(processor, "video_token", "<|video_pad|>")
+    marker = "qwenvl-ft video expansion"
+    replace = getattr(processor, "get_text_with_replacements", None)
+    if replace is None:
+        return False
+    texts, _ = replace([start + video + end], videos_replacements=[marker])
+    return texts[0] == marker

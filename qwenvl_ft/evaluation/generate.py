@@ -7,7 +7,6 @@ from typing import Dict, List, Optional
 import torch
 
 from qwenvl_ft.data.collate import VisionChatCollator
-from qwenvl_ft.data.turns import reference_answer
 from qwenvl_ft.evaluation.metrics import compute
 
 
@@ -52,6 +51,6 @@ def generate_answers(model, collator: VisionChatCollator, rows: List[dict], batc
 def evaluate_rows(model, collator: VisionChatCollator, rows: List[dict], batch_size: int,
                   max_new_tokens: int = 64, progress: str = "held-out predictions") -> Dict:
     """Greedy predictions, references and every metric of qwenvl_ft.evaluation.metrics."""
-    references = [reference_answer(row) for row in rows]
+    references = [collator.reference(row) for row in rows]
     predictions = generate_answers(model, collator, rows, batch_size, max_new_tokens, progress=progress)
     return {**compute(predictions, references), "predictions": predictions, "references": references}

@@ -8,6 +8,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
+from qwenvl_ft.config.commands import EVAL_METRICS
 from qwenvl_ft.config.schema import TrainConfig
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, wh
     on its devices (ZeRO-3 holds it partitioned, FSDP shards it when training starts), so the check is left out
     there; `qwenvl-ft eval` compares the base with final/."""
     from qwenvl_ft.data.collate import VisionChatCollator
-    from qwenvl_ft.data.turns import reference_answer
     from qwenvl_ft.distributed import ranks
     from qwenvl_ft.distributed.placement import placed_when_training_starts
     from qwenvl_ft.evaluation.generate import generate_answers
@@ -43,14 +43,16 @@ def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, wh
     else:
         predictions = ranks.run_on_main(generate_answers, model, collator, rows, batch, new_tokens,
                                         progress=f"held-out predictions {when} training")
-    references = [reference_answer(row) for row in rows]
+    references = [collator.reference(row) for row in rows]
     result = {**compute(predictions, references), "predictions": predictions, "references": references}
     shown = min(cfg.trainer.num_predictions_to_print, len(rows))
-    lines = [f"held-out predictions {when} training (exact match {result['exact_match']:.1%} on {len(rows)} rows):"]
+    boxes = f", IoU@0.5 {result['iou_50']:.1%}" if "iou_50" in result else ""
+    lines = [f"held-out predictions {when} training (exact match {result['exact_match']:.1%}{boxes} on {len(rows)} "
+             f"rows):"]
     for prediction, reference in list(zip(result["predictions"], result["references"]))[:shown]:
         lines.append(f"  predicted: {prediction!r:40s} reference: {reference!r}")
     log.info("\n".join(lines))
-    return {f"eval_{name}_{when}": result[name] for name in ("exact_match", "bleu", "rouge_l")}
+    return {f"eval_{name}_{when}": result[name] for name in EVAL_METRICS if name in result}
 
 
 def sharded_answers(model, collator, rows: List[dict], batch_size: int, max_new_tokens: int) -> List[str]:
@@ -80,4 +82,4 @@ def predict_gallery(model, collator, rows: Sequence[dict], batch_size: int, max_
     from qwenvl_ft.training.trackers import gallery_entries
 
     predictions = generate_answers(model, collator, list(rows), batch_size, max_new_tokens)
-    return gallery_entries(rows, predictions)
+    return gallery_entries(rows, predictions, [collator.reference(row) for row in rows], collator)

@@ -20,6 +20,8 @@ from functools import lru_cache
 from importlib import import_module
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from qwenvl_ft.grounding.convention import BoxConvention
+
 # Values of mm_token_type_ids (transformers' ProcessorMixin.create_mm_token_type_ids).
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
@@ -346,6 +348,7 @@ class Family:
     vision_output_fields: Tuple[str, ...] = ("pooler_output", "last_hidden_state")  # tensors, or lists of them
     language_model_token_inputs: Tuple[str, ...] = ()  # (batch, length) inputs of the language model's forward
     qk_norm: bool = False  # RMSNorm on each head of q and k (the estimate)
+    box_convention: BoxConvention  # how its answers write boxes and points (qwenvl_ft/grounding/convention.py)
 
     # functions (module-level, so that they pickle)
     smart_resize: str = "transformers.models.qwen2_vl.image_processing_qwen2_vl:smart_resize"

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 from qwenvl_ft.families.base import Family, VisionSizes, grids, lora_bytes, merge_setting, mrope_positions, \
     qwen_processor, text_config, vision_token_ids
 from qwenvl_ft.families.qwen2_vl import CHAT_TEMPLATE
+from qwenvl_ft.grounding.convention import BoxConvention
 
 SECONDS = "second_per_grid_ts"
 
@@ -80,9 +81,15 @@ def vision_block_bytes(sizes: VisionSizes, heads: int, a: int, trainable: bool, 
     return total + sum(lora_bytes(n, r, a, mask_bytes) for n in lora_in)
 
 
+# Boxes: absolute pixels of the image the model sees, i.e. after smart_resize (the Qwen2.5-VL cookbook's
+# spatial_understanding notebook; qwen-vl-finetune/tools/process_bbox.ipynb `convert_to_qwen25vl_format`: round(x *
+# new_width / old_width), clipped to [0, new_width - 1]), as JSON {"bbox_2d": [x1, y1, x2, y2], "label": ...}.
+BOX_CONVENTION = BoxConvention(frame="resized", text="json")
+
 FAMILY = Family(
     name="qwen2_5_vl",
     title="Qwen2.5-VL",
+    box_convention=BOX_CONVENTION,
     model_class="Qwen2_5_VLForConditionalGeneration",
     processor_class="Qwen2_5_VLProcessor",
     config_class="Qwen2_5_VLConfig",

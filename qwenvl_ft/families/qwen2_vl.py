@@ -7,6 +7,7 @@ from typing import Any
 
 from qwenvl_ft.families.base import Family, VisionSizes, layernorm_vision_block_bytes, qwen_processor, \
     text_config, vision_token_ids
+from qwenvl_ft.grounding.convention import BoxConvention
 
 # Qwen2-VL-*-Instruct's chat_template (processor and tokenizer share it); Qwen2.5-VL-*-Instruct ships the same.
 CHAT_TEMPLATE = (
@@ -57,9 +58,14 @@ def vision_block_bytes(sizes: VisionSizes, heads: int, a: int, trainable: bool, 
     return layernorm_vision_block_bytes(sizes, heads, a, trainable, lora_in, r, mask_bytes, activation_tensors=2)
 
 
+# Boxes: `<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`, coordinates "normalised
+# to [0, 1000)" (the Qwen-VL and Qwen2-VL model cards), so the largest value written is 999.
+BOX_CONVENTION = BoxConvention(frame="relative", grid=1000, top=999, text="box_tokens")
+
 FAMILY = Family(
     name="qwen2_vl",
     title="Qwen2-VL",
+    box_convention=BOX_CONVENTION,
     model_class="Qwen2VLForConditionalGeneration",
     processor_class="Qwen2VLProcessor",
     config_class="Qwen2VLConfig",

@@ -27,7 +27,8 @@ from typing import Any, List
 from qwenvl_ft.families.base import LANGUAGE_PROJECTIONS, Family, text_config, vision_token_ids
 from qwenvl_ft.families._gated_deltanet import hybrid_layer_bytes
 # Qwen3-VL's vision tower and processor: the same functions serve both
-from qwenvl_ft.families.qwen3_vl import positions, random_processor, video_tokens, vision_block_bytes, vision_sizes
+from qwenvl_ft.families.qwen3_vl import BOX_CONVENTION, positions, random_processor, video_tokens, \
+    vision_block_bytes, vision_sizes
 
 # Qwen3.5's chat template, verbatim: the `chat_template` of Qwen/Qwen3.5-27B's tokenizer_config.json (7,756 bytes;
 # the same file ships with Qwen3.5-35B-A3B, and the 4B and 9B think by default as it does). It thinks by default: a
@@ -234,6 +235,7 @@ def architecture_problems(arch: Any) -> List[str]:
 FAMILY = Family(
     name="qwen3_5",
     title="Qwen3.5",
+    box_convention=BOX_CONVENTION,  # Qwen3-VL's
     model_class="Qwen3_5ForConditionalGeneration",
     processor_class="Qwen3VLProcessor",
     tokenizer_class="Qwen3_5Tokenizer",

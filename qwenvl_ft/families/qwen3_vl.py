@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Sequence
 
 from qwenvl_ft.families.base import Family, VisionSizes, grids, layernorm_vision_block_bytes, merger_bytes, \
     mrope_positions, qwen_processor, text_config, vision_token_ids
+from qwenvl_ft.grounding.convention import BoxConvention
 
 # Qwen3-VL-*-Instruct's chat template for conversations without tools: no default system message (Qwen2-VL's
 # template adds one), one `<|im_start|>role\n ... <|im_end|>\n` block per turn.
@@ -125,9 +126,15 @@ def projector_bytes(vision: Any, a: int, patches: int, tokens: int) -> int:
     return merger_bytes(vision, a, patches, tokens) + len(vision.deepstack_visual_indexes) * a * tokens * 4 * width
 
 
+# Boxes: relative again, on a grid whose top is 1000, not 999 (the Qwen3-VL cookbook cookbooks/2d_grounding.ipynb
+# maps a value back as value / 1000 * width, and the Qwen team answers QwenLM/Qwen3-VL#1486 and #1871 the same way),
+# as JSON like Qwen2.5-VL's.
+BOX_CONVENTION = BoxConvention(frame="relative", grid=1000, top=1000, text="json")
+
 FAMILY = Family(
     name="qwen3_vl",
     title="Qwen3-VL",
+    box_convention=BOX_CONVENTION,
     model_class="Qwen3VLForConditionalGeneration",
     processor_class="Qwen3VLProcessor",
     config_class="Qwen3VLConfig",

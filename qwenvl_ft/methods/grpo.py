@@ -52,9 +52,9 @@ class RewardConfig:
     """One reward function (qwenvl_ft/rewards). A completion's reward is the weighted sum of the rewards that apply
     to its row."""
 
-    # A built-in (exact_match, normalised_match, number_match, choice_match, format, valid_json, box_iou), or your
-    # own: "package.module:function" (importable) or "path/to/file.py:function". Required ("???" is OmegaConf's
-    # missing value).
+    # A built-in (exact_match, normalised_match, number_match, choice_match, format, valid_json, box_iou, iou,
+    # box_format), or your own: "package.module:function" (importable) or "path/to/file.py:function". Required
+    # ("???" is OmegaConf's missing value).
     function: str = "???"
     name: Optional[str] = None  # label in logs, TensorBoard and reports (default: the function's name)
     weight: float = 1.0  # the reward's weight in the sum

@@ -26,7 +26,8 @@ from qwenvl_ft.publish.run_record import RunRecord
 PIPELINE_TAG = "image-text-to-text"
 LIBRARY = {"adapter": "peft", "model": "transformers", "merged": "transformers"}  # kind of folder -> library_name
 CARD = "README.md"
-_METRIC_NAMES = {"exact_match": "exact match", "bleu": "BLEU", "rouge_l": "ROUGE-L", "reward_accuracy":
+_METRIC_NAMES = {"exact_match": "exact match", "bleu": "BLEU", "rouge_l": "ROUGE-L", "mean_iou": "mean IoU",
+                 "iou_50": "IoU@0.5 accuracy", "point_in_box": "point in box", "reward_accuracy":
                  "reward accuracy", "reward_margin": "reward margin", "loss": "loss",
                  "reward": "mean reward (GRPO's reward functions, weighted)"}
 

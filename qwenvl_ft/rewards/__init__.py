@@ -8,8 +8,8 @@ anything loads: an unknown built-in (the valid names are listed), an option a bu
 wrong type, a path that does not import, a function whose signature TRL cannot call. `check_fields` does the rest
 once the rows are read: every column a reward reads must exist.
 
-This package imports only the standard library (and qwenvl_ft.errors for ConfigError), so checking a config stays
-fast and torch-free.
+This package imports only the standard library (and qwenvl_ft.errors for ConfigError, qwenvl_ft.grounding for
+boxes), so checking a config stays fast and torch-free.
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ BUILTINS: Dict[str, Builtin] = {
     "valid_json": Builtin(builtins.valid_json, {"extract": check_extract, "keys": _is_str_list}, False),
     "box_iou": Builtin(builtins.box_iou, {**_FIELD, "extract": check_extract,
                                           "threshold": _is_optional(_is_number(0, 1))}, True),
+    "iou": Builtin(builtins.iou_reward, {**_FIELD, "extract": check_extract,
+                                         "threshold": _is_optional(_is_number(0, 1))}, True),
+    "box_format": Builtin(builtins.box_format, {"form": builtins.check_box_form, "extract": check_extract}, False),
 }
 
 

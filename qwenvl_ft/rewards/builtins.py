@@ -30,6 +30,9 @@ import re
 import string
 from typing import Any, Callable, List, Optional, Sequence
 
+from qwenvl_ft.grounding.geometry import boxes_of, iou, matched_iou, well_formed
+from qwenvl_ft.grounding.text import parse
+
 Scores = List[Optional[float]]
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,14 +383,6 @@ def parse_box(value: Any) -> Optional[tuple]:
     return box
 
 
-def iou(a: tuple, b: tuple) -> float:
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(width, 0.0) * max(height, 0.0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
-
-
 def box_iou(completions, field: str = "solution", extract: str = "all", threshold: Optional[float] = None,
             **kwargs) -> Scores:
     """Intersection over union of the first box in the answer with the reference box, in [0, 1]; with `threshold`,
@@ -404,3 +399,55 @@ def box_iou(completions, field: str = "solution", extract: str = "all", threshol
         overlap = iou(got, expected) if got is not None else 0.0
         scores.append(overlap if threshold is None else float(overlap >= threshold))
     return scores
+
+
+def reference_boxes(value: Any) -> List[tuple]:
+    """The reference's well-formed boxes: answer text in any family's form (grounding/text.py), four numbers, or a
+    list of boxes (an object list's `bbox` values)."""
+    if isinstance(value, str):
+        return boxes_of([mark.values for mark in parse(value)]) or ([parse_box(value)] if parse_box(value) else [])
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
+        return [box for box in (parse_box(list(v)) for v in value) if box is not None]
+    box = parse_box(value)
+    return [box] if box is not None else []
+
+
+def iou_reward(completions, field: str = "solution", extract: str = "all", threshold: Optional[float] = None,
+               **kwargs) -> Scores:
+    """The matched IoU of every box in the answer against every reference box (grounding/geometry.py: each reference
+    matched to at most one answer box, divided by the larger count, so extra boxes cost), in [0, 1]; 0 when no box
+    parses; with `threshold`, 1.0 when it reaches it. Boxes in either text form (box tokens or bbox_2d JSON), in
+    the frame the model writes them, the reference's too. A row without a reference box gets None."""
+    references = column(kwargs, field, len(completions))
+    scores: Scores = []
+    for answer, reference in zip(_answers(completions, extract), references):
+        value = reference_value(reference)
+        expected = reference_boxes(value) if value is not None else []
+        if not expected:
+            scores.append(None)
+            continue
+        got = boxes_of([mark.values for mark in parse(answer)]) if answer is not None else []
+        overlap = matched_iou(got, expected)
+        scores.append(overlap if threshold is None else float(overlap >= threshold))
+    return scores
+
+
+BOX_FORMS = ("any", "json", "box_tokens")
+
+
+def box_format(completions, form: str = "any", extract: str = "all", **kwargs) -> Scores:
+    """1.0 when the answer holds at least one box or point and every box in it is well-formed (finite, x2 > x1,
+    y2 > y1), written in `form` (json: bbox_2d/point_2d objects; box_tokens: (x1,y1),(x2,y2) pairs; any: either);
+    else 0.0."""
+    scores: Scores = []
+    for answer in _answers(completions, extract):
+        marks = parse(answer) if answer is not None else []
+        in_json = bool(marks) and ('"bbox_2d"' in answer or '"point_2d"' in answer)
+        right_form = form == "any" or (form == "json") == in_json
+        boxes_fine = all(well_formed(mark.values) for mark in marks if mark.is_box)
+        scores.append(float(bool(marks) and right_form and boxes_fine))
+    return scores
+
+
+def check_box_form(value: Any) -> Optional[str]:
+    return None if value in BOX_FORMS else f"must be one of {list(BOX_FORMS)}"

@@ -92,7 +92,9 @@ class GrpoTraining(Training):
         cfg = parts.cfg
         if not cfg.trainer.eval_generation or parts.eval_rows is None:
             return {}
-        rows = [parts.eval_rows[i] for i in range(len(parts.eval_rows))]
+        from qwenvl_ft.data.prompts import with_solutions
+
+        rows = with_solutions([parts.eval_rows[i] for i in range(len(parts.eval_rows))], parts.processor, cfg.data)
         result = held_out_rewards(trainer.model, parts.processor, cfg.data, rows, parts.state["rewards"],
                                   cfg.trainer.eval_batch_size, cfg.trainer.max_new_tokens)
         log_held_out(result, rows, cfg.trainer.num_predictions_to_print, when)
@@ -115,18 +117,24 @@ class GrpoTraining(Training):
     # -- evaluation (`qwenvl-ft eval`) -------------------------------------------------------------------------
 
     def generation_rows(self, rows: List[dict]) -> List[dict]:
-        """Each prompt answered by its solution (empty for a prompt-only row)."""
+        """Each prompt answered by its solution (empty for a prompt-only row; a grounding row's objects, written by
+        the collator for its image sizes)."""
+        from qwenvl_ft.data.prompts import objects_of
+
         return [{"messages": list(row["prompt"]) + [{"role": "assistant", "content": [
-            {"type": "text", "text": row.get("solution") or ""}]}], "images": row.get("images") or [],
-            "videos": [], "source": row.get("source", "?")} for row in rows]
+            {"type": "text", "text": "<objects>" if objects_of(row) else row.get("solution") or ""}]}],
+            "images": row.get("images") or [], "videos": [], "source": row.get("source", "?"),
+            "objects": objects_of(row)} for row in rows]
 
     def evaluate_models(self, models: Dict, rows: List[dict], processor, cfg,
                         predictions: Optional[Dict[str, List[str]]] = None) -> Dict[str, Dict]:
         """The configured rewards of each side's completions (the greedy answers `eval` generated): each reward's
         mean over the rows it applies to, and `reward`, the mean weighted total."""
+        from qwenvl_ft.data.prompts import with_solutions
         from qwenvl_ft.rewards import build_rewards
 
         rewards = build_rewards(cfg.trainer.grpo.rewards)
+        rows = with_solutions(rows, processor, cfg.data)
         return {side: reward_metrics(score_completions(rewards, rows, completions)["summary"])
                 for side, completions in (predictions or {}).items()}
 

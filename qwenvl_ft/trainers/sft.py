@@ -47,6 +47,8 @@ class SftTraining(Training):
         if "eval_exact_match_before" in metrics and "eval_exact_match_after" in metrics:
             line += (f"; held-out exact match {metrics['eval_exact_match_before']:.1%} -> "
                      f"{metrics['eval_exact_match_after']:.1%}")
+        if "eval_iou_50_before" in metrics and "eval_iou_50_after" in metrics:
+            line += f"; held-out IoU@0.5 {metrics['eval_iou_50_before']:.1%} -> {metrics['eval_iou_50_after']:.1%}"
         return line
 
 

@@ -52,22 +52,43 @@ class GalleryEntry:
         return f"prompt: {self.prompt}\nprediction: {self.prediction}\nreference: {self.reference}"
 
 
-def gallery_entries(rows: Sequence[dict], predictions: Sequence[str]) -> List[GalleryEntry]:
-    """Gallery entries of canonical conversation rows (their last turn is the reference) and their predictions."""
+def gallery_entries(rows: Sequence[dict], predictions: Sequence[str], references: Sequence[str],
+                    collator=None) -> List[GalleryEntry]:
+    """Gallery entries of canonical conversation rows, their predictions and references; with the `collator` that
+    sized the images, boxes and points in either are drawn on the first image (the reference's thin and white)."""
     from qwenvl_ft.data.images import open_image
-    from qwenvl_ft.data.turns import prompt_messages, reference_answer
+    from qwenvl_ft.data.turns import prompt_messages
 
     entries = []
-    for row, prediction in zip(rows, predictions):
+    for row, prediction, reference in zip(rows, predictions, references):
         image = None
         if row.get("images"):
             image = open_image(row["images"][0], f"{row.get('source', '?')}: images[0]").copy()
+            if collator is not None:
+                image = with_boxes(image, row, prediction, reference, collator)
             image.thumbnail((GALLERY_MAX_SIDE, GALLERY_MAX_SIDE))
         users = [m for m in prompt_messages(row) if m["role"] == "user"]
         prompt = "".join(part.get("text") or "" for part in users[-1]["content"] if part["type"] == "text") \
             if users else ""
-        entries.append(GalleryEntry(image, prompt.strip(), prediction, reference_answer(row)))
+        entries.append(GalleryEntry(image, prompt.strip(), prediction, reference))
     return entries
+
+
+def with_boxes(image, row: dict, prediction: str, reference: str, collator):
+    """The image with the boxes of the prediction and of the reference drawn, mapped from the family's convention
+    (for the size the model saw this image at) to the image's own pixels; the image itself when there are none."""
+    from qwenvl_ft.grounding.coords import marks_to_original
+    from qwenvl_ft.grounding.draw import draw_marks
+    from qwenvl_ft.grounding.text import parse
+
+    predicted, expected = parse(prediction), parse(reference)
+    if not predicted and not expected:
+        return image
+    first = {"images": row["images"][:1], "videos": [], "source": row.get("source", "?")}
+    (original, shown), = collator.shown_sizes(collator.load_visuals(first, resize=False))
+    convention = collator.family.box_convention
+    return draw_marks(image, marks_to_original(predicted, original, shown, convention),
+                      marks_to_original(expected, original, shown, convention))
 
 
 def main_process_can_generate(cfg, when: str) -> bool:
