@@ -52,6 +52,7 @@ ARGUMENT_SOURCES = {
     "load_best_model_at_end": "trainer.load_best_model_at_end",
     "metric_for_best_model": "trainer.metric_for_best_model", "greater_is_better": "trainer.greater_is_better",
     "use_liger_kernel": "model.use_liger_kernel",
+    "logging_nan_inf_filter": "trainer.on_nonfinite (a non-finite loss is logged as it is)",
 }
 
 
