@@ -55,6 +55,7 @@ class GrpoTraining(Training):
         g = cfg.trainer.grpo
         rewards = build_rewards(g.rewards)
         check_fields(rewards, parts.train_rows.column_names)
+        check_user_rewards(rewards, parts)
         check_group_batch(cfg, world_size())
         check_vllm(cfg)
         parts.state["rewards"] = rewards
@@ -177,6 +178,27 @@ def grpo_arguments(cfg, rewards: Sequence[Any]) -> Dict[str, Any]:
                 None if cfg.data.max_length is None else cfg.data.max_length + g.max_completion_length),
         )
     return arguments
+
+
+def check_user_rewards(rewards, parts: TrainerParts) -> None:
+    """Each user reward called once on the first batch of training rows, as TRL will call it (the collator's
+    rows, every column), each row answered by its own reference (or nothing): a reward that raises or returns the
+    wrong thing stops the run now, naming the row (rewards/checked.py), not after the model loads and generates."""
+    from qwenvl_ft.rewards.checked import check_on_rows
+
+    if not any(":" in reward.origin for reward in rewards) or len(parts.train_rows) == 0:
+        return
+    count = min(len(parts.train_rows), parts.cfg.trainer.batch_size)
+    rows = parts.collator([parts.train_rows[i] for i in range(count)])
+    conversational = isinstance(rows[0].get("prompt"), list)
+
+    def reference(row):
+        text = row.get("solution") if isinstance(row.get("solution"), str) else ""
+        return [{"role": "assistant", "content": text}] if conversational else text
+
+    check_on_rows(rewards, rows, reference)
+    log.info("rewards: %s answered a first batch of %d rows", ", ".join(r.name for r in rewards if ":" in r.origin),
+             count)
 
 
 def check_vllm(cfg) -> None:
