@@ -202,13 +202,9 @@ def check_user_rewards(rewards, parts: TrainerParts) -> None:
 
 
 def check_vllm(cfg) -> None:
-    import importlib.util
-
+    """vLLM's colocate mode needs a GPU (that vllm is installed, preflight checked first: training/preflight.py)."""
     if not cfg.trainer.grpo.vllm.enabled:
         return
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("trainer.grpo.vllm.enabled=true needs the vllm package (pip install \"qwenvl-ft[vllm]\", "
-                          "the versions TRL supports) and a CUDA GPU")
     import torch
 
     if not torch.cuda.is_available():
