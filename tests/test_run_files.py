@@ -105,3 +105,13 @@ def test_resume_past_a_damaged_newest_checkpoint_reaches_the_same_final_step(tmp
     steps = [e["step"] for e in json.loads((run / "log_history.json").read_text()) if "loss" in e]
     assert steps == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 again after the fallback, each logged once
     assert checkpoint_problem(run / "checkpoint-6") is None and (run / "final").is_dir()
+
+
+def test_eval_of_a_truncated_full_model_names_the_file(tmp_path, capsys):
+    final = tmp_path / "outputs" / "demo" / "exp1" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    _weights(final / "model.safetensors", cut=7)
+    status, err = _cli(capsys, "eval", "recipe=demo", "trainer.eval_generation=false",
+                       f"hydra.run.dir={final.parent / 'eval'}")
+    assert status == 2 and f"{final}: model.safetensors is truncated" in err and "train (or merge) it again" in err
