@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from qwenvl_ft.errors import ConfigError
 
@@ -50,9 +50,11 @@ def row_call_arguments(kwargs: Dict[str, Any], completions: Sequence[Any], index
     return list(completions[index:index + 1]), one
 
 
-def check_on_rows(rewards: Sequence[Any], rows: Sequence[Dict[str, Any]], completion: Callable[[Dict], Any]) -> None:
-    """Call each user reward (module:function) once on `rows`, each answered by `completion(row)`, before training
-    starts: a broken reward fails in seconds, with the messages above, not after the first generation."""
+def check_on_rows(rewards: Sequence[Any], rows: Sequence[Dict[str, Any]], completions: Sequence[Any],
+                  **keywords: Any) -> None:
+    """Call each user reward (module:function) once on `rows`, answered by `completions` (one per row), before
+    training starts: a broken reward fails in seconds, with the messages above, not after the first generation.
+    `keywords`: what TRL passes besides the columns (completion_ids, trainer_state), as the caller can make them."""
     import asyncio
 
     rows = list(rows)
@@ -64,7 +66,8 @@ def check_on_rows(rewards: Sequence[Any], rows: Sequence[Dict[str, Any]], comple
             continue
         kwargs = dict(columns, prompts=[row.get("prompt") for row in rows], completion_ids=None, trainer_state=None,
                       log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None)
-        result = reward(completions=[completion(row) for row in rows], **kwargs)
+        kwargs.update(keywords)
+        result = reward(completions=list(completions), **kwargs)
         if inspect.isawaitable(result):
             asyncio.run(result)
 

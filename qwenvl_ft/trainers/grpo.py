@@ -189,14 +189,14 @@ def check_user_rewards(rewards, parts: TrainerParts) -> None:
     if not any(":" in reward.origin for reward in rewards) or len(parts.train_rows) == 0:
         return
     count = min(len(parts.train_rows), parts.cfg.trainer.batch_size)
+    from transformers import TrainerState
+
     rows = parts.collator([parts.train_rows[i] for i in range(count)])
+    texts = [row.get("solution") if isinstance(row.get("solution"), str) else "" for row in rows]
     conversational = isinstance(rows[0].get("prompt"), list)
-
-    def reference(row):
-        text = row.get("solution") if isinstance(row.get("solution"), str) else ""
-        return [{"role": "assistant", "content": text}] if conversational else text
-
-    check_on_rows(rewards, rows, reference)
+    completions = [[{"role": "assistant", "content": text}] if conversational else text for text in texts]
+    ids = [parts.processor.tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    check_on_rows(rewards, rows, completions, completion_ids=ids, trainer_state=TrainerState())
     log.info("rewards: %s answered a first batch of %d rows", ", ".join(r.name for r in rewards if ":" in r.origin),
              count)
 
