@@ -2,6 +2,7 @@
 non-zero status, skips the step, or lets it through; final/ is never written with non-finite weights."""
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -128,3 +129,33 @@ def test_a_nan_loss_is_logged_and_carded_as_nan_not_zero():
 
     cfg = validate(compose(["recipe=demo", "trainer.report_to=[none]"], output_dir="/tmp/o"))
     assert logging_arguments(cfg)["logging_nan_inf_filter"] is False
+
+
+def test_skip_step_skips_a_nan_step_and_the_run_finishes(tmp_path, monkeypatch, caplog):
+    """The loss of step 3 (and with it every gradient) made NaN, as a bad batch would: the step is skipped, the
+    weights stay finite, the run finishes and reports it."""
+    from safetensors.torch import load_file
+    from trl import SFTTrainer
+
+    from qwenvl_ft.commands.train import train
+
+    real = SFTTrainer.compute_loss
+
+    def nan_at_step_three(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = real(self, model, inputs, return_outputs, num_items_in_batch)
+        if self.state.global_step != 2:
+            return result
+        return (result[0] * float("nan"), result[1]) if return_outputs else result * float("nan")
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", nan_at_step_three)
+    run = tmp_path / "run"
+    overrides = [o for o in DIVERGING if not o.startswith(("optimizer.lr=", "trainer.save_steps="))]
+    with caplog.at_level("WARNING", logger="qwenvl_ft"):
+        metrics = train(compose(overrides + ["trainer.on_nonfinite=skip_step", "trainer.max_steps=5"],
+                                output_dir=str(run)))
+    assert metrics["nonfinite_steps"] == 1 and metrics["global_step"] == 5
+    assert "step 3 skipped (trainer.on_nonfinite=skip_step): the loss and the gradient norm are not finite" \
+        in caplog.text
+    losses = {e["step"]: e["loss"] for e in json.loads((run / "log_history.json").read_text()) if "loss" in e}
+    assert math.isnan(losses[3]) and all(math.isfinite(losses[s]) for s in (1, 2, 4, 5))  # logged as it was
+    assert _finite_weights(run / "final")

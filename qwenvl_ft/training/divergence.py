@@ -24,16 +24,24 @@ log = logging.getLogger("qwenvl_ft")
 
 
 class WatchLoss:
-    """Trainer mixin: hands each micro-batch's loss to the run's DivergenceGuard (no device sync here)."""
+    """Trainer mixin: hands each micro-batch's loss to the run's DivergenceGuard (no device sync here), and has it
+    correct the logged loss of a window with skipped steps (`log`, the Trainer's public logging method)."""
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
-        guard = self.__dict__.get("_divergence_guard")
-        if guard is None:
-            guard = self.__dict__["_divergence_guard"] = guard_of(self)
-        if guard is not None:
-            guard.losses.append(loss.detach())
-        return loss
+        guard = self._guard()
+        return loss if guard is None else guard.observe(loss)
+
+    def log(self, logs, *args, **kwargs):
+        guard = self._guard()
+        if guard is not None and "loss" in logs:
+            logs = guard.logged(logs, self.state.global_step)
+        return super().log(logs, *args, **kwargs)
+
+    def _guard(self):
+        if "_divergence_guard" not in self.__dict__:
+            self.__dict__["_divergence_guard"] = guard_of(self)
+        return self.__dict__["_divergence_guard"]
 
 
 def guard_of(trainer) -> Optional["DivergenceGuard"]:
@@ -44,12 +52,35 @@ def guard_of(trainer) -> Optional["DivergenceGuard"]:
 class DivergenceGuard(TrainerCallback):
     """Checks every optimizer step's losses and gradients before the step is applied (see the module docstring)."""
 
-    def __init__(self, mode: OnNonFinite, lr_setting: str = "optimizer.lr"):
+    def __init__(self, mode: OnNonFinite):
         self.mode = mode
-        self.lr_setting = lr_setting
         self.losses: List = []  # this step's micro-batch losses (WatchLoss)
         self.last_finite: Optional[tuple] = None  # (step, logged loss)
         self.nonfinite_steps: List[int] = []
+        self.last_logged_step = 0
+
+    def observe(self, loss):
+        """A micro-batch's loss, kept for the step's check. With skip_step the Trainer's running sum gets a NaN as
+        0 (a NaN there would stay in every later logged loss; `logged` leaves the skipped steps out of the mean)."""
+        import torch
+
+        self.losses.append(loss.detach())
+        if self.mode == OnNonFinite.skip_step:
+            return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+        return loss
+
+    def logged(self, logs: dict, step: int) -> dict:
+        """The Trainer's logs of the window (last_logged_step, step]: with skip_step, the loss is the mean over the
+        steps taken (NaN when every one was skipped)."""
+        window, self.last_logged_step = step - self.last_logged_step, step
+        skipped = sum(1 for s in self.nonfinite_steps if step - window < s <= step)
+        if self.mode != OnNonFinite.skip_step or not skipped or window <= 0:
+            return logs
+        loss = float("nan") if skipped >= window else logs["loss"] * window / (window - skipped)
+        return {**logs, "loss": loss}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_logged_step = state.global_step  # a resumed run's first window starts at its checkpoint
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
@@ -60,14 +91,14 @@ class DivergenceGuard(TrainerCallback):
         from qwenvl_ft.distributed import ranks
 
         losses, self.losses = self.losses, []
-        if self.mode == OnNonFinite.ignore and not ranks.is_distributed():
-            bad_loss, bad_grad = _nonfinite(losses), False  # counted only; the gradients are not looked at
-        else:
-            bad_loss, bad_grad = _nonfinite(losses), _nonfinite_gradients(model)
+        bad_loss = _nonfinite(losses)
+        # ignore: counted by the loss only, the gradients are not looked at
+        bad_grad = self.mode != OnNonFinite.ignore and _nonfinite_gradients(model)
+        # one collective per step; every rank then takes the same decision (a rank's shard alone may be NaN)
+        if not ranks.any_rank(bad_loss or bad_grad, device=args.device):
+            return
         bad_loss = ranks.any_rank(bad_loss, device=args.device)
         bad_grad = ranks.any_rank(bad_grad, device=args.device)
-        if not (bad_loss or bad_grad):
-            return
         step = state.global_step + 1
         self.nonfinite_steps.append(step)
         what = {(True, False): "the loss is", (False, True): "the gradient norm is"}.get(
@@ -94,7 +125,7 @@ class DivergenceGuard(TrainerCallback):
         return (f"training diverged at step {step} of {state.max_steps}: {what} not finite (NaN or inf); "
                 f"{last}; learning rate {lr:.3g}.\n"
                 f"{kept_checkpoint(Path(args.output_dir))}\n"
-                f"Lower {self.lr_setting} (or raise optimizer.warmup_steps / lower optimizer.max_grad_norm), or set "
+                f"Lower optimizer.lr (or raise optimizer.warmup_steps / lower optimizer.max_grad_norm), or set "
                 f"trainer.on_nonfinite=skip_step to skip such steps.")
 
 
