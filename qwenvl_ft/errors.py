@@ -21,4 +21,11 @@ class HubError(RuntimeError):
     """An upload to the Hugging Face Hub failed. The message says why, what is saved locally and how to retry."""
 
 
-UserFacingError = (ConfigError, DataError, HubError)
+class TrainingDiverged(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight. The message names the step, the last finite loss,
+    the learning rate and the checkpoint kept; the run exits with `exit_status` (not 2: the config was valid)."""
+
+    exit_status = 3
+
+
+UserFacingError = (ConfigError, DataError, HubError, TrainingDiverged)

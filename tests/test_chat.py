@@ -112,8 +112,10 @@ def test_chat_without_gradio_names_the_extra(monkeypatch):
 
     from qwenvl_ft.commands.chat import chat
 
-    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
-    with pytest.raises(ConfigError, match=r"pip install 'qwenvl-ft\[ui\]'"):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # find_spec("gradio") answers None: not installed
+    # the same message as every optional package's (training/preflight.py check_optional_packages)
+    with pytest.raises(ConfigError, match=r'qwenvl-ft chat needs Gradio, which is not installed: pip install '
+                                          r'"qwenvl-ft\[ui\]"'):
         chat(_chat_config("/nonexistent"))
 
 

@@ -94,7 +94,8 @@ def test_wrong_type_and_wrong_choice_fail_at_compose_time():
         compose(["optimizer.lr=fast"], output_dir="/tmp/o")
     with pytest.raises(ConfigError, match=r"expected one of \[full, lora, dora, qlora\]"):
         compose(["adapter.method=dorra"], output_dir="/tmp/o")
-    with pytest.raises(ConfigError, match="Could not find 'model/qwen3'"):
+    # a group option that does not exist: a did-you-mean and the options (was Hydra's "Could not find 'model/qwen3'")
+    with pytest.raises(ConfigError, match=r"unknown model 'qwen3'. Did you mean .*\(options: .*qwen3_vl_8b"):
         compose(["model=qwen3"], output_dir="/tmp/o")
 
 

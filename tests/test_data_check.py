@@ -197,3 +197,27 @@ def test_training_with_skip_invalid_on_images_videos_and_text(tmp_path):
     assert metrics["global_step"] == 2
     report = json.loads((tmp_path / "run" / "data_check.json").read_text())
     assert len(report["problems"]) == 4 and report["summary"]["train"]["videos"] == 2
+
+
+def test_data_check_names_pairs_that_cannot_teach_and_text_that_is_not_utf8(tmp_path, capsys):
+    """A preference pair whose answers are the same, and a Latin-1 CSV: named with file and line; data.encoding
+    reads the CSV."""
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"image": "a.png", "prompt": "<image>\nWhat is it?", "chosen": "a red square", "rejected": "a blue square"},
+        {"image": "a.png", "prompt": "<image>\nWhat is it?", "chosen": "a red square", "rejected": "a red square"}])
+    status = main(["data-check", "recipe=dpo_demo", "data=llava_preference", f"data.path={pairs}",
+                   f"hydra.run.dir={tmp_path / 'pairs'}"])
+    out, err = capsys.readouterr()
+    assert status == 2 and "Traceback" not in out + err
+    assert f"{pairs}:line 2: fields 'chosen' and 'rejected' are the same answer ('a red square')" in out
+    table = 'image,question,answer\na.png,"Qu\'est-ce?","Un carr\u00e9 rouge."\n'.encode("latin-1")
+    (tmp_path / "t.csv").write_bytes(table)
+    command = ["data-check", "data=columns", f"data.path={tmp_path / 't.csv'}"]
+    status = main(command + [f"hydra.run.dir={tmp_path / 'csv'}"])
+    out, err = capsys.readouterr()
+    assert status == 2 and "Traceback" not in out + err
+    assert f"{tmp_path / 't.csv'}:line 2: text is not valid UTF-8 (byte 0xe9 at byte offset {table.index(233)})" \
+           in err and "data.encoding" in err
+    assert main(command + ["data.encoding=latin-1", f"hydra.run.dir={tmp_path / 'csv2'}"]) == 0
+    assert "rows: 1 read, 0 invalid" in capsys.readouterr().out

@@ -191,6 +191,37 @@ def test_csv_table_with_the_column_formatter(tmp_path):
     assert rows[1]["messages"][1]["content"][0]["text"] == "A cup."
 
 
+def test_a_file_that_is_not_utf8_is_named_with_its_line_and_byte_and_data_encoding_reads_it(tmp_path):
+    from qwenvl_ft.config.compose import compose
+
+    text = 'file,caption,title\na.jpg,"A red box.",Box\nb.jpg,"Un caf\u00e9.",Cup\n'
+    (tmp_path / "t.csv").write_bytes(text.encode("latin-1"))
+    columns = ColumnsConfig(images="file", answer="caption", prompt=None)
+    cfg = data_cfg(tmp_path / "t.csv", format="columns", prompt="Caption the {title}.", columns=columns)
+    offset = text.encode("latin-1").index(b"\xe9")
+    with pytest.raises(DataError) as err:
+        load_rows(cfg, str(tmp_path / "t.csv"))
+    assert str(err.value) == (f"{tmp_path / 't.csv'}:line 3: text is not valid UTF-8 (byte 0xe9 at byte offset "
+                              f"{offset}): re-save the file as UTF-8, or set data.encoding to its encoding (e.g. "
+                              f"data.encoding=latin-1 or cp1252)")
+    rows = load_rows(data_cfg(tmp_path / "t.csv", format="columns", prompt="Caption the {title}.", columns=columns,
+                              encoding="latin-1"), str(tmp_path / "t.csv"))
+    assert rows[1]["messages"][1]["content"][0]["text"] == "Un caf\u00e9."
+    # JSON and JSONL the same way: a whole document names its line too, data.encoding reads it
+    document = json.dumps([llava(None, question="q"), llava(None, question="caf\u00e9")], indent=1,
+                          ensure_ascii=False).encode("latin-1")
+    (tmp_path / "rows.json").write_bytes(document)
+    at = document.index(b"\xe9")
+    line = document[:at].count(b"\n") + 1
+    with pytest.raises(DataError, match=rf"rows\.json:line {line}: text is not valid UTF-8 \(byte 0xe9 at byte "
+                                        rf"offset {at}\)"):
+        load_rows(data_cfg(tmp_path / "rows.json"), str(tmp_path / "rows.json"))
+    rows = load_rows(data_cfg(tmp_path / "rows.json", encoding="cp1252"), str(tmp_path / "rows.json"))
+    assert "caf\u00e9" in rows[1]["messages"][0]["content"][-1]["text"]
+    with pytest.raises(Exception, match=r"data.encoding=klingon: not an encoding Python knows"):
+        compose(["recipe=demo", "data.encoding=klingon"], output_dir="/tmp/o")
+
+
 def test_missing_local_data_and_an_unreachable_hub_id(tmp_path):
     with pytest.raises(DataError, match=r"nope\.parquet: data file or folder not found"):
         load_rows(data_cfg(tmp_path / "nope.parquet", format="messages"), str(tmp_path / "nope.parquet"))
@@ -245,7 +276,7 @@ def test_every_bad_row_is_reported_with_its_line_and_the_good_rows_stay(tmp_path
     for number, ((_, expected), problem) in enumerate(zip(BAD_ROWS, problems), start=1):
         assert problem.source == f"{tmp_path / 'bad.jsonl'}:line {number}"
         assert problem.message.startswith(problem.source) and expected in problem.message, problem.message
-    assert "line 14: text is not valid UTF-8 (byte 0xe9" in problems[-1].message
+    assert "line 14: text is not valid UTF-8 (byte 0xe9 at byte offset" in problems[-1].message
     with pytest.raises(DataError, match=r"bad\.jsonl:line 1: invalid JSON"):  # without a list: the first one raises
         load_rows(data_cfg(tmp_path / "bad.jsonl"), str(tmp_path / "bad.jsonl"))
 

@@ -129,6 +129,13 @@ def test_messages_preference_jsonl_loads(tmp_path):
                              "chosen": [{"role": "assistant", "content": "a"}],
                              "rejected": [{"role": "assistant", "content": "b"}]},
      "prompt[0].content[0]: content item type must be"),
+    # a pair that cannot teach: DPO's loss would sit at log 2 on it
+    ("llava_preference", {"image": "a.png", "prompt": "<image>\nq", "chosen": "a cat", "rejected": " a cat "},
+     "fields 'chosen' and 'rejected' are the same answer ('a cat'): the pair teaches nothing"),
+    ("messages_preference", {"images": ["a.png"], "prompt": [{"role": "user", "content": [{"type": "image"}]}],
+                             "chosen": [{"role": "assistant", "content": "same"}],
+                             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "same"}]}]},
+     "fields 'chosen' and 'rejected' are the same answer ('same')"),
 ])
 def test_bad_rows_name_file_row_and_field(tmp_path, fmt, record, message):
     _image_file(tmp_path, "a.png")

@@ -25,13 +25,18 @@ from qwenvl_ft.training.resume import (COMPLETE_MARKER, config_changes, is_compl
 def _checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"weights")
+    # a whole safetensors file of one 2-float tensor (resuming checks the weights' headers: config/run_files.py)
+    (folder / "model.safetensors").write_bytes(_SAFETENSORS)
     if complete:
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         (folder / COMPLETE_MARKER).write_text("{}")
     else:  # what a kill in the middle of a save leaves: no trainer_state.json yet, no marker
         (folder / "optimizer.pt").write_bytes(b"trunc")
     return folder
+
+
+_HEADER = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+_SAFETENSORS = len(_HEADER).to_bytes(8, "little") + _HEADER + bytes(8)
 
 
 def _trainer_cfg(resume_from="auto"):
@@ -49,6 +54,34 @@ def test_auto_resume_takes_the_newest_complete_checkpoint_and_drops_newer_broken
     assert latest_complete(tmp_path) == ten
     assert resolve_resume(_trainer_cfg(), tmp_path) == str(ten)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-5"]
+
+
+def test_a_complete_checkpoint_that_cannot_be_loaded_is_set_aside_for_the_one_before(tmp_path, caplog):
+    five, ten, fifteen = _checkpoint(tmp_path, 5), _checkpoint(tmp_path, 10), _checkpoint(tmp_path, 15)
+    (fifteen / "model.safetensors").write_bytes(_SAFETENSORS[:-4])  # truncated by a full disk, marker written
+    (ten / "trainer_state.json").write_text('{"global_step": 1')  # edited by hand, or cut short
+    with caplog.at_level("WARNING", logger="qwenvl_ft"):
+        assert resolve_resume(_trainer_cfg(), tmp_path) == str(five)
+    warned = caplog.text
+    assert "checkpoint-15 is marked complete but cannot be loaded (model.safetensors is truncated (66 of 70 " \
+           "bytes)); moved to damaged-checkpoint-15, resuming from checkpoint-5 instead" in warned
+    assert "checkpoint-10 is marked complete but cannot be loaded (trainer_state.json is unreadable" in warned
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "damaged-checkpoint-10",
+                                                          "damaged-checkpoint-15"]
+    # none loadable: an error that says so, never a silent fresh start
+    (five / "optimizer.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ConfigError, match=r"no checkpoint in .* can be loaded \(checkpoint-5: optimizer.pt is "
+                                          r"truncated or damaged.*trainer.resume_from=null"):
+        resolve_resume(_trainer_cfg(), tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer.resume_from=.*checkpoint-5 cannot be loaded: optimizer.pt"):
+        resolve_resume(_trainer_cfg(str(five)), tmp_path)
+
+
+def test_a_corrupt_config_yaml_is_named_when_resuming(tmp_path):
+    (tmp_path / "config.yaml").write_text("model:\n  name_or_path: [tiny\n")
+    with pytest.raises(ConfigError, match=r"config.yaml is damaged \(not valid YAML at line 3, column 1: .*restore "
+                                          r"it, or delete it"):
+        config_changes(tmp_path / "config.yaml", compose(["recipe=demo"], output_dir="/tmp/o"))
 
 
 def test_no_complete_checkpoint_means_a_fresh_start(tmp_path):

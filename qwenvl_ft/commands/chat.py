@@ -25,6 +25,7 @@ from qwenvl_ft.config.saved_run import with_saved_run
 from qwenvl_ft.config.schema import ChatRunConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.errors import UserFacingError
+from qwenvl_ft.training.preflight import check_optional_packages
 
 log = logging.getLogger("qwenvl_ft")
 # Gradio sends usage statistics unless told not to; a local tool should not phone home.
@@ -36,10 +37,7 @@ LABELS = {TUNED: "fine-tuned (adapter on)", BASE: "base (adapter off)"}
 
 def chat(composed: DictConfig) -> Dict:
     cfg: ChatRunConfig = validate(with_saved_run(composed))  # the named run's config.yaml, overrides on top
-    try:
-        import gradio  # noqa: F401  (the optional extra: fail before the model loads)
-    except ImportError:
-        raise ConfigError("qwenvl-ft chat needs Gradio: pip install 'qwenvl-ft[ui]'") from None
+    check_optional_packages(cfg, "chat")  # Gradio (the ui extra): before the model loads
     engine = ChatEngine.load(cfg)
     app = build_app(engine, cfg.chat, cfg.data.system_message)
     url = serve(app, cfg.chat)

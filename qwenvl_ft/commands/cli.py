@@ -220,8 +220,10 @@ def _answer_directly(command: str, hydra_args: List[str], recipe_dirs: List[str]
     """The exit status of what is answered without a Hydra run (`recipes`, `doctor`, an unknown command,
     `COMMAND --help`); None for a command Hydra runs."""
     if command == "recipes":
+        from qwenvl_ft.config.recipe_files import BROKEN
+
         for name, path in available_recipes(recipe_dirs).items():
-            print(f"{name:28s} {path}")
+            print(f"{name:28s} {path}" + (f"  (cannot be used: {BROKEN[name]})" if name in BROKEN else ""))
         return 0
     if command in NO_CONFIG:
         return _task(NO_CONFIG[command])()

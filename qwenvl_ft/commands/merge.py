@@ -44,13 +44,14 @@ def merge(composed: DictConfig) -> Dict:
     lock = lock_folder(ensure_writable(output_path.parent, "merge output folder"), f"merge destination {output_path}",
                        name=f".qwenvl_ft.lock.{output_path.name}")
 
-    from qwenvl_ft.modeling.load import ADAPTER_CONFIG, attach, kind_of, load_base, load_processor
+    from qwenvl_ft.modeling.load import adapter_config as read_adapter_config
+    from qwenvl_ft.modeling.load import attach, kind_of, load_base, load_processor
 
     if kind_of(adapter_path) != "adapter":
         raise ConfigError(f"{adapter_path} holds a full model, not an adapter: there is nothing to merge")
     if output_path.exists() and not m.overwrite:
         raise ConfigError(f"{output_path} exists; pass merge.overwrite=true to replace it")
-    adapter_config = json.loads((adapter_path / ADAPTER_CONFIG).read_text())
+    adapter_config = read_adapter_config(adapter_path)  # checked whole before the base loads
     dtype = (m.dtype or cfg.model.dtype).value
     from qwenvl_ft import families
     from qwenvl_ft.publish.serving import serving_of_folder

@@ -3,7 +3,8 @@
 A job writes `summary.json` into its output folder (overrides, status, final metrics, error). In a `-m` sweep a
 failing job is recorded as failed and the sweep moves on to the next job; `qwenvl_ft.commands.sweep.SweepSummary`
 reads the summaries when the sweep ends. A single run that fails on a config or data error prints one clear message
-and exits with status 2 instead of a traceback; so does one whose output folder cannot be written (checked by the
+and exits with status 2 instead of a traceback (a run
+that diverged, errors.TrainingDiverged, with status 3); so does one whose output folder cannot be written (checked by the
 `CheckOutputFolder` Hydra callback before Hydra creates it). A write that fails because the disk is full ends with
 a message naming the file and the space left (status 1), and Ctrl-C outside training with a plain message
 (status 130); the summary is written when it can be, and a failure to write it never hides the original error.
@@ -236,7 +237,7 @@ def _report_user_error(err: UserFacingError, summary: Dict, is_sweep: bool) -> N
         note = save_summary(summary["output_dir"], summary)
         if main:
             print(f"qwenvl-ft: {err}{note}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_status", 2))
 
 
 def _stop_outside_training(cfg: DictConfig, overrides: List[str], summary: Dict) -> None:

@@ -54,7 +54,9 @@ def train(composed: DictConfig) -> Dict:
     if final_dir is None:  # stopped by a signal: the checkpoint is saved, final/ is not
         return metrics
     log.info("saved %s to %s", "adapter" if cfg.adapter.is_peft else "model", final_dir)
-    log.info("result: %s", training.result_line(metrics))
+    from qwenvl_ft.training.divergence import nonfinite_note
+
+    log.info("result: %s%s", training.result_line(metrics), nonfinite_note(metrics))
     if trainer.is_world_process_zero():  # the model card of final/ (and the upload when hub.push), once
         finish_final(output_dir, started_at=started, linear_attention=linear_attention_backend(trainer.model))
     log_performance(metrics)
@@ -139,6 +141,7 @@ def fit(run: RunStart, method: methods.Method, training: Training, trainer, part
     """Held-out figures before, the training loop, final/, held-out figures after, and the history: (metrics,
     final/), or (metrics, None) when a signal stopped the run (its checkpoint is saved)."""
     from qwenvl_ft.training import startup
+    from qwenvl_ft.training.divergence import nonfinite_metrics
     from qwenvl_ft.training.resume import ReloadConvertedWeights, StopOnSignal
 
     cfg, output_dir = run.cfg, run.output_dir
@@ -154,6 +157,7 @@ def fit(run: RunStart, method: methods.Method, training: Training, trainer, part
     if stop.interrupted(trainer.state):
         return interrupted(trainer, output_dir, metrics), None
     metrics.update(training.training_metrics(trainer, result))
+    metrics.update(nonfinite_metrics(trainer))
 
     final_dir = save_final(trainer, parts.processor, output_dir)
     after = training.after_training(trainer, parts)

@@ -20,6 +20,8 @@ from typing import Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from qwenvl_ft.config.recipe_files import BROKEN, check_group_choice, check_start_from_fields, choice_values, \
+    read_recipe
 from qwenvl_ft.config.schema import GROUP_SCHEMAS, TrainConfig, register_schemas, root_schema
 from qwenvl_ft.errors import ConfigError
 
@@ -75,8 +77,13 @@ def register_all(extra_recipe_dirs: Iterable[str] = (), recipe_files: Iterable[s
     # The primary configs' hydra.run.dir: `oc.select` cannot default a choice that exists but is null (recipe: null).
     OmegaConf.register_new_resolver("recipe_folder", recipe_folder, replace=True)
     store = ConfigStore.instance()
+    BROKEN.clear()
     for name, path in available_recipes(extra_recipe_dirs, recipe_files).items():
-        node = OmegaConf.load(path)
+        try:
+            node = read_recipe(path, name)
+        except ConfigError as err:  # stops only the command that chooses it (recipe_files.py)
+            BROKEN[name] = str(err)
+            continue
         store.store(group="recipe", name=name, node=node, package="_global_", provider=str(path))
 
 
@@ -95,7 +102,8 @@ _ENGINE_KEYS = ("deepspeed", "fsdp", "fsdp_config", "ddp_backend")  # TrainingAr
 
 
 def check_override_keys(overrides: Sequence[str], root=TrainConfig) -> None:
-    """Raise ConfigError naming the first override whose key is not in the schema."""
+    """Raise ConfigError naming the first override whose key is not in the schema, or whose group choice (a
+    recipe, a group option) does not exist (recipe_files.py)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -108,11 +116,14 @@ def check_override_keys(overrides: Sequence[str], root=TrainConfig) -> None:
         # (`+trainer.deepspeed=ds.json` trained without DeepSpeed).
         if key.startswith("hydra") or override.is_delete() or "@" in key:
             continue
-        if key in _GROUPS:  # group choice: Hydra lists the available options itself
+        if key in _GROUPS:  # a group choice: an option that exists (a did-you-mean, not Hydra's search path)
+            for name in choice_values(override):
+                check_group_choice(key, name, config_dir())
             continue
         problem = unknown_key(key, root)
         if problem:
             raise ConfigError(problem)
+    check_start_from_fields(parsed, chosen_recipe(overrides))
 
 
 def unknown_key(key: str, root=TrainConfig) -> Optional[str]:
@@ -140,7 +151,7 @@ def unknown_key(key: str, root=TrainConfig) -> Optional[str]:
 def check_recipe_keys(path: Path, root=TrainConfig) -> None:
     """Every key a recipe file sets exists in the schema: the error names the file and suggests the key meant
     (Hydra would only say that the key is not in the struct)."""
-    node = OmegaConf.load(path)
+    node = read_recipe(path)
     for key in _leaf_keys(node):
         problem = unknown_key(key, root)
         if problem:

@@ -165,6 +165,8 @@ class DataConfig:
     # sources whose share needs it).
     mixture_rows: Optional[int] = None
     split: str = "train"  # split name for Hugging Face datasets
+    # Text encoding of JSON/JSONL/CSV/TSV files without a byte-order mark, e.g. latin-1 or cp1252 (a BOM wins)
+    encoding: str = "utf-8"
     image_folder: Optional[str] = None  # relative image paths resolve here (default: the data file's folder)
     system_message: Optional[str] = None  # prepended as a system turn when set
     prompt: Optional[str] = None  # user prompt template for formatter-based formats (amazon, self_llm)
@@ -254,6 +256,8 @@ class DataConfig:
         _check(self.video_nframes is None or self.video_nframes >= 2, "data.video_nframes must be >= 2")
         _check(self.video_max_frames >= 2, "data.video_max_frames must be >= 2")
         _check(self.eval_size >= 0, "data.eval_size must be >= 0")
+        _check(_known_encoding(self.encoding), f"data.encoding={self.encoding}: not an encoding Python knows (e.g. "
+                                               f"utf-8, latin-1, cp1252, utf-16)")
         _check(self.eval_size < 1 or float(self.eval_size).is_integer(),
                "data.eval_size >= 1 is a row count and must be a whole number")
         _check(self.max_length is None or self.max_length > 0, "data.max_length must be positive")
@@ -308,3 +312,13 @@ class DataConfig:
         if self.sources:
             return " + ".join(s.path for s in self.sources)
         return self.path or self.format.value
+
+
+def _known_encoding(name: str) -> bool:
+    import codecs
+
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True

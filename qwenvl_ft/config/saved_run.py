@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from qwenvl_ft.config.run_files import read_yaml
+
 log = logging.getLogger("qwenvl_ft")
 
 RUN_CONFIG = "config.yaml"
@@ -38,7 +40,9 @@ def with_saved_run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None,
     saved_path = run_dir / RUN_CONFIG
     if not saved_path.is_file():
         return cfg
-    saved = OmegaConf.load(saved_path)
+    saved = read_yaml(saved_path, f"It is the config the run trained with, which this command starts from: restore "
+                                  f"it ({run_dir / 'final' / 'README.md'} holds a copy under 'Full config' once the "
+                                  f"run finished), or move it away to use this command line's config alone")
     keys = [_key(o) for o in overrides]
     swapped = {k for k in keys if k in TRAINED_KEYS}  # `data=llava`: the whole group as composed now
     result = OmegaConf.merge(cfg, {k: saved[k] for k in TRAINED_KEYS if k in saved and k not in swapped})

@@ -79,6 +79,10 @@ class TrainConfig:
                               f"per GPU) or dist=zero2 to train it on several")
         _check(dist.zero.offload_optimizer == OffloadDevice.none or dist.zero.stage >= 1,
                "dist.zero.offload_optimizer needs dist.zero.stage >= 1 (stage 0 keeps no optimizer partition)")
+        # DeepSpeed applies the optimizer step inside its backward: there is no step left to skip afterwards
+        _check(self.trainer.on_nonfinite.value != "skip_step" or dist.engine != DistEngine.deepspeed,
+               "trainer.on_nonfinite=skip_step cannot be combined with DeepSpeed (it steps the optimizer inside its "
+               "backward): use trainer.on_nonfinite=stop or ignore")
 
     def _check_experts(self) -> None:
         """What a mixture-of-experts family's fused expert weights (3-D parameters, not Linear layers) rule out."""

@@ -31,6 +31,14 @@ class SaveStrategy(str, Enum):
     epoch = "epoch"  # a checkpoint at the end of every epoch
 
 
+class OnNonFinite(str, Enum):
+    """What a non-finite (NaN or inf) loss or gradient norm does to the run (qwenvl_ft/training/divergence.py)."""
+
+    stop = "stop"  # stop with one message (step, last finite loss, learning rate); the last checkpoint is kept
+    skip_step = "skip_step"  # skip that optimizer step (counted and reported); the schedule goes on
+    ignore = "ignore"  # let it through (logged as nan); final/ is still never written with non-finite weights
+
+
 class Tracker(str, Enum):
     """Experiment trackers (transformers' own integrations). Each but TensorBoard is an optional extra:
     pip install "qwenvl-ft[wandb]", "qwenvl-ft[swanlab]", "qwenvl-ft[mlflow]"."""
@@ -89,6 +97,9 @@ class TrainerSettings:
     max_new_tokens: int = 64  # tokens generated per held-out row
     num_predictions_to_print: int = 4  # held-out predictions shown in the log
     disable_tqdm: bool = False  # no progress bar (logs only)
+    # A NaN or inf loss or gradient norm: stop (the last good checkpoint kept), skip_step (that optimizer step is
+    # skipped, counted and reported) or ignore. final/ is never written with non-finite weights.
+    on_nonfinite: OnNonFinite = OnNonFinite.stop
     # Dense bf16 peak of one GPU in TFLOP/s, the denominator of the MFU every run logs (None: looked up from the
     # GPU's name in qwenvl_ft/training/telemetry.py; a GPU not in that table logs no MFU until this is set).
     peak_tflops: Optional[float] = None
@@ -135,6 +146,10 @@ class TrainerSettings:
         _check(self.early_stopping_patience is None or self.early_stopping_patience > 0,
                "trainer.early_stopping_patience must be > 0")
         _check(self.early_stopping_threshold >= 0, "trainer.early_stopping_threshold must be >= 0")
+        # fp16's loss scaler skips the steps whose gradients overflow itself (and needs their gradients to do so)
+        _check(self.on_nonfinite != OnNonFinite.skip_step or self.precision != Precision.fp16,
+               "trainer.on_nonfinite=skip_step cannot be combined with trainer.precision=fp16: fp16's loss scaler "
+               "skips overflowing steps itself (use on_nonfinite=stop or ignore, or precision=bf16)")
 
 
 TrainerConfig = make_dataclass(

@@ -13,12 +13,54 @@ from qwenvl_ft.data.rows import Problem
 from qwenvl_ft.errors import DataError
 
 
-def _decode_utf8(raw: bytes, where: str) -> str:
+def _decode_utf8(raw: bytes, where: str, offset: int = 0) -> str:
+    """`raw` (text already in UTF-8: data.encoding's and byte-order marks' conversions are done on opening)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{where}: text is not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}; "
-                        f"re-save the file as UTF-8)") from None
+        raise decoding_error(where, raw, err, "UTF-8", offset) from None
+
+
+def decoding_error(where: str, raw: bytes, err: UnicodeDecodeError, encoding: str, offset: int = 0,
+                   line: Optional[int] = None) -> DataError:
+    """A file (or line) whose text `encoding` cannot decode: the line, the byte and its offset in the file, and
+    the two ways out. `offset` is where `raw` starts in the file; `line`, when `where` names none, its line."""
+    if line is None and ":line " not in where:
+        line = raw[:err.start].count(b"\n") + 1
+    at = f"{where}:line {line}" if line is not None else where
+    encoding = "UTF-8" if _is_utf8(encoding) else encoding
+    return DataError(f"{at}: text is not valid {encoding} (byte 0x{raw[err.start]:02x} at byte offset "
+                     f"{offset + err.start}): re-save the file as UTF-8, or set data.encoding to its encoding "
+                     f"(e.g. data.encoding=latin-1 or cp1252)")
+
+
+def _is_utf8(encoding: str) -> bool:
+    import codecs
+
+    return codecs.lookup(encoding).name == "utf-8"
+
+
+def check_text_encoding(path: Path, encoding: str) -> None:
+    """DataError naming the first line of `path` that `encoding` cannot decode (the CSV/TSV reader's own error
+    names neither), read line by line: the file is never in memory at once."""
+    import codecs
+
+    if "\n".encode(encoding) != b"\n":  # UTF-16/32: lines are not split on the byte; decode it whole
+        raw = path.read_bytes()
+        try:
+            raw.decode(encoding)
+        except UnicodeDecodeError as err:
+            raise decoding_error(str(path), raw, err, encoding) from None
+        return
+    decoder_name = codecs.lookup(encoding).name
+    offset = 0
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8-sig" if decoder_name == "utf-8" and number == 1 else encoding)
+            except UnicodeDecodeError as err:
+                raise decoding_error(str(path), line, err, encoding, offset, number) from None
+            offset += len(line)
 
 
 # Byte-order marks some editors (Notepad, Excel exports) put at the start of a text file. UTF-8's is read past;
@@ -27,8 +69,9 @@ _BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00
          (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
 
 
-def _open_text_bytes(path: Path):
-    """A binary stream of the file's UTF-8 text, positioned after any byte-order mark."""
+def _open_text_bytes(path: Path, encoding: str = "utf-8"):
+    """A binary stream of the file's UTF-8 text, positioned after any byte-order mark; a file in another
+    `encoding` (data.encoding) is decoded whole and read as UTF-8."""
     import io
 
     try:
@@ -36,20 +79,27 @@ def _open_text_bytes(path: Path):
     except OSError as err:
         raise DataError(f"{path}: cannot read data file ({err.strerror})") from None
     head = handle.read(4)
-    for bom, encoding in _BOMS:
+    for bom, marked in _BOMS:
         if head.startswith(bom):
-            if encoding == "utf-8":
+            if marked == "utf-8":
                 handle.seek(len(bom))
                 return handle
             with handle:
                 raw = head + handle.read()
             try:
-                return io.BytesIO(raw[len(bom):].decode(encoding).encode("utf-8"))
+                return io.BytesIO(raw[len(bom):].decode(marked).encode("utf-8"))
             except UnicodeDecodeError as err:
-                raise DataError(f"{path}: text is not valid {encoding.upper()} ({err.reason} at offset {err.start}); "
+                raise DataError(f"{path}: text is not valid {marked.upper()} ({err.reason} at offset {err.start}); "
                                 f"re-save the file as UTF-8") from None
     handle.seek(0)
-    return handle
+    if _is_utf8(encoding):
+        return handle
+    with handle:
+        raw = handle.read()
+    try:
+        return io.BytesIO(raw.decode(encoding).encode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise decoding_error(str(path), raw, err, encoding) from None
 
 
 def _first_significant_byte(handle) -> bytes:
@@ -122,14 +172,15 @@ def _layout(path: Path, handle) -> str:
     return "lines" if len(lines) > 1 and _is_json(lines[1]) else "object"
 
 
-def read_json_records(path: Path, problems: Optional[List[Problem]] = None) -> Iterator[Tuple[str, Any]]:
+def read_json_records(path: Path, problems: Optional[List[Problem]] = None,
+                      encoding: str = "utf-8") -> Iterator[Tuple[str, Any]]:
     """(location, record) for a JSON array file or a JSONL file; location is 'file:row N' or 'file:line N'.
 
     A JSONL line that is not valid JSON or UTF-8 raises, or with `problems` is recorded there and skipped. JSONL
     is read line by line (a file of millions of rows is never in memory at once); a JSON array is parsed whole.
-    A UTF-8 (or UTF-16/32) byte-order mark is accepted.
+    A UTF-8 (or UTF-16/32) byte-order mark is accepted; without one the text is read as `encoding`.
     """
-    handle = _open_text_bytes(path)
+    handle = _open_text_bytes(path, encoding)
     with handle:
         layout = _layout(path, handle)
         if layout != "lines" or not _first_significant_byte(handle):
@@ -145,12 +196,14 @@ def read_json_records(path: Path, problems: Optional[List[Problem]] = None) -> I
             for index, record in enumerate(document):
                 yield f"{path}:row {index}", record
             return
+        offset = handle.tell()
         for number, line in enumerate(handle, start=1):
+            start, offset = offset, offset + len(line)
             if not line.strip():
                 continue
             where = f"{path}:line {number}"
             try:
-                yield where, json.loads(_decode_utf8(line, where))
+                yield where, json.loads(_decode_utf8(line, where, start))
             except (DataError, json.JSONDecodeError) as err:
                 message = str(err) if isinstance(err, DataError) else \
                     f"{where}: invalid JSON ({err.msg} at column {err.colno})"

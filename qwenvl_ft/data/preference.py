@@ -91,7 +91,8 @@ CONVERTERS: Dict[DataFormat, Converter] = {
 
 def check_pair(row: dict, where: str) -> None:
     """Each answer is one assistant turn of text; prompt + answer is a valid conversation (data/rows.py rules:
-    alternating turns, non-empty answer, as many images as image items)."""
+    alternating turns, non-empty answer, as many images as image items); and the two answers differ (a pair whose
+    answers are the same text teaches nothing: DPO's loss stays at log 2 = 0.693 on it)."""
     for name in ANSWER_FIELDS:
         answer = row[name]
         if len(answer) != 1 or answer[0]["role"] != "assistant":
@@ -104,6 +105,15 @@ def check_pair(row: dict, where: str) -> None:
         except DataError as err:
             # The conversation checker counts turns over prompt + answer; say which answer it was.
             raise DataError(f"{err} (checking prompt + {name})") from None
+    chosen, rejected = (_answer_text(row[name]) for name in ANSWER_FIELDS)
+    if chosen == rejected:
+        shown = chosen if len(chosen) <= 60 else chosen[:57] + "..."
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' are the same answer ({shown!r}): the pair teaches "
+                        f"nothing (DPO's loss stays at 0.693 on it); fix one answer or drop the row")
+
+
+def _answer_text(answer: List[dict]) -> str:
+    return "".join(item.get("text") or "" for item in answer[0]["content"] if item["type"] == "text").strip()
 
 
 # ----------------------------------------------------------------------------------------------------------------

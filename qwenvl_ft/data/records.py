@@ -5,13 +5,14 @@ id). A bad row raises, or with a `problems` list is recorded there and left out.
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from qwenvl_ft.config.data import DataConfig, DataFormat
 from qwenvl_ft.data.converters import CONVERTERS, Converter
+from qwenvl_ft.data.decoding import check_text_encoding, read_json_records
 from qwenvl_ft.data.grounding import read_objects
-from qwenvl_ft.data.decoding import read_json_records
 from qwenvl_ft.data.rows import Problem
 from qwenvl_ft.errors import DataError
 
@@ -30,7 +31,7 @@ def _records(cfg: DataConfig, path_str: str,
     if path.suffix in (".json", ".jsonl"):
         if not path.exists():
             raise DataError(f"{path}: data file not found")
-        return read_json_records(path, problems), base
+        return read_json_records(path, problems, cfg.encoding), base
     if not path.exists() and _looks_local(path_str):
         raise DataError(f"{path}: data file or folder not found")
     return _hf_records(cfg, path_str), base
@@ -55,7 +56,9 @@ def _hf_dataset(cfg: DataConfig, path_str: str):
                 raise DataError(f"{path}: unknown data file type '{path.suffix}' (expected one of "
                                 f"{', '.join(_LOCAL_SUFFIXES)}, a save_to_disk folder or a hub id)")
             if path.suffix in (".csv", ".tsv"):  # a byte-order mark (Excel's UTF-8 export) is read past
-                return datasets.load_dataset("csv", data_files=str(path), split=cfg.split, encoding="utf-8-sig",
+                check_text_encoding(path, cfg.encoding)  # the line and byte, which the CSV reader does not name
+                encoding = "utf-8-sig" if codecs.lookup(cfg.encoding).name == "utf-8" else cfg.encoding
+                return datasets.load_dataset("csv", data_files=str(path), split=cfg.split, encoding=encoding,
                                              sep="\t" if path.suffix == ".tsv" else ",")
             return datasets.load_dataset(path.suffix[1:], data_files=str(path), split=cfg.split)
         return datasets.load_dataset(str(path) if path.is_dir() else path_str, split=cfg.split)

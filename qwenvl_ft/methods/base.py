@@ -55,6 +55,7 @@ ARGUMENT_SOURCES = {
     # TRL's SFT/DPO/GRPO take a mixture-of-experts model's coefficient from its config, where
     # modeling/build.py's train_the_router_balance puts it
     "router_aux_loss_coef": "model.router_aux_loss_coef",
+    "logging_nan_inf_filter": "trainer.on_nonfinite (a non-finite loss is logged as it is)",
 }
 
 

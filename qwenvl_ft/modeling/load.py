@@ -8,7 +8,6 @@ with it.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -71,11 +70,29 @@ def load_base(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, quantize: bool
     return _load_for_generation(model_cfg, model_source(model_cfg), dtype, quant)
 
 
+def adapter_config(path: Path) -> dict:
+    """The adapter folder's adapter_config.json, once it and its weights are checked whole (a ConfigError naming
+    the damaged file and what to do, before anything loads: config/run_files.py)."""
+    from qwenvl_ft.config.run_files import read_json, safetensors_problem
+
+    remedy = (f"The adapter in {path} cannot be loaded without it: copy the same file from the run's newest "
+              f"checkpoint-*/ (or train again)")  # checkpoints hold the adapter's files too
+    config = read_json(path / ADAPTER_CONFIG, remedy)
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ConfigError(f"{path}: {problem}. Copy the same file from the run's newest checkpoint-*/ (or "
+                              f"train again)")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path / ADAPTER_CONFIG} is damaged (not a JSON object). {remedy}")
+    return config
+
+
 def attach(base: nn.Module, model_cfg: ModelConfig, path: Path) -> nn.Module:
     """base + the adapter in `path` (PEFT), ready for generation."""
     from peft import PeftModel
 
-    declared = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    declared = adapter_config(path).get("base_model_name_or_path")
     source = model_source(model_cfg)
     if declared and Path(declared).expanduser().resolve() != Path(source).expanduser().resolve() \
             and declared != source:
@@ -89,7 +106,20 @@ def load_tuned(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, path: Path,
     """The fine-tuned model in `path`; an adapter goes onto `base` (loaded when not given)."""
     if kind_of(path) == "adapter":
         return attach(base if base is not None else load_base(model_cfg, adapter_cfg), model_cfg, path)
+    check_model_folder(path)
     return _load_for_generation(model_cfg, str(path))  # a full (fine-tuned or merged) model
+
+
+def check_model_folder(path: Path) -> None:
+    """A full model's config.json and weights, checked whole before transformers reads them (config/run_files.py)."""
+    from qwenvl_ft.config.run_files import read_json, safetensors_problem
+
+    remedy = f"The model in {path} cannot be loaded: train (or merge) it again, or copy it from a checkpoint-*/"
+    read_json(path / "config.json", remedy)
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ConfigError(f"{path}: {problem}. {remedy}")
 
 
 def load_processor(model_cfg: ModelConfig, data_cfg: DataConfig, path: Optional[Path] = None):

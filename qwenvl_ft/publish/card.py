@@ -14,6 +14,7 @@ log_history.json, run_info.json) when `merge` writes `merged/`.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -237,8 +238,10 @@ def _number(metric: str, value) -> str:
 
 
 def _loss_section(log_history: List[Dict], points: int = 8) -> str:
-    """First, last and lowest logged loss, a sparkline, and a few evenly spaced points of the curve."""
-    logged = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    """First, last and lowest logged loss, a sparkline, and a few evenly spaced points of the curve (NaN and inf
+    losses, of steps trainer.on_nonfinite skipped or let through, are counted, not drawn)."""
+    every = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    logged = [(step, value) for step, value in every if math.isfinite(value)]
     if not logged:
         return ""
     low_step, low = min(logged, key=lambda p: p[1])
@@ -246,7 +249,8 @@ def _loss_section(log_history: List[Dict], points: int = 8) -> str:
     evals = {e["step"]: e["eval_loss"] for e in log_history if "eval_loss" in e}
     lines = [f"## Training loss\n\n`{_sparkline([v for _, v in logged])}` {logged[0][1]:.4g} at step {logged[0][0]} "
              f"-> {logged[-1][1]:.4g} at step {logged[-1][0]} (lowest {low:.4g} at step {low_step}; "
-             f"{len(logged)} logged values)", "", "| step | training loss |" + (" held-out loss |" if evals else ""),
+             f"{len(logged)} logged values{_nonfinite_count(len(every) - len(logged))})", "",
+             "| step | training loss |" + (" held-out loss |" if evals else ""),
              "|---|---|" + ("---|" if evals else "")]
     if evals:
         best_step = min(evals, key=evals.get)
@@ -259,6 +263,10 @@ def _loss_section(log_history: List[Dict], points: int = 8) -> str:
         lines.append(f"| {step} | {value:.4g} |" + (f" {evals[step]:.4g} |" if step in evals else
                                                      (" |" if evals else "")))
     return "\n".join(lines)
+
+
+def _nonfinite_count(count: int) -> str:
+    return f", {count} non-finite left out" if count else ""
 
 
 def _sparkline(values: List[float], width: int = 40) -> str:

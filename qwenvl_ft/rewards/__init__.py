@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.rewards import builtins
 from qwenvl_ft.rewards.builtins import check_extract
+from qwenvl_ft.rewards.checked import raised, row_call_arguments, scores_of
 
 # Keywords TRL passes to every reward function besides the dataset columns (GRPOTrainer._calculate_rewards).
 TRL_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",
@@ -121,9 +122,23 @@ class Reward:
         self.last: Optional[tuple] = None
 
     def __call__(self, completions, **kwargs) -> List[Optional[float]]:
-        scores = list(self.function(completions=completions, **kwargs, **self.options))
+        try:
+            result = self.function(completions=completions, **kwargs, **self.options)
+            result = list(result) if inspect.isgenerator(result) else result
+        except Exception as err:  # the user's code: named with its row, not dumped (rewards/checked.py)
+            raise raised(self, err, completions, kwargs, self._failing_row(completions, kwargs)) from None
+        scores = scores_of(self, result, completions, kwargs)
         self.last = (kwargs.get("prompts"), completions, scores)
         return scores
+
+    def _failing_row(self, completions, kwargs) -> Optional[int]:
+        for index in range(len(completions)):
+            one, alone = row_call_arguments(kwargs, completions, index)
+            try:
+                self.function(completions=one, **alone, **self.options)
+            except Exception:
+                return index
+        return None
 
     def __repr__(self) -> str:
         return f"Reward({self.name!r}: {self.origin}, weight={self.weight:g}, options={self.options})"
@@ -133,9 +148,22 @@ class AsyncReward(Reward):
     """A user's `async def` reward: TRL awaits it (it checks `__call__`), `score` runs it to completion."""
 
     async def __call__(self, completions, **kwargs) -> List[Optional[float]]:
-        scores = list(await self.function(completions=completions, **kwargs, **self.options))
+        try:
+            result = await self.function(completions=completions, **kwargs, **self.options)
+        except Exception as err:
+            raise raised(self, err, completions, kwargs, await self._failing_row(completions, kwargs)) from None
+        scores = scores_of(self, result, completions, kwargs)
         self.last = (kwargs.get("prompts"), completions, scores)
         return scores
+
+    async def _failing_row(self, completions, kwargs) -> Optional[int]:
+        for index in range(len(completions)):
+            one, alone = row_call_arguments(kwargs, completions, index)
+            try:
+                await self.function(completions=one, **alone, **self.options)
+            except Exception:
+                return index
+        return None
 
 
 def build_rewards(configs: Sequence[Any]) -> List[Reward]:
@@ -295,10 +323,7 @@ def score(rewards: Sequence[Reward], prompts: Sequence[Any], completions: Sequen
         result = reward(completions=list(completions), **kwargs)
         if inspect.isawaitable(result):
             result = asyncio.run(result)
-        values = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in result]
-        if len(values) != len(completions):
-            raise ValueError(f"reward '{reward.name}' returned {len(values)} scores for {len(completions)} "
-                             f"completions")
+        values = [None if v is None or math.isnan(float(v)) else float(v) for v in result]  # checked by Reward
         out[reward.name] = values
     return out
 

@@ -55,6 +55,7 @@ class GrpoTraining(Training):
         g = cfg.trainer.grpo
         rewards = build_rewards(g.rewards)
         check_fields(rewards, parts.train_rows.column_names)
+        check_user_rewards(rewards, parts)
         check_group_batch(cfg, world_size())
         check_vllm(cfg)
         parts.state["rewards"] = rewards
@@ -187,14 +188,31 @@ def grpo_arguments(cfg, rewards: Sequence[Any]) -> Dict[str, Any]:
     return arguments
 
 
-def check_vllm(cfg) -> None:
-    import importlib.util
+def check_user_rewards(rewards, parts: TrainerParts) -> None:
+    """Each user reward called once on the first batch of training rows, as TRL will call it (the collator's
+    rows, every column), each row answered by its own reference (or nothing): a reward that raises or returns the
+    wrong thing stops the run now, naming the row (rewards/checked.py), not after the model loads and generates."""
+    from qwenvl_ft.rewards.checked import check_on_rows
 
+    if not any(":" in reward.origin for reward in rewards) or len(parts.train_rows) == 0:
+        return
+    count = min(len(parts.train_rows), parts.cfg.trainer.batch_size)
+    from transformers import TrainerState
+
+    rows = parts.collator([parts.train_rows[i] for i in range(count)])
+    texts = [row.get("solution") if isinstance(row.get("solution"), str) else "" for row in rows]
+    conversational = isinstance(rows[0].get("prompt"), list)
+    completions = [[{"role": "assistant", "content": text}] if conversational else text for text in texts]
+    ids = [parts.processor.tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    check_on_rows(rewards, rows, completions, completion_ids=ids, trainer_state=TrainerState())
+    log.info("rewards: %s answered a first batch of %d rows", ", ".join(r.name for r in rewards if ":" in r.origin),
+             count)
+
+
+def check_vllm(cfg) -> None:
+    """vLLM's colocate mode needs a GPU (that vllm is installed, preflight checked first: training/preflight.py)."""
     if not cfg.trainer.grpo.vllm.enabled:
         return
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("trainer.grpo.vllm.enabled=true needs the vllm package (pip install \"qwenvl-ft[vllm]\", "
-                          "the versions TRL supports) and a CUDA GPU")
     import torch
 
     if not torch.cuda.is_available():

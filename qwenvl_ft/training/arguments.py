@@ -92,6 +92,9 @@ def logging_arguments(cfg: TrainConfig) -> Dict:
         report_to=active_trackers(trainer_cfg.report_to),
         run_name=tracker_run_name(cfg),
         disable_tqdm=trainer_cfg.disable_tqdm,
+        # A non-finite loss is logged as it is: transformers' filter logs the mean of the window's earlier steps
+        # in its place, 0.000 when it is the window's first (trainer.on_nonfinite decides what happens to the run)
+        logging_nan_inf_filter=False,
     )
 
 

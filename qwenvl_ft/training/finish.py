@@ -16,11 +16,15 @@ log = logging.getLogger("qwenvl_ft")
 
 def save_final(trainer, processor, output_dir: Path) -> Path:
     """Adapter (or full model) and processor in `final/`, written to a temporary folder and renamed into place,
-    so a crash mid-save never leaves a folder that looks complete. Every rank takes part (FSDP and ZeRO-3 gather
+    so a crash mid-save never leaves a folder that looks complete; refused (TrainingDiverged) when a trained
+    weight is NaN or inf. Every rank takes part (FSDP and ZeRO-3 gather
     the weights collectively); the main process writes, the others wait until final/ is in place."""
     from qwenvl_ft.distributed import ranks
     from qwenvl_ft.distributed.saving import save_consolidated
 
+    from qwenvl_ft.training.divergence import check_finite_weights
+
+    check_finite_weights(trainer, output_dir)  # never a final/ of NaN weights
     final_dir = output_dir / "final"
     staging = output_dir / ".final.partial"
     if ranks.is_main_process():

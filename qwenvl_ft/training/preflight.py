@@ -29,6 +29,7 @@ TRACKER_PACKAGES = {
 def preflight(cfg: TrainConfig) -> None:
     """Every check below; raises ConfigError naming the key and the way out."""
     check_trackers(cfg.trainer.report_to)
+    check_optional_packages(cfg)
     effective_precision(cfg.trainer.precision)
     check_extra_args(cfg)
 
@@ -45,6 +46,36 @@ def check_trackers(report_to) -> None:
             install = f'pip install "qwenvl-ft[{extra}]"' if extra else f"pip install {module}"
             raise ConfigError(f"trainer.report_to has {name}, which is not installed: {install} "
                               f"(or leave {name} out of trainer.report_to)")
+
+
+def optional_packages(cfg: TrainConfig, command: str = "train") -> list:
+    """(what in the config asks for it, module, qwenvl-ft extra) of each optional package this command needs with
+    this config (the trackers: check_trackers)."""
+    needed = []
+    dist = cfg.dist
+    if command == "train" and dist.engine.value == "deepspeed":
+        option = f"zero{dist.zero.stage}" + ("_offload" if dist.zero.offload_optimizer.value != "none" else "")
+        needed.append((f"dist={option} (dist.engine=deepspeed)", "deepspeed", "deepspeed"))
+    if command == "train" and cfg.model.use_liger_kernel:
+        needed.append(("model.use_liger_kernel=true", "liger_kernel", "liger"))
+    grpo = getattr(cfg.trainer, "grpo", None)
+    if command == "train" and cfg.trainer.kind.value == "grpo" and grpo is not None and grpo.vllm.enabled:
+        needed.append(("trainer.grpo.vllm.enabled=true", "vllm", "vllm"))
+    if command == "chat":
+        needed.append(("qwenvl-ft chat", "gradio", "ui"))
+    return needed
+
+
+def check_optional_packages(cfg: TrainConfig, command: str = "train") -> None:
+    """ConfigError naming the first optional package this command and config need that is not installed, and the
+    extra that installs it; asked of the import system without importing anything (importlib.util.find_spec)."""
+    for what, module, extra in optional_packages(cfg, command):
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f'{what} needs {PACKAGE_NAMES.get(module, module)}, which is not installed: '
+                              f'pip install "qwenvl-ft[{extra}]"')
+
+
+PACKAGE_NAMES = {"deepspeed": "DeepSpeed", "liger_kernel": "Liger Kernel", "vllm": "vLLM", "gradio": "Gradio"}
 
 
 def effective_precision(precision: Precision) -> Precision:

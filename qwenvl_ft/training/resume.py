@@ -29,6 +29,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from transformers import TrainerCallback
 
+from qwenvl_ft.config.run_files import checkpoint_problem, read_json, read_yaml
 from qwenvl_ft.config.trainer import TrainerConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.run_folder.files import write_atomically
@@ -61,7 +62,7 @@ def resolve_resume(trainer_cfg: TrainerConfig, output_dir: Path) -> Optional[str
     if setting is None:
         return None
     if setting == "auto":
-        chosen = latest_complete(output_dir)
+        chosen = latest_loadable(output_dir)
     else:
         chosen = Path(setting).expanduser()
         if not (chosen / "trainer_state.json").is_file():
@@ -69,6 +70,10 @@ def resolve_resume(trainer_cfg: TrainerConfig, output_dir: Path) -> Optional[str
         if not (chosen / COMPLETE_MARKER).is_file():
             # A checkpoint written by plain transformers has no marker; it is the user's call.
             log.warning("trainer.resume_from=%s has no %s: it may be incomplete", setting, COMPLETE_MARKER)
+        problem = checkpoint_problem(chosen)
+        if problem:
+            raise ConfigError(f"trainer.resume_from={setting} cannot be loaded: {problem}. Name another checkpoint, "
+                              f"or trainer.resume_from=auto (the newest loadable one)")
     chosen_step = _step(chosen) if chosen is not None else -1
     for step, path in checkpoints(output_dir):
         if step > chosen_step and not is_complete(path):
@@ -79,6 +84,39 @@ def resolve_resume(trainer_cfg: TrainerConfig, output_dir: Path) -> Optional[str
     state = json.loads((chosen / "trainer_state.json").read_text())
     log.info("resuming from %s (step %s)", chosen, state.get("global_step"))
     return str(chosen)
+
+
+def latest_loadable(output_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint that can be loaded (config/run_files.py checks its files). A newer one
+    marked complete but damaged (truncated weights, a corrupt trainer_state.json) is set aside as
+    damaged-checkpoint-N (kept for a look; the Trainer would otherwise write the same step into it, under the old
+    marker), with a warning naming what is wrong; the run goes on from the one before. Complete checkpoints none
+    of which loads are a ConfigError: never a silent fresh start."""
+    damaged = []
+    for _, path in reversed(checkpoints(output_dir)):
+        if not is_complete(path):
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
+            _set_aside(damaged, f"resuming from {path.name} instead")
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        listed = "; ".join(f"{path.name}: {problem}" for path, problem in damaged)
+        raise ConfigError(f"no checkpoint in {output_dir} can be loaded ({listed}). Restore one, or start over "
+                          f"with trainer.resume_from=null")
+    return None
+
+
+def _set_aside(damaged: List[Tuple[Path, str]], then: str) -> None:
+    for path, problem in damaged:
+        target = path.with_name(f"damaged-{path.name}")
+        suffix = 1
+        while target.exists():
+            target, suffix = path.with_name(f"damaged-{path.name}.{suffix}"), suffix + 1
+        path.rename(target)
+        log.warning("%s is marked complete but cannot be loaded (%s); moved to %s, %s", path.name, problem,
+                    target.name, then)
 
 
 def prepare_resume(cfg, composed) -> Optional[str]:
@@ -102,13 +140,15 @@ def finished_metrics(cfg, composed, checkpoint: Optional[str]) -> Optional[dict]
     output_dir = Path(cfg.output_dir)
     if checkpoint is None or not (output_dir / "final").is_dir() or not (output_dir / "metrics.json").is_file():
         return None
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    state = read_json(Path(checkpoint) / "trainer_state.json", "Resume from another checkpoint "
+                      "(trainer.resume_from=PATH) or start over (trainer.resume_from=null)")
     unfinished = state.get("global_step", 0) < state.get("max_steps", 0)
     if unfinished or config_changes(output_dir / "config.yaml", composed):
         return None
     log.info("%s already finished (step %d, final/ written); nothing to do. trainer.resume_from=null starts over, "
              "a larger trainer.max_steps or trainer.epochs continues", output_dir, state["global_step"])
-    return json.loads((output_dir / "metrics.json").read_text())
+    return read_json(output_dir / "metrics.json", "Delete it and run the same command again (it continues from the "
+                     "newest checkpoint and rewrites it)")
 
 
 def _step(checkpoint: Path) -> int:
@@ -122,7 +162,9 @@ def config_changes(old_yaml: Path, new_cfg) -> List[str]:
 
     if not old_yaml.is_file():
         return []
-    old = _flatten(OmegaConf.to_container(OmegaConf.load(old_yaml), resolve=False))
+    saved = read_yaml(old_yaml, "It records the config the run started with: restore it, or delete it to go on with "
+                              "this command's config (the run rewrites it)")
+    old = _flatten(OmegaConf.to_container(saved, resolve=False))
     new = _flatten(OmegaConf.to_container(new_cfg, resolve=True))
     ignored = {"output_dir", "run_name", "trainer.resume_from"}
     # hub.*: where the result is uploaded does not change the training (and a finished run run again only uploads)

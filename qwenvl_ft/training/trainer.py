@@ -11,15 +11,16 @@ from qwenvl_ft.config.schema import TrainConfig
 
 def training_callbacks(cfg: TrainConfig) -> list:
     """Callbacks every method shares: checkpoint completion markers (for resuming), the run's telemetry (fed by
-    the trainer class's TelemetryMixin), early stopping, and the vision blocks' own gradient checkpointing
+    the trainer class's TelemetryMixin), the non-finite loss check (trainer.on_nonfinite), early stopping, and the vision blocks' own gradient checkpointing
     setting."""
     from transformers import EarlyStoppingCallback
 
+    from qwenvl_ft.training.divergence import DivergenceGuard
     from qwenvl_ft.training.resume import CheckpointCompleteMarker
     from qwenvl_ft.training.speed import vision_checkpointing_callback
     from qwenvl_ft.training.telemetry import RunTelemetry
 
-    callbacks = [CheckpointCompleteMarker(), RunTelemetry(cfg)]
+    callbacks = [CheckpointCompleteMarker(), RunTelemetry(cfg), DivergenceGuard(cfg.trainer.on_nonfinite)]
     if cfg.dist.engine != DistEngine.none:
         from qwenvl_ft.distributed.modality import vision_in_step_callback
 
@@ -61,10 +62,11 @@ class PerModuleLearningRates:
 
 def trainer_mixins(cfg: TrainConfig) -> tuple:
     """The mixins this run's trainer class gets, configured: the telemetry every run logs (training/telemetry.py),
-    and what the config asks for."""
+    the loss watch of trainer.on_nonfinite (training/divergence.py), and what the config asks for."""
+    from qwenvl_ft.training.divergence import WatchLoss
     from qwenvl_ft.training.telemetry import TelemetryMixin
 
-    mixins = [TelemetryMixin]
+    mixins = [TelemetryMixin, WatchLoss]
     if cfg.optimizer.vision_lr is not None or cfg.optimizer.merger_lr is not None:
         mixins.append(type("PerModuleLearningRates", (PerModuleLearningRates,),
                            {"optimizer_settings": cfg.optimizer}))
