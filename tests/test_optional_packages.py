@@ -8,6 +8,7 @@ import sys
 
 from omegaconf import OmegaConf
 
+from qwenvl_ft.config.compose import compose
 from qwenvl_ft.training.optional_packages import hidden, unused_packages
 
 
@@ -17,6 +18,12 @@ def test_unused_packages_follow_report_to_and_the_engine():
     cfg = OmegaConf.create({"trainer": {"report_to": ["mlflow"]}, "dist": {"engine": "deepspeed"}})
     assert unused_packages(cfg) == ["wandb", "swanlab"]
     assert unused_packages(OmegaConf.create({"merge": {}})) == ["wandb", "swanlab", "mlflow", "deepspeed"]
+    # as Hydra composes them: the schema's enum members
+    composed = compose(["recipe=demo", "trainer.report_to=[tensorboard,wandb,mlflow]", "dist=zero2"],
+                       output_dir="/tmp/unused")
+    assert unused_packages(composed) == ["swanlab"]
+    assert unused_packages(compose(["recipe=demo"], output_dir="/tmp/unused")) == ["wandb", "swanlab", "mlflow",
+                                                                                     "deepspeed"]
 
 
 def test_hidden_packages_look_uninstalled_and_come_back():

@@ -30,11 +30,16 @@ TRACKER_PACKAGES = {"wandb": "wandb", "swanlab": "swanlab", "mlflow": "mlflow"}
 def unused_packages(composed: DictConfig) -> List[str]:
     """The optional packages a composed (not yet validated) config of any command does not use."""
     report_to = OmegaConf.select(composed, "trainer.report_to", default=None) or []
-    report_to = [report_to] if isinstance(report_to, str) else [str(name) for name in report_to]
+    report_to = [_name(report_to)] if isinstance(report_to, str) else [_name(tracker) for tracker in report_to]
     unused = [package for tracker, package in TRACKER_PACKAGES.items() if tracker not in report_to]
-    if str(OmegaConf.select(composed, "dist.engine", default="none")) != "deepspeed":
+    if _name(OmegaConf.select(composed, "dist.engine", default="none")) != "deepspeed":
         unused.append("deepspeed")
     return unused
+
+
+def _name(value) -> str:
+    """A choice as the config spells it: structured configs hold enum members (str() of one is 'Tracker.wandb')."""
+    return str(getattr(value, "value", value))
 
 
 @contextmanager
