@@ -13,6 +13,10 @@ library's internals rather than the user's run:
 - MLflow logs at INFO that it creates and upgrades the tables of its default SQLite store, on every run that
   reports to it (where that store is, the trackers' own line says).
 
+Progress bars go to a terminal only, as ours do (tqdm's `disable=None`): transformers' "Loading weights" and
+"Writing model shards" and the Hub's downloads follow huggingface_hub's switch, which `keep_progress_bars_to_terminals`
+turns off when stderr is not a terminal (a log file, CI), unless the user set HF_HUB_DISABLE_PROGRESS_BARS.
+
 Filters match the message itself, so anything else these loggers say still shows. Messages that do concern the
 user (a deprecated config value, a data problem, a fallback the user chose) are left alone on purpose.
 """
@@ -20,7 +24,9 @@ user (a deprecated config value, a data problem, a fallback the user chose) are 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 import warnings
 
 # logger name (exactly: filters are not inherited) -> messages of it to drop (regular expressions, matched
@@ -54,3 +60,10 @@ def silence_library_noise() -> None:
         logging.getLogger(name).setLevel(level)
     for category, message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def keep_progress_bars_to_terminals() -> None:
+    """Third-party progress bars off unless stderr is a terminal. Read by huggingface_hub (and through it
+    transformers) when they are imported, so it is called before them."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

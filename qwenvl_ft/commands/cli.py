@@ -180,9 +180,12 @@ def _show_generated_deepspeed_config(hydra_args: List[str]) -> None:
 
 
 def main(argv: List[str] | None = None) -> int:
-    from qwenvl_ft.quiet import silence_library_noise
+    from qwenvl_ft.modeling.peft_import import defer_bitsandbytes
+    from qwenvl_ft.quiet import keep_progress_bars_to_terminals, silence_library_noise
 
     silence_library_noise()
+    keep_progress_bars_to_terminals()
+    defer_bitsandbytes()  # bitsandbytes is imported by runs that quantise only
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

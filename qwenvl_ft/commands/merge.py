@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,7 +63,8 @@ def merge(composed: DictConfig) -> Dict:
         log.info("QLoRA adapter: merging into the unquantised %s base (not the 4-bit one it trained on)", dtype)
 
     base = load_base(cfg.model, cfg.adapter, quantize=False, dtype=dtype)
-    merged = attach(base, cfg.model, adapter_path).merge_and_unload(progressbar=True)  # PEFT's tqdm, per module
+    # PEFT's bar (per module) on a terminal only, like every progress bar (qwenvl_ft/quiet.py)
+    merged = attach(base, cfg.model, adapter_path).merge_and_unload(progressbar=sys.stderr.isatty())
     processor = load_processor(cfg.model, cfg.data, adapter_path)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.partial-", dir=output_path.parent))

@@ -184,12 +184,14 @@ def resume_command(cfg: DictConfig, overrides: List[str]) -> str:
 
 def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
     from qwenvl_ft.run_folder.lock import release_all
+    from qwenvl_ft.training.optional_packages import hidden, unused_packages
 
     overrides, is_sweep = _job_info()
     output_dir = cfg.output_dir
     summary = {"overrides": overrides, "output_dir": output_dir, "status": "failed", "metrics": {}}
     try:
-        metrics = task(cfg) or {}  # each task validates its own config first
+        with hidden(unused_packages(cfg)):  # installed trackers and DeepSpeed, unless this job uses them
+            metrics = task(cfg) or {}  # each task validates its own config first
         if metrics.get("interrupted"):
             _stop_interrupted(cfg, overrides, summary, metrics)
         summary.update(status="completed", metrics=metrics)

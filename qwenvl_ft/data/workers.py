@@ -11,7 +11,8 @@ step: the Trainer fetches all `gradient_accumulation_steps` micro-batches of a s
 worker waits for six collations with the GPU idle (bench/input_pipeline.py measures both).
 
 On a CPU-only run the workers compete with the training computation for the same cores; `auto` there is what
-measured fastest on the project's 2-core CI machine (docs/performance.md, "Workers on CPU").
+measured fastest on the project's 2-core CI machine: none, batches collated in the training process
+(docs/performance.md, "Workers on CPU": one worker cost 20-30% more CPU seconds and a slower loop).
 
 The batches are the same for any worker count: the Trainer's sampler draws the order in the main process and the
 collators are deterministic (tests/test_telemetry.py compares 0 and 2 workers batch by batch).
@@ -27,7 +28,7 @@ from typing import Optional, Union
 # Workers per rank at most with `auto` on a GPU.
 GPU_WORKER_CAP = 8
 # Workers with `auto` on a CPU-only run (measured: docs/performance.md, "Workers on CPU").
-CPU_ONLY_WORKERS = 1
+CPU_ONLY_WORKERS = 0
 PREFETCH_FACTOR = 2
 
 

@@ -22,6 +22,7 @@ from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.families import Family, ModelParts
 from qwenvl_ft.modeling.frozen_vision import keep_frozen_vision_out_of_autograd
 from qwenvl_ft.modeling.linear_attention import run_linear_attention_per_sample
+from qwenvl_ft.modeling.peft_import import expose_bitsandbytes_to_peft, import_peft_without_bitsandbytes
 from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
 
 log = logging.getLogger("qwenvl_ft")
@@ -108,6 +109,8 @@ def quantization_config(model_cfg: ModelConfig, adapter_cfg: AdapterConfig):
         return None
     from transformers import BitsAndBytesConfig
 
+    expose_bitsandbytes_to_peft()  # the one place a run asks for bitsandbytes (modeling/peft_import.py)
+
     # Modules that train in full (projectors / vision blocks kept out of LoRA) cannot be 4-bit. transformers
     # matches each pattern from the start of a module's full name up to a module boundary, so the family's
     # attribute paths skip the Linear layers inside those modules.
@@ -144,6 +147,7 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
     get a second "ref" adapter copied from the first."""
     from qwenvl_ft.modeling.locate import loading
 
+    import_peft_without_bitsandbytes()
     keep_cudnn_out_of_sdpa()
     quant = quantization_config(model_cfg, adapter_cfg)
     source = source or model_source(model_cfg)

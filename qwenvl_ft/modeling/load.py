@@ -21,6 +21,7 @@ from qwenvl_ft.config.model import ModelConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.modeling.build import DTYPES, build_processor, check_family, model_class, model_source, \
     quantization_config
+from qwenvl_ft.modeling.peft_import import import_peft_without_bitsandbytes
 from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
 
 log = logging.getLogger("qwenvl_ft")
@@ -51,6 +52,7 @@ def _load_for_generation(model_cfg: ModelConfig, source: str, dtype: Optional[st
     from qwenvl_ft.modeling.locate import loading
 
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+    import_peft_without_bitsandbytes()
     keep_cudnn_out_of_sdpa()
     with loading(source):
         check_family(model_cfg, source)
@@ -90,6 +92,7 @@ def adapter_config(path: Path) -> dict:
 
 def attach(base: nn.Module, model_cfg: ModelConfig, path: Path) -> nn.Module:
     """base + the adapter in `path` (PEFT), ready for generation."""
+    import_peft_without_bitsandbytes()
     from peft import PeftModel
 
     declared = adapter_config(path).get("base_model_name_or_path")

@@ -108,9 +108,14 @@ def check_same_config(composed: DictConfig, output_dir: Path) -> None:
 
 def import_training_libraries(cfg: TrainConfig) -> None:
     """The libraries every training run needs, and the method's TRL trainer module (TRL imports its trainers
-    lazily), so that the start-up budget shows them as one line."""
+    lazily), so that the start-up budget shows them as one line; bitsandbytes only when the run quantises."""
     import importlib.util
 
+    from qwenvl_ft.modeling.peft_import import expose_bitsandbytes_to_peft, import_peft_without_bitsandbytes
+
+    if cfg.adapter.load_in_4bit:
+        expose_bitsandbytes_to_peft()
+    import_peft_without_bitsandbytes()  # a no-op once bitsandbytes is in
     import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401

@@ -11,8 +11,8 @@ from qwenvl_ft.config.schema import TrainConfig
 
 def training_callbacks(cfg: TrainConfig) -> list:
     """Callbacks every method shares: checkpoint completion markers (for resuming), the run's telemetry (fed by
-    the trainer class's TelemetryMixin), the non-finite loss check (trainer.on_nonfinite), early stopping, and the vision blocks' own gradient checkpointing
-    setting."""
+    the trainer class's TelemetryMixin), the non-finite loss check (trainer.on_nonfinite), the last step's loss
+    logged, early stopping, and the vision blocks' own gradient checkpointing setting."""
     from transformers import EarlyStoppingCallback
 
     from qwenvl_ft.training.divergence import DivergenceGuard
@@ -20,7 +20,8 @@ def training_callbacks(cfg: TrainConfig) -> list:
     from qwenvl_ft.training.speed import vision_checkpointing_callback
     from qwenvl_ft.training.telemetry import RunTelemetry
 
-    callbacks = [CheckpointCompleteMarker(), RunTelemetry(cfg), DivergenceGuard(cfg.trainer.on_nonfinite)]
+    callbacks = [CheckpointCompleteMarker(), RunTelemetry(cfg), DivergenceGuard(cfg.trainer.on_nonfinite),
+                 log_last_step_callback()]
     if cfg.dist.engine != DistEngine.none:
         from qwenvl_ft.distributed.modality import vision_in_step_callback
 
@@ -31,6 +32,20 @@ def training_callbacks(cfg: TrainConfig) -> list:
     if cfg.model.vision_checkpointing != cfg.model.gradient_checkpointing:
         callbacks.append(vision_checkpointing_callback(cfg.model.vision_checkpointing))
     return callbacks
+
+
+def log_last_step_callback():
+    """The Trainer logs every `logging_steps` steps (and the first), so a run whose length is not a multiple of it
+    ended on an older loss: a 5-step run at logging_steps=10 reported its first loss as its last. The last step
+    is logged too (the loss averaged over the steps since the previous log, as every logged loss is)."""
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                control.should_log = True
+
+    return LogLastStep()
 
 
 # ----------------------------------------------------------------------------------------------------------------
