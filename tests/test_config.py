@@ -14,7 +14,7 @@ from qwenvl_ft.errors import ConfigError
 # Recipes whose data lives on the user's disk need data.path to validate.
 NEEDS_PATH = {"lora_2b_coco", "full_7b_llava", "lora_qwen25vl_3b_llava", "dpo_lora_2b", "lora_qwen3vl_8b_llava",
               "lora_7b_llava_ddp", "lora_qwen3_vl_30b_a3b_llava", "lora_qwen3_5_35b_a3b_llava",
-              "lora_qwen3_5_9b_llava"}
+              "lora_qwen3_5_9b_llava", "lora_qwen25vl_7b_grounding"}
 
 
 @pytest.mark.parametrize("recipe", sorted(available_recipes()))

@@ -92,7 +92,7 @@ def test_grpo_prompt_rows_get_their_objects_as_the_solution(processor_of):
     IoU 1."""
     from qwenvl_ft.config.data import ShapesConfig, ShapesTask
     from qwenvl_ft.data.prompts import PromptImages, generate_prompts, with_solutions
-    from qwenvl_ft.rewards.builtins import iou_reward
+    from qwenvl_ft.rewards.boxes import iou_reward
 
     train, _ = generate_prompts(ShapesConfig(num_train=3, num_eval=0, image_size=84, task=ShapesTask.grounding))
     assert all(row["solution"] is None and row["objects"] for row in train)

@@ -10,8 +10,9 @@ import pytest
 
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.rewards import AsyncReward, Reward, build_rewards, check_fields, score, summarise
-from qwenvl_ft.rewards.builtins import box_format, box_iou, choice_match, completion_text, exact_match, extract_answer, \
-    format_match, iou_reward, normalised_match, number_match, parse_box, parse_number, valid_json
+from qwenvl_ft.rewards.boxes import box_format, box_iou, iou_reward, parse_box
+from qwenvl_ft.rewards.builtins import choice_match, completion_text, exact_match, extract_answer, format_match, \
+    normalised_match, number_match, parse_number, valid_json
 
 
 def chat(*texts):

@@ -3,9 +3,9 @@
 A job writes `summary.json` into its output folder (overrides, status, final metrics, error). In a `-m` sweep a
 failing job is recorded as failed and the sweep moves on to the next job; `qwenvl_ft.commands.sweep.SweepSummary`
 reads the summaries when the sweep ends. A single run that fails on a config or data error prints one clear message
-and exits with status 2 instead of a traceback (a run
-that diverged, errors.TrainingDiverged, with status 3); so does one whose output folder cannot be written (checked by the
-`CheckOutputFolder` Hydra callback before Hydra creates it). A write that fails because the disk is full ends with
+and exits with status 2 instead of a traceback (a run that diverged, errors.TrainingDiverged, with status 3); so does
+one whose output folder cannot be written (checked by the `CheckOutputFolder` Hydra callback before Hydra creates
+it). A write that fails because the disk is full ends with
 a message naming the file and the space left (status 1), and Ctrl-C outside training with a plain message
 (status 130); the summary is written when it can be, and a failure to write it never hides the original error.
 Folder locks taken by the task (qwenvl_ft/run_folder/lock.py) are released when it ends. The run folder's files

@@ -43,7 +43,8 @@ class GenerationSettings:
 
 
 # implemented in qwenvl_ft/evaluation/metrics.py; the grounding ones are reported only for rows with boxes
-EVAL_METRICS = ("exact_match", "bleu", "rouge_l", "mean_iou", "iou_50", "point_in_box")
+GROUNDING_METRICS = ("mean_iou", "iou_50", "point_in_box")
+EVAL_METRICS = ("exact_match", "bleu", "rouge_l") + GROUNDING_METRICS
 
 
 @dataclass

@@ -88,7 +88,8 @@ def point_in_box(predictions: Sequence[str], references: Sequence[str]) -> Optio
             for marks, expected in _box_rows(predictions, references)]
     if not any(points for points, _ in rows):
         return None
-    return sum(bool(points) and any(inside(points[0], box) for box in expected) for points, expected in rows) / len(rows)
+    hits = sum(bool(points) and any(inside(points[0], box) for box in expected) for points, expected in rows)
+    return hits / len(rows)
 
 
 METRICS = {"exact_match": exact_match, "bleu": bleu, "rouge_l": rouge_l, "mean_iou": mean_iou, "iou_50": iou_50,

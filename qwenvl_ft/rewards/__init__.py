@@ -6,7 +6,9 @@ weight: W, options: {...}}` (`trainer.grpo.rewards`). `build_rewards` turns the 
 is where everything that can be checked without data is checked, so that a typo fails as a ConfigError before
 anything loads: an unknown built-in (the valid names are listed), an option a built-in does not have or of the
 wrong type, a path that does not import, a function whose signature TRL cannot call. `check_fields` does the rest
-once the rows are read: every column a reward reads must exist.
+once the rows are read: every column a reward reads must exist. The built-ins are in builtins.py (matches, numbers,
+choices, format, JSON) and boxes.py (grounding: box_iou, iou, box_format); checked.py names a user's reward that
+fails.
 
 This package imports only the standard library (and qwenvl_ft.errors for ConfigError, qwenvl_ft.grounding for
 boxes), so checking a config stays fast and torch-free.
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from qwenvl_ft.errors import ConfigError
-from qwenvl_ft.rewards import builtins
+from qwenvl_ft.rewards import boxes, builtins
 from qwenvl_ft.rewards.builtins import check_extract
 from qwenvl_ft.rewards.checked import raised, row_call_arguments, scores_of
 
@@ -97,11 +99,11 @@ BUILTINS: Dict[str, Builtin] = {
     "choice_match": Builtin(builtins.choice_match, {**_FIELD, **_EXTRACTS, "letters": _is_letters}, True),
     "format": Builtin(builtins.format_match, {"pattern": _is_regex, "full": _is_bool}, False),
     "valid_json": Builtin(builtins.valid_json, {"extract": check_extract, "keys": _is_str_list}, False),
-    "box_iou": Builtin(builtins.box_iou, {**_FIELD, "extract": check_extract,
+    "box_iou": Builtin(boxes.box_iou, {**_FIELD, "extract": check_extract,
                                           "threshold": _is_optional(_is_number(0, 1))}, True),
-    "iou": Builtin(builtins.iou_reward, {**_FIELD, "extract": check_extract,
+    "iou": Builtin(boxes.iou_reward, {**_FIELD, "extract": check_extract,
                                          "threshold": _is_optional(_is_number(0, 1))}, True),
-    "box_format": Builtin(builtins.box_format, {"form": builtins.check_box_form, "extract": check_extract}, False),
+    "box_format": Builtin(boxes.box_format, {"form": boxes.check_box_form, "extract": check_extract}, False),
 }
 
 
