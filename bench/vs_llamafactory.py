@@ -52,6 +52,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -136,26 +137,37 @@ def lf_config(variant: str, model: Path, dataset_dir: Path, out: Path, max_lengt
     }
 
 
+THREADS: dict = {}  # {"OMP_NUM_THREADS": "1"} with --threads 1, for both stacks
+
+
 def timed(command, env, log: Path, cwd=None):
-    """Wall seconds of `command`, with the load average before and after."""
+    """Wall and CPU seconds (user + system, all threads) of `command`, with the load average before and after."""
+    env = dict(env, **THREADS)
     before = os.getloadavg()[0]
+    cpu_start = _children_cpu()
     start = time.perf_counter()
     with open(log, "w") as sink:
         done = subprocess.run(command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd)
     wall = time.perf_counter() - start
+    cpu = _children_cpu() - cpu_start
     after = os.getloadavg()[0]
     if done.returncode != 0:
         tail = log.read_text().splitlines()[-30:]
         raise SystemExit(f"{command[0]} failed ({done.returncode}); last lines of {log}:\n" + "\n".join(tail))
-    return wall, before, after
+    return wall, cpu, before, after
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_qwenvl(variant, data, work: Path, index, max_length):
     out = work / f"qwenvl-{variant}-{index}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    wall, before, after = timed(qwenvl_command(variant, data, out, max_length), env, work / f"{out.name}.log", ROOT)
+    wall, cpu, before, after = timed(qwenvl_command(variant, data, out, max_length), env, work / f"{out.name}.log", ROOT)
     runtime = json.loads((out / "summary.json").read_text())["metrics"]["train_runtime_s"]
-    return {"wall": wall, "loop": float(runtime), "load": (before, after)}
+    return {"wall": wall, "cpu": cpu, "loop": float(runtime), "load": (before, after)}
 
 
 def run_lf(variant, venv: Path, model, dataset_dir, work: Path, index, max_length):
@@ -167,9 +179,9 @@ def run_lf(variant, venv: Path, model, dataset_dir, work: Path, index, max_lengt
     env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", DISABLE_VERSION_CHECK="1")
     env.pop("PYTHONPATH", None)
     command = [str(venv / "bin" / "llamafactory-cli"), "train", str(config)]
-    wall, before, after = timed(command, env, work / f"{out.name}.log", work)
+    wall, cpu, before, after = timed(command, env, work / f"{out.name}.log", work)
     runtime = json.loads((out / "train_results.json").read_text())["train_runtime"]
-    return {"wall": wall, "loop": float(runtime), "load": (before, after)}
+    return {"wall": wall, "cpu": cpu, "loop": float(runtime), "load": (before, after)}
 
 
 def versions(venv: Path) -> dict:
@@ -182,17 +194,18 @@ def versions(venv: Path) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| variant | stack | runs | end to end (s, median) | training loop (s, median) | load 1-min before/after "
-             "each run |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | stack | runs | end to end (s, median) | CPU s (median) | training loop (s, median) | "
+             "load 1-min before/after each run |", "|---|---|---|---|---|---|---|"]
     ratios = []
     for variant, stacks in results.items():
         medians = {}
         for stack, runs in stacks.items():
             wall = statistics.median(r["wall"] for r in runs)
             loop = statistics.median(r["loop"] for r in runs)
+            cpu = statistics.median(r["cpu"] for r in runs)
             medians[stack] = (wall, loop)
             loads = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in (r["load"] for r in runs))
-            lines.append(f"| {variant} | {stack} | {len(runs)} | {wall:.1f} | {loop:.1f} | {loads} |")
+            lines.append(f"| {variant} | {stack} | {len(runs)} | {wall:.1f} | {cpu:.1f} | {loop:.1f} | {loads} |")
         if len(medians) == 2:
             (qw, ql), (lw, ll) = medians["qwenvl-ft"], medians["LLaMA-Factory"]
             ratios.append(f"{variant}: LLaMA-Factory / qwenvl-ft = {lw / qw:.2f}x end to end, {ll / ql:.2f}x "
@@ -209,7 +222,12 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default="padded,packed")
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for both stacks (default: torch's, one per core). On a shared machine "
+                             "1 keeps a busy neighbour from stalling every op at torch's thread barrier")
     args = parser.parse_args(argv)
+    if args.threads:
+        THREADS["OMP_NUM_THREADS"] = str(args.threads)
 
     install(args.venv, args.lf_version)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -225,7 +243,7 @@ def main(argv=None) -> None:
                                                   args.max_length))
             print(variant, "LLaMA-Factory", stacks["LLaMA-Factory"][-1], flush=True)
     print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"device CPU; {args.rows} rows, batch {BATCH}, max length {args.max_length}, {args.pairs} pairs A B")
+          f"device CPU, torch threads {args.threads or 'default'}; {args.rows} rows, batch {BATCH}, max length {args.max_length}, {args.pairs} pairs A B")
     for name, value in versions(args.venv).items():
         print(f"{name}: {value}")
     print()
