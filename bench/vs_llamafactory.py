@@ -14,7 +14,8 @@ caps torch) applies to it. The job, for both stacks:
             messages=conversations, images=image)
   training  LoRA r=8 alpha=16 dropout=0.05 on the language model's q_proj/v_proj (vision tower and merger frozen),
             batch 8, one epoch, fp32, AdamW (adamw_torch) lr 2e-4 constant, no warm-up, weight decay 0, grad-norm
-            clip 1.0, max length --max-length, seed 42, no evaluation, one checkpoint at the end (see below) and the final adapter,
+            clip 1.0, max length --max-length, seed 42, no evaluation, one checkpoint at the end (see below) and
+            the final adapter,
             logging every 5 steps, no tracker, HF_HUB_OFFLINE=1, one process on the CPU
   variants  padded: batches of 8 rows padded to the longest; packed: qwenvl-ft data.packing=true (one padding-free
             row of at most 8 x max-length tokens per step), LLaMA-Factory packing + neat_packing (8 packed rows of at
@@ -41,7 +42,14 @@ Differences that could not be removed (each stack's own way of doing the same th
 - Image sizes: both use the Qwen2-VL image processor saved in the model folder (min/max pixels as saved);
   LLaMA-Factory also applies its own image_max_pixels / image_min_pixels, set here to the processor's values.
 - The label mask: both train on the assistant turn only; LLaMA-Factory's qwen2_vl template and qwenvl-ft's chat
-  template (the family's) give the same text (a default system prompt in both).
+  template (the family's) give the same text (the default system prompt in both).
+- Trainers: qwenvl-ft runs TRL's SFTTrainer (entropy and token accuracy each step, TRL's chunked log-prob loss)
+  with its own callbacks (telemetry, divergence guard); LLaMA-Factory runs its subclass of transformers'
+  Seq2SeqTrainer. Each stack's venv holds the versions it pins or supports: LLaMA-Factory 0.9.5 caps
+  transformers <= 5.6.0, peft <= 0.18.1, trl <= 0.24.0, accelerate <= 1.11.0, datasets <= 4.0.0 (all installable
+  under the machine's torch cap, torch 2.14.1 in both); qwenvl-ft runs transformers 5.25, peft 0.21, trl 1.16.
+- Labels: LLaMA-Factory's qwen2_vl template also trains on the newline after the answer's <|im_end|>; qwenvl-ft
+  stops at <|im_end|> (one token a row of difference).
 - Dataloader workers: qwenvl-ft uses none on CPU-only runs (data.num_workers=auto); LLaMA-Factory's
   dataloader_num_workers is set to 0 too.
 """
@@ -128,7 +136,8 @@ def lf_config(variant: str, model: Path, dataset_dir: Path, out: Path, max_lengt
         "cutoff_len": max_length, "overwrite_cache": True, "preprocessing_num_workers": 1,
         "dataloader_num_workers": 0, "packing": packing, "neat_packing": packing,
         "image_max_pixels": pixels.get("longest_edge", 12845056), "image_min_pixels": pixels.get("shortest_edge", 3136),
-        "output_dir": str(out), "logging_steps": LOGGING_STEPS, "save_strategy": "steps", "save_steps": 100000, "plot_loss": False,
+        "output_dir": str(out), "logging_steps": LOGGING_STEPS, "save_strategy": "steps", "save_steps": 100000,
+        "plot_loss": False,
         "overwrite_output_dir": True, "report_to": "none", "disable_tqdm": True,
         "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 1, "learning_rate": LR,
         "num_train_epochs": 1.0, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
@@ -165,7 +174,8 @@ def _children_cpu() -> float:
 def run_qwenvl(variant, data, work: Path, index, max_length):
     out = work / f"qwenvl-{variant}-{index}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    wall, cpu, before, after = timed(qwenvl_command(variant, data, out, max_length), env, work / f"{out.name}.log", ROOT)
+    command = qwenvl_command(variant, data, out, max_length)
+    wall, cpu, before, after = timed(command, env, work / f"{out.name}.log", ROOT)
     runtime = json.loads((out / "summary.json").read_text())["metrics"]["train_runtime_s"]
     return {"wall": wall, "cpu": cpu, "loop": float(runtime), "load": (before, after)}
 
@@ -243,7 +253,8 @@ def main(argv=None) -> None:
                                                   args.max_length))
             print(variant, "LLaMA-Factory", stacks["LLaMA-Factory"][-1], flush=True)
     print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"device CPU, torch threads {args.threads or 'default'}; {args.rows} rows, batch {BATCH}, max length {args.max_length}, {args.pairs} pairs A B")
+          f"device CPU, torch threads {args.threads or 'default'}; {args.rows} rows, batch {BATCH}, "
+          f"max length {args.max_length}, {args.pairs} pairs A B")
     for name, value in versions(args.venv).items():
         print(f"{name}: {value}")
     print()
