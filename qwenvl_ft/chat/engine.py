@@ -162,20 +162,18 @@ class ChatEngine:
     def annotate(self, row: dict, answer: str, folder: Path) -> Optional[str]:
         """A PNG in `folder` of the conversation's latest image with the answer's boxes and points drawn (in the
         family's convention for that image as the model saw it), or None when the answer holds none."""
+        from qwenvl_ft.data.grounding import marks_in_image
         from qwenvl_ft.data.images import open_image
-        from qwenvl_ft.grounding.coords import marks_to_original
         from qwenvl_ft.grounding.draw import draw_marks
-        from qwenvl_ft.grounding.text import parse
 
-        marks = parse(answer)
-        if not marks or not row.get("images"):
+        if not row.get("images"):
             return None
-        latest = {"images": row["images"][-1:], "videos": [], "source": "chat"}
-        (original, shown), = self.collator.shown_sizes(self.collator.load_visuals(latest, resize=False))
-        placed = marks_to_original(marks, original, shown, self.collator.family.box_convention)
+        placed = marks_in_image(answer, row["images"][-1], self.collator)
+        if not placed:
+            return None
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"annotated_{len(list(folder.glob('annotated_*.png'))):04d}.png"
-        draw_marks(open_image(latest["images"][0], "chat"), placed).save(path)
+        draw_marks(open_image(row["images"][-1], "chat"), placed).save(path)
         return str(path)
 
     def _adapter_off(self, off: bool):

@@ -99,17 +99,14 @@ def infer(composed: DictConfig) -> Dict:
 def annotate_objects(records: List[dict], rows: List[dict], collator, folder: Path) -> None:
     """Each record whose prediction holds boxes or points gets them in the original image's pixels ("objects"), and
     an annotated copy of its image in `folder`."""
+    from qwenvl_ft.data.grounding import marks_in_image
     from qwenvl_ft.data.images import open_image
-    from qwenvl_ft.grounding.coords import marks_to_original
     from qwenvl_ft.grounding.draw import draw_marks
-    from qwenvl_ft.grounding.text import parse
 
     for index, (record, row) in enumerate(zip(records, rows)):
-        marks = parse(record["prediction"])
-        if not marks:
+        placed = marks_in_image(record["prediction"], row["images"][0], collator)
+        if not placed:
             continue
-        (original, shown), = collator.shown_sizes(collator.load_visuals(row, resize=False))
-        placed = marks_to_original(marks, original, shown, collator.family.box_convention)
         record["objects"] = [{"label": m.label, ("bbox" if m.is_box else "point"): [round(v, 1) for v in m.values]}
                              for m in placed]
         folder.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from qwenvl_ft.config.data import BoxCoords, BoxText, GroundingConfig
 from qwenvl_ft.errors import DataError
 from qwenvl_ft.grounding import coords
 from qwenvl_ft.grounding.convention import BoxConvention
-from qwenvl_ft.grounding.text import Mark, write
+from qwenvl_ft.grounding.text import Mark, parse, write
 
 PLACEHOLDER = "<objects>"  # where a message's text takes the row's objects
 Sizes = Sequence[Tuple[Tuple[int, int], Tuple[int, int]]]  # per image: ((width, height) stored, (width, height) shown)
@@ -143,3 +143,15 @@ def box_patches(row: dict, sizes: Sizes, convention: BoxConvention, cfg: Groundi
         x1, y1, x2, y2 = coords.dataset_to_original(obj["values"], cfg.coords.value, original, shown, convention)
         sides.append(min((x2 - x1) * shown[0] / original[0], (y2 - y1) * shown[1] / original[1]) / patch_size)
     return sides
+
+
+def marks_in_image(text: str, image: Any, collator) -> List[Mark]:
+    """The boxes and points of an answer about `image` (a row's image reference), in that image's own pixels: parsed
+    in either text form and mapped from the family's convention for the size `collator` shows the image at (infer,
+    chat and the galleries draw them)."""
+    marks = parse(text)
+    if not marks:
+        return []
+    (original, shown), = collator.shown_sizes(collator.load_visuals({"images": [image], "videos": [],
+                                                                      "source": "answer"}, resize=False))
+    return coords.marks_to_original(marks, original, shown, collator.family.box_convention)

@@ -77,18 +77,12 @@ def gallery_entries(rows: Sequence[dict], predictions: Sequence[str], references
 def with_boxes(image, row: dict, prediction: str, reference: str, collator):
     """The image with the boxes of the prediction and of the reference drawn, mapped from the family's convention
     (for the size the model saw this image at) to the image's own pixels; the image itself when there are none."""
-    from qwenvl_ft.grounding.coords import marks_to_original
+    from qwenvl_ft.data.grounding import marks_in_image
     from qwenvl_ft.grounding.draw import draw_marks
-    from qwenvl_ft.grounding.text import parse
 
-    predicted, expected = parse(prediction), parse(reference)
-    if not predicted and not expected:
-        return image
-    first = {"images": row["images"][:1], "videos": [], "source": row.get("source", "?")}
-    (original, shown), = collator.shown_sizes(collator.load_visuals(first, resize=False))
-    convention = collator.family.box_convention
-    return draw_marks(image, marks_to_original(predicted, original, shown, convention),
-                      marks_to_original(expected, original, shown, convention))
+    predicted = marks_in_image(prediction, row["images"][0], collator)
+    expected = marks_in_image(reference, row["images"][0], collator)
+    return draw_marks(image, predicted, expected) if predicted or expected else image
 
 
 def main_process_can_generate(cfg, when: str) -> bool:
