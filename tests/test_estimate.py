@@ -85,41 +85,45 @@ def test_qwen3_vl_parameter_counts_match_the_released_models(option, expected, h
     assert counts.by_part["merger"] == _mergers_3(d, hidden, deepstack=3)
 
 
-# Qwen3.5: no exact released totals were found (no network here). The model cards name 0.8B, 4B, 9B and 27B, and
-# Qwen rounds its names down; the stated tolerance is that a count is at least the name and less than 15% above it
-# (0.853B, 4.539B, 9.410B, 27.357B, all without the multi-token-prediction head that transformers does not load).
-# Closer: llama.cpp's load log of the released Qwen3.5-9B text model reports 8.95 B parameters (language model and
-# untied head, no vision tower, no MTP head), which the 9B's text part matches to 0.01 B. The vision towers are
-# Qwen3-VL's ViT without DeepStack mergers; the 27B has the 9B's (its config.json: 27 blocks of width 1,152).
-@pytest.mark.parametrize("option, nominal, text_billions, d, mlp, depth", [
-    ("qwen3_5_0_8b", 0.8, None, 768, 3072, 12),
-    ("qwen3_5_4b", 4.0, None, 1024, 4096, 24),
-    ("qwen3_5_9b", 9.0, 8.95, 1152, 4304, 27),
-    ("qwen3_5_27b", 27.0, None, 1152, 4304, 27),
+# Qwen3.5: the released totals are keras-hub's (keras_hub/src/models/qwen3_5/qwen3_5_presets.py, each checkpoint's
+# "params"), without the multi-token-prediction head that transformers does not load; the 2B's is also its safetensors
+# index's total_parameters. The language models against llama.cpp's counts of the released text GGUFs: 1,881,825,088
+# for the 2B (n_params, exact), 8.95 B for the 9B (its load log, rounded). The vision towers are Qwen3-VL's ViT
+# without DeepStack mergers; the 2B has the 4B's, the 27B the 9B's.
+@pytest.mark.parametrize("option, expected, text, d, mlp, depth", [
+    ("qwen3_5_0_8b", 852_985_920, None, 768, 3072, 12),
+    ("qwen3_5_2b", 2_213_241_664, 1_881_825_088, 1024, 4096, 24),
+    ("qwen3_5_4b", 4_539_265_536, None, 1024, 4096, 24),
+    ("qwen3_5_9b", 9_409_813_744, 8.95, 1152, 4304, 27),
+    ("qwen3_5_27b", 27_356_728_560, None, 1152, 4304, 27),
 ])
-def test_qwen3_5_parameter_counts_match_the_released_models(option, nominal, text_billions, d, mlp, depth):
+def test_qwen3_5_parameter_counts_match_the_released_models(option, expected, text, d, mlp, depth):
     typed = _typed(f"model={option}", "adapter=full")
     counts = count_parameters(typed)
+    assert counts.total == expected
     assert counts.by_part["vision"] == _vit_3(d, mlp, depth)
     assert counts.by_part["merger"] == _mergers_3(d, typed.model.architecture.hidden_size, deepstack=0)
-    assert nominal <= counts.total / 1e9 < 1.15 * nominal
-    if text_billions is not None:
-        text = counts.total - counts.by_part["vision"] - counts.by_part["merger"]
-        assert round(text / 1e9, 2) == text_billions
+    text_part = counts.total - counts.by_part["vision"] - counts.by_part["merger"]
+    if isinstance(text, int):  # an exact count
+        assert text_part == text
+    elif text is not None:  # billions, as rounded in the source
+        assert round(text_part / 1e9, 2) == text
 
 
-@pytest.mark.parametrize("recipe, total", [("lora_qwen3_5_9b_llava", "9.410B"), ("qlora_qwen3_5_27b_amazon", "27.357B"),
-                                           ("grpo_lora_qwen3_5_4b", "4.539B")])
-def test_qwen3_5_recipes_estimate_offline(recipe, total, capsys):
-    """`qwenvl-ft estimate` on each Qwen3.5 recipe runs without the hub (the option's architecture) and prints the
-    parameter total checked above and a peak that fits the GPU the recipe names."""
+@pytest.mark.parametrize("overrides, total, gpu_gib", [
+    (["recipe=lora_qwen3_5_9b_llava"], "9.410B", 24), (["recipe=qlora_qwen3_5_27b_amazon"], "27.357B", 48),
+    (["recipe=grpo_lora_qwen3_5_4b"], "4.539B", 40),
+    (["recipe=lora_qwen3vl_8b_llava", "model=qwen3_5_2b"], "2.213B", 16),  # the GPU its option's file names
+])
+def test_qwen3_5_recipes_estimate_offline(overrides, total, gpu_gib, capsys):
+    """`qwenvl-ft estimate` on each Qwen3.5 recipe (and the 2B option, which has none) runs without the hub (the
+    option's architecture) and prints the parameter total checked above and a peak that fits the GPU named."""
     from qwenvl_ft.commands.estimate import estimate
 
-    result = estimate(compose([f"recipe={recipe}", "data.path=/unused.json"], output_dir="/tmp/unused"))
+    result = estimate(compose([*overrides, "data.path=/unused.json"], output_dir="/tmp/unused"))
     out = capsys.readouterr().out
     assert f"{total} parameters" in out and "Gated DeltaNet x" in out
-    assert result["predicted_peak_gib"] < {"lora_qwen3_5_9b_llava": 24 * 0.9, "qlora_qwen3_5_27b_amazon": 48 * 0.9,
-                                           "grpo_lora_qwen3_5_4b": 40 * 0.9}[recipe]
+    assert result["predicted_peak_gib"] < gpu_gib * 0.9
 
 
 def test_meta_model_allocates_nothing():
