@@ -82,7 +82,7 @@ class TrainerSettings:
     eval_batch_size: int = 8  # per device, for generation and evaluation
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     # Rows per optimizer step over all devices (batch_size x gradient_accumulation_steps x devices), kept whatever
-    # batch_size=auto picks: gradient_accumulation_steps is derived from it. Needs trainer.batch_size=auto.
+    # batch_size=auto picks: gradient_accumulation_steps is derived from it (null: batch_size x the accumulation).
     effective_batch_size: Optional[int] = None
     precision: Precision = Precision.auto  # mixed-precision autocast (auto: bf16 where supported, else fp32)
     tf32: bool = False  # TF32 matmuls on Ampere and newer GPUs (ignored without CUDA)
@@ -130,9 +130,13 @@ class TrainerSettings:
         _check(self.eval_batch_size > 0, "trainer.eval_batch_size must be > 0")
         _check(self.effective_batch_size is None or self.effective_batch_size > 0,
                "trainer.effective_batch_size must be > 0 (or null: batch_size x gradient_accumulation_steps)")
-        _check(self.effective_batch_size is None or self.batch_size == "auto",
-               "trainer.effective_batch_size needs trainer.batch_size=auto (with a fixed batch size, set "
-               "trainer.gradient_accumulation_steps instead)")
+        # A fixed batch size: the effective one must be batch_size x gradient_accumulation_steps x some devices (the
+        # run checks the devices it has); batch_size=auto derives gradient_accumulation_steps from it instead.
+        _check(self.effective_batch_size is None or self.batch_size == "auto"
+               or self.effective_batch_size % (self.batch_size * self.gradient_accumulation_steps) == 0,
+               f"trainer.effective_batch_size={self.effective_batch_size} is not a multiple of trainer.batch_size x "
+               f"gradient_accumulation_steps = {self.batch_size} x {self.gradient_accumulation_steps}: set "
+               f"trainer.batch_size=auto to derive gradient_accumulation_steps from it")
         _check(self.gradient_accumulation_steps > 0, "trainer.gradient_accumulation_steps must be > 0")
         _check(self.logging_steps > 0 and self.save_steps > 0, "trainer.logging_steps and save_steps must be > 0")
         _check(self.save_total_limit is None or self.save_total_limit > 0,

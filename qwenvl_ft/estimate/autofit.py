@@ -97,9 +97,11 @@ def resolved(cfg: TrainConfig, settings: Dict[str, Any]) -> TrainConfig:
                                        for group, values in groups.items()})
 
 
-def choose(cfg: TrainConfig, memory: MemoryAvailable, world_size: int = 1, model=None) -> Fitted:
+def choose(cfg: TrainConfig, memory: Optional[MemoryAvailable], world_size: int = 1, model=None) -> Fitted:
     """The fastest setting of every auto key that fits `memory` by the estimate (the rule in the module's
-    docstring); ConfigError naming the keys when not even the smallest fits."""
+    docstring); ConfigError naming the keys when not even the smallest fits. `memory` may be None when no key is
+    auto (trainer.effective_batch_size is still checked against the devices)."""
+    check_effective_batch(cfg, world_size)
     keys = auto_keys(cfg)
     if not keys:
         return Fitted()
@@ -127,6 +129,18 @@ def choose(cfg: TrainConfig, memory: MemoryAvailable, world_size: int = 1, model
                           f"{_engine(cfg, world_size)}")
     fitted.reasons += _reasons(cfg, keys, candidates, largest, on, memory, model, world_size)
     return fitted
+
+
+def check_effective_batch(cfg: TrainConfig, world_size: int) -> None:
+    """trainer.effective_batch_size with a fixed trainer.batch_size: it must be what the run really has."""
+    t = cfg.trainer
+    if t.effective_batch_size is None or t.batch_size == AUTO:
+        return
+    steps = t.batch_size * t.gradient_accumulation_steps * world_size
+    if steps != t.effective_batch_size:
+        raise ConfigError(f"trainer.effective_batch_size={t.effective_batch_size}, but trainer.batch_size x "
+                          f"gradient_accumulation_steps x devices = {t.batch_size} x {t.gradient_accumulation_steps} "
+                          f"x {world_size} = {steps}: set trainer.batch_size=auto to derive gradient_accumulation_steps")
 
 
 def fit(cfg: TrainConfig, model=None) -> tuple:

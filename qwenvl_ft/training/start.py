@@ -89,9 +89,8 @@ def fit_auto_settings(composed: DictConfig) -> None:
     from qwenvl_ft.estimate.autofit import auto_keys, choose, gpu_memory
 
     cfg = validate(composed)
-    if not auto_keys(cfg):
-        return
-    fitted = choose(cfg, gpu_memory(cfg), ranks.world_size())
+    memory = gpu_memory(cfg) if auto_keys(cfg) else None
+    fitted = choose(cfg, memory, ranks.world_size())  # also checks trainer.effective_batch_size against the devices
     for line in fitted.reasons:
         log.info("auto: %s", line)
     for key, value in fitted.settings.items():
