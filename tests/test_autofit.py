@@ -220,6 +220,33 @@ def test_estimate_prints_the_choice_a_run_makes(capsys):
     assert out["predicted_peak_gib"] == round(chosen.predicted / GiB, 2)
 
 
+def test_a_run_writes_the_choice_into_its_config_and_logs_why(caplog):
+    from qwenvl_ft.training.start import fit_auto_settings
+
+    composed = compose(LORA_2B + ["trainer.batch_size=auto", "model.gradient_checkpointing=auto",
+                                  "dist.gpu_memory_gib=40"], output_dir="/tmp/unused")
+    cfg = validate(composed)
+    chosen = choose(cfg, gpu_memory(cfg))
+    with caplog.at_level(logging.INFO, logger="qwenvl_ft"):
+        fit_auto_settings(composed)
+    said = [r.getMessage() for r in caplog.records if r.name == "qwenvl_ft"]
+    assert said == [f"auto: {line}" for line in chosen.reasons]
+    assert composed.trainer.batch_size == chosen.settings["trainer.batch_size"]
+    assert composed.model.gradient_checkpointing is chosen.settings["model.gradient_checkpointing"]
+    assert autofit.auto_keys(validate(composed)) == []
+
+
+def test_data_check_pads_the_batch_auto_chooses(tmp_path, capsys):
+    from qwenvl_ft.commands.data_check import data_check
+
+    data_check(compose(["recipe=demo", "data.shapes.num_train=16", "data.shapes.num_eval=0",
+                        "trainer.batch_size=auto"], output_dir=str(tmp_path / "run")))
+    printed = capsys.readouterr().out
+    assert "auto: no CUDA GPU and no dist.gpu_memory_gib: the CPU defaults trainer.batch_size=4" in printed
+    report = json.loads((tmp_path / "run" / "data_check.json").read_text())
+    assert report["settings"]["batch_size"] == 4
+
+
 @pytest.mark.slow
 def test_a_tiny_run_with_auto_settings_trains_with_plain_values(tmp_path, caplog):
     from qwenvl_ft.commands.train import train
