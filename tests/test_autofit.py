@@ -109,8 +109,13 @@ def test_token_budget_auto_for_packed_rows():
     assert tokens == 8 * 2048
     chosen = choose(cfg, _memory_fitting(peak), model=model)
     assert chosen.settings == {"data.max_tokens_per_batch": 8 * 2048}
+    assert chosen.reasons[-1].startswith(f"data.max_tokens_per_batch=auto -> {8 * 2048}: a token budget of")
     below = MemoryAvailable(_memory_fitting(peak).total - 1, "less")
     assert choose(cfg, below, model=model).settings == {"data.max_tokens_per_batch": 4 * 2048}
+    both = _typed(*LORA_2B, "data.packing=true", "data.max_tokens_per_batch=auto", "trainer.batch_size=auto")
+    chosen = choose(both, _memory_fitting(peak), model=model)
+    assert chosen.settings == {"trainer.batch_size": 1, "data.max_tokens_per_batch": 8 * 2048}
+    assert chosen.reasons[-1] == "trainer.batch_size=auto -> 1: unused, data.max_tokens_per_batch sets the batch"
 
 
 def test_effective_batch_size_is_kept_by_gradient_accumulation():
@@ -265,3 +270,27 @@ def test_a_tiny_run_with_auto_settings_trains_with_plain_values(tmp_path, caplog
     assert saved.trainer.batch_size == 4 and saved.model.gradient_checkpointing is False
     history = json.loads((tmp_path / "run" / "log_history.json").read_text())
     assert any("loss" in entry for entry in history)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_auto_choice_trains_within_what_it_was_sized_for(tmp_path):
+    """A random-weight 2B LoRA run on auto, sized for a 24 GiB GPU: it trains, and its measured peak stays under the
+    predicted one and the usable memory (the shapes rows are shorter than data.max_length, so well under)."""
+    import torch
+
+    from qwenvl_ft.commands.train import train
+
+    overrides = ["recipe=demo", "model=qwen2_vl_2b", "model.random_init=true", "adapter=lora", "data.max_length=1024",
+                 "data.shapes.num_train=64", "data.shapes.num_eval=0", "trainer.max_steps=3",
+                 "trainer.eval_generation=false", "trainer.disable_tqdm=true", "trainer.precision=bf16",
+                 "trainer.batch_size=auto", "model.gradient_checkpointing=auto", "dist.gpu_memory_gib=24"]
+    composed = compose(overrides, output_dir=str(tmp_path / "run"))
+    cfg = validate(composed)
+    memory = gpu_memory(cfg)
+    chosen = choose(cfg, memory)
+    torch.cuda.reset_peak_memory_stats()
+    metrics = train(composed)
+    assert metrics["global_step"] == 3
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert saved.trainer.batch_size == chosen.settings["trainer.batch_size"]
+    assert torch.cuda.max_memory_allocated() <= min(chosen.predicted, memory.usable)

@@ -268,19 +268,20 @@ def _reasons(cfg, keys, candidates, largest, on: bool, memory, model, world_size
                    f"under the {peak[1]} tokens it allows")
         lines.append(f"model.gradient_checkpointing=auto -> {str(on).lower()}: {why} (rule: off when a batch of "
                      f">= {SATURATING_TOKENS} tokens, or as large as with it, fits without it)")
-    sized = [key for key in keys if key != "model.gradient_checkpointing"]
-    if sized:
+    sized = "data.max_tokens_per_batch" if "data.max_tokens_per_batch" in keys else \
+        "trainer.batch_size" if "trainer.batch_size" in keys else None
+    if sized is not None:
         index = candidates.index(pick)
-        above = ""
+        above = " (the largest tried)"
         if index + 1 < len(candidates):
             bigger = candidates[index + 1]
             need = _peak(cfg, bigger, on, model, world_size)
             above = f"; {_describe(cfg, bigger, need)} would need {need[0] / GiB:.2f} GiB"
-        else:
-            above = " (the largest tried)"
-        value = pick.max_tokens_per_batch if "data.max_tokens_per_batch" in sized else pick.batch_size
-        lines.append(f"{sized[0]}=auto -> {value}: {_describe(cfg, pick, peak)} is predicted at "
+        value = pick.max_tokens_per_batch if sized == "data.max_tokens_per_batch" else pick.batch_size
+        lines.append(f"{sized}=auto -> {value}: {_describe(cfg, pick, peak)} is predicted at "
                      f"{peak[0] / GiB:.2f} GiB{above}")
+    if sized == "data.max_tokens_per_batch" and "trainer.batch_size" in keys:
+        lines.append("trainer.batch_size=auto -> 1: unused, data.max_tokens_per_batch sets the batch")
     if cfg.trainer.effective_batch_size is not None:
         lines.append(f"trainer.gradient_accumulation_steps -> {pick.accumulation}, to keep "
                      f"trainer.effective_batch_size={cfg.trainer.effective_batch_size} over {world_size} device(s)")
