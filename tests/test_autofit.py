@@ -270,6 +270,18 @@ def test_a_tiny_run_with_auto_settings_trains_with_plain_values(tmp_path, caplog
     assert saved.trainer.batch_size == 4 and saved.model.gradient_checkpointing is False
     history = json.loads((tmp_path / "run" / "log_history.json").read_text())
     assert any("loss" in entry for entry in history)
+    # the same command again resolves to the same plain values: the run folder sees no config change (resume)
+    from qwenvl_ft.training.resume import config_changes
+    from qwenvl_ft.training.start import fit_auto_settings, record_world_size
+
+    again = compose(overrides, output_dir=str(tmp_path / "run"))
+    fit_auto_settings(again)
+    record_world_size(again)
+    assert config_changes(tmp_path / "run" / "config.yaml", again) == []
+    unresolved = compose(overrides, output_dir=str(tmp_path / "run"))
+    record_world_size(unresolved)
+    assert config_changes(tmp_path / "run" / "config.yaml", unresolved) == ["model.gradient_checkpointing",
+                                                                          "trainer.batch_size"]
 
 
 @pytest.mark.gpu
