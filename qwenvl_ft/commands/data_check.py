@@ -16,11 +16,14 @@ def data_check(composed) -> Dict:
     """`qwenvl-ft data-check`: the report on stdout and in data_check.json; status 2 when a row is invalid
     (unless data.skip_invalid)."""
     from qwenvl_ft.config.compose import validate
+    from qwenvl_ft.estimate.autofit import fit
     from qwenvl_ft.modeling.build import build_processor
     from qwenvl_ft.run_folder.files import ensure_writable
     from qwenvl_ft.run_folder.lock import lock_folder
 
-    cfg = validate(composed)
+    cfg, fitted = fit(validate(composed))  # auto settings: the batch the run would choose here sets the padding
+    for line in fitted.reasons:
+        print(f"auto: {line}")
     lock = lock_folder(ensure_writable(cfg.output_dir))  # it writes data_check.json and the cache there
     processor = build_processor(cfg.model, cfg.data)
     checked = check_data(cfg.data, processor, cfg.trainer.batch_size, cfg.data.seed,

@@ -13,10 +13,11 @@ from omegaconf import DictConfig
 
 from qwenvl_ft import methods
 from qwenvl_ft.config.schema import TrainConfig
-from qwenvl_ft.config.trainer import Precision
+from qwenvl_ft.estimate.autofit import fit
 from qwenvl_ft.estimate.counts import meta_model
 from qwenvl_ft.estimate.flops import training_flops, worst_case_work
-from qwenvl_ft.estimate.memory import DTYPE_BYTES, GiB, Estimate, estimate_memory
+from qwenvl_ft.estimate.memory import GiB, Estimate, estimate_memory
+from qwenvl_ft.estimate.per_gpu import single_process_parts
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -26,6 +27,9 @@ def estimate(composed: DictConfig) -> Dict:
 
     cfg: TrainConfig = validate(composed)
     model = meta_model(cfg.model)
+    cfg, fitted = fit(cfg, model)  # trainer.batch_size=auto, ...: the choice a training run makes (the same function)
+    for line in fitted.reasons:
+        print(f"auto: {line}")
     result = estimate_memory(cfg, model)
     c, b = result.counts, result.budget
     parts = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sorted(c.by_part.items()))
@@ -54,6 +58,8 @@ def estimate(composed: DictConfig) -> Dict:
            "tokens_per_step": b.tokens, "components_gib": {n: round(v / GiB, 3) for n, v, _ in result.rows},
            "model_tflop_per_step": round(step_flops / 1e12, 3), "model_flops_per_token": step_flops / b.tokens,
            "per_gpu_gib_by_dist": sharded, "fits": fits}
+    if fitted.settings:
+        out["auto"] = {"settings": fitted.settings, "reasons": fitted.reasons}
     measured = measured_data(cfg)
     if measured is not None:
         data_cfg, source = measured
@@ -71,32 +77,6 @@ def _has_reference(cfg: TrainConfig) -> bool:
 
 # ----------------------------------------------------------------------------------------------------------------
 # the sharding section: per GPU for each dist option and world size (qwenvl_ft/distributed/memory.py)
-
-
-def single_process_parts(cfg: TrainConfig, result: Estimate, model):
-    """The single-process estimate in the terms the engines shard by."""
-    from qwenvl_ft.distributed import memory
-    from qwenvl_ft.distributed.fsdp import wrap_classes
-
-    by_name = {name: b for name, b, _ in result.rows}
-    weights = sum(b for name, b, _ in result.rows if name.startswith("weights"))
-    w = DTYPE_BYTES[cfg.model.dtype.value]
-    if cfg.adapter.is_peft:
-        trained = by_name.get("adapter weights", 0)
-    else:
-        trained = result.counts.trainable * w
-    classes = set(wrap_classes(cfg))
-    unit = max((sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in classes),
-               default=0)
-    return memory.SingleProcess(
-        frozen_weights=weights - (0 if cfg.adapter.is_peft else trained), trained_weights=trained,
-        gradients=by_name["gradients"], optimizer=by_name["optimizer states"],
-        reference=by_name.get("reference model", 0),
-        activations=sum(b for name, b, _ in result.rows if name.startswith("activations")),
-        trained_params=result.counts.trainable, base_params=result.counts.total,
-        adapter_params=result.counts.trainable if cfg.adapter.is_peft else 0,
-        quantized_params=result.counts.quantized, quantized_bytes=by_name.get("weights (4-bit)", 0), unit_params=unit,
-        dtype_bytes=w, mixed_precision=cfg.trainer.precision != Precision.fp32)
 
 
 def sharding(cfg: TrainConfig, result: Estimate, model) -> tuple:

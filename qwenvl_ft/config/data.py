@@ -190,8 +190,9 @@ class DataConfig:
     # With trainer=dpo: each batch of trainer.batch_size pairs runs as one such sequence, without its padding.
     packing: bool = False
     # Token budget per device step. With packing: the pack size (None: trainer.batch_size x max_length). Without:
-    # padded batches of rows of similar length, as many as fit in this many padded tokens.
-    max_tokens_per_batch: Optional[int] = None
+    # padded batches of rows of similar length, as many as fit in this many padded tokens. auto: the largest budget
+    # whose estimated peak fits the GPU (qwenvl_ft/estimate/autofit.py).
+    max_tokens_per_batch: Optional[Union[int, str]] = None
     group_by_length: bool = False  # padded batches of trainer.batch_size rows of similar length (less padding)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # used by format=columns only
@@ -267,12 +268,12 @@ class DataConfig:
                f"data.num_workers must be auto or a number >= 0, not {self.num_workers!r}")
         _check(self.max_samples is None or self.max_samples > 0,
                f"data.max_samples={self.max_samples}: must be > 0 (or null: every row)")
-        _check(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0,
-               "data.max_tokens_per_batch must be > 0")
+        budget = self.max_tokens_per_batch
+        _check(budget in (None, "auto") or (isinstance(budget, int) and budget > 0),
+               f"data.max_tokens_per_batch must be auto, a number > 0 or null, not {budget!r}")
         _check(not self.packing or self.max_tokens_per_batch is not None or self.max_length is not None,
                "data.packing with data.max_length=null needs data.max_tokens_per_batch (the pack size)")
-        _check(self.max_tokens_per_batch is None or self.max_length is None
-               or self.max_tokens_per_batch >= self.max_length,
+        _check(budget in (None, "auto") or self.max_length is None or budget >= self.max_length,
                f"data.max_tokens_per_batch={self.max_tokens_per_batch} is below data.max_length={self.max_length}: "
                f"a row of max_length tokens would not fit in a batch")
         _check(not (self.group_by_length and (self.packing or self.max_tokens_per_batch is not None)),

@@ -93,6 +93,8 @@ def _type_name(tp) -> str:
         return "{key: value}"
     if isinstance(tp, type) and issubclass(tp, Enum):
         return "|".join(member.value for member in tp)
+    if origin is typing.Union:  # a number or a word such as auto (trainer.batch_size, data.num_workers)
+        return "|".join(_type_name(arg) for arg in typing.get_args(tp) if arg is not type(None))
     return getattr(tp, "__name__", str(tp))
 
 

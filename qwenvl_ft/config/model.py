@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from qwenvl_ft import families
 from qwenvl_ft.errors import check as _check
@@ -134,8 +134,9 @@ class ModelConfig:
     dtype: Dtype = Dtype.bfloat16  # weight dtype (4-bit adapters use it as compute dtype)
     # Attention kernel (flash_attention_2 needs flash-attn)
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
-    # Non-reentrant, on the decoder layers and (transformers' default) the vision blocks too.
-    gradient_checkpointing: bool = True
+    # Non-reentrant, on the decoder layers and (transformers' default) the vision blocks too. true, false, or auto: off
+    # where the estimated peak fits the GPU without it at a large enough batch (qwenvl_ft/estimate/autofit.py).
+    gradient_checkpointing: Union[bool, str] = True
     # Vision blocks only (None: follow gradient_checkpointing). Recomputing the ViT pays off only when it trains
     # on large images; false keeps it off while the language model is checkpointed.
     vision_gradient_checkpointing: Optional[bool] = None
@@ -152,6 +153,8 @@ class ModelConfig:
     start_from: Optional[StartFromConfig] = None  # start from the result of another run (see StartFromConfig)
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto",
+               f"model.gradient_checkpointing must be true, false or auto, not {self.gradient_checkpointing!r}")
         _check(not self.random_init or self.architecture is not None,
                "model.random_init=true needs model.architecture (use model=tiny or a full-size option)")
         if self.random_init:

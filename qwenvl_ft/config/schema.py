@@ -63,6 +63,10 @@ class TrainConfig:
         _check(owner is method, f"trainer={method.name} needs {method.row_kind}, but data.format="
                                 f"{self.data.format.value} holds {owner.row_kind}: train it with trainer={owner.name}, "
                                 f"or use data={', data='.join(method.data_formats)}")
+        _check(self.trainer.effective_batch_size is None
+               or not (self.data.packing or self.data.max_tokens_per_batch is not None),
+               "trainer.effective_batch_size counts rows of padded batches; with data.packing or "
+               "data.max_tokens_per_batch a step holds a varying number of rows: set trainer.gradient_accumulation_steps")
         method.check_config(self)
         self._check_dist(method)
         self._check_experts()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from qwenvl_ft import methods
 from qwenvl_ft.errors import check as _check
@@ -76,9 +76,14 @@ class TrainerSettings:
     kind: TrainerKind = TrainerKind.sft  # the training method (qwenvl_ft/methods/); trainer=NAME sets it
     epochs: float = 1.0  # passes over the training rows (fractions allowed)
     max_steps: int = -1  # > 0 overrides epochs; -1: not set
-    batch_size: int = 4  # per device
+    # Per device: a number, or auto: the largest batch whose estimated peak fits the GPU (qwenvl_ft/estimate/autofit.py;
+    # docs/speed.md says the rule).
+    batch_size: Union[int, str] = 4
     eval_batch_size: int = 8  # per device, for generation and evaluation
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    # Rows per optimizer step over all devices (batch_size x gradient_accumulation_steps x devices), kept whatever
+    # batch_size=auto picks: gradient_accumulation_steps is derived from it (null: batch_size x the accumulation).
+    effective_batch_size: Optional[int] = None
     precision: Precision = Precision.auto  # mixed-precision autocast (auto: bf16 where supported, else fp32)
     tf32: bool = False  # TF32 matmuls on Ampere and newer GPUs (ignored without CUDA)
     logging_steps: int = 10  # log the training loss every this many optimizer steps
@@ -120,7 +125,18 @@ class TrainerSettings:
         _check(self.max_steps == -1 or self.max_steps > 0,
                f"trainer.max_steps={self.max_steps}: must be > 0, or -1 to train trainer.epochs")
         _check(self.epochs > 0 or self.max_steps > 0, "trainer.epochs or trainer.max_steps must be > 0")
-        _check(self.batch_size > 0 and self.eval_batch_size > 0, "trainer batch sizes must be > 0")
+        _check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0),
+               f"trainer.batch_size must be auto or a number > 0, not {self.batch_size!r}")
+        _check(self.eval_batch_size > 0, "trainer.eval_batch_size must be > 0")
+        _check(self.effective_batch_size is None or self.effective_batch_size > 0,
+               "trainer.effective_batch_size must be > 0 (or null: batch_size x gradient_accumulation_steps)")
+        # A fixed batch size: the effective one must be batch_size x gradient_accumulation_steps x some devices (the
+        # run checks the devices it has); batch_size=auto derives gradient_accumulation_steps from it instead.
+        _check(self.effective_batch_size is None or self.batch_size == "auto"
+               or self.effective_batch_size % (self.batch_size * self.gradient_accumulation_steps) == 0,
+               f"trainer.effective_batch_size={self.effective_batch_size} is not a multiple of trainer.batch_size x "
+               f"gradient_accumulation_steps = {self.batch_size} x {self.gradient_accumulation_steps}: set "
+               f"trainer.batch_size=auto to derive gradient_accumulation_steps from it")
         _check(self.gradient_accumulation_steps > 0, "trainer.gradient_accumulation_steps must be > 0")
         _check(self.logging_steps > 0 and self.save_steps > 0, "trainer.logging_steps and save_steps must be > 0")
         _check(self.save_total_limit is None or self.save_total_limit > 0,

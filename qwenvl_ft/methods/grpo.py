@@ -187,6 +187,9 @@ class Grpo(Method):
         super().check_config(cfg)
         check(not cfg.data.packing, "data.packing is for trainer=sft and trainer=dpo; TRL's GRPOTrainer builds the "
                                     "batches of prompts and completions itself")
+        check(cfg.trainer.batch_size != "auto",
+              f"trainer.batch_size=auto is for trainer=sft and trainer=dpo: a GRPO batch must hold whole groups of "
+              f"trainer.grpo.num_generations={cfg.trainer.grpo.num_generations} completions; set trainer.batch_size")
         build_rewards(cfg.trainer.grpo.rewards)
 
     # -- estimate ----------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ def start_run(composed: DictConfig) -> RunStart:
         return RunStart(cfg, Path(cfg.output_dir), None, launched)
     import_training_libraries(cfg)
     startup.mark("imports (torch, transformers, TRL, PEFT)")
+    fit_auto_settings(composed)
     cfg = record_world_size(composed)
     ranks.ensure_process_group(cfg.dist.backend, cfg.dist.timeout_s)  # accelerate and DeepSpeed reuse it
     resume, finished = ranks.run_on_main(_prepare_output, cfg, composed)
@@ -77,6 +78,23 @@ def _prepare_output(cfg: TrainConfig, composed: DictConfig):
     elif cfg.hub.push:  # the same command again after a failed upload: only the upload is left to do
         publish_final(output_dir, cfg.hub)
     return resume, finished
+
+
+def fit_auto_settings(composed: DictConfig) -> None:
+    """trainer.batch_size, data.max_tokens_per_batch and model.gradient_checkpointing left to auto: resolved here,
+    once per process, by the estimate (estimate/autofit.py: `choose`, the function `qwenvl-ft estimate` prints), and
+    written into the composed config, so that everything downstream (config.yaml and a resume's comparison
+    included) sees plain values. The log says what was chosen and why."""
+    from qwenvl_ft.distributed import ranks
+    from qwenvl_ft.estimate.autofit import auto_keys, choose, gpu_memory
+
+    cfg = validate(composed)
+    memory = gpu_memory(cfg) if auto_keys(cfg) else None
+    fitted = choose(cfg, memory, ranks.world_size())  # also checks trainer.effective_batch_size against the devices
+    for line in fitted.reasons:
+        log.info("auto: %s", line)
+    for key, value in fitted.settings.items():
+        OmegaConf.update(composed, key, value)
 
 
 def record_world_size(composed: DictConfig) -> TrainConfig:
