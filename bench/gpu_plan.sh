@@ -15,6 +15,7 @@
 #             transformers 5), LoRA packed, without and with
 #   lora7b    Qwen2-VL-7B LoRA: padded, packed, stock TRL, then packed with every lever
 #   qlora7b   7B QLoRA (qlora_7b_amazon's adapter): stock TRL and packed as today, then lean + every lever
+#   dpo2b     (not in a lease) 2B LoRA DPO: padded vs padding-free vs stock TRL;  dpo2b-ours: without TRL
 # Every bench table ends with each run's peak memory against `qwenvl-ft estimate` at the largest batch it saw.
 # Hardware: one CUDA GPU (H100 or H200). Launch, after `bash bench/gpu_wheels.sh` here, through the device tool
 # with carry [".whl"] and timeout_s 480: `bash bench/gpu_plan.sh lease1`, then `bash bench/gpu_plan.sh lease2`.
@@ -100,7 +101,10 @@ for name in "$@"; do
     qlora7b) stage qlora7b 90 bash -c "
       $BENCH --models qwen2_vl_7b --methods qlora --layouts trl packed --set $UPCAST --label fp32-upcast;
       $BENCH --models qwen2_vl_7b --methods qlora --layouts packed --set $LEAN $VARLEN $COMPILE $GC_AUTO --label all" ;;
-    *) echo "unknown stage $name (lease1, lease2, check, dist, lora2b, levers2b, qlora2b, liger, lora7b, qlora7b)"
+    dpo2b) stage dpo2b 100 $BENCH --dpo --models qwen2_vl_2b --methods lora ;;
+    dpo2b-ours) stage dpo2b-ours 110 $BENCH --dpo --models qwen2_vl_2b --methods lora --layouts padded padding-free ;;
+    *) echo "unknown stage $name (lease1, lease2, check, dist, lora2b, levers2b, qlora2b, liger, lora7b, qlora7b," \
+            "dpo2b, dpo2b-ours)"
        exit 2 ;;
   esac
 done
