@@ -44,6 +44,9 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_tables import print_tables  # noqa: E402  (bench/, beside this script)
 
 IMAGE_SIZES = [(448, 448), (640, 480), (480, 640), (336, 336), (896, 672)]
 WORDS = ("a photo of the with on in and large small red blue green white black dog cat man woman street table "
@@ -370,7 +373,7 @@ def _has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["qwen2_vl_2b", "qwen2_vl_7b"])
     parser.add_argument("--methods", nargs="+", default=["qlora", "lora", "full"])
@@ -392,8 +395,13 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="the variant's name in the tables (default: the --set list)")
     parser.add_argument("--dry-run", action="store_true",
                         help="compose and check each run's config and print its overrides and estimate; no training")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.label = args.label or (" ".join(args.set) if args.set else "baseline")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.dry_run:
         dry_run(args)
         return
@@ -436,36 +444,7 @@ def main() -> None:
     print(f"\n{device}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{platform.platform()}; batch {args.batch_size} x max_length {args.max_length}, max_pixels "
           f"{args.max_pixels}, {args.warmup} warm-up + {args.steps} timed steps\n")
-    print(f"variant: {args.label}\n")
-    print("| model | method | layout | variant | attention | s/step | samples/s | tokens/s | padding | data wait "
-          "| collate s/step | peak GiB | estimate GiB | MFU | vs padded |")
-    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    padded = {(r["model"], r["method"]): r for r in results
-              if r.get("layout") in ("padded", "dpo padded") and "error" not in r}
-    for r in results:
-        if "error" in r:
-            print(f"| {r['model']} | {r['method']} | {r['layout']} | {args.label} | | failed: {r['error']} "
-                  f"| | | | | | | | | |")
-            continue
-        base = padded.get((r["model"], r["method"]))
-        ratio = f"{r['samples_s'] / base['samples_s']:.2f}x" if base else ""
-        print(f"| {r['model']} | {r['method']} | {r['layout']} | {r['variant']} | {r['attn']} | "
-              f"{r['s_per_step']:.3f} | "
-              f"{r['samples_s']:.1f} | {r['tokens_s']:.0f} | {r['padding']:.1%} | {r['data_wait']:.1%} | "
-              f"{r['collate_s']:.3f} | {r['peak_gib']:.2f} | "
-              f"{r['predicted_gib']:.2f} | {r['mfu']:.1%} | {ratio} |")
-    print("\nMemory against the estimate at the largest batch each run saw (rows, tokens, visual tokens, ViT patches: "
-          "each the maximum over batches); held = allocated between steps, activations = peak - held\n")
-    print("| model | method | layout | largest batch | held GiB | estimate | activations GiB | estimate | peak GiB "
-          "| estimate |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        if "error" in r or "seen_static_gib" not in r:
-            continue
-        print(f"| {r['model']} | {r['method']} | {r['layout']} | {' x '.join(map(str, r['largest']))} | "
-              f"{r['static_gib']:.2f} | {r['seen_static_gib']:.2f} | {r['peak_gib'] - r['static_gib']:.2f} | "
-              f"{r['seen_activations_gib']:.2f} | {r['peak_gib']:.2f} | {r['seen_total_gib']:.2f} |")
-
+    print_tables(results, args.label)
 
 if __name__ == "__main__":
     main()
