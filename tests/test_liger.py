@@ -147,7 +147,7 @@ def test_liger_kernels_give_the_eager_loss_and_gradients_on_cuda():
 
     option = next(o for o in TEST_MODELS if liger_problem(family_of_option(o).name) is None)
     torch.manual_seed(0)
-    ids = torch.randint(0, 1000, (2, 64), device="cuda")
+    ids = torch.randint(0, 500, (2, 64), device="cuda")  # ordinary tokens: the special ones start at 567
     results = []
     for liger in (False, True):
         model = _lora_model(option).to("cuda")

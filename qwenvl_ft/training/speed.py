@@ -1,6 +1,7 @@
 """The speed switches every method shares: Liger kernels (checked here, passed through TrainingArguments),
-vision-tower gradient checkpointing apart from the decoder's, and per-sample attention for packed rows. The batch
-layouts (padded, length-grouped, token budget, packed) are data/batching.py's, chosen by the SFT method."""
+regional torch.compile of the decoder layers, vision-tower gradient checkpointing apart from the decoder's, and
+per-sample attention for packed rows. The batch layouts (padded, length-grouped, token budget, packed) are
+data/batching.py's, chosen by the SFT method."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def liger_problem(family: str) -> Optional[str]:
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as error:
-        if error.name != module:  # no module of that name: the patch function imports its own elsewhere
+        # no module of that name at all: the patch function imports its own elsewhere; else one it needs is missing
+        if error.name != module:
             return f"{liger} cannot patch {family} models with transformers {version('transformers')} ({error})"
     except ImportError as error:
         return f"{liger} cannot patch {family} models with transformers {version('transformers')} ({error})"
