@@ -140,7 +140,7 @@ class ModelConfig:
     # on large images; false keeps it off while the language model is checkpointed.
     vision_gradient_checkpointing: Optional[bool] = None
     # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, MoE experts, as far as Liger patches the family) via the
-    # Trainer; needs `pip install "qwenvl-ft[liger]"` and CUDA, and is refused for a family the installed Liger
+    # Trainer; needs the [liger] extra and CUDA, and is refused for a family the installed Liger
     # cannot patch. Its fused linear cross-entropy stays off: TRL's trainers already fuse the LM head and loss.
     use_liger_kernel: bool = False
     # Regional torch.compile: each decoder layer compiled on its own (one graph reused by every layer), the rest
