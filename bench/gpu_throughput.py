@@ -5,6 +5,12 @@ Qwen2-VL-2B / 7B (the real architectures; nothing is downloaded), QLoRA / LoRA /
     python bench/gpu_throughput.py --models qwen2_vl_2b --methods lora --layouts packed padded trl
     python bench/gpu_throughput.py --dpo --models qwen2_vl_7b --methods qlora   # DPO: padded, padding-free, trl
     python bench/gpu_throughput.py --smoke [--dpo]                   # tiny model on CPU: checks the script runs
+    python bench/gpu_throughput.py --models qwen2_vl_2b --methods lora --layouts packed \
+        --label compile --set model.compile=true                     # a lever: Hydra overrides, labelled
+    python bench/gpu_throughput.py --dry-run ...                     # the configs only (composed and checked)
+
+`--set` overrides go to every qwenvl-ft run of the invocation, not to the stock TRL layout (the baseline stays
+stock); `--label` names the variant in the tables, so that before/after rows of several invocations line up.
 
 Every run builds the model exactly as `qwenvl-ft train` does (model=..., model.random_init=true, adapter=...,
 bf16 autocast, non-reentrant gradient checkpointing, flash_attention_2 when flash-attn is installed, else sdpa),
@@ -38,6 +44,9 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_tables import print_tables  # noqa: E402  (bench/, beside this script)
 
 IMAGE_SIZES = [(448, 448), (640, 480), (480, 640), (336, 336), (896, 672)]
 WORDS = ("a photo of the with on in and large small red blue green white black dog cat man woman street table "
@@ -90,6 +99,16 @@ def common_overrides(model_name, method, args, cuda: bool):
     return overrides
 
 
+def run_overrides(model_name, method, layout, args, cuda: bool) -> list:
+    """Every override of one SFT run: the common ones, the layout's, and the invocation's `--set` levers (which
+    the stock TRL layout does not take)."""
+    overrides = common_overrides(model_name, method, args, cuda)
+    if layout == "packed":
+        overrides += ["data.packing=true"] + ([f"data.max_tokens_per_batch={args.pack_tokens}"] if args.pack_tokens
+                                              else [])
+    return overrides + (list(args.set) if layout != "trl" else [])
+
+
 def prepare(overrides, output_dir, build):
     """The run's validated config, predicted peak GiB, processor and model (`build`: build_model or
     build_base_model), on the GPU unless 4-bit (bitsandbytes places those itself)."""
@@ -118,10 +137,7 @@ def run(model_name, method, layout, args, rows, tmp):
     from qwenvl_ft.trainers.sft import build_trainer
 
     cuda = torch.cuda.is_available()
-    overrides = common_overrides(model_name, method, args, cuda)
-    if layout == "packed":
-        overrides += ["data.packing=true"] + ([f"data.max_tokens_per_batch={args.pack_tokens}"] if args.pack_tokens
-                                              else [])
+    overrides = run_overrides(model_name, method, layout, args, cuda)
     cfg, predicted, processor, model = prepare(overrides, tmp / f"{model_name}-{method}-{layout}", build_model)
     collator = VisionChatCollator(processor, cfg.data)
     if layout == "trl":
@@ -248,7 +264,7 @@ def measure(trainer, model, cfg, model_name, method, layout, args, predicted):
         trainer.train()
     figures = telemetry.summary
     steps = telemetry.total.steps
-    result = dict(model=model_name, method=method, layout=layout, steps=steps,
+    result = dict(model=model_name, method=method, layout=layout, variant=args.label, steps=steps,
                   s_per_step=figures["step_time_s"], samples_s=figures["samples_per_s"],
                   tokens_s=figures["tokens_per_s"], padding=figures["padding_fraction"],
                   data_wait=figures["data_wait_fraction"], peak_gib=figures.get("peak_allocated_gib", float("nan")),
@@ -298,6 +314,7 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
     overrides = common_overrides(model_name, method, args, cuda)
     overrides += ["trainer=dpo", "data=shapes_preference", f"trainer.batch_size={max(1, args.batch_size // 2)}",
                   "trainer.dpo.beta=0.1", f"data.packing={layout == 'padding-free'}"]
+    overrides += list(args.set) if layout != "trl" else []
     cfg, predicted, processor, base = prepare(overrides, tmp / f"dpo-{model_name}-{method}-{layout}",
                                                 build_base_model)
     peft_config = build_lora_config(base, cfg.model, cfg.adapter) if cfg.adapter.is_peft else None
@@ -321,13 +338,42 @@ def run_dpo(model_name, method, layout, args, pairs, tmp):
     return measure(trainer, trainer.model, cfg, model_name, method, f"dpo {layout}", args, predicted)
 
 
+def dry_run(args) -> None:
+    """Each run's overrides composed and validated as the run would (a key another branch has not added yet, a
+    wrong value: the config error), with `qwenvl-ft estimate`'s peak; nothing is built or trained."""
+    import tempfile
+
+    from qwenvl_ft.config.compose import compose, validate
+    from qwenvl_ft.errors import ConfigError
+    from qwenvl_ft.estimate.memory import GiB, estimate_memory
+
+    output_dir = tempfile.mkdtemp(prefix="qwenvl_gpu_dry_")
+    layouts = args.layouts if not args.dpo or args.layouts != ["padded", "packed", "trl"] else \
+        ["padded", "padding-free", "trl"]
+    failed = 0
+    for model_name in args.models:
+        for method in args.methods:
+            for layout in layouts:
+                overrides = run_overrides(model_name, method, "packed" if layout == "padding-free" else layout,
+                                          args, cuda=True)
+                if args.dpo:
+                    overrides += ["trainer=dpo", "data=shapes_preference"]
+                try:
+                    peak = f"{estimate_memory(validate(compose(overrides, output_dir=output_dir))).total / GiB:.2f}"
+                except ConfigError as error:
+                    peak, failed = f"config error: {error}", failed + 1
+                print(f"[{args.label}] {model_name} {method} {layout}: estimate {peak} GiB | {' '.join(overrides)}")
+    if failed:
+        sys.exit(f"{failed} run(s) would fail at their config")
+
+
 def _has_flash_attn() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["qwen2_vl_2b", "qwen2_vl_7b"])
     parser.add_argument("--methods", nargs="+", default=["qlora", "lora", "full"])
@@ -344,7 +390,21 @@ def main() -> None:
                         help="DPO instead of SFT: layouts padded, padding-free, trl on preference pairs")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per run")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: checks the script")
-    args = parser.parse_args()
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides for every qwenvl-ft run (a lever; not the stock TRL layout)")
+    parser.add_argument("--label", default=None, help="the variant's name in the tables (default: the --set list)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="compose and check each run's config and print its overrides and estimate; no training")
+    args = parser.parse_args(argv)
+    args.label = args.label or (" ".join(args.set) if args.set else "baseline")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.dry_run:
+        dry_run(args)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
@@ -384,33 +444,7 @@ def main() -> None:
     print(f"\n{device}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{platform.platform()}; batch {args.batch_size} x max_length {args.max_length}, max_pixels "
           f"{args.max_pixels}, {args.warmup} warm-up + {args.steps} timed steps\n")
-    print("| model | method | layout | attention | s/step | samples/s | tokens/s | padding | data wait "
-          "| collate s/step | peak GiB | estimate GiB | MFU | vs padded |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    padded = {(r["model"], r["method"]): r for r in results
-              if r.get("layout") in ("padded", "dpo padded") and "error" not in r}
-    for r in results:
-        if "error" in r:
-            print(f"| {r['model']} | {r['method']} | {r['layout']} | | failed: {r['error']} | | | | | | | | | |")
-            continue
-        base = padded.get((r["model"], r["method"]))
-        ratio = f"{r['samples_s'] / base['samples_s']:.2f}x" if base else ""
-        print(f"| {r['model']} | {r['method']} | {r['layout']} | {r['attn']} | {r['s_per_step']:.3f} | "
-              f"{r['samples_s']:.1f} | {r['tokens_s']:.0f} | {r['padding']:.1%} | {r['data_wait']:.1%} | "
-              f"{r['collate_s']:.3f} | {r['peak_gib']:.2f} | "
-              f"{r['predicted_gib']:.2f} | {r['mfu']:.1%} | {ratio} |")
-    print("\nMemory against the estimate at the largest batch each run saw (rows, tokens, visual tokens, ViT patches: "
-          "each the maximum over batches); held = allocated between steps, activations = peak - held\n")
-    print("| model | method | layout | largest batch | held GiB | estimate | activations GiB | estimate | peak GiB "
-          "| estimate |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        if "error" in r or "seen_static_gib" not in r:
-            continue
-        print(f"| {r['model']} | {r['method']} | {r['layout']} | {' x '.join(map(str, r['largest']))} | "
-              f"{r['static_gib']:.2f} | {r['seen_static_gib']:.2f} | {r['peak_gib'] - r['static_gib']:.2f} | "
-              f"{r['seen_activations_gib']:.2f} | {r['peak_gib']:.2f} | {r['seen_total_gib']:.2f} |")
-
+    print_tables(results, args.label)
 
 if __name__ == "__main__":
     main()

@@ -237,6 +237,26 @@ def test_batch_counts_of_preference_pairs(tiny_processor):
     assert counted["patches"] * 2 == int(batch["image_grid_thw"].prod(-1).sum())
 
 
+def test_the_filler_of_a_fixed_length_pack_counts_as_padding(tiny_processor):
+    """model.compile pads every pack to the token budget with a sample without labels (data/packing.py): the
+    telemetry counts it as padding, not as a sample or as real tokens."""
+    from qwenvl_ft.config.data import DataConfig
+    from qwenvl_ft.data.collate import VisionChatCollator
+    from qwenvl_ft.data.packing import PackingCollator
+    from qwenvl_ft.data.shapes import make_rows
+    from qwenvl_ft.training.telemetry import COUNTS, batch_counts
+
+    collator = VisionChatCollator(tiny_processor, DataConfig())
+    samples = [collator.encode(row) for row in make_rows(3, 56, seed=0, split="train")]
+    free = PackingCollator(collator).pack(samples)
+    fixed = PackingCollator(collator, pad_to=free["input_ids"].numel() + 50).pack(samples)
+    unpadded, padded = (dict(zip(COUNTS, batch_counts(b).tolist())) for b in (free, fixed))
+    assert padded["tensor_tokens"] == unpadded["tensor_tokens"] + 50 == unpadded["tokens"] + 50
+    assert {k: v for k, v in padded.items() if k != "tensor_tokens"} == \
+        {k: v for k, v in unpadded.items() if k != "tensor_tokens"}
+    assert padded["samples"] == 3
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # workers
 

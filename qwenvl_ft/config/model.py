@@ -140,9 +140,13 @@ class ModelConfig:
     # Vision blocks only (None: follow gradient_checkpointing). Recomputing the ViT pays off only when it trains
     # on large images; false keeps it off while the language model is checkpointed.
     vision_gradient_checkpointing: Optional[bool] = None
-    # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) via the Trainer; needs `pip install liger-kernel` and CUDA.
-    # Its fused linear cross-entropy stays off: TRL's SFTTrainer already fuses the LM head and loss.
+    # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, MoE experts, as far as Liger patches the family) via the
+    # Trainer; needs the [liger] extra and CUDA, and is refused for a family the installed Liger
+    # cannot patch. Its fused linear cross-entropy stays off: TRL's trainers already fuse the LM head and loss.
     use_liger_kernel: bool = False
+    # Regional torch.compile: each decoder layer compiled on its own (one graph reused by every layer), the rest
+    # eager. With data.packing every pack is padded to exactly the token budget, so the graph is traced once.
+    compile: bool = False
     freeze_vision_tower: bool = True  # the ViT blocks and patch embedding
     freeze_merger: bool = True  # the patch merger that projects vision features into the language model
     freeze_language_model: bool = False  # embeddings, decoder layers and lm_head

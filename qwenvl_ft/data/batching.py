@@ -171,10 +171,11 @@ class TrainBatches:
 
 def training_batches(data_cfg: DataConfig, batch_size: int, collator, rows, seed: int,
                      positions: Optional[Callable] = None,
-                     lengths: Optional[Sequence[Optional[int]]] = None) -> TrainBatches:
+                     lengths: Optional[Sequence[Optional[int]]] = None, fixed_packs: bool = False) -> TrainBatches:
     """The dataset, collator and per-device batch size that give the configured batch layout (`positions`: the
     model's M-RoPE position function for packing, qwenvl_ft/data/packing.py: `position_function`). `lengths`: each
-    row's token count when the data check has measured them already (else every row is measured here)."""
+    row's token count when the data check has measured them already (else every row is measured here).
+    `fixed_packs` (model.compile): every pack padded to exactly the token budget."""
     if lengths is None and (data_cfg.packing or data_cfg.max_tokens_per_batch is not None
                             or data_cfg.group_by_length):
         lengths = row_lengths(collator, rows)
@@ -186,9 +187,10 @@ def training_batches(data_cfg: DataConfig, batch_size: int, collator, rows, seed
         tokens, count = sum(n for n in lengths if n is not None), sum(map(len, packs))
         summary = (f"packed: {count} rows in {len(packs)} packs of <= {budget} tokens ({tokens / len(packs):.0f} "
                    f"tokens and {count / len(packs):.1f} rows per pack on average, "
-                   f"{tokens / (len(packs) * budget):.1%} full), no padding")
-        return TrainBatches(grouped_dataset(packs), ExpandGroups(PackingCollator(collator, positions), rows),
-                            1, summary=summary)
+                   f"{tokens / (len(packs) * budget):.1%} full), "
+                   + (f"each padded to {budget} tokens (model.compile: one shape)" if fixed_packs else "no padding"))
+        packer = PackingCollator(collator, positions, pad_to=budget if fixed_packs else None)
+        return TrainBatches(grouped_dataset(packs), ExpandGroups(packer, rows), 1, summary=summary)
     if data_cfg.max_tokens_per_batch is not None:
         batches = plan_token_budget(lengths, data_cfg.max_tokens_per_batch, seed)
         count = sum(map(len, batches))

@@ -56,14 +56,28 @@ class PackingCollator:
     packed-sequence detection and the samples would attend to each other.
     """
 
-    def __init__(self, collator, positions: Optional[Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = None):
+    def __init__(self, collator, positions: Optional[Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = None,
+                 pad_to: Optional[int] = None):
         self.collator = collator
         self.positions = positions or functools.partial(collator.family.positions, merge_size=collator.merge_size)
+        self.pad_to = pad_to
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
         return self.pack([self.collator.encode(row) for row in rows])
 
+    def filler(self, length: int) -> Dict[str, torch.Tensor]:
+        """A sample of `length` pad tokens without labels, that fills a pack to exactly `pad_to` tokens: packed
+        as a sample of its own, it attends only to itself and adds nothing to the loss or its token count."""
+        return {"input_ids": torch.full((length,), self.collator.tokenizer.pad_token_id, dtype=torch.long),
+                "labels": torch.full((length,), IGNORE_INDEX, dtype=torch.long),
+                "mm_token_type_ids": torch.zeros(length, dtype=torch.long)}
+
     def pack(self, samples: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """One row of the samples; with `pad_to` (model.compile: every step the same shape, so the compiled
+        decoder layers are not traced again), exactly `pad_to` tokens long."""
+        total = sum(sample["input_ids"].numel() for sample in samples)
+        if self.pad_to is not None and total < self.pad_to:
+            samples = [*samples, self.filler(self.pad_to - total)]
         text_positions, rope_positions, labels = [], [], []
         for sample in samples:
             length = sample["input_ids"].numel()

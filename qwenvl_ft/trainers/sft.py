@@ -22,7 +22,8 @@ class SftTraining(Training):
         cfg = parts.cfg
         batches = training_batches(cfg.data, cfg.trainer.batch_size, parts.collator, parts.train_rows,
                                    cfg.data.seed, lengths=parts.train_lengths,
-                                   positions=position_function(parts.model_config) if parts.model_config else None)
+                                   positions=position_function(parts.model_config) if parts.model_config else None,
+                                   fixed_packs=cfg.model.compile)
         parts.state["batches"] = batches
         arguments = {**common, "per_device_train_batch_size": batches.per_device_batch_size}
         if batches.sampling_strategy is not None:

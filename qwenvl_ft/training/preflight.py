@@ -16,6 +16,7 @@ from qwenvl_ft.config.schema import TrainConfig
 from qwenvl_ft.config.trainer import Precision, Tracker
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.methods.base import ARGUMENT_SOURCES, load
+from qwenvl_ft.training.speed import check_liger
 
 # tracker -> (module that must be importable, the qwenvl-ft extra that installs it; None: a core dependency)
 TRACKER_PACKAGES = {
@@ -30,6 +31,7 @@ def preflight(cfg: TrainConfig) -> None:
     """Every check below; raises ConfigError naming the key and the way out."""
     check_trackers(cfg.trainer.report_to)
     check_optional_packages(cfg)
+    check_liger(cfg.model)
     effective_precision(cfg.trainer.precision)
     check_extra_args(cfg)
 

@@ -1,12 +1,13 @@
 """The speed switches every method shares: Liger kernels (checked here, passed through TrainingArguments),
-vision-tower gradient checkpointing apart from the decoder's, and per-sample attention for packed rows. The batch
-layouts (padded, length-grouped, token budget, packed) are data/batching.py's, chosen by the SFT method."""
+regional torch.compile of the decoder layers, vision-tower gradient checkpointing apart from the decoder's, and
+per-sample attention for packed rows. The batch layouts (padded, length-grouped, token budget, packed) are
+data/batching.py's, chosen by the SFT method."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 from qwenvl_ft.config.model import ModelConfig
 from qwenvl_ft.errors import ConfigError
@@ -15,9 +16,63 @@ log = logging.getLogger("qwenvl_ft")
 
 
 def check_liger(model_cfg: ModelConfig) -> None:
-    if model_cfg.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+    """model.use_liger_kernel=true: the package installed, Liger able to patch this family with the installed
+    transformers (`liger_problem`), and a CUDA GPU for its Triton kernels; else a one-line ConfigError."""
+    if not model_cfg.use_liger_kernel:
+        return
+    if importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError("model.use_liger_kernel=true needs the liger-kernel package (pip install liger-kernel; "
                           "its Triton kernels run on CUDA GPUs only)")
+    problem = liger_problem(model_cfg.family.value)
+    if problem is not None:
+        raise ConfigError(f"model.use_liger_kernel=true: {problem}; set model.use_liger_kernel=false")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("model.use_liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton kernels); set "
+                          "model.use_liger_kernel=false on this machine")
+
+
+def liger_problem(family: str) -> Optional[str]:
+    """Why the installed Liger Kernel cannot patch this family's models, or None if it can.
+
+    The Trainer applies Liger by model type (`_apply_liger_kernel_to_instance`); a type Liger does not know is
+    silently left unpatched, and a patch function whose own module fails to import breaks the Trainer's start.
+    With liger-kernel 0.8.5 on transformers 5.x that module fails for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: it
+    subclasses per-model output classes transformers 5 no longer has. Asked of the installed packages, so a Liger
+    that fixes it lifts the refusal by itself (tests/test_liger.py checks the answer against a real patch)."""
+    import importlib
+    from importlib.metadata import version
+
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    liger = f"Liger Kernel {version('liger-kernel')}"
+    if family not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"{liger} has no kernels for {family} models"
+    module = f"liger_kernel.transformers.model.{family}"
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        # no module of that name at all: the patch function imports its own elsewhere; else one it needs is missing
+        if error.name != module:
+            return f"{liger} cannot patch {family} models with transformers {version('transformers')} ({error})"
+    except ImportError as error:
+        return f"{liger} cannot patch {family} models with transformers {version('transformers')} ({error})"
+    return None
+
+
+def compile_decoder_layers(model) -> int:
+    """model.compile: torch.compile each decoder layer in place (regional compilation, as in the transformers and
+    PyTorch recipes: the layers share their code, so one graph is traced and reused by all of them; compiling
+    takes seconds where the whole model takes minutes, and the vision tower, the image scatter, the sample
+    boundaries and TRL's fused loss stay eager). Gradient checkpointing wraps the compiled layer. Returns how many
+    layers were compiled."""
+    from qwenvl_ft.modeling.build import model_parts
+
+    layers = model_parts(model).decoder_layers
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def set_vision_checkpointing(model, enabled: bool) -> int:

@@ -84,12 +84,7 @@ def batch_counts(batch, vision=None, pairs: bool = False):
         lengths = mask.long().sum(-1)
         tokens, samples, token_pairs = lengths.sum(), zero + ids.shape[0], (lengths * lengths).sum()
     else:
-        text = _text_positions(batch.get("position_ids"), ids)
-        starts = text == 0
-        ends = torch.ones_like(starts)
-        ends[..., :-1] = starts[..., 1:]  # a sample's last token: the next one restarts at 0, or the row ends
-        tokens, samples = zero + ids.numel(), starts.long().sum()
-        token_pairs = ((text.long() + 1) ** 2 * ends.long()).sum()
+        tokens, samples, token_pairs = _packed_counts(batch, ids)
     patches = frame_pairs = window_pairs = zero
     for key in ("image_grid_thw", "video_grid_thw"):
         grid = batch.get(key)
@@ -101,6 +96,27 @@ def batch_counts(batch, vision=None, pairs: bool = False):
     vision_share = 2 if pairs else 1  # images repeated for the rejected sequences are encoded once
     return torch.stack([tokens, zero + ids.numel(), samples // (2 if pairs else 1), token_pairs,
                         patches // vision_share, frame_pairs // vision_share, window_pairs // vision_share])
+
+
+def _packed_counts(batch, ids):
+    """(real tokens, samples, sum of squared sample lengths) of a packed row. A sample without a single trained
+    label is the filler that pads a pack to its fixed length (model.compile: data/packing.py `filler`; every real
+    row trains on at least one token) and counts as padding."""
+    import torch
+
+    text = _text_positions(batch.get("position_ids"), ids).reshape(-1)
+    starts = text == 0
+    ends = torch.ones_like(starts)
+    ends[:-1] = starts[1:]  # a sample's last token: the next one restarts at 0, or the row ends
+    real = torch.ones_like(starts)
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.numel() == text.numel():
+        sample = starts.long().cumsum(0) - 1  # each token's sample, without a device sync
+        trained = torch.zeros(text.numel(), dtype=torch.long, device=text.device)
+        trained.index_add_(0, sample.clamp(min=0), (labels.reshape(-1) != -100).long())
+        real = trained[sample.clamp(min=0)] > 0
+    return (real.long().sum(), (starts & real).long().sum(),
+            ((text.long() + 1) ** 2 * (ends & real).long()).sum())
 
 
 def _text_positions(position_ids, ids):

@@ -97,13 +97,22 @@ def trainer_class(base: type, mixins: Sequence[type]) -> type:
 
 def finish_trainer(trainer, cfg: TrainConfig):
     """What every method's trainer gets once built: per-sample attention for packed rows (data.packing), on the
-    policy and on a reference model when there is one; full-precision modules where there is no autocast."""
+    policy and on a reference model when there is one; full-precision modules where there is no autocast; the
+    policy's decoder layers compiled (model.compile)."""
     if cfg.data.packing:
         from qwenvl_ft.training.speed import packed_attention
 
         packed_attention([trainer.model, getattr(trainer, "ref_model", None)])
     if not (trainer.args.bf16 or trainer.args.fp16):
         restore_fully_trained_modules(trainer.model, cfg.model.dtype.value)
+    if cfg.model.compile:
+        import logging
+
+        from qwenvl_ft.training.speed import compile_decoder_layers
+
+        count = compile_decoder_layers(trainer.model)
+        logging.getLogger("qwenvl_ft").info("model.compile: %d decoder layers compiled (torch.compile, regional)",
+                                            count)
     return trainer
 
 
