@@ -57,7 +57,7 @@ class ParameterCounts:
     by_part: Dict[str, int]  # vision blocks + patch embedding, merger, embeddings, decoder layers, lm_head
     trainable: int  # what the optimizer updates (LoRA factors, modules_to_save copies, or base weights)
     quantized: int  # base parameters held in 4 bits
-    fp32_base: int  # base parameters held in fp32 (QLoRA's cast, or model.dtype=float32)
+    fp32_base: int  # base parameters held in fp32 (adapter.qlora_fp32_upcast's cast, or model.dtype=float32)
     base_other: int  # base parameters held in model.dtype
     lora: int
     saved_copies: int  # modules_to_save: PEFT trains a copy next to the frozen original
@@ -100,7 +100,8 @@ def count_parameters(cfg: TrainConfig, model=None) -> ParameterCounts:
                 quantized_names.add(f"{name}.weight")
     quantized = sum(params[n].numel() for n in quantized_names if n in params)
     dtype_fp32 = model_cfg.dtype.value == "float32"
-    fp32_base = total - quantized if (quant is not None or dtype_fp32) else 0
+    upcast = quant is not None and adapter_cfg.qlora_fp32_upcast  # modeling/build.py: prepare_4bit_model
+    fp32_base = total - quantized if (upcast or dtype_fp32) else 0
     base_other = total - quantized - fp32_base
 
     family = families.of_model(model)
