@@ -37,7 +37,7 @@ class AdapterConfig:
     bnb_4bit_use_double_quant: bool = True  # quantise the quantisation constants too (saves ~0.4 bit/param)
     # QLoRA: cast every weight that is not 4-bit (embeddings, LM head, norms, the vision tower's) to fp32, as PEFT's
     # prepare_model_for_kbit_training does, which makes the residual stream fp32 too. Off (default): they stay in
-    # model.dtype, as in TRL >= 1.16 (recipe=qlora_7b_amazon: 9.70 GiB predicted instead of 14.96). Turn it on with
+    # model.dtype, as in TRL >= 1.16 (recipe=qlora_7b_amazon: 9.69 GiB predicted instead of 14.94). Turn it on with
     # model.dtype=float16 (GPUs without bf16), whose narrow range can overflow in the residual stream, or to
     # reproduce a run made before qwenvl-ft stopped casting (docs/speed.md).
     qlora_fp32_upcast: bool = False

@@ -7,7 +7,7 @@ Bytes:
   weights      dtype bytes per parameter; 4-bit NF4: 0.5 byte + its absmax (1 byte per 64 with double
                quantisation, else 4 per 64); every parameter that is not 4-bit (embeddings, lm_head, norms,
                biases) stays in model.dtype, unless adapter.qlora_fp32_upcast casts it to fp32 (PEFT's
-               `prepare_model_for_kbit_training`); PEFT keeps LoRA factors in fp32
+               `prepare_model_for_kbit_training`); adapters: `adapter_bytes`
   gradients    one per trainable parameter, in its dtype
   optimizer    AdamW: two states per trainable parameter in its dtype; 8-bit AdamW: two bytes
   activations  autograd's saved tensors, counted per token from transformers' code of the model's family (the
@@ -114,13 +114,14 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
                      f"{counts.base_other / 1e9:.2f}B params x {w} B"))
 
     if adapter_cfg.is_peft:
-        # PEFT keeps LoRA factors in fp32; modules_to_save copies keep the original's dtype (fp32 when upcast)
-        copy_bytes = 4 if counts.fp32_base else w
-        adapter_bytes = counts.lora * 4 + counts.saved_copies * copy_bytes
-        rows.append(("adapter weights", adapter_bytes,
-                     f"LoRA r={adapter_cfg.r}: {counts.lora / 1e6:.1f}M fp32 params"
-                     + (f" + {counts.saved_copies / 1e6:.1f}M modules_to_save copies" if counts.saved_copies else "")))
-        grad_bytes = adapter_bytes
+        factor, copy = adapter_bytes(counts, w, trainer_cfg.precision != Precision.fp32)
+        weights = (counts.lora - counts.dora_magnitudes) * factor + counts.dora_magnitudes * 4
+        weights += counts.saved_copies * copy
+        rows.append(("adapter weights", weights,
+                     f"LoRA r={adapter_cfg.r}: {counts.lora / 1e6:.1f}M params, {factor} B each"
+                     + (f" + {counts.saved_copies / 1e6:.1f}M modules_to_save copies" if counts.saved_copies else "")
+                     + (" (TRL's bf16 cast on a 4-bit base)" if counts.quantized else "")))
+        grad_bytes = weights
     else:
         grad_bytes = counts.trainable * w
     rows.append(("gradients", grad_bytes, f"{counts.trainable / 1e6:.1f}M trainable params, each in its dtype"))
@@ -137,6 +138,17 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
                                     pairs=method.sequences_per_row() == 2)
     rows += _activation_rows(cfg, counts, family, text, vision, budget, ActivationDtypes.of(counts, w, a), model)
     return Estimate(rows, counts, budget)
+
+
+def adapter_bytes(counts: ParameterCounts, weight_bytes: int, autocast: bool) -> tuple:
+    """Bytes per LoRA factor and per parameter of a modules_to_save copy. PEFT makes LoRA factors fp32
+    (autocast_adapter_dtype) and copies keep their original's dtype (model.dtype, or fp32 under
+    adapter.qlora_fp32_upcast). On a 4-bit base TRL's trainers then cast every trainable parameter but DoRA's
+    magnitude vectors to bf16, and in a run without autocast training/trainer.py's restore_fully_trained_modules
+    gives the copies model.dtype back."""
+    if not counts.quantized:
+        return 4, weight_bytes
+    return 2, 2 if autocast else weight_bytes
 
 
 def generation_rows(cfg: TrainConfig, method: methods.Method, weight_bytes: int) -> List[tuple]:
