@@ -9,7 +9,7 @@ from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.estimate.budget import batch_budget
 from qwenvl_ft.estimate import experts
 from qwenvl_ft.estimate.counts import count_parameters, meta_model
-from qwenvl_ft.estimate.memory import GiB, estimate_memory
+from qwenvl_ft.estimate.memory import estimate_memory
 
 from family_models import DEFAULT_MODEL, TEST_MODELS, family_of_option, lora_settings
 
@@ -154,20 +154,6 @@ def test_lora_count_on_7b_by_hand():
     counts = count_parameters(_typed("recipe=qlora_7b_amazon"))
     assert counts.lora == 28 * 8 * ((3584 + 3584) + (3584 + 512))
     assert counts.lora_modules == {"q_proj": 28, "v_proj": 28}
-
-
-def test_qlora_7b_weight_bytes():
-    est = estimate_memory(_typed("recipe=qlora_7b_amazon"))
-    rows = {name: b for name, b, _ in est.rows}
-    c = est.counts
-    # every Linear but lm_head is 4-bit (the vision tower too: it is frozen); embeddings, lm_head, norms and
-    # biases are what QLoRA's preparation casts to fp32
-    assert c.quantized + c.fp32_base == c.total and c.base_other == 0
-    assert c.fp32_base > 2 * 152064 * 3584  # embed_tokens + lm_head (untied in the 7B)
-    assert rows["weights (4-bit)"] == int(c.quantized * (0.5 + 1 / 64 + 4 / (64 * 256)))
-    assert rows["weights (fp32)"] == c.fp32_base * 4
-    assert rows["optimizer states"] == 2 * 4 * c.lora and rows["gradients"] == 4 * c.lora
-    assert 8 < est.total / GiB < 16  # a 24 GB GPU recipe
 
 
 def test_full_fine_tune_bytes_and_switches():
@@ -393,67 +379,6 @@ def test_vision_block_formula_matches_saved_tensors(adapter, vision_lora, option
     assert measured == predicted
 
 
-def _built_layer_saved_bytes(adapter: str, option: str) -> tuple:
-    """(saved bytes per token of one decoder layer, dtype of the residual stream entering the layers, config, the
-    indices of the layers measured) of the model the run builds (build_model: 4-bit loading and
-    prepare_model_for_kbit_training for QLoRA), bf16 weights under bf16 autocast; the difference between the layer
-    counts and between two lengths leaves the added layers' per-token bytes."""
-    from qwenvl_ft.modeling.build import build_model, model_parts
-
-    few, many = _layer_counts(option)
-    measured, residual = {}, []
-    for layers in (few, many):
-        cfg = _typed("recipe=demo", f"model={option}", f"adapter={adapter}", "model.dtype=bfloat16",
-                     "trainer.precision=bf16", "adapter.target_modules=[q_proj,v_proj,down_proj]", *ARCH,
-                     *FAMILY_ARCH.get(option, []), f"model.architecture.num_hidden_layers={layers}",
-                     "model.architecture.vision_depth=1")
-        model = build_model(cfg.model, cfg.adapter).train()
-        lm = model_parts(model).language_model
-        first = model_parts(model).decoder_layers[0]
-        hook = first.register_forward_pre_hook(
-            lambda module, args, kwargs: residual.append((args[0] if args else kwargs["hidden_states"]).dtype),
-            with_kwargs=True)
-        for tokens in (64, 128):
-            ids = torch.randint(10, 200, (1, tokens))
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                measured[layers, tokens] = _saved_bytes(model, lambda: lm(input_ids=ids, use_cache=False))
-        hook.remove()
-    added = (measured[many, 128] - measured[many, 64]) - (measured[few, 128] - measured[few, 64])
-    return added / 64 / (many - few), residual[0], cfg, range(few, many)
-
-
-@pytest.mark.parametrize("option", TEST_MODELS)
-def test_qlora_layer_keeps_its_residual_and_mlp_in_fp32(option):
-    """Under QLoRA the decoder layers see an fp32 residual stream (prepare_model_for_kbit_training casts norms and
-    embeddings) and bitsandbytes returns the 4-bit MLP projections' outputs in that dtype: the layer saves its MLP
-    tensors at 4 bytes, where a bf16 LoRA model saves them at 2, and nothing else changes. The estimate's
-    ActivationDtypes say the same (the GPU measurement of QLoRA was 29% above the estimate before this). Layers of
-    several kinds (Qwen3.5) are checked whole under autocast too: the delta rule keeps its matmuls' casts."""
-    from qwenvl_ft.estimate.counts import hf_config
-    from qwenvl_ft.estimate.memory import ActivationDtypes
-    from qwenvl_ft.families.base import layer_kinds
-
-    _skip_qlora(option)
-    qlora, qlora_residual, cfg, added = _built_layer_saved_bytes("qlora", option)
-    lora, lora_residual, lora_cfg, _ = _built_layer_saved_bytes("lora", option)
-    text, family = hf_config(cfg.model).get_text_config(), family_of_option(option)
-    lora_in = {"full_attention": [128, 128, 352], "linear_attention": [352]}
-    kinds = [layer_kinds(text)[i] for i in added]
-    formula = {bytes_: sum(family.layer_kind_bytes(text, kind, a=2, trainable=False, lora_in=lora_in[kind], r=8,
-                                                   mask_bytes=4, mlp_bytes=bytes_) for kind in kinds) / len(kinds)
-               for bytes_ in (2, 4)}
-    assert qlora - lora == formula[4] - formula[2]
-    if family.kind_layer_bytes is None:
-        assert formula[4] - formula[2] == 3 * 2 * text.intermediate_size
-    else:  # q_norm's input and the output gate are 4-bit Linears' outputs as well
-        assert (qlora, lora) == (formula[4], formula[2])
-    assert (qlora_residual, lora_residual) == (torch.float32, torch.bfloat16)
-    predicted = {name: ActivationDtypes.of(count_parameters(c), 2, 2) for name, c in (("qlora", cfg),
-                                                                                        ("lora", lora_cfg))}
-    assert (predicted["qlora"].residual, predicted["qlora"].linear) == (4, 4)
-    assert (predicted["lora"].residual, predicted["lora"].linear) == (2, 2)
-
-
 def test_estimate_command_prints_a_table(capsys):
     from qwenvl_ft.commands.estimate import estimate
 
@@ -461,21 +386,6 @@ def test_estimate_command_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "8.291B parameters" in out and "predicted peak" in out
     assert result["predicted_peak_gib"] == pytest.approx(sum(result["components_gib"].values()), abs=0.02)
-
-
-@pytest.mark.parametrize("option", TEST_MODELS)
-def test_quantized_linears_are_the_ones_bitsandbytes_replaces(option):
-    from torch import nn
-
-    from qwenvl_ft.modeling.build import build_model
-
-    _skip_qlora(option)
-    typed = _typed("recipe=demo", f"model={option}", "adapter=qlora", "model.freeze_vision_tower=true",
-                   "model.freeze_merger=false")
-    model = build_model(typed.model, typed.adapter)
-    built = sum(m.weight.numel() * 2 for m in model.modules()  # Params4bit packs two values per byte
-                if isinstance(m, nn.Linear) and type(m.weight).__name__ == "Params4bit")
-    assert count_parameters(typed).quantized == built > 0
 
 
 def test_estimate_sizes_gated_deltanet_layers(capsys):

@@ -35,6 +35,12 @@ class AdapterConfig:
     load_in_4bit: bool = False
     bnb_4bit_quant_type: str = "nf4"  # 4-bit data type: "nf4" (QLoRA) or "fp4"
     bnb_4bit_use_double_quant: bool = True  # quantise the quantisation constants too (saves ~0.4 bit/param)
+    # QLoRA: cast every weight that is not 4-bit (embeddings, LM head, norms, the vision tower's) to fp32, as PEFT's
+    # prepare_model_for_kbit_training does, which makes the residual stream fp32 too. Off (default): they stay in
+    # model.dtype, as in TRL >= 1.16 (recipe=qlora_7b_amazon: 9.69 GiB predicted instead of 14.94). Turn it on with
+    # model.dtype=float16 (GPUs without bf16), whose narrow range can overflow in the residual stream, or to
+    # reproduce a run made before qwenvl-ft stopped casting (docs/speed.md).
+    qlora_fp32_upcast: bool = False
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "adapter.r must be > 0")
@@ -44,6 +50,8 @@ class AdapterConfig:
         _check(self.bnb_4bit_quant_type in ("nf4", "fp4"), "adapter.bnb_4bit_quant_type must be one of [nf4, fp4]")
         _check(not (self.load_in_4bit and self.method == AdapterMethod.full),
                "adapter.load_in_4bit cannot be combined with method=full (4-bit weights are not trainable)")
+        _check(not (self.qlora_fp32_upcast and not self.load_in_4bit),
+               "adapter.qlora_fp32_upcast applies to a 4-bit base: use adapter=qlora, or drop the setting")
         _check(not (self.vision_lora and self.method == AdapterMethod.full),
                "adapter.vision_lora needs a LoRA method (lora, dora, qlora)")
         _check(len(self.target_modules) > 0 or self.vision_lora or self.method == AdapterMethod.full,

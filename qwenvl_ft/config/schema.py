@@ -96,8 +96,8 @@ class TrainConfig:
         _check(not self.adapter.load_in_4bit,
                f"adapter=qlora (adapter.load_in_4bit) with model.family={family.name}: bitsandbytes quantises Linear "
                f"layers only, so {family.title}'s fused experts ({', '.join(family.expert_parameters)}: most of its "
-               f"weights) would stay 16-bit, and PEFT's 4-bit preparation casts every weight it does not quantise to "
-               f"fp32, doubling them. Use adapter=lora (dist=zero3 shards the experts over GPUs); docs/moe.md")
+               f"weights) would stay 16-bit (fp32 with adapter.qlora_fp32_upcast). Use adapter=lora (dist=zero3 "
+               f"shards the experts over GPUs); docs/moe.md")
         adapter = self.adapter
         if not adapter.is_peft or self.model.freeze_language_model:
             return

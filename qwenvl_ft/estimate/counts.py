@@ -57,7 +57,7 @@ class ParameterCounts:
     by_part: Dict[str, int]  # vision blocks + patch embedding, merger, embeddings, decoder layers, lm_head
     trainable: int  # what the optimizer updates (LoRA factors, modules_to_save copies, or base weights)
     quantized: int  # base parameters held in 4 bits
-    fp32_base: int  # base parameters held in fp32 (QLoRA's cast, or model.dtype=float32)
+    fp32_base: int  # base parameters held in fp32 (adapter.qlora_fp32_upcast's cast, or model.dtype=float32)
     base_other: int  # base parameters held in model.dtype
     lora: int
     saved_copies: int  # modules_to_save: PEFT trains a copy next to the frozen original
@@ -65,6 +65,7 @@ class ParameterCounts:
     experts: int = 0  # base parameters in fused expert weights (mixture of experts; estimate/experts.py)
     active: int = 0  # base parameters a token runs through: all but the routed experts it is not sent to
     expert_lora: int = 0  # of `lora`, the LoRA factors on fused expert weights
+    dora_magnitudes: int = 0  # of `lora`, DoRA's magnitude vectors
 
 
 def count_parameters(cfg: TrainConfig, model=None) -> ParameterCounts:
@@ -100,7 +101,8 @@ def count_parameters(cfg: TrainConfig, model=None) -> ParameterCounts:
                 quantized_names.add(f"{name}.weight")
     quantized = sum(params[n].numel() for n in quantized_names if n in params)
     dtype_fp32 = model_cfg.dtype.value == "float32"
-    fp32_base = total - quantized if (quant is not None or dtype_fp32) else 0
+    upcast = quant is not None and adapter_cfg.qlora_fp32_upcast  # modeling/build.py: prepare_4bit_model
+    fp32_base = total - quantized if (upcast or dtype_fp32) else 0
     base_other = total - quantized - fp32_base
 
     family = families.of_model(model)
@@ -112,16 +114,16 @@ def count_parameters(cfg: TrainConfig, model=None) -> ParameterCounts:
 
     lora_cfg = build_lora_config(model, model_cfg, adapter_cfg)
     pattern = re.compile(lora_cfg.target_modules)
-    lora, leaves = 0, {}
+    lora, magnitudes, leaves = 0, 0, {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and pattern.fullmatch(name):
             lora += adapter_cfg.r * (module.in_features + module.out_features)
             if adapter_cfg.method == AdapterMethod.dora:
-                lora += module.out_features  # the magnitude vector
+                magnitudes += module.out_features  # the magnitude vector
             leaf = name.rsplit(".", 1)[-1]
             leaves[leaf] = leaves.get(leaf, 0) + 1
     expert_lora = experts.expert_lora(model, family, lora_cfg.target_parameters or [], adapter_cfg.r)
-    lora += expert_lora
+    lora += expert_lora + magnitudes
     saved = sum(p.numel() for key in lora_cfg.modules_to_save or [] for p in model.get_submodule(key).parameters())
     return ParameterCounts(total, by_part, lora + saved, quantized, fp32_base, base_other, lora, saved, leaves,
-                           expert_lora=expert_lora, **moe)
+                           expert_lora=expert_lora, dora_magnitudes=magnitudes, **moe)

@@ -5,8 +5,9 @@ run uses, so the estimate cannot disagree with the run about what is trained.
 
 Bytes:
   weights      dtype bytes per parameter; 4-bit NF4: 0.5 byte + its absmax (1 byte per 64 with double
-               quantisation, else 4 per 64); QLoRA's `prepare_model_for_kbit_training` casts every parameter that
-               is not 4-bit (embeddings, lm_head, norms, biases) to fp32, and PEFT keeps LoRA factors in fp32
+               quantisation, else 4 per 64); every parameter that is not 4-bit (embeddings, lm_head, norms,
+               biases) stays in model.dtype, unless adapter.qlora_fp32_upcast casts it to fp32 (PEFT's
+               `prepare_model_for_kbit_training`); adapters: `adapter_bytes`
   gradients    one per trainable parameter, in its dtype
   optimizer    AdamW: two states per trainable parameter in its dtype; 8-bit AdamW: two bytes
   activations  autograd's saved tensors, counted per token from transformers' code of the model's family (the
@@ -68,11 +69,11 @@ class ActivationDtypes:
 
     residual  the residual stream (decoder layer inputs, which gradient checkpointing keeps, and the final hidden
               states the LM head keeps): the embedding's dtype, since RMSNorm multiplies by its weight in the
-              weight's dtype; fp32 under QLoRA (prepare_model_for_kbit_training casts norms and embeddings) and
-              for an fp32 model under bf16 autocast. The LM head weight has it too, and TRL's fused head casts
-              that weight to the autocast dtype one vocabulary tile at a time.
+              weight's dtype; fp32 under QLoRA with adapter.qlora_fp32_upcast (it casts norms and embeddings)
+              and for an fp32 model under bf16 autocast. The LM head weight has it too, and TRL's fused head
+              casts that weight to the autocast dtype one vocabulary tile at a time.
     linear    a Linear's output: the autocast dtype, except a 4-bit one's, which bitsandbytes casts back to its
-              input's dtype (the fp32 residual under QLoRA)
+              input's dtype (the residual's: a norm's output, or the output of the 4-bit Linears before it)
     """
 
     autocast: int
@@ -81,7 +82,8 @@ class ActivationDtypes:
 
     @classmethod
     def of(cls, counts: ParameterCounts, weight_bytes: int, autocast: int) -> "ActivationDtypes":
-        return cls(autocast, 4 if counts.quantized else weight_bytes, 4 if counts.quantized else autocast)
+        residual = 4 if counts.fp32_base else weight_bytes
+        return cls(autocast, residual, residual if counts.quantized else autocast)
 
 
 def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] = None) -> Estimate:
@@ -104,20 +106,22 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
         rows.append(("weights (4-bit)", int(counts.quantized * per_param),
                      f"{counts.quantized / 1e9:.2f}B params x {per_param:.3f} B (NF4 + absmax)"))
     if counts.fp32_base:
-        why = "QLoRA casts every non-4-bit parameter to fp32" if counts.quantized else "model.dtype=float32"
+        why = ("adapter.qlora_fp32_upcast casts every non-4-bit parameter to fp32" if counts.quantized and w != 4
+               else "model.dtype=float32")
         rows.append(("weights (fp32)", counts.fp32_base * 4, f"{counts.fp32_base / 1e9:.2f}B params x 4 B ({why})"))
     if counts.base_other:
         rows.append((f"weights ({model_cfg.dtype.value})", counts.base_other * w,
                      f"{counts.base_other / 1e9:.2f}B params x {w} B"))
 
     if adapter_cfg.is_peft:
-        # PEFT keeps LoRA factors in fp32; modules_to_save copies keep the original's dtype (fp32 under QLoRA)
-        copy_bytes = 4 if counts.quantized or w == 4 else w
-        adapter_bytes = counts.lora * 4 + counts.saved_copies * copy_bytes
-        rows.append(("adapter weights", adapter_bytes,
-                     f"LoRA r={adapter_cfg.r}: {counts.lora / 1e6:.1f}M fp32 params"
-                     + (f" + {counts.saved_copies / 1e6:.1f}M modules_to_save copies" if counts.saved_copies else "")))
-        grad_bytes = adapter_bytes
+        factor, copy = adapter_bytes(counts, w, trainer_cfg.precision != Precision.fp32)
+        weights = (counts.lora - counts.dora_magnitudes) * factor + counts.dora_magnitudes * 4
+        weights += counts.saved_copies * copy
+        rows.append(("adapter weights", weights,
+                     f"LoRA r={adapter_cfg.r}: {counts.lora / 1e6:.1f}M params, {factor} B each"
+                     + (f" + {counts.saved_copies / 1e6:.1f}M modules_to_save copies" if counts.saved_copies else "")
+                     + (" (TRL's bf16 cast on a 4-bit base)" if counts.quantized else "")))
+        grad_bytes = weights
     else:
         grad_bytes = counts.trainable * w
     rows.append(("gradients", grad_bytes, f"{counts.trainable / 1e6:.1f}M trainable params, each in its dtype"))
@@ -134,6 +138,17 @@ def estimate_memory(cfg: TrainConfig, model=None, budget: Optional[BatchBudget] 
                                     pairs=method.sequences_per_row() == 2)
     rows += _activation_rows(cfg, counts, family, text, vision, budget, ActivationDtypes.of(counts, w, a), model)
     return Estimate(rows, counts, budget)
+
+
+def adapter_bytes(counts: ParameterCounts, weight_bytes: int, autocast: bool) -> tuple:
+    """Bytes per LoRA factor and per parameter of a modules_to_save copy. PEFT makes LoRA factors fp32
+    (autocast_adapter_dtype) and copies keep their original's dtype (model.dtype, or fp32 under
+    adapter.qlora_fp32_upcast). On a 4-bit base TRL's trainers then cast every trainable parameter but DoRA's
+    magnitude vectors to bf16, and in a run without autocast training/trainer.py's restore_fully_trained_modules
+    gives the copies model.dtype back."""
+    if not counts.quantized:
+        return 4, weight_bytes
+    return 2, 2 if autocast else weight_bytes
 
 
 def generation_rows(cfg: TrainConfig, method: methods.Method, weight_bytes: int) -> List[tuple]:

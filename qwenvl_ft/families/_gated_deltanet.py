@@ -61,7 +61,7 @@ def deltanet_layer_bytes(text: Any, a: int, trainable: bool, lora_in: Sequence[i
     conv = 2 * text.linear_num_key_heads * text.linear_key_head_dim + value
     total = norms_and_mlp_bytes(text, a, trainable, m) + 2 * a * conv + a * heads + 4 * heads
     total += chunked_delta_rule_bytes(heads, text.linear_key_head_dim, text.linear_value_head_dim, a)
-    total += 12 * value + 4 * heads + m * value  # the weighted output: the norm weight's dtype (fp32 in QLoRA)
+    total += 12 * value + 4 * heads + m * value  # the weighted output: the norm weight's dtype (fp32 if upcast)
     if trainable:
         total += 4 * heads + 2 * a * value
     return total + sum(lora_bytes(n, r, a, mask_bytes) for n in lora_in)

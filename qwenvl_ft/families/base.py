@@ -256,7 +256,8 @@ def decoder_layer_bytes(text: Any, a: int, trainable: bool, lora_in: Sequence[in
     the attention output already kept. Frozen weights add nothing: y = xW needs only W for dx. LoRA adds
     `lora_bytes` per adapted Linear. `mlp_bytes`: bytes per element of the MLP's three tensors, `a` unless the
     projections are 4-bit: bitsandbytes casts a Linear4bit's output back to its input's dtype, and under QLoRA
-    that input is the fp32 residual stream (tests/test_estimate.py measures this on the real modules).
+    with adapter.qlora_fp32_upcast that input is the fp32 residual stream (tests/test_estimate_qlora.py measures
+    this on the real modules).
     """
     m = a if mlp_bytes is None else mlp_bytes
     h, inter, heads, kv_heads = text.hidden_size, text.intermediate_size, text.num_attention_heads, \

@@ -141,8 +141,8 @@ def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source: Opti
 
 def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source: Optional[str] = None,
                      device_map=None) -> nn.Module:
-    """The model before any adapter: loaded (in 4-bit and prepared for k-bit training when the adapter asks for
-    it), with the freezing of full fine-tuning done. DPO hands it to TRL with `build_lora_config`'s config: a
+    """The model before any adapter: loaded (in 4-bit and prepared for LoRA on it when the adapter asks for it),
+    with the freezing of full fine-tuning done. DPO hands it to TRL with `build_lora_config`'s config: a
     PeftModel TRL wraps itself gets the base with the adapter disabled as reference, where one wrapped here would
     get a second "ref" adapter copied from the first."""
     from qwenvl_ft.modeling.locate import loading
@@ -166,15 +166,35 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
     keep_frozen_vision_out_of_autograd(model, family_of(model_cfg))
     run_linear_attention_per_sample(model)  # packed rows keep their samples apart in recurrent layers too
     if quant is not None:
+        model = prepare_4bit_model(model, model_cfg, adapter_cfg)
+    if adapter_cfg.method == AdapterMethod.full:
+        apply_freezing(model, model_cfg)
+    return model
+
+
+def prepare_4bit_model(model: nn.Module, model_cfg: ModelConfig, adapter_cfg: AdapterConfig) -> nn.Module:
+    """A 4-bit base made ready for LoRA: every base weight frozen, non-reentrant gradient checkpointing on when asked.
+
+    adapter.qlora_fp32_upcast runs PEFT's `prepare_model_for_kbit_training`, which also casts every weight that is
+    not 4-bit to fp32 (embeddings, LM head, norms, the vision tower's), and with them the residual stream. By
+    default they stay in model.dtype, as TRL >= 1.16 leaves them (trl#4335, trl#4577): the rest of what PEFT's
+    function does is done here. Non-reentrant checkpointing needs no input that requires grad (the Trainer's
+    `enable_input_require_grads` still runs; modeling/frozen_vision.py keeps it off a frozen tower). LoRA factors
+    are added later (PEFT makes them fp32; TRL's trainers then cast the trainable weights of a 4-bit model to bf16).
+    """
+    if adapter_cfg.qlora_fp32_upcast:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        keep_4bit_weights_trainable_on_cpu(model)
-    if adapter_cfg.method == AdapterMethod.full:
-        apply_freezing(model, model_cfg)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if model_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_4bit_weights_trainable_on_cpu(model)
     return model
 
 

@@ -6,7 +6,7 @@ embedding is its patch embedding. The patch embeddings then require grad even wh
 so autograd records the whole ViT: each block keeps its checkpointed input, and the backward recomputes and
 differentiates every block for gradients nobody uses. On an H200 (Qwen2-VL-2B and 7B LoRA, frozen tower) that was
 about 82 KB per image patch (32 blocks x 1280 x 2 bytes; 1.5 GiB for a pack of 18,808 patches), twice that under
-QLoRA, where the tower's residual stream is fp32 (docs/performance.md).
+QLoRA with adapter.qlora_fp32_upcast, where the tower's residual stream is fp32 (docs/performance.md).
 
 A forward pre-hook on the first ViT block detaches its input while no parameter of the tower's stem or blocks
 (the family's declaration: `vision_stem`, `vision_blocks`) requires grad, checked on each call, so a tower that trains (vision LoRA, an unfrozen tower) is left
