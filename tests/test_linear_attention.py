@@ -57,6 +57,17 @@ def test_the_recurrent_layers_leak_across_a_pack_unless_run_per_sample(option):
 
 
 @pytest.mark.parametrize("option", RECURRENT)
+def test_a_pack_of_one_sample_runs_as_that_sample(option):
+    """A pack that holds one sample carries its boundaries too (data/packing.py); transformers' torch path refuses
+    any, so the wrapped layer runs the row without them."""
+    model, collator, samples, _ = _setup(option)
+    run_linear_attention_per_sample(model)
+    batch = PackingCollator(collator, position_function(model.config)).pack(samples[1:2])
+    assert batch["cu_seq_lens_q"].tolist() == [0, samples[1]["input_ids"].numel()]
+    assert _largest_gap(model, collator, samples[1:2], batch) < 1e-5
+
+
+@pytest.mark.parametrize("option", RECURRENT)
 def test_the_wrapping_survives_train_and_eval_and_is_done_once(option):
     """transformers re-kernelizes the recurrent layer class on every train()/eval() switch (resetting a forward
     set on its instances); the decoder layers that hold them are wrapped instead."""

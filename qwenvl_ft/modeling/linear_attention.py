@@ -80,6 +80,10 @@ def per_sample_forward(original, lengths: SampleLengths, hidden_states: torch.Te
     cached = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
     spans = None if cached or args or kwargs.get("attention_mask") is not None else lengths.of(
         kwargs.get("position_ids"))
+    if spans is None and not (cached or args) and hidden_states.shape[0] == 1:
+        # one sequence (a pack of one sample): nothing to keep apart, and transformers' torch path refuses any
+        # sequence boundaries
+        return original(hidden_states, **{key: value for key, value in kwargs.items() if key not in PACK_INPUTS})
     if spans is None or hidden_states.shape[0] != 1 or sum(spans) != hidden_states.shape[1]:
         return original(hidden_states, *args, **kwargs)
     kwargs.pop("attention_mask", None)
