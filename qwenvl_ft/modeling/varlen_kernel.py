@@ -83,9 +83,9 @@ def call_varlen_attn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 def torch_kernel(query, key, value, cu_q, cu_k, max_q, max_k, causal, scale) -> Optional[torch.Tensor]:
-    """torch's kernel, or None where it cannot run (not CUDA, or not bf16 / fp16: an fp32 forward without
-    autocast); the caller then attends per span."""
-    if not query.is_cuda or query.dtype not in HALF:
+    """torch's kernel, or None where it cannot run (not CUDA, or not bf16 / fp16 throughout: an fp32 forward
+    without autocast); the caller then attends per span."""
+    if not query.is_cuda or query.dtype not in HALF or not key.dtype == value.dtype == query.dtype:
         return None
     device = query.device
     return call_varlen_attn(query, key, value, cu_q.to(device, torch.int32), cu_k.to(device, torch.int32), max_q,
