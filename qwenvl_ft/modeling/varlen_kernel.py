@@ -24,8 +24,7 @@ int32 offsets of each sequence (N + 1 values), `max_q` / `max_k` Python ints (a 
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -49,9 +48,14 @@ def _varlen_function():
     return varlen_attn
 
 
-@lru_cache(maxsize=None)
+_PARAMETERS: Dict[Any, frozenset] = {}  # per kernel function: its parameter names, read once
+
+
 def _parameters(function) -> frozenset:
-    return frozenset(inspect.signature(function).parameters)
+    # a plain dict rather than functools.lru_cache, which torch.compile would not trace through
+    if function not in _PARAMETERS:
+        _PARAMETERS[function] = frozenset(inspect.signature(function).parameters)
+    return _PARAMETERS[function]
 
 
 def call_varlen_attn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: torch.Tensor,
