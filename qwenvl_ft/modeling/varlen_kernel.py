@@ -17,8 +17,8 @@ A scale the kernel cannot take is folded into the query (the kernel's own is 1/s
 heads are repeated for grouped-query attention where `enable_gqa` is missing (as transformers' `repeat_kv` does).
 Note that `varlen_attn` compares `window_size == (-1, 0)` to a tuple: a list would silently mean "not causal".
 Newer builds (2.14 here) send non-causal calls over 128 tokens in bf16 / fp16 on Hopper and Blackwell to cuDNN when
-cuDNN >= 9.18 (whatever `torch.backends.cuda.enable_cudnn_sdp` says): the vision tower's calls; 2.11 has only the
-flash kernels.
+cuDNN >= 9.18 (whatever `torch.backends.cuda.enable_cudnn_sdp` says): the vision tower's calls. pytorch#187770 (June
+2026) reports that routing on nightlies, after 2.11; not checked on 2.11 itself.
 
 Layout (the kernel's): query (total, heads, head_dim), key / value (total, kv heads, head_dim), `cu_seqlens` the
 int32 offsets of each sequence (N + 1 values), `max_q` / `max_k` Python ints (a tensor would cost a device sync).
