@@ -247,7 +247,7 @@ def measure(trainer, model, cfg, model_name, method, layout, args, predicted):
 
     cuda = torch.cuda.is_available()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    attn = base.config.get_text_config()._attn_implementation  # packing on sdpa switches to sdpa_varlen
+    attn = base.config.get_text_config()._attn_implementation  # packing on sdpa: sdpa_varlen or torch_varlen
     telemetry = find_telemetry(trainer)
     timer = trainer.data_collator = CollateTimer(trainer.data_collator, base.config.image_token_id,
                                                  pairs=layout.startswith("dpo"))

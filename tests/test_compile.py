@@ -17,14 +17,14 @@ BUDGET = 256
 def _setup(option, *overrides):
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.modeling.build import build_model, build_processor
-    from qwenvl_ft.training.speed import packed_attention
+    from qwenvl_ft.modeling.varlen_attention import NAME, use_for_language_model
 
     typed = validate(compose(["recipe=demo", f"model={option}", "adapter=full", "data.packing=true",
                               f"data.max_tokens_per_batch={BUDGET}", *overrides], output_dir="/tmp/unused"))
     collator = VisionChatCollator(build_processor(typed.model, typed.data), typed.data)
     torch.manual_seed(0)
     model = build_model(typed.model, typed.adapter).train()
-    packed_attention([model])  # what finish_trainer does for data.packing: per-sample attention
+    use_for_language_model(model, NAME)  # what finish_trainer does for data.packing on a CPU: per-sample attention
     return typed, collator, model
 
 

@@ -118,6 +118,45 @@ def test_padding_free_dpo_equals_padded(trainer):
         assert torch.allclose(packed[2][name], grad, atol=1e-5, rtol=1e-4), name
 
 
+def test_padding_free_dpo_on_the_one_call_varlen_path(trainer, monkeypatch):
+    """With model.varlen_attention's kernel (the CPU reference standing in for torch's CUDA one, as in
+    tests/test_varlen_attention.py): the unpadded language model attends in one call per attention layer, from the
+    offsets the hook builds on the device and the padded length as the bound, and the images in one call per vision
+    block; loss, metrics and gradients as padded."""
+    from qwenvl_ft.modeling import varlen_attention, varlen_kernel
+
+    calls = []
+
+    def recording(query, key, value, cu_q, cu_k, max_q, max_k, causal, scale):
+        calls.append((cu_q.tolist(), max_q, causal))
+        return varlen_kernel.reference_kernel(query, key, value, cu_q, cu_k, max_q, max_k, causal, scale)
+
+    monkeypatch.setattr(varlen_attention, "KERNEL", recording)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    padded = _loss_metrics_and_grads(trainer, batch)
+    base = trainer.model.get_base_model()
+    assert varlen_attention.use_for_language_model(trainer.model, varlen_attention.TORCH_NAME)
+    assert varlen_attention.use_for_vision(trainer.model)
+    handles = unpad_language_model(trainer.model) + share_pair_images(trainer.model)
+    try:
+        packed = _loss_metrics_and_grads(trainer, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        base.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})  # the fixture is shared
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    offsets = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    text_calls = [call for call in calls if call[2]]
+    assert text_calls and all(call == (offsets, batch["attention_mask"].shape[1], True) for call in text_calls)
+    assert len(calls) > len(text_calls)  # the vision tower's
+    assert torch.allclose(packed[0], padded[0], atol=1e-5), (packed[0], padded[0])
+    for key in set(padded[1]) - {"num_tokens"}:
+        assert packed[1][key] == pytest.approx(padded[1][key], abs=1e-4), key
+    assert packed[2].keys() == padded[2].keys()
+    for name, grad in padded[2].items():
+        assert torch.allclose(packed[2][name], grad, atol=1e-5, rtol=1e-4), name
+
+
 def test_forward_logits_equal_at_real_tokens_and_generation_is_untouched(trainer):
     model = trainer.model
     model.eval()

@@ -13,7 +13,7 @@ from qwenvl_ft.config.compose import compose, validate
 from qwenvl_ft.data.collate import VisionChatCollator
 from qwenvl_ft.data.packing import PackingCollator, position_function, sample_boundaries
 from qwenvl_ft.modeling.build import build_processor, model_class, model_source
-from qwenvl_ft.modeling.linear_attention import packed_lengths, run_linear_attention_per_sample
+from qwenvl_ft.modeling.linear_attention import PACK_INPUTS, packed_lengths, run_linear_attention_per_sample
 from qwenvl_ft.modeling.varlen_attention import use_for_language_model
 
 RECURRENT = [option for option in TEST_MODELS if family_of_option(option).linear_attention_class]
@@ -47,9 +47,24 @@ def _largest_gap(model, collator, samples, batch) -> float:
 @pytest.mark.parametrize("option", RECURRENT)
 def test_the_recurrent_layers_leak_across_a_pack_unless_run_per_sample(option):
     model, collator, samples, batch = _setup(option)
-    assert _largest_gap(model, collator, samples, batch) > 1e-3  # transformers' torch path: the state leaks
+    positions_only = {key: value for key, value in batch.items() if key not in PACK_INPUTS}
+    assert _largest_gap(model, collator, samples, positions_only) > 1e-3  # transformers' torch path: the state leaks
+    with pytest.raises(ValueError, match="can't keep packed sequences apart"):  # given the boundaries, it refuses
+        model(**batch, use_cache=False)
     assert run_linear_attention_per_sample(model) > 0
     assert _largest_gap(model, collator, samples, batch) < 1e-5
+    assert _largest_gap(model, collator, samples, positions_only) < 1e-5
+
+
+@pytest.mark.parametrize("option", RECURRENT)
+def test_a_pack_of_one_sample_runs_as_that_sample(option):
+    """A pack that holds one sample carries its boundaries too (data/packing.py); transformers' torch path refuses
+    any, so the wrapped layer runs the row without them."""
+    model, collator, samples, _ = _setup(option)
+    run_linear_attention_per_sample(model)
+    batch = PackingCollator(collator, position_function(model.config)).pack(samples[1:2])
+    assert batch["cu_seq_lens_q"].tolist() == [0, samples[1]["input_ids"].numel()]
+    assert _largest_gap(model, collator, samples[1:2], batch) < 1e-5
 
 
 @pytest.mark.parametrize("option", RECURRENT)

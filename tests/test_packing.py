@@ -150,6 +150,11 @@ def test_packed_row_layout(typed, collator):
     assert "attention_mask" not in batch  # its presence would switch transformers' packed-sequence detection off
     starts = sample_boundaries(batch["position_ids"])
     assert starts == [sum(lengths[:i]) for i in range(len(lengths))]
+    # the varlen keywords (built here, on the CPU): every sample's offsets, and the longest sample
+    for side in ("q", "k"):
+        assert batch[f"cu_seq_lens_{side}"].dtype == torch.int32
+        assert batch[f"cu_seq_lens_{side}"].tolist() == starts + [total]
+        assert batch[f"max_length_{side}"] == max(lengths) and isinstance(batch[f"max_length_{side}"], int)
     assert batch["image_grid_thw"].shape[0] == sum(len(r["images"]) for r in ROWS)
     assert batch["video_grid_thw"].shape[0] == 1 and "pixel_values_videos" in batch
     assert batch["pixel_values"].shape[0] == sum(s["pixel_values"].shape[0] for s in samples if "pixel_values" in s)
@@ -420,7 +425,7 @@ def test_flash_attention_varlen_packed_matches_unpacked(option):
     samples = [collator.encode(row) for row in ROWS]
 
     def on_gpu(batch):
-        return {k: v.to("cuda") for k, v in batch.items()}
+        return {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch.items()}  # max_length_q is an int
 
     with torch.no_grad():
         single = [_token_losses(model, on_gpu(collator.pad([s]))).sum().float() for s in samples]

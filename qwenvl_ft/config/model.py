@@ -31,6 +31,14 @@ class AttnImplementation(str, Enum):
     flash_attention_2 = "flash_attention_2"
 
 
+class VarlenAttention(str, Enum):
+    """How packed rows and the images of a batch attend apart (qwenvl_ft/modeling/varlen_attention.py)."""
+
+    auto = "auto"  # torch where it runs (CUDA, torch >= 2.10, bf16/fp16), else per_sample
+    torch = "torch"  # torch's varlen_attn kernel: one call per layer for a pack, per block for all images
+    per_sample = "per_sample"  # one SDPA call per packed sample and per image
+
+
 @dataclass
 class ArchitectureConfig:
     """Sizes of a randomly initialised model (`model.random_init=true`).
@@ -134,6 +142,10 @@ class ModelConfig:
     dtype: Dtype = Dtype.bfloat16  # weight dtype (4-bit adapters use it as compute dtype)
     # Attention kernel (flash_attention_2 needs flash-attn)
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
+    # With sdpa: packed rows (language model) and the images of a batch (vision tower) attend per sequence through
+    # torch's varlen_attn kernel (one call) or per-sample SDPA (one call per sample / image); auto takes the kernel
+    # on CUDA with torch >= 2.10. flash_attention_2 and eager are left as they are.
+    varlen_attention: VarlenAttention = VarlenAttention.auto
     # Non-reentrant, on the decoder layers and (transformers' default) the vision blocks too. true, false, or auto: off
     # where the estimated peak fits the GPU without it at a large enough batch (qwenvl_ft/estimate/autofit.py).
     gradient_checkpointing: Union[bool, str] = True

@@ -12,8 +12,11 @@ already does the rest, so nothing here patches a library:
     restarts and builds a block-diagonal causal mask, provided no `attention_mask` is passed;
   - flash_attention_2: `_is_packed_sequence` sees them too and calls the varlen kernel with `cu_seqlens` taken from
     the restarts (it needs exactly one row per forward, which is why a pack is one row).
-The mask costs (pack length)^2, so a packed run on `sdpa` switches the language model to `sdpa_varlen`
-(qwenvl_ft/modeling/varlen_attention.py: per-sample SDPA, registered through transformers' AttentionInterface).
+The mask costs (pack length)^2, so a packed run on `sdpa` switches the language model to a varlen path
+(qwenvl_ft/modeling/varlen_attention.py, registered through transformers' AttentionInterface; `model.varlen_attention`
+chooses): torch's `varlen_attn` kernel, one call per layer for the whole pack, or per-sample SDPA. The kernel reads
+the sample boundaries from `cu_seq_lens_q/k` and `max_length_q/k` (transformers' varlen keywords, which flash-attn's
+path reads too), built here on the CPU (`sequence_boundaries`) so that no step waits on a device sync.
 Images and videos need nothing extra: the vision tower already attends within each image or video (`cu_seqlens`
 from the grids), and its features are scattered into the vision tokens in order.
 
@@ -92,9 +95,21 @@ class PackingCollator:
             "labels": torch.cat(labels)[None],
             "mm_token_type_ids": torch.cat([s["mm_token_type_ids"] for s in samples])[None],
             "position_ids": position_ids[:, None, :],  # (4, 1, total); no attention_mask, on purpose (see above)
+            **sequence_boundaries([sample["input_ids"].numel() for sample in samples]),
         }
         batch.update(concat_vision(samples))  # per-image / per-video tensors, in order, as `pad` does
         return batch
+
+
+def sequence_boundaries(lengths: Sequence[int]) -> Dict[str, Any]:
+    """transformers' varlen keywords for one packed row of samples of these lengths: `cu_seq_lens_q/k` (int32
+    offsets of every sample, and the total) and `max_length_q/k` (the longest sample, a Python int). Built here, on
+    the CPU, so that a varlen kernel gets them without a device sync (the Trainer moves the tensors to the
+    device with the batch); TRL's padding-free collator passes the same keys."""
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    offsets[1:] = torch.tensor(list(lengths), dtype=torch.int32).cumsum(0)
+    longest = max(lengths)
+    return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
 
 
 def sample_boundaries(position_ids: torch.Tensor) -> List[int]:

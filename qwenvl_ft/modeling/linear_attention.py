@@ -68,6 +68,10 @@ def packed_lengths(text_positions: Optional[torch.Tensor]) -> Optional[List[int]
 # A decoder layer's per-token keyword inputs (the sequence is their second-to-last dimension for the rotary cos and
 # sin, their last for the text positions); every other input is per batch.
 PER_TOKEN_INPUTS = {"position_embeddings": -2, "position_ids": -1}
+# The packed row's sample boundaries (transformers' varlen keywords, data/packing.py: `sequence_boundaries`): they
+# describe the whole row, so a sample's slice runs without them (fla's kernels would read the row's offsets
+# against the slice's tokens).
+PACK_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 def per_sample_forward(original, lengths: SampleLengths, hidden_states: torch.Tensor, *args, **kwargs):
@@ -76,9 +80,15 @@ def per_sample_forward(original, lengths: SampleLengths, hidden_states: torch.Te
     cached = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
     spans = None if cached or args or kwargs.get("attention_mask") is not None else lengths.of(
         kwargs.get("position_ids"))
+    if spans is None and not (cached or args) and hidden_states.shape[0] == 1:
+        # one sequence (a pack of one sample): nothing to keep apart, and transformers' torch path refuses any
+        # sequence boundaries
+        return original(hidden_states, **{key: value for key, value in kwargs.items() if key not in PACK_INPUTS})
     if spans is None or hidden_states.shape[0] != 1 or sum(spans) != hidden_states.shape[1]:
         return original(hidden_states, *args, **kwargs)
     kwargs.pop("attention_mask", None)
+    for key in PACK_INPUTS:
+        kwargs.pop(key, None)
     pieces, start = [], 0
     for length in spans:
         piece_kwargs = {key: _cut(value, PER_TOKEN_INPUTS[key], start, length) if key in PER_TOKEN_INPUTS else value

@@ -22,7 +22,7 @@ from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.modeling.build import DTYPES, build_processor, check_family, model_class, model_source, \
     quantization_config
 from qwenvl_ft.modeling.peft_import import import_peft_without_bitsandbytes
-from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
+from qwenvl_ft.modeling.varlen_attention import TORCH, choose, keep_cudnn_out_of_sdpa, use_for_vision
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -62,6 +62,8 @@ def _load_for_generation(model_cfg: ModelConfig, source: str, dtype: Optional[st
             trust_remote_code=model_cfg.trust_remote_code, device_map=device_map,
         )
     model.config.use_cache = True
+    if choose(model_cfg.varlen_attention.value, dtype or model_cfg.dtype.value).path == TORCH:
+        use_for_vision(model)  # the prompt's images in one kernel call per block, as in training
     return model.eval()
 
 

@@ -8,8 +8,9 @@ means the padding has to go inside the model instead:
 
   - `unpad_language_model`: a forward pre-hook on the language model gathers the real tokens of the padded batch
     (after the image features are merged in, and with the M-RoPE positions the model computed per row) into one
-    packed row whose text positions restart at every sequence -- the same layout as an SFT pack, so attention stays
-    within each sequence (flash-attention varlen, `sdpa_varlen`, or a block mask with eager). A forward hook
+    packed row whose text positions restart at every sequence -- the same layout as an SFT pack, with its
+    sequence offsets in transformers' varlen keywords (`row_boundaries`), so attention stays within each sequence
+    (torch's varlen_attn, flash-attention varlen, `sdpa_varlen`, or a block mask with eager). A forward hook
     scatters the hidden states back into the padded layout, zeros at the padding, where the LM head and TRL's loss
     expect them. Decoder compute then follows the real token count: padding costs nothing but the scatter.
     Other per-token inputs the family's language model takes (`language_model_token_inputs`, such as
@@ -64,7 +65,7 @@ def unpad_language_model(model: nn.Module) -> List[torch.utils.hooks.RemovableHa
         kept.append(keep)
         per_token = {key: kwargs[key][keep].unsqueeze(0) for key in family.language_model_token_inputs
                      if torch.is_tensor(kwargs.get(key))}
-        return args, {**kwargs, **per_token, "inputs_embeds": embeds[keep].unsqueeze(0),
+        return args, {**kwargs, **per_token, **row_boundaries(keep), "inputs_embeds": embeds[keep].unsqueeze(0),
                       "position_ids": packed_positions, "attention_mask": None}
 
     def unpack(module, args, kwargs, output):
@@ -80,6 +81,16 @@ def unpad_language_model(model: nn.Module) -> List[torch.utils.hooks.RemovableHa
 
     return [language_model.register_forward_pre_hook(pack, with_kwargs=True),
             language_model.register_forward_hook(unpack, with_kwargs=True, always_call=True)]
+
+
+def row_boundaries(keep: torch.Tensor) -> dict:
+    """transformers' varlen keywords for the packed real tokens of a padded batch (`keep`: its token mask), for a
+    varlen kernel (modeling/varlen_attention.py): the offsets are computed on the device, and the longest sequence
+    is bounded by the padded length instead of read back, which would cost a device sync (the kernels size their
+    launch grid from it and stop at each sequence's own end)."""
+    offsets = torch.nn.functional.pad(keep.sum(dim=1).cumsum(dim=0), (1, 0)).to(torch.int32)
+    bound = keep.shape[1]
+    return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": bound, "max_length_k": bound}
 
 
 def padded_router_logits(router_logits, keep: torch.Tensor):

@@ -1,6 +1,6 @@
 """The speed switches every method shares: Liger kernels (checked here, passed through TrainingArguments),
-regional torch.compile of the decoder layers, vision-tower gradient checkpointing apart from the decoder's, and
-per-sample attention for packed rows. The batch layouts (padded, length-grouped, token budget, packed) are
+regional torch.compile of the decoder layers, vision-tower gradient checkpointing apart from the decoder's, and the
+varlen attention of packed rows and images. The batch layouts (padded, length-grouped, token budget, packed) are
 data/batching.py's, chosen by the SFT method."""
 
 from __future__ import annotations
@@ -108,11 +108,35 @@ def vision_checkpointing_callback(enabled: bool):
     return VisionCheckpointing()
 
 
-def packed_attention(models: Sequence) -> None:
-    """With data.packing on sdpa, the language model of each model attends per sample (`sdpa_varlen`) instead of
-    through a block-diagonal mask over the whole pack, whose size grows with the square of the pack length."""
-    from qwenvl_ft.modeling.varlen_attention import NAME, use_for_language_model
+def varlen_attention(models: Sequence, model_cfg: ModelConfig, packing: bool) -> str:
+    """Set up the varlen attention path (`model.varlen_attention`, qwenvl_ft/modeling/varlen_attention.py) on each
+    model (a DPO reference model too) and say in the run log which one runs. The language model switches only for
+    packed rows (a padded batch has nothing to gain), the vision tower for every batch under `torch` (all images
+    of a batch in one call per block). A model on flash_attention_2 or eager keeps its own kernels. Returns the
+    log line."""
+    from qwenvl_ft.modeling.varlen_attention import NAME, TORCH, TORCH_NAME, choose, use_for_language_model, \
+        use_for_vision
 
+    choice = choose(model_cfg.varlen_attention.value, model_cfg.dtype.value)
+    kernel = choice.path == TORCH
+    language = vision = False
     for model in models:
-        if model is not None and use_for_language_model(model):
-            log.info("packing: language model attention switched from sdpa to %s (per-sample SDPA)", NAME)
+        if model is None:
+            continue
+        if packing:
+            language |= use_for_language_model(model, TORCH_NAME if kernel else NAME)
+        if kernel:
+            vision |= use_for_vision(model)
+    if not (language or vision or model_cfg.attn_implementation.value == "sdpa"):
+        line = (f"attention: model.attn_implementation={model_cfg.attn_implementation.value} everywhere "
+                f"(model.varlen_attention applies to sdpa)")
+    elif kernel:
+        line = (f"varlen attention: torch's varlen_attn ({choice.reason}); "
+                + ("packed rows: one kernel call per decoder layer; " if language else "")
+                + "vision tower: all images of a batch in one kernel call per block")
+    else:
+        line = (f"varlen attention: per-sample SDPA ({choice.reason}); "
+                + ("packed rows: one SDPA call per sample; " if language else "")
+                + "vision tower: one SDPA call per image")
+    log.info(line)
+    return line
