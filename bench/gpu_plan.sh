@@ -78,8 +78,8 @@ export PY DRY OUT
 
 for name in "$@"; do
   case $name in
-    lease1) exec bash "$0" check dist lora2b levers2b ;;
-    lease2) exec bash "$0" qlora2b liger lora7b qlora7b ;;
+    lease1) bash "$0" check dist lora2b levers2b ;;
+    lease2) bash "$0" qlora2b liger lora7b qlora7b ;;
     check) if [ -z "$DRY" ]; then stage check 80 bash -c check; else bash -n "$0" && echo "check: bash -n ok"
              $PY -m pytest -q -p no:cacheprovider -m gpu --collect-only tests/ | grep -E "::|selected"; fi ;;
     dist) stage dist 60 bash -c dist_smoke ;;

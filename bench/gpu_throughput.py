@@ -115,10 +115,13 @@ def prepare(overrides, output_dir, build):
     import torch
 
     from qwenvl_ft.config.compose import compose, validate
+    from qwenvl_ft.estimate.autofit import fit
     from qwenvl_ft.estimate.memory import GiB, estimate_memory
     from qwenvl_ft.modeling.build import build_processor, model_source
 
-    cfg = validate(compose(overrides, output_dir=str(output_dir)))
+    cfg, fitted = fit(validate(compose(overrides, output_dir=str(output_dir))))  # `auto` settings, as a run does
+    for line in fitted.reasons:
+        print(f"auto: {line}", flush=True)
     predicted = estimate_memory(cfg).total / GiB
     source = model_source(cfg.model)
     processor = build_processor(cfg.model, cfg.data, source)
@@ -345,6 +348,7 @@ def dry_run(args) -> None:
 
     from qwenvl_ft.config.compose import compose, validate
     from qwenvl_ft.errors import ConfigError
+    from qwenvl_ft.estimate.autofit import fit
     from qwenvl_ft.estimate.memory import GiB, estimate_memory
 
     output_dir = tempfile.mkdtemp(prefix="qwenvl_gpu_dry_")
@@ -359,7 +363,8 @@ def dry_run(args) -> None:
                 if args.dpo:
                     overrides += ["trainer=dpo", "data=shapes_preference"]
                 try:
-                    peak = f"{estimate_memory(validate(compose(overrides, output_dir=output_dir))).total / GiB:.2f}"
+                    cfg, _ = fit(validate(compose(overrides, output_dir=output_dir)))  # auto: this machine's
+                    peak = f"{estimate_memory(cfg).total / GiB:.2f}"
                 except ConfigError as error:
                     peak, failed = f"config error: {error}", failed + 1
                 print(f"[{args.label}] {model_name} {method} {layout}: estimate {peak} GiB | {' '.join(overrides)}")
