@@ -1,3 +1,16 @@
+"""Conventions of the suite's fixtures and processes (keep new ones to these, so that the suite stays fast on 2 cores):
+
+- Share what is built, per process: a tiny model's processor through `processor_of(option)` / `tiny_processor`
+  (session scope); random tiny weights are materialised once per machine (QWENVL_FT_CACHE). A test that changes a
+  shared object makes its own copy first.
+- A command runs in process, through the CLI's `main([...])` (with `monkeypatch.chdir` where the run folder is
+  relative), unless a fresh interpreter is what the test proves: signals and SIGKILL to a run, lock holders, several
+  processes, or what a fresh `sys.modules` holds. Such a test says why in a comment: each fresh interpreter costs
+  5-8 s of CPU in imports.
+- Files are spread over the workers whole (`--dist loadfile`), the heaviest first (HEAVIEST_FIRST below), so that
+  no long file starts last on one worker while the other one idles.
+"""
+
 import os
 import sys
 
@@ -22,7 +35,7 @@ def _share_the_cores_between_workers() -> None:
 _share_the_cores_between_workers()
 
 
-def pytest_configure(config):
+def _bind_absl_to_the_real_stderr():
     """absl (TensorBoard imports it) creates a logging handler bound to the sys.stderr of that moment, here pytest's
     capture file. Hydra's logging setup (every in-process `qwenvl-ft` command) closes every handler ever created
     (logging.shutdown over logging._handlerList), and absl's close() closes its stream unless it is the *current*
@@ -36,7 +49,52 @@ def pytest_configure(config):
     absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
+# The files that take longest (CPU seconds on 2 cores, measured with --durations), heaviest first. xdist's loadfile
+# hands out whole files, by default those with the most tests first; long files with few tests (the resume and
+# training runs) then start last and one worker runs on alone. Giving the longest files first (longest processing
+# time first) balances the two workers. A file not listed keeps xdist's order, after these.
+HEAVIEST_FIRST = ["test_eval_infer_merge.py", "test_dpo.py", "test_estimate.py", "test_train_tiny.py",
+                  "test_experts.py", "test_grpo.py", "test_distributed.py", "test_resume.py", "test_config_ux.py",
+                  "test_methods.py", "test_config.py", "test_trackers.py", "test_telemetry.py", "test_packing.py",
+                  "test_peft_import.py", "test_dpo_packing.py"]
+
+
+def pytest_configure(config):
+    """Longest files first under `--dist loadfile` (HEAVIEST_FIRST): xdist's own reordering of the files by their
+    number of tests is switched off and the collection order below is kept."""
+    if getattr(config.option, "dist", "no") == "loadfile":
+        config.option.loadscopereorder = False
+    _bind_absl_to_the_real_stderr()
+
+
+def _heaviest_first(items):
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    by_file = {}
+    for item in items:
+        by_file.setdefault(item.path.name, []).append(item)
+    # after the listed files, xdist's default order: the files with the most tests first
+    order = sorted(by_file, key=lambda name: (rank.get(name, len(rank)), -len(by_file[name]), name))
+    items[:] = [item for name in order for item in by_file[name]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _trackers_that_trl_binds_at_import():
+    """TRL binds W&B and MLflow when its modules are first imported (`if is_wandb_available(): import wandb`), and
+    every command that runs through the CLI hides the trackers its run does not use while it runs
+    (qwenvl_ft/training/optional_packages.py). In one process that runs commands through the CLI's main and calls
+    `train()` directly too, the first import of TRL then decides whether a later run finds `wandb` in TRL's module
+    (NameError at the end of training when it was hidden then and is not now). Imported once here (about 1.5 s),
+    they are never hidden in the test processes, whatever order the files run in; what a fresh command imports
+    is checked in fresh interpreters (tests/test_optional_packages.py, tests/test_peft_import.py)."""
+    import importlib.util
+
+    for name in ("wandb", "mlflow"):
+        if importlib.util.find_spec(name) is not None:
+            __import__(name)
+
+
 def pytest_collection_modifyitems(config, items):
+    _heaviest_first(items)
     import torch
 
     if torch.cuda.is_available():

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from qwenvl_ft.families import all_families
 
 DIST_OPTIONS = sorted(p.stem for p in (config_dir() / "dist").glob("*.yaml"))
 ZERO_OPTIONS = ["zero2", "zero3", "zero3_offload"]
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _typed(*overrides):
@@ -313,17 +311,21 @@ def test_estimate_prints_the_sharding_section(capsys):
     assert by_option["zero3"][8] < 0.9 * 80 < by_option["zero3"][1]
 
 
-def _cli(*args, cwd=REPO):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "qwenvl_ft", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+def _cli(capsys, *args):
+    """`qwenvl-ft ARGS --cfg ...` through the CLI's main in this process (it prints a config: a fresh interpreter
+    proves nothing more); (exit status, stdout, stderr)."""
+    from qwenvl_ft.commands.cli import main
+
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
-def test_full_7b_recipe_shows_zero3_and_its_generated_deepspeed_config():
-    out = _cli("train", "recipe=full_7b_llava", "--cfg", "job")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "engine: deepspeed" in out.stdout and "stage: 3" in out.stdout
-    generated = out.stdout.split("# DeepSpeed config generated", 1)[1]
+def test_full_7b_recipe_shows_zero3_and_its_generated_deepspeed_config(capsys):
+    status, out, err = _cli(capsys, "train", "recipe=full_7b_llava", "--cfg", "job")
+    assert status == 0, err[-2000:]
+    assert "engine: deepspeed" in out and "stage: 3" in out
+    generated = out.split("# DeepSpeed config generated", 1)[1]
     assert '"stage": 3' in generated and '"stage3_gather_16bit_weights_on_model_save": true' in generated
     ddp = _typed("recipe=lora_7b_llava_ddp", "data.path=/d.json")
     assert ddp.dist.engine == DistEngine.ddp and ddp.adapter.is_peft
@@ -338,7 +340,7 @@ def test_the_default_run_name_is_the_one_ranks_agree_on():
     assert raw["run_name"] == "${now:" + RUN_NAME_FORMAT + "}"
 
 
-def test_sweep_presets_compose_with_their_launchers_wired_to_dist():
+def test_sweep_presets_compose_with_their_launchers_wired_to_dist(capsys):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -358,8 +360,9 @@ def test_sweep_presets_compose_with_their_launchers_wired_to_dist():
     assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 8, 1)
     assert local.hydra.launcher._target_.endswith("LocalLauncher")
     assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper") and optuna.objective == "eval_loss"
-    out = _cli("train", "sweep=slurm", "recipe=demo", "dist=ddp", "dist.num_processes=4", "--cfg", "hydra")
-    assert out.returncode == 0 and "submitit_slurm" in out.stdout, out.stderr[-2000:]
+    status, out, err = _cli(capsys, "train", "sweep=slurm", "recipe=demo", "dist=ddp", "dist.num_processes=4",
+                            "--cfg", "hydra")
+    assert status == 0 and "submitit_slurm" in out, err[-2000:]
 
 
 def test_objective_values_and_the_best_job(tmp_path):

@@ -7,7 +7,6 @@ per module, then evaluated, queried and merged.
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -136,14 +135,16 @@ def full_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_eval_command_reports_base_and_tuned_side_by_side(full_run):
+def test_eval_command_reports_base_and_tuned_side_by_side(full_run, monkeypatch, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # The command a user types after training with run_name=exp1: model_path defaults to that run's final/.
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, "-m", "qwenvl_ft.commands.cli", "eval", *DATA, "run_name=exp1",
-                          "eval.num_examples=3"], cwd=full_run, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    # The command a user types after training with run_name=exp1, in the folder they trained in: model_path defaults
+    # to that run's final/. In process (the CLI's main): a fresh interpreter would add its imports and prove nothing
+    # more (the commands' own imports are checked in fresh interpreters by tests/test_peft_import.py).
+    monkeypatch.chdir(full_run)
+    status = main(["eval", *DATA, "run_name=exp1", "eval.num_examples=3"])
+    out, err = capsys.readouterr()
+    assert status == 0, err[-3000:]
     eval_dir = full_run / "outputs" / "demo" / "exp1" / "eval"
     report = json.loads((eval_dir / "eval_report.json").read_text())
     assert report["model_path"] == str((full_run / "outputs" / "demo" / "exp1" / "final").resolve())
@@ -156,7 +157,7 @@ def test_eval_command_reports_base_and_tuned_side_by_side(full_run):
     assert len(report["examples"]) == 3
     assert {"reference", "base", "tuned", "source"} <= set(report["examples"][0])
     assert len((eval_dir / "predictions.jsonl").read_text().splitlines()) == 8
-    assert "held-out evaluation on 8 rows" in out.stderr + out.stdout
+    assert "held-out evaluation on 8 rows" in err + out
 
     events = EventAccumulator(str(eval_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
     tags = events.Tags()
