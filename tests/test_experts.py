@@ -116,8 +116,10 @@ def test_what_expert_lora_cannot_do_is_a_config_error_naming_the_key(option):
            "adapter.target_modules=[down_proj]")
 
 
-def test_the_cli_says_it_on_one_screen(capsys):
+def test_the_cli_says_it_on_one_screen(capsys, tmp_path, monkeypatch):
     from qwenvl_ft.commands.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the run folder Hydra makes stays out of the repository
 
     option = MOE_MODELS[0]
     assert main(["estimate", "recipe=demo", f"model={option}", "adapter=lora",

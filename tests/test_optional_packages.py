@@ -26,6 +26,14 @@ def test_unused_packages_follow_report_to_and_the_engine():
                                                                                      "deepspeed"]
 
 
+def test_a_sweep_keeps_the_trackers_visible_for_its_later_jobs():
+    # TRL imports the trackers it finds once, with its trainer modules: a sweep's first job must not hide one
+    # from a later job that reports to it. DeepSpeed is looked up per call, so it stays hidden.
+    composed = compose(["recipe=demo"], output_dir="/tmp/unused")
+    assert unused_packages(composed, sweep=True) == ["deepspeed"]
+    assert unused_packages(composed, sweep=False) == ["wandb", "swanlab", "mlflow", "deepspeed"]
+
+
 def test_hidden_packages_look_uninstalled_and_come_back():
     name = "qwenvl_ft_test_never_imported_json"
     sys.modules.pop(name, None)

@@ -190,7 +190,7 @@ def run_task(task: Callable[[DictConfig], Dict], cfg: DictConfig) -> Dict:
     output_dir = cfg.output_dir
     summary = {"overrides": overrides, "output_dir": output_dir, "status": "failed", "metrics": {}}
     try:
-        with hidden(unused_packages(cfg)):  # installed trackers and DeepSpeed, unless this job uses them
+        with hidden(unused_packages(cfg, is_sweep)):  # installed trackers and DeepSpeed, unless this job uses them
             metrics = task(cfg) or {}  # each task validates its own config first
         if metrics.get("interrupted"):
             _stop_interrupted(cfg, overrides, summary, metrics)

@@ -27,11 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 TRACKER_PACKAGES = {"wandb": "wandb", "swanlab": "swanlab", "mlflow": "mlflow"}
 
 
-def unused_packages(composed: DictConfig) -> List[str]:
-    """The optional packages a composed (not yet validated) config of any command does not use."""
+def unused_packages(composed: DictConfig, sweep: bool = False) -> List[str]:
+    """The optional packages a composed (not yet validated) config of any command does not use. In a sweep
+    (`-m`, several jobs in one process) the trackers stay visible: TRL binds them once, when its trainer modules
+    are first imported (`import wandb` at module level), so a tracker hidden from the first job would be missing
+    for a later job that reports to it (NameError at the end of its training)."""
     report_to = OmegaConf.select(composed, "trainer.report_to", default=None) or []
     report_to = [_name(report_to)] if isinstance(report_to, str) else [_name(tracker) for tracker in report_to]
-    unused = [package for tracker, package in TRACKER_PACKAGES.items() if tracker not in report_to]
+    unused = [package for tracker, package in TRACKER_PACKAGES.items() if tracker not in report_to and not sweep]
     if _name(OmegaConf.select(composed, "dist.engine", default="none")) != "deepspeed":
         unused.append("deepspeed")
     return unused
