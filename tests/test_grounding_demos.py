@@ -42,3 +42,28 @@ def test_grounding_demo_learns_where_the_shape_is(tmp_path):
     assert metrics["eval_iou_50_before"] <= 0.05
     assert metrics["eval_iou_50_after"] >= max(0.9, chance + 0.5), metrics
     assert metrics["eval_mean_iou_after"] >= 0.8
+
+
+def _quarter_means(values):
+    quarter = max(1, len(values) // 4)
+    return sum(values[:quarter]) / quarter, sum(values[-quarter:]) / quarter
+
+
+def test_grpo_grounding_demo_raises_the_iou_reward(tmp_path):
+    """`qwenvl-ft train recipe=grpo_grounding_demo` with its SFT warm start (80 steps of grounding_demo): the mean
+    `iou` reward of the sampled completions rises over the 48 GRPO steps, and more of them are well-formed boxes.
+    Measured (seed 0): iou 0.06 -> 0.12 (first -> last quarter of the logged steps), box_format 0.76 -> 0.94. The
+    held-out greedy answers stay in one cell (iou 0.22 -> 0.21; the most common cell: 0.28): 48 steps of GRPO sharpen what the
+    warm start does, they do not teach it where the shape is (docs/grounding.md)."""
+    run = tmp_path / "run"
+    metrics = _train(run, "recipe=grpo_grounding_demo", f"model.start_from.output_dir={tmp_path / 'start'}")
+    history = json.loads((run / "log_history.json").read_text())
+    iou = [entry["rewards/iou/mean"] for entry in history if "rewards/iou/mean" in entry]
+    well_formed = [entry["rewards/box_format/mean"] for entry in history if "rewards/box_format/mean" in entry]
+    assert len(iou) >= 8 and metrics["global_step"] == 48
+    first, last = _quarter_means(iou)
+    assert last >= first + 0.04, iou
+    first, last = _quarter_means(well_formed)
+    assert last >= first + 0.1 and last >= 0.85, well_formed
+    assert "eval_reward/iou_before" in metrics and "eval_reward/iou_after" in metrics
+    assert (tmp_path / "start" / "final" / "config.json").is_file(), "the warm start is a full model"
