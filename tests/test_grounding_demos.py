@@ -53,8 +53,8 @@ def test_grpo_grounding_demo_raises_the_iou_reward(tmp_path):
     """`qwenvl-ft train recipe=grpo_grounding_demo` with its SFT warm start (80 steps of grounding_demo): the mean
     `iou` reward of the sampled completions rises over the 48 GRPO steps, and more of them are well-formed boxes.
     Measured (seed 0): iou 0.06 -> 0.12 (first -> last quarter of the logged steps), box_format 0.76 -> 0.94. The
-    held-out greedy answers stay in one cell (iou 0.22 -> 0.21; the most common cell: 0.28): 48 steps of GRPO sharpen what the
-    warm start does, they do not teach it where the shape is (docs/grounding.md)."""
+    held-out greedy answers stay in one cell (iou 0.22 -> 0.21; the most common cell: 0.28): 48 steps of GRPO
+    sharpen what the warm start does, they do not teach it where the shape is (docs/grounding.md)."""
     run = tmp_path / "run"
     metrics = _train(run, "recipe=grpo_grounding_demo", f"model.start_from.output_dir={tmp_path / 'start'}")
     history = json.loads((run / "log_history.json").read_text())
