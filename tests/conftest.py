@@ -53,10 +53,10 @@ def _bind_absl_to_the_real_stderr():
 # hands out whole files, by default those with the most tests first; long files with few tests (the resume and
 # training runs) then start last and one worker runs on alone. Giving the longest files first (longest processing
 # time first) balances the two workers. A file not listed keeps xdist's order, after these.
-HEAVIEST_FIRST = ["test_eval_infer_merge.py", "test_dpo.py", "test_estimate.py", "test_train_tiny.py",
+HEAVIEST_FIRST = ["test_eval_infer_merge.py", "test_grounding_demos.py", "test_dpo.py", "test_estimate.py", "test_train_tiny.py",
                   "test_experts.py", "test_grpo.py", "test_distributed.py", "test_resume.py", "test_config_ux.py",
                   "test_methods.py", "test_config.py", "test_trackers.py", "test_telemetry.py", "test_packing.py",
-                  "test_peft_import.py", "test_dpo_packing.py"]
+                  "test_peft_import.py", "test_dpo_packing.py", "test_varlen_attention.py", "test_compile.py"]
 
 
 def pytest_configure(config):
@@ -91,6 +91,18 @@ def _trackers_that_trl_binds_at_import():
     for name in ("wandb", "mlflow"):
         if importlib.util.find_spec(name) is not None:
             __import__(name)
+
+
+@pytest.fixture(autouse=True)
+def _environment_as_it_was():
+    """A command run in process may set environment variables for the processes it would start (the CLI adds a
+    recipe file's folder to QWENVL_FT_RECIPES for a launch's workers); they are put back after each test, so one
+    test's recipe folder never shows up in another's recipe list."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def pytest_collection_modifyitems(config, items):

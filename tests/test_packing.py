@@ -267,7 +267,7 @@ def test_token_budget_batches_stay_within_budget_and_pad_little():
     (["data.max_tokens_per_batch=100"], "below data.max_length"),
     (["data.group_by_length=true", "data.packing=true"], "group_by_length"),
     (["data.packing=true", "data.max_length=null"], "needs data.max_tokens_per_batch"),
-    (["data.max_tokens_per_batch=0"], "must be > 0"),
+    (["data.max_tokens_per_batch=0"], "a number > 0"),
 ])
 def test_batch_layout_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
