@@ -2,12 +2,13 @@
 modules the family declares (`Family.liger_modules`) swapped for Liger Kernel's public module classes.
 
 Why our own code instead of Liger's `apply_liger_kernel_to_*`: with liger-kernel 0.8.5 and transformers 5, the
-Qwen2-VL, Qwen2.5-VL and Qwen3-VL patch modules fail to import (they subclass output classes transformers 5
-removed), and the patches set names in transformers' modules. Here nothing of a library is patched: each module of
-the model is replaced by a Liger module (`LigerRMSNorm`, `LigerLayerNorm`, `LigerSwiGLUMLP`) that holds the same
-Parameter objects, or for an MLP the same Linear modules (LoRA and 4-bit layers included), so that names, state dict
-keys, dtypes, devices and what trains are unchanged. RoPE stays transformers' (Liger's RoPE is reachable only by
-replacing functions of transformers' modeling modules), and the LM head is TRL's fused one.
+patch modules of the families that declare `liger_modules` fail to import (they subclass output classes
+transformers 5 removed), and the patches set names in transformers' modules. Here nothing of a library is patched:
+each module of the model is replaced by a Liger module (`LigerRMSNorm`, `LigerLayerNorm`, `LigerSwiGLUMLP`) that
+holds the same Parameter objects, or for an MLP the same Linear modules (LoRA and 4-bit layers included), so that
+names, state dict keys, dtypes, devices and what trains are unchanged (the MLP's activation module goes: Liger's
+kernel is the activation). RoPE stays transformers' (Liger's RoPE is reachable only by replacing functions of
+transformers' modeling modules), and the LM head is TRL's fused one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ KINDS = (RMS_NORM, LAYER_NORM, SWIGLU)
 def liger_rms_norm(module: nn.Module) -> nn.Module:
     """transformers' Llama-style RMSNorm (`weight * (x * rsqrt(mean(x^2) + eps)).to(input dtype)`, the statistics
     in fp32): Liger's "llama" casting mode, no offset (the weight multiplies as it is, ones at init), the module's
-    own eps. In-place backward (dY's buffer reused for dX), as Liger's own patches of Qwen models set it."""
+    own eps. In-place backward (dY's buffer reused for dX), as Liger's own patches of these models set it."""
     from liger_kernel.transformers import LigerRMSNorm
 
     weight = module.weight

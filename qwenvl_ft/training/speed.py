@@ -77,9 +77,10 @@ def liger_problem(family: str) -> Optional[str]:
 
     The Trainer applies Liger by model type (`_apply_liger_kernel_to_instance`); a type Liger does not know is
     silently left unpatched, and a patch function whose own module fails to import breaks the Trainer's start.
-    With liger-kernel 0.8.5 on transformers 5.x that module fails for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: it
-    subclasses per-model output classes transformers 5 no longer has. Asked of the installed packages, so a Liger
-    that fixes it lifts the refusal by itself (tests/test_liger.py checks the answer against a real patch)."""
+    With liger-kernel 0.8.5 on transformers 5.x that module fails for the three families that therefore declare
+    `liger_modules` (it subclasses per-model output classes transformers 5 no longer has), so this only decides
+    for a family that declares none. Asked of the installed packages (tests/test_liger.py checks the answer
+    against a real patch)."""
     import importlib
     from importlib.metadata import version
 
