@@ -314,3 +314,27 @@ def test_liger_kernels_give_the_eager_loss_and_gradients_on_cuda(option):
     assert eager_grads.keys() == liger_grads.keys() and eager_grads
     for name, grad in eager_grads.items():
         torch.testing.assert_close(liger_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@needs_liger
+@pytest.mark.parametrize("option", TEST_MODELS)
+def test_finish_trainer_swaps_liger_modules_on_policy_and_reference_only_where_the_family_declares_them(option):
+    """training/trainer.py's finish_trainer, which every method's trainer goes through: the swap on the policy
+    and on a reference model, with the run log's line; a family on Liger's own patch is left to the Trainer."""
+    from types import SimpleNamespace
+
+    from qwenvl_ft.training.trainer import finish_trainer
+
+    family = family_of_option(option)
+    typed = _typed(f"model={option}", "adapter=lora", "model.use_liger_kernel=true")
+    policy, reference = _lora_model(option), _lora_model(option)
+    modules = {name: module for name, module in policy.named_modules()}
+    trainer = SimpleNamespace(model=policy, ref_model=reference, args=SimpleNamespace(bf16=False, fp16=False))
+    finish_trainer(trainer, typed)
+    classes = dict(family.load_liger_classes())
+    for model in (policy, reference):
+        liger = [name for name, module in model.named_modules() if type(module).__name__.startswith("Liger")]
+        assert bool(liger) == bool(family.liger_modules), option
+        assert not any(type(module) in classes for module in model.modules())
+    if not family.liger_modules:
+        assert all(modules[name] is module for name, module in policy.named_modules())
