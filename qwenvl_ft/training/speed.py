@@ -1,4 +1,5 @@
-"""The speed switches every method shares: Liger kernels (checked here, passed through TrainingArguments),
+"""The speed switches every method shares: Liger kernels (checked here; Liger's own patch through
+TrainingArguments, or the family's modules swapped for Liger's by modeling/liger.py),
 regional torch.compile of the decoder layers, vision-tower gradient checkpointing apart from the decoder's, and the
 varlen attention of packed rows and images. The batch layouts (padded, length-grouped, token budget, packed) are
 data/batching.py's, chosen by the SFT method."""
