@@ -7,12 +7,13 @@
 #   check     versions, nvidia-smi, every @gpu test of tests/ (Liger against eager, varlen, ...)
 #   dist      one-GPU smoke of dist=zero3 and dist=fsdp with dist.num_processes=1 (NCCL, DeepSpeed, FSDP paths)
 #   lora2b    Qwen2-VL-2B LoRA: padded, packed, stock TRL (the baseline every lever is measured against)
-#   levers2b  2B LoRA with one lever each: model.varlen_attention=torch, model.compile=true (packed),
-#             model.gradient_checkpointing=auto (packed), trainer.batch_size=auto (padded), then all of them
+#   levers2b  2B LoRA with one lever each: model.varlen_attention=torch, model.use_liger_kernel=true (Liger's
+#             modules swapped in by qwenvl-ft), model.compile=true (packed), model.gradient_checkpointing=auto
+#             (packed), trainer.batch_size=auto (padded), then all of them but Liger
 #   qlora2b   2B QLoRA padded, packed, stock TRL with adapter.qlora_fp32_upcast=true (today's
 #             prepare_model_for_kbit_training), then packed with false (lean)
-#   liger     model.use_liger_kernel on a family Liger patches (Qwen3.5-0.8B; Liger refuses Qwen2-VL on
-#             transformers 5), LoRA packed, without and with
+#   liger     model.use_liger_kernel through Liger's own patch (the Trainer's path: Qwen3.5-0.8B), LoRA
+#             packed, without and with (Qwen2-VL's Liger modules: levers2b, against lora2b's packed row)
 #   lora7b    Qwen2-VL-7B LoRA: padded, packed, stock TRL, then packed with every lever
 #   qlora7b   7B QLoRA (qlora_7b_amazon's adapter): stock TRL and packed as today, then lean + every lever
 #   dpo2b     (not in a lease) 2B LoRA DPO: padded vs padding-free vs stock TRL;  dpo2b-ours: without TRL
@@ -38,6 +39,7 @@ COMPILE="model.compile=true"
 GC_AUTO="model.gradient_checkpointing=auto"
 BS_AUTO="trainer.batch_size=auto"
 LEAN="adapter.qlora_fp32_upcast=false"
+LIGER="model.use_liger_kernel=true"
 UPCAST="adapter.qlora_fp32_upcast=true"
 
 stage() {  # stage NAME SECONDS COMMAND...: the command's output in $OUT/NAME.log and on the screen
@@ -84,8 +86,9 @@ for name in "$@"; do
              $PY -m pytest -q -p no:cacheprovider -m gpu --collect-only tests/ | grep -E "::|selected"; fi ;;
     dist) stage dist 60 bash -c dist_smoke ;;
     lora2b) stage lora2b 70 $BENCH --models qwen2_vl_2b --methods lora --label baseline ;;
-    levers2b) stage levers2b 110 bash -c "
+    levers2b) stage levers2b 135 bash -c "
       $BENCH --models qwen2_vl_2b --methods lora --layouts packed --set $VARLEN --label varlen;
+      $BENCH --models qwen2_vl_2b --methods lora --layouts packed --set $LIGER --label liger;
       $BENCH --models qwen2_vl_2b --methods lora --layouts packed --set $COMPILE --label compile;
       $BENCH --models qwen2_vl_2b --methods lora --layouts packed --set $GC_AUTO --label gc-auto;
       $BENCH --models qwen2_vl_2b --methods lora --layouts padded --set $BS_AUTO --label batch-auto;
@@ -95,7 +98,7 @@ for name in "$@"; do
       $BENCH --models qwen2_vl_2b --methods qlora --layouts packed --set $LEAN --label lean" ;;
     liger) stage liger 45 bash -c "
       $BENCH --models qwen3_5_0_8b --methods lora --layouts packed --label baseline;
-      $BENCH --models qwen3_5_0_8b --methods lora --layouts packed --set model.use_liger_kernel=true --label liger" ;;
+      $BENCH --models qwen3_5_0_8b --methods lora --layouts packed --set $LIGER --label liger" ;;
     lora7b) stage lora7b 130 bash -c "
       $BENCH --models qwen2_vl_7b --methods lora --label baseline;
       $BENCH --models qwen2_vl_7b --methods lora --layouts packed --set $VARLEN $COMPILE $GC_AUTO --label all" ;;

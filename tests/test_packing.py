@@ -335,17 +335,11 @@ def test_liger_switch_fails_clearly_without_the_package():
     if importlib.util.find_spec("liger_kernel") is None:
         with pytest.raises(ConfigError, match="pip install liger-kernel"):
             check_liger(typed.model)
-    else:  # Liger 0.8.5 cannot patch qwen2_vl on transformers 5 (tests/test_liger.py), and needs CUDA
-        from qwenvl_ft.training.speed import liger_problem
-
-        if liger_problem("qwen2_vl") is not None:
-            with pytest.raises(ConfigError, match="cannot patch qwen2_vl models"):
-                check_liger(typed.model)
-        elif not torch.cuda.is_available():
-            with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-                check_liger(typed.model)
-        else:
+    elif not torch.cuda.is_available():  # Liger's kernels are Triton: CUDA only (tests/test_liger.py: every family)
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
             check_liger(typed.model)
+    else:
+        check_liger(typed.model)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -152,9 +152,10 @@ class ModelConfig:
     # Vision blocks only (None: follow gradient_checkpointing). Recomputing the ViT pays off only when it trains
     # on large images; false keeps it off while the language model is checkpointed.
     vision_gradient_checkpointing: Optional[bool] = None
-    # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, MoE experts, as far as Liger patches the family) via the
-    # Trainer; needs the [liger] extra and CUDA, and is refused for a family the installed Liger
-    # cannot patch. Its fused linear cross-entropy stays off: TRL's trainers already fuse the LM head and loss.
+    # Liger's Triton kernels (RMSNorm, LayerNorm, SwiGLU, RoPE, MoE experts, as far as each family gets them):
+    # Liger's own patch via the Trainer, or the family's modules swapped for Liger's (Family.liger_modules); needs
+    # the [liger] extra and CUDA. Its fused linear cross-entropy stays off: TRL's trainers already fuse the LM
+    # head and loss.
     use_liger_kernel: bool = False
     # Regional torch.compile: each decoder layer compiled on its own (one graph reused by every layer), the rest
     # eager. With data.packing every pack is padded to exactly the token budget, so the graph is traced once.

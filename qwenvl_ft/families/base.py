@@ -324,6 +324,10 @@ class Family:
     moe_block_class: Optional[str] = None
     expert_lora_targets: Tuple[Tuple[str, str], ...] = ()  # (target name, fused parameter)
     test_model: str  # the conf/model option of its tiny random model (tests, demos)
+    # model.use_liger_kernel done by qwenvl-ft, not Liger's own patch (which fails on transformers 5 for these):
+    # (module class, kind) pairs, every module of that exact class swapped for Liger's module class of that kind
+    # (modeling/liger.py). A class by name in the model's modeling module, or "module:Class".
+    liger_modules: Tuple[Tuple[str, str], ...] = ()
 
     # vision geometry: a patch_size x patch_size patch, merge_size x merge_size patches per visual token
     patch_size: int
@@ -387,6 +391,10 @@ class Family:
 
     def load_moe_block_class(self):
         return _module_class(self.model_class, self.moe_block_class) if self.moe_block_class else None
+
+    def load_liger_classes(self) -> List[Tuple[Any, str]]:
+        return [(load(name) if ":" in name else _module_class(self.model_class, name), kind)
+                for name, kind in self.liger_modules]
 
     def load_linear_attention_class(self):
         return _module_class(self.model_class, self.linear_attention_class) if self.linear_attention_class else None

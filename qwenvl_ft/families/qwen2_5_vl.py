@@ -96,6 +96,8 @@ FAMILY = Family(
     vision_block_class="Qwen2_5_VLVisionBlock",
     decoder_layer_class="Qwen2_5_VLDecoderLayer",
     test_model="tiny_qwen2_5_vl",
+    # RMSNorms everywhere (decoder, final, ViT blocks, merger), the decoder's and the ViT's SwiGLU MLPs
+    liger_modules=(("Qwen2_5_VLRMSNorm", "rms_norm"), ("Qwen2MLP", "swiglu"), ("Qwen2_5_VLMLP", "swiglu")),
     patch_size=14,
     image_max_pixels=16384 * 28 * 28,
     video_seconds_input=SECONDS,

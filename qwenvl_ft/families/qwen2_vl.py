@@ -72,6 +72,9 @@ FAMILY = Family(
     vision_block_class="Qwen2VLVisionBlock",
     decoder_layer_class="Qwen2VLDecoderLayer",
     test_model="tiny",
+    # decoder and final RMSNorms, the decoder's SwiGLU MLPs, the ViT blocks' and the merger's LayerNorms (the
+    # ViT's QuickGELU MLP has no Liger module)
+    liger_modules=(("Qwen2VLRMSNorm", "rms_norm"), ("Qwen2MLP", "swiglu"), ("torch.nn:LayerNorm", "layer_norm")),
     patch_size=14,
     image_max_pixels=16384 * 28 * 28,  # Qwen2VLImageProcessor's size["longest_edge"]: 16384 visual tokens
     chat_template=CHAT_TEMPLATE,

@@ -141,6 +141,10 @@ FAMILY = Family(
     vision_block_class="Qwen3VLVisionBlock",
     decoder_layer_class="Qwen3VLTextDecoderLayer",
     test_model="tiny_qwen3_vl",
+    # decoder, final and q/k RMSNorms, the decoder's SwiGLU MLPs, the ViT blocks' and the mergers' LayerNorms (the
+    # ViT's tanh-GELU MLP has no Liger module)
+    liger_modules=(("Qwen3VLTextRMSNorm", "rms_norm"), ("Qwen3VLTextMLP", "swiglu"),
+                   ("torch.nn:LayerNorm", "layer_norm")),
     patch_size=16,
     image_max_pixels=16384 * 32 * 32,  # the released preprocessor_config's size["longest_edge"]
     vision_stem=("model.visual.patch_embed", "model.visual.pos_embed"),

@@ -45,6 +45,7 @@ FAMILY = dataclasses.replace(
     moe_block_class="Qwen3VLMoeTextSparseMoeBlock",
     expert_lora_targets=EXPERT_MLP_TARGETS,
     test_model="tiny_qwen3_vl_moe",
+    liger_modules=(),  # Liger's own patch works for this family (the Trainer applies it)
     random_config=random_config,
     architecture_problems=architecture_problems,
 )

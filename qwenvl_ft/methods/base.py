@@ -51,7 +51,7 @@ ARGUMENT_SOURCES = {
     "eval_steps": "trainer.eval_steps", "prediction_loss_only": "trainer.eval_steps (loss only)",
     "load_best_model_at_end": "trainer.load_best_model_at_end",
     "metric_for_best_model": "trainer.metric_for_best_model", "greater_is_better": "trainer.greater_is_better",
-    "use_liger_kernel": "model.use_liger_kernel",
+    "use_liger_kernel": "model.use_liger_kernel (off where qwenvl-ft swaps Liger's modules in itself)",
     # TRL's SFT/DPO/GRPO take a mixture-of-experts model's coefficient from its config, where
     # modeling/build.py's train_the_router_balance puts it
     "router_aux_loss_coef": "model.router_aux_loss_coef",

@@ -22,7 +22,7 @@ def training_arguments(cfg: TrainConfig) -> Dict:
 
     from qwenvl_ft.data.workers import training_workers
     from qwenvl_ft.training.preflight import effective_precision
-    from qwenvl_ft.training.speed import check_liger
+    from qwenvl_ft.training.speed import check_liger, trainer_applies_liger
 
     trainer_cfg = cfg.trainer
     check_liger(cfg.model)
@@ -53,8 +53,9 @@ def training_arguments(cfg: TrainConfig) -> Dict:
         data_seed=cfg.data.seed,
         dataloader_pin_memory=has_cuda,  # pinned memory only helps copies to a GPU
         **workers.training_arguments(),
-        # Liger's layer kernels (the Trainer applies them); TRL keeps its own fused LM head and loss
-        use_liger_kernel=cfg.model.use_liger_kernel,
+        # Liger's own patch, applied by the Trainer, for the families we do not swap ourselves (training/trainer.py
+        # finish_trainer does those); TRL keeps its own fused LM head and loss
+        use_liger_kernel=trainer_applies_liger(cfg.model),
         **evaluation_arguments(trainer_cfg),
         **trainer_cfg.extra_args,
     )

@@ -1,4 +1,5 @@
-"""The speed switches every method shares: Liger kernels (checked here, passed through TrainingArguments),
+"""The speed switches every method shares: Liger kernels (checked here; Liger's own patch through
+TrainingArguments, or the family's modules swapped for Liger's by modeling/liger.py),
 regional torch.compile of the decoder layers, vision-tower gradient checkpointing apart from the decoder's, and the
 varlen attention of packed rows and images. The batch layouts (padded, length-grouped, token budget, packed) are
 data/batching.py's, chosen by the SFT method."""
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections import Counter
 from typing import Optional, Sequence
 
 from qwenvl_ft.config.model import ModelConfig
@@ -16,14 +18,15 @@ log = logging.getLogger("qwenvl_ft")
 
 
 def check_liger(model_cfg: ModelConfig) -> None:
-    """model.use_liger_kernel=true: the package installed, Liger able to patch this family with the installed
-    transformers (`liger_problem`), and a CUDA GPU for its Triton kernels; else a one-line ConfigError."""
+    """model.use_liger_kernel=true: the package installed, the family's Liger modules declared or else Liger able
+    to patch this family with the installed transformers (`liger_problem`), and a CUDA GPU for its Triton kernels;
+    else a one-line ConfigError."""
     if not model_cfg.use_liger_kernel:
         return
     if importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError("model.use_liger_kernel=true needs the liger-kernel package (pip install liger-kernel; "
                           "its Triton kernels run on CUDA GPUs only)")
-    problem = liger_problem(model_cfg.family.value)
+    problem = None if liger_by_us(model_cfg) else liger_problem(model_cfg.family.value)
     if problem is not None:
         raise ConfigError(f"model.use_liger_kernel=true: {problem}; set model.use_liger_kernel=false")
     import torch
@@ -33,14 +36,52 @@ def check_liger(model_cfg: ModelConfig) -> None:
                           "model.use_liger_kernel=false on this machine")
 
 
+def liger_by_us(model_cfg: ModelConfig) -> bool:
+    """Whether qwenvl-ft swaps in Liger's modules itself (the family declares `liger_modules`:
+    modeling/liger.py) rather than the Trainer applying Liger's own patch (TrainingArguments.use_liger_kernel,
+    which must then stay off: its patch module fails to import for these families)."""
+    from qwenvl_ft import families
+
+    return bool(families.get(model_cfg.family.value).liger_modules)
+
+
+def trainer_applies_liger(model_cfg: ModelConfig) -> bool:
+    """TrainingArguments.use_liger_kernel: Liger's own patch, applied by the Trainer, for the families we do not
+    swap ourselves."""
+    return model_cfg.use_liger_kernel and not liger_by_us(model_cfg)
+
+
+def use_liger(models: Sequence, model_cfg: ModelConfig) -> Optional[str]:
+    """model.use_liger_kernel on a family that declares `liger_modules`: swap them on each model (a DPO reference
+    model too) and say in the run log what was swapped. None (nothing done) otherwise."""
+    if not (model_cfg.use_liger_kernel and liger_by_us(model_cfg)):
+        return None
+    from qwenvl_ft import families
+    from qwenvl_ft.modeling.liger import use_liger_modules
+
+    classes = families.get(model_cfg.family.value).load_liger_classes()
+    counts: dict = {}
+    for model in models:
+        if model is not None:
+            for kind, count in use_liger_modules(model, classes).items():
+                counts.setdefault(kind, Counter()).update(count)
+    swapped = ", ".join(f"{kind} x{count['swapped']}" + (f" ({count['eager']} eager)" if count["eager"] else "")
+                        for kind, count in counts.items())
+    line = (f"Liger kernels: modules swapped for Liger's ({swapped}); RoPE eager; LM head and loss: TRL's fused "
+            f"head")
+    log.info(line)
+    return line
+
+
 def liger_problem(family: str) -> Optional[str]:
     """Why the installed Liger Kernel cannot patch this family's models, or None if it can.
 
     The Trainer applies Liger by model type (`_apply_liger_kernel_to_instance`); a type Liger does not know is
     silently left unpatched, and a patch function whose own module fails to import breaks the Trainer's start.
-    With liger-kernel 0.8.5 on transformers 5.x that module fails for three of our families (docs/speed.md): it
-    subclasses per-model output classes transformers 5 no longer has. Asked of the installed packages, so a Liger
-    that fixes it lifts the refusal by itself (tests/test_liger.py checks the answer against a real patch)."""
+    With liger-kernel 0.8.5 on transformers 5.x that module fails for the three families that therefore declare
+    `liger_modules` (it subclasses per-model output classes transformers 5 no longer has), so this only decides
+    for a family that declares none. Asked of the installed packages (tests/test_liger.py checks the answer
+    against a real patch)."""
     import importlib
     from importlib.metadata import version
 

@@ -96,12 +96,15 @@ def trainer_class(base: type, mixins: Sequence[type]) -> type:
 
 
 def finish_trainer(trainer, cfg: TrainConfig):
-    """What every method's trainer gets once built: varlen attention for packed rows (data.packing) and the images
-    of a batch (model.varlen_attention), on the policy and on a reference model when there is one; full-precision
-    modules where there is no autocast; the policy's decoder layers compiled (model.compile)."""
-    from qwenvl_ft.training.speed import varlen_attention
+    """What every method's trainer gets once built: Liger's modules where qwenvl-ft swaps them
+    (model.use_liger_kernel) and varlen attention for packed rows (data.packing) and the images of a batch
+    (model.varlen_attention), on the policy and on a reference model when there is one; full-precision modules
+    where there is no autocast; the policy's decoder layers compiled (model.compile)."""
+    from qwenvl_ft.training.speed import use_liger, varlen_attention
 
-    varlen_attention([trainer.model, getattr(trainer, "ref_model", None)], cfg.model, cfg.data.packing)
+    models = [trainer.model, getattr(trainer, "ref_model", None)]
+    use_liger(models, cfg.model)
+    varlen_attention(models, cfg.model, cfg.data.packing)
     if not (trainer.args.bf16 or trainer.args.fp16):
         restore_fully_trained_modules(trainer.model, cfg.model.dtype.value)
     if cfg.model.compile:
