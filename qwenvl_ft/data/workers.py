@@ -103,11 +103,12 @@ def check_workers(setting: Union[int, str], rows: int) -> int:
 @contextmanager
 def one_thread():
     """Torch's intra-op threads set to one while collating in the training process, as a DataLoader worker has them
-    (PyTorch sets one thread in every worker). A batch's tensors are small (an image is tens of thousands of values), so
-    its few hundred ops gain nothing from a second thread, and on a busy machine each op waits at the thread pool's
-    barrier for a descheduled thread: on the 2-core CI machine at load 4-6 a batch of 8 caption rows took 660 ms
-    instead of 19 ms (docs/performance.md, "qwenvl-ft against LLaMA-Factory"). Element-wise ops give the same values
-    on any thread count, so the batch is unchanged. Setting the count is a variable write, free per batch."""
+    (PyTorch sets one thread in every worker). A batch is a few hundred ops on small tensors (a small image is tens of
+    thousands of values; even a photo's millions take milliseconds, against a CPU step of seconds), which gain
+    nothing from a second thread, and on a busy machine each op waits at the thread pool's barrier for a descheduled
+    thread: on the 2-core CI machine at load 4-7 a batch of 8 caption rows took 660 ms instead of 19 ms
+    (docs/performance.md, "Data path"). Element-wise ops give the same values on any thread count, so the batch is
+    unchanged. Setting the count is a variable write, free per batch."""
     import torch
 
     threads = torch.get_num_threads()
