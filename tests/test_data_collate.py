@@ -346,3 +346,40 @@ def test_thinking_strip_and_enable_thinking(processor_of):
     assert _collator(processor).render(prompt, add_generation_prompt=True).endswith("<think>\n")
     closed = _collator(processor, enable_thinking=False).render(prompt, add_generation_prompt=True)
     assert closed.endswith("<think>\n\n</think>\n\n")
+
+
+def test_a_batch_is_collated_on_one_torch_thread_with_the_same_values(tiny_processor, tmp_path, monkeypatch):
+    paths = [write_image(tmp_path / f"{i}.png", size=(56 + 28 * i, 84), colour=(60 * i, 20, 0)) for i in range(3)]
+    rows = [_row([user(f"n{i}?", images=1), assistant(f"answer {i}")], images=[str(p)], source=f"t:{i}")
+            for i, p in enumerate(paths)]
+    collator = _collator(tiny_processor)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = collator.pad([collator.encode(row) for row in rows])  # on torch's two threads
+        seen = []
+        encode = collator.encode
+        monkeypatch.setattr(collator, "encode", lambda row: seen.append(torch.get_num_threads()) or encode(row))
+        batch = collator(rows)
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert batch.keys() == expected.keys() and all(torch.equal(batch[k], expected[k]) for k in expected)
+
+
+def test_the_label_mask_decodes_each_turn_header_once(tiny_processor):
+    from qwenvl_ft.data.turns import assistant_label_mask
+
+    collator = _collator(tiny_processor)
+    tok = tiny_processor.tokenizer
+    texts = [collator.render([user(f"q{i}"), assistant("word " * i), user("more"), assistant(f"{i}")])
+             for i in range(4)]
+    ids = [tok(text)["input_ids"] for text in texts]
+    ids.append(ids[0][:-3])  # cut inside the last answer
+    ids.append(ids[0][:ids[0].index(tok.convert_tokens_to_ids("<|im_start|>"), 5) + 2])  # cut inside a header
+    decoded, calls = {}, []
+    counting = type("Counting", (), {"convert_tokens_to_ids": tok.convert_tokens_to_ids,
+                                     "decode": lambda self, t: calls.append(t) or tok.decode(t)})()
+    for row_ids in ids:
+        assert torch.equal(assistant_label_mask(row_ids, counting, decoded), assistant_label_mask(row_ids, tok))
+    assert len(calls) == len(decoded) <= 10  # the system, user and assistant headers' prefixes, each decoded once

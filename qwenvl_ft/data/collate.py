@@ -36,6 +36,7 @@ from qwenvl_ft.data.grounding import box_patches, write_objects
 from qwenvl_ft.data.images import ImageLimits, load_image
 from qwenvl_ft.data.turns import assistant_label_mask, prompt_messages, reference_answer, render_chat
 from qwenvl_ft.data.video import Sampling, load_video, video_wrapper_replaced
+from qwenvl_ft.data.workers import one_thread
 from qwenvl_ft.errors import DataError
 from qwenvl_ft.families import IMAGE, TEXT, VIDEO  # noqa: F401  (values of mm_token_type_ids, re-exported)
 
@@ -104,6 +105,7 @@ class VisionChatCollator:
         self.vision_start_id, self.vision_end_id = ids("<|vision_start|>"), ids("<|vision_end|>")
         self.image_pad_id, self.video_pad_id = ids("<|image_pad|>"), ids("<|video_pad|>")
         self._text_ids: Dict[str, List[int]] = {}  # timestamps and other text a video placeholder expands to
+        self._headers: Dict[Tuple[int, ...], str] = {}  # turn headers' text (assistant_label_mask)
         self.video_wrapper_replaced = video_wrapper_replaced(processor)
         # Never targets with data.train_on_prompt: the vision span and its markers (the SFT tutorial that trains on
         # the whole sequence masks exactly these); a video's timestamps stand for its <|video_pad|>, so are masked.
@@ -287,7 +289,7 @@ class VisionChatCollator:
         if self.cfg.train_on_prompt:  # every token but the vision span's
             mask = ~np.isin(ids, self.vision_token_ids)
         else:
-            mask = assistant_label_mask(ids.tolist(), self.tokenizer).numpy()
+            mask = assistant_label_mask(ids.tolist(), self.tokenizer, self._headers).numpy()
         labels = np.where(mask[origin], input_ids, IGNORE_INDEX)
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
                 "mm_token_type_ids": torch.from_numpy(self.token_types(input_ids))}
@@ -392,7 +394,7 @@ class VisionChatCollator:
         if len(vision_ends) and int(vision_ends[-1]) >= limit:
             raise RowDropped(f"{over}: dropped, the cut would fall inside an image or video (its vision tokens end "
                              f"at position {int(vision_ends[-1])})")
-        answer = assistant_label_mask(sample["input_ids"][:limit].tolist(), self.tokenizer) \
+        answer = assistant_label_mask(sample["input_ids"][:limit].tolist(), self.tokenizer, self._headers) \
             if self.cfg.train_on_prompt else sample["labels"][:limit] != IGNORE_INDEX
         if not answer.any():
             raise RowDropped(f"{over}: dropped, the cut would remove every assistant token")
@@ -419,7 +421,8 @@ class VisionChatCollator:
         return batch
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
-        return self.pad([self.encode(row) for row in rows])
+        with one_thread():
+            return self.pad([self.encode(row) for row in rows])
 
     # -- generation --------------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import torch
 
 from qwenvl_ft.config.data import DataConfig, Overlength
 from qwenvl_ft.data.collate import RowDropped, SampleStats, VisionChatCollator
+from qwenvl_ft.data.workers import one_thread
 from qwenvl_ft.errors import DataError
 
 log = logging.getLogger("qwenvl_ft")
@@ -56,6 +57,10 @@ class VisionPreferenceCollator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
+        with one_thread():  # as in a DataLoader worker (qwenvl_ft/data/workers.py)
+            return self.collate(rows)
+
+    def collate(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
         pairs = [self.encode_pair(row) for row in rows]
         batch = self.batch(pairs)
         dropped = self.overlong_pairs(batch, rows)

@@ -40,6 +40,7 @@ import torch
 
 from qwenvl_ft import families
 from qwenvl_ft.data.collate import IGNORE_INDEX, concat_vision
+from qwenvl_ft.data.workers import one_thread
 
 
 def position_function(model_config: Any) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
@@ -66,7 +67,8 @@ class PackingCollator:
         self.pad_to = pad_to
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
-        return self.pack([self.collator.encode(row) for row in rows])
+        with one_thread():
+            return self.pack([self.collator.encode(row) for row in rows])
 
     def filler(self, length: int) -> Dict[str, torch.Tensor]:
         """A sample of `length` pad tokens without labels, that fills a pack to exactly `pad_to` tokens: packed

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -97,3 +98,25 @@ def check_workers(setting: Union[int, str], rows: int) -> int:
         return int(setting)
     count = min(GPU_WORKER_CAP, available_cpus() // local_world_size(), rows // CHECK_ROWS_PER_WORKER)
     return count if count > 1 else 0
+
+
+@contextmanager
+def one_thread():
+    """Torch's intra-op threads set to one while collating in the training process, as a DataLoader worker has them
+    (PyTorch sets one thread in every worker). A batch is a few hundred ops on small tensors (a small image is tens of
+    thousands of values; even a photo's millions take milliseconds, against a CPU step of seconds), which gain
+    nothing from a second thread, and on a busy machine each op waits at the thread pool's barrier for a descheduled
+    thread: on the 2-core CI machine at load 4-7 a batch of 8 caption rows took 660 ms instead of 19 ms
+    (docs/performance.md, "Data path"). Element-wise ops give the same values on any thread count, so the batch is
+    unchanged. Setting the count is a variable write, free per batch."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
