@@ -11,7 +11,7 @@ and chat, whose `save_pretrained` unwraps the model the same way) the packages i
 (`sys.modules[name] = None`: `import` fails as for a missing package and `importlib.util.find_spec` answers
 None), and put back as they were afterwards.
 A run that reports to W&B or runs DeepSpeed hides nothing of those (only train configs have `trainer.report_to`
-and `dist`). tests/test_optional_packages.py checks a demo run imports none of them; tests/test_trackers.py and
+and `dist`), and a sweep's jobs (several in one process) hide no tracker: TRL binds them at its first import. tests/test_optional_packages.py checks a demo run imports none of them; tests/test_trackers.py and
 the DeepSpeed runs check the runs that do use them.
 """
 
