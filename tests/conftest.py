@@ -54,9 +54,10 @@ def _bind_absl_to_the_real_stderr():
 # training runs) then start last and one worker runs on alone. Giving the longest files first (longest processing
 # time first) balances the two workers. A file not listed keeps xdist's order, after these.
 HEAVIEST_FIRST = ["test_eval_infer_merge.py", "test_grounding_demos.py", "test_dpo.py", "test_estimate.py",
-                  "test_train_tiny.py", "test_experts.py", "test_grpo.py", "test_distributed.py", "test_resume.py", "test_config_ux.py",
-                  "test_methods.py", "test_config.py", "test_trackers.py", "test_telemetry.py", "test_packing.py",
-                  "test_peft_import.py", "test_dpo_packing.py", "test_varlen_attention.py", "test_compile.py"]
+                  "test_train_tiny.py", "test_experts.py", "test_grpo.py", "test_distributed.py", "test_resume.py",
+                  "test_config_ux.py", "test_methods.py", "test_config.py", "test_trackers.py", "test_telemetry.py",
+                  "test_packing.py", "test_peft_import.py", "test_dpo_packing.py", "test_varlen_attention.py",
+                  "test_compile.py"]
 
 
 def pytest_configure(config):
