@@ -113,6 +113,7 @@ def compile_decoder_layers(model) -> int:
     layers = model_parts(model).decoder_layers
     for layer in layers:
         layer.compile()
+    log.info("model.compile: %d decoder layers compiled (torch.compile, regional)", len(layers))
     return len(layers)
 
 

@@ -100,7 +100,7 @@ def finish_trainer(trainer, cfg: TrainConfig):
     (model.use_liger_kernel) and varlen attention for packed rows (data.packing) and the images of a batch
     (model.varlen_attention), on the policy and on a reference model when there is one; full-precision modules
     where there is no autocast; the policy's decoder layers compiled (model.compile)."""
-    from qwenvl_ft.training.speed import use_liger, varlen_attention
+    from qwenvl_ft.training.speed import compile_decoder_layers, use_liger, varlen_attention
 
     models = [trainer.model, getattr(trainer, "ref_model", None)]
     use_liger(models, cfg.model)
@@ -108,13 +108,7 @@ def finish_trainer(trainer, cfg: TrainConfig):
     if not (trainer.args.bf16 or trainer.args.fp16):
         restore_fully_trained_modules(trainer.model, cfg.model.dtype.value)
     if cfg.model.compile:
-        import logging
-
-        from qwenvl_ft.training.speed import compile_decoder_layers
-
-        count = compile_decoder_layers(trainer.model)
-        logging.getLogger("qwenvl_ft").info("model.compile: %d decoder layers compiled (torch.compile, regional)",
-                                            count)
+        compile_decoder_layers(trainer.model)
     return trainer
 
 
