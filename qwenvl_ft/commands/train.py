@@ -194,7 +194,7 @@ def checked_data(cfg: TrainConfig, processor, output_dir):
     """The checked training and held-out rows (load_checked_splits). In a distributed run the main process checks
     first, alone: its error, if any, stops every rank with the same message, and it fills the measure-once cache
     (data/cache.py) that the other ranks then read instead of decoding every row again. The rows are not
-    broadcast: they are memory-mapped, and the cache entry is on the shared run folder already."""
+    broadcast: they are memory-mapped from the cache entry (in the run folder when the run spans machines)."""
     from qwenvl_ft.data.check import load_checked_splits
     from qwenvl_ft.distributed import ranks
 
