@@ -155,16 +155,26 @@ def fit(run: RunStart, method: methods.Method, training: Training, trainer, part
     with stop.installed():
         result = trainer.train(resume_from_checkpoint=run.resume)
     if stop.interrupted(trainer.state):
+        scored_later(training, parts, trackers, metrics)
         return interrupted(trainer, output_dir, metrics), None
     metrics.update(training.training_metrics(trainer, result))
     metrics.update(nonfinite_metrics(trainer))
 
     final_dir = save_final(trainer, parts.processor, output_dir)
     after = training.after_training(trainer, parts)
+    scored_later(training, parts, trackers, metrics)
     trackers.held_out("after", after, trainer.state.global_step, trainer.model)
     metrics.update(after)
     write_history(trainer, output_dir, metrics)
     return metrics, final_dir
+
+
+def scored_later(training: Training, parts: TrainerParts, trackers, metrics: Dict) -> None:
+    """The before-training figures scored once training has ended (Training.scored_later) join `metrics` and
+    reach the trackers at step 0, where the check's other figures are."""
+    late = training.scored_later(parts)
+    trackers.held_out("before", late, 0)
+    metrics.update(late)
 
 
 def run_trackers(cfg: TrainConfig, composed: DictConfig, training: Training, processor, eval_rows):
