@@ -115,3 +115,12 @@ def heavy_imports():
     finally:
         gc.freeze()
         gc.enable()
+
+
+def import_model_libraries() -> None:
+    """torch and transformers' modeling code, which every command that loads a model imports, under
+    `heavy_imports` (`eval`, `infer`: what they import later, PEFT or a family's model class, is then cheap to
+    collect around, the frozen modules being skipped)."""
+    with heavy_imports():
+        import torch  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
