@@ -7,15 +7,8 @@ from typing import Dict, List, Optional
 import torch
 
 from qwenvl_ft.data.collate import VisionChatCollator
-from qwenvl_ft.data.workers import one_thread
 from qwenvl_ft.evaluation.metrics import compute
-
-# A model this small generates on one torch thread on a CPU: a decoding step is a few hundred ops on tensors of a
-# few thousand values, which gain nothing from a second thread, and on a busy machine each op waits at the thread
-# pool's barrier for a descheduled thread (the demo's 48 held-out rows on 2 cores at load 3.5: 3.8-4.5 s on two
-# threads, 0.2-0.3 s on one; docs/performance.md, "Start-up budget"). The smallest Qwen-VL checkpoints are ~20x
-# larger, and their products gain from every thread.
-ONE_THREAD_BELOW_PARAMETERS = 50_000_000
+from qwenvl_ft.training.speed import small_model_threads
 
 # `generation_batch` leaves a row's last turn (the reference answer) out of the prompt; rows that hold only the
 # prompt get this empty answer appended, so that images and videos go through the collator's one code path.
@@ -39,7 +32,7 @@ def generate_answers(model, collator: VisionChatCollator, rows: List[dict], batc
     settings = generation if generation is not None else dict(max_new_tokens=max_new_tokens, do_sample=False)
     answers: List[str] = []
     bar = tqdm(total=len(rows), desc=progress, unit=" rows", disable=None if progress else True, leave=False)
-    with generation_threads(model, device):
+    with small_model_threads(model, device):  # one thread for a small model on a CPU
         for start in range(0, len(rows), batch_size):
             chunk = rows[start: start + batch_size]
             if prompts_only:
@@ -55,19 +48,3 @@ def generate_answers(model, collator: VisionChatCollator, rows: List[dict], batc
     model.train(was_training)
     return answers
 
-
-def generation_threads(model, device):
-    """One torch thread while a small model generates on a CPU (ONE_THREAD_BELOW_PARAMETERS), the threads as they
-    are otherwise."""
-    import contextlib
-
-    small = sum(p.numel() for p in model.parameters()) < ONE_THREAD_BELOW_PARAMETERS
-    return one_thread() if device.type == "cpu" and small else contextlib.nullcontext()
-
-
-def evaluate_rows(model, collator: VisionChatCollator, rows: List[dict], batch_size: int,
-                  max_new_tokens: int = 64, progress: str = "held-out predictions") -> Dict:
-    """Greedy predictions, references and every metric of qwenvl_ft.evaluation.metrics."""
-    references = [collator.reference(row) for row in rows]
-    predictions = generate_answers(model, collator, rows, batch_size, max_new_tokens, progress=progress)
-    return {**compute(predictions, references), "predictions": predictions, "references": references}
