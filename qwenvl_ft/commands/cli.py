@@ -207,7 +207,7 @@ def _prepare(command: str, rest: List[str]) -> Tuple[Optional[int], List[str]]:
     (None, Hydra's arguments) when Hydra is to run it."""
     recipe_dirs, hydra_args = _split_recipe_dirs(rest)
     recipe_files, hydra_args = _split_recipe_file(hydra_args)
-    register_all(recipe_dirs, recipe_files)
+    register_all(recipe_dirs, recipe_files, COMMANDS[command][0] if command in COMMANDS else None)
     if recipe_files:
         hydra_args.insert(0, f"recipe={Path(recipe_files[0]).stem}")  # before any flag (Hydra's argparse)
     status = _answer_directly(command, hydra_args, recipe_dirs)

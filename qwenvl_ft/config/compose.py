@@ -70,10 +70,12 @@ def recipe_folder(recipe: Optional[str]) -> str:
     return recipe or "custom"
 
 
-def register_all(extra_recipe_dirs: Iterable[str] = (), recipe_files: Iterable[str] = ()) -> None:
+def register_all(extra_recipe_dirs: Iterable[str] = (), recipe_files: Iterable[str] = (),
+                 config_name: Optional[str] = None) -> None:
+    """The recipes and the root schemas (only `config_name`'s when given) in Hydra's ConfigStore."""
     from hydra.core.config_store import ConfigStore
 
-    register_schemas()
+    register_schemas(config_name)
     # The primary configs' hydra.run.dir: `oc.select` cannot default a choice that exists but is null (recipe: null).
     OmegaConf.register_new_resolver("recipe_folder", recipe_folder, replace=True)
     store = ConfigStore.instance()
@@ -202,7 +204,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train",
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    register_all(extra_recipe_dirs)
+    register_all(extra_recipe_dirs, config_name=config_name)
     check_override_keys(overrides, root_schema(config_name))
     recipe = available_recipes(extra_recipe_dirs).get(chosen_recipe(overrides) or "")
     if recipe is not None:
