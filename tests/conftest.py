@@ -1,7 +1,8 @@
 """Conventions of the suite's fixtures and processes (keep new ones to these, so that the suite stays fast on 2 cores):
 
 - Share what is built, per process: a tiny model's processor through `processor_of(option)` / `tiny_processor`
-  (session scope); random tiny weights are materialised once per machine (QWENVL_FT_CACHE). A test that changes a
+  (session scope); random tiny weights are materialised once per machine (QWENVL_FT_CACHE's random_models/; each test
+  has its own QWENVL_FT_CACHE, so no data-check entry is shared by accident). A test that changes a
   shared object makes its own copy first.
 - A command runs in process, through the CLI's `main([...])` (with `monkeypatch.chdir` where the run folder is
   relative), unless a fresh interpreter is what the test proves: signals and SIGKILL to a run, lock holders, several
@@ -18,6 +19,7 @@ import pytest
 
 # Random tiny models are cached per test session, never in the user's home.
 os.environ.setdefault("QWENVL_FT_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "qwenvl_ft_test_cache"))
+SESSION_CACHE = os.environ["QWENVL_FT_CACHE"]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -104,6 +106,19 @@ def _environment_as_it_was():
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _own_data_cache(_environment_as_it_was, tmp_path_factory):
+    """Each test gets its own qwenvl-ft cache folder (QWENVL_FT_CACHE), so that no test reads another's data-check
+    entry (the per-user cache, qwenvl_ft/data/cache.py) and none writes to ~/.cache; its random_models/ is a link
+    to the session's, so the random tiny models are still built once. Set after `_environment_as_it_was` saved
+    the environment, so it is put back after the test."""
+    shared = os.path.join(SESSION_CACHE, "random_models")
+    os.makedirs(shared, exist_ok=True)
+    own = tmp_path_factory.mktemp("qwenvl_ft_cache")
+    os.symlink(shared, own / "random_models")
+    os.environ["QWENVL_FT_CACHE"] = str(own)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,11 +1,13 @@
 """Tier 1: every row is measured once. The data check's lengths are what packing, token budgets and length grouping
-use; its results are cached in the run folder and reused by the next start with the same data and settings, and a
-changed file or setting measures again; the estimate uses the measured lengths; the check shows progress."""
+use; its results are cached in the per-user cache and reused by the next start with the same data and settings (a
+new run, `data-check`; a multi-machine launch keeps them in its run folder), and a changed file or setting measures
+again; the estimate uses the measured lengths; the check shows progress."""
 
 import json
 import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -55,14 +57,18 @@ def test_the_batch_layouts_use_the_lengths_the_check_measured(tiny_processor, da
     assert row_lengths(collator, train) == [collator.encode(train[i])["input_ids"].numel() for i in range(len(train))]
 
 
+def user_cache() -> Path:
+    return Path(os.environ["QWENVL_FT_CACHE"]) / "data"  # each test's own (tests/conftest.py)
+
+
 def test_the_cache_is_reused_and_a_changed_file_or_setting_measures_again(tiny_processor, dataset, tmp_path,
                                                                            measure_calls):
     run = tmp_path / "run"
     cfg = data_cfg(dataset, eval_size=2)
     first = check_data(cfg, tiny_processor, batch_size=2, output_dir=run)
     assert len(measure_calls) == 12 and "12 rows measured in" in first.report.cache
-    assert f"stored in {run / 'data_cache'}" in first.report.cache
-    entries = list((run / "data_cache").iterdir())
+    assert f"stored in {user_cache()}" in first.report.cache
+    entries = list(user_cache().iterdir())
     assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
 
     measure_calls.clear()
@@ -104,6 +110,73 @@ def test_another_rank_or_sweep_job_reads_the_entry_instead_of_measuring(tiny_pro
     monkeypatch.setenv("RANK", "1")
     later = check_data(cfg, tiny_processor, output_dir=tmp_path / "job1")
     assert measure_calls == [] and later.report.cache.startswith(f"data check read from {shared}")
+
+
+def test_a_new_run_reads_the_entry_an_earlier_run_stored(tiny_processor, dataset, tmp_path, measure_calls):
+    """The cache is the user's, not the run's: a second run with a fresh run folder measures nothing."""
+    cfg = data_cfg(dataset, eval_size=2)
+    first = check_data(cfg, tiny_processor, batch_size=2, output_dir=tmp_path / "run1")
+    measure_calls.clear()
+    later = check_data(cfg, tiny_processor, batch_size=2, output_dir=tmp_path / "run2")
+    assert measure_calls == [] and later.report.cache.startswith(f"data check read from {user_cache()}")
+    assert later.report.summary() == first.report.summary()
+    assert not any((tmp_path / run / "data_cache").exists() for run in ("run1", "run2"))
+
+
+def test_data_check_then_train_measures_once(tmp_path, measure_calls):
+    from qwenvl_ft.commands.cli import main
+    from qwenvl_ft.config.compose import compose, validate
+    from qwenvl_ft.modeling.build import build_processor
+
+    write_image(tmp_path / "a.png", size=(56, 56))
+    path = write_jsonl(tmp_path / "t.jsonl", [llava("a.png", answer="word " * (i + 1)) for i in range(4)])
+    common = ["recipe=demo", "data=llava", f"data.path={path}"]
+    assert main(["data-check", *common, f"hydra.run.dir={tmp_path / 'check'}"]) == 0
+    assert len(measure_calls) == 4
+    measure_calls.clear()
+    typed = validate(compose(common, output_dir=str(tmp_path / "run")))
+    processor = build_processor(typed.model, typed.data)  # as `train` builds it (the random model's own path)
+    _, _, report = load_checked_splits(typed.data, processor, batch_size=2, output_dir=tmp_path / "run")
+    assert measure_calls == [] and report.cache.startswith(f"data check read from {user_cache()}")
+
+
+def test_where_the_cache_lives(dataset, tmp_path, monkeypatch):
+    from qwenvl_ft.data.cache import cache_root
+
+    run = tmp_path / "run"
+    cfg = data_cfg(dataset)
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    assert cache_root(cfg, run) == user_cache()
+    assert cache_root(data_cfg(dataset, cache_dir=str(tmp_path / "mine")), run) == tmp_path / "mine"
+    assert cache_root(data_cfg(dataset, cache=CacheMode.off), run) is None
+    monkeypatch.delenv("QWENVL_FT_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root(cfg, run) == tmp_path / "home" / ".cache" / "qwenvl_ft" / "data"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root(cfg, run) == tmp_path / "xdg" / "qwenvl_ft" / "data"
+    # ranks on one machine share the user's cache ...
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cache_root(cfg, run) == tmp_path / "xdg" / "qwenvl_ft" / "data"
+    # ... a launch over several machines keeps the run folder, which they all see (a home folder may not be shared)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert cache_root(cfg, run) == run / "data_cache"
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # machines unknown: the run folder too
+    assert cache_root(cfg, run) == run / "data_cache"
+
+
+def test_a_launch_over_several_machines_stores_and_reads_in_the_run_folder(tiny_processor, dataset, tmp_path,
+                                                                          measure_calls, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    run = tmp_path / "run"
+    first = check_data(data_cfg(dataset), tiny_processor, output_dir=run)
+    assert f"stored in {run / 'data_cache'}" in first.report.cache and not user_cache().exists()
+    measure_calls.clear()
+    monkeypatch.setenv("RANK", "2")  # a rank of the second machine
+    later = check_data(data_cfg(dataset), tiny_processor, output_dir=run)
+    assert measure_calls == [] and later.report.cache.startswith(f"data check read from {run / 'data_cache'}")
 
 
 def test_the_estimate_uses_the_measured_lengths(tiny_processor, tmp_path, capsys):
@@ -158,7 +231,7 @@ def test_pairs_and_prompts_are_stored_measured_once_and_cached_too(tiny_processo
     train, held_out, report = load_checked_splits(cfg, tiny_processor, batch_size=2, output_dir=tmp_path / "run")
     assert len(calls) == 6 and len(train) == 5 and len(held_out) == 1
     assert report.settings["method"] == trainer and "stored in" in report.cache
-    entry, = (tmp_path / "run" / "data_cache").iterdir()
+    entry, = user_cache().iterdir()
     assert entry.name.startswith(f"{trainer}-")
     calls.clear()
     again, _, report = load_checked_splits(cfg, tiny_processor, batch_size=2, output_dir=tmp_path / "run")

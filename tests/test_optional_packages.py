@@ -51,11 +51,24 @@ def test_hidden_packages_look_uninstalled_and_come_back():
 
 
 RUN = """
-import json, sys
+import gc, json, sys
 from qwenvl_ft.commands.cli import main
+from qwenvl_ft.training import startup
+
+started = {}
+mark = startup.mark
+
+
+def noted(name):  # what the process holds when the start-up's last phase before the training loop ends
+    mark(name)
+    if name == "held-out generation before training":
+        started.update(nltk="nltk" in sys.modules, collecting=gc.isenabled(), frozen=gc.get_freeze_count() > 0)
+
+
+startup.mark = noted
 rc = main(sys.argv[1:])
 print(json.dumps({"rc": rc, "imported": sorted(m for m in ("bitsandbytes", "deepspeed", "wandb", "mlflow", "swanlab")
-                                                if m in sys.modules)}))
+                                                if m in sys.modules), "started": started}))
 """
 
 
@@ -65,7 +78,14 @@ def test_a_lora_run_imports_no_tracker_engine_or_bitsandbytes_it_does_not_use(tm
     out = subprocess.run([sys.executable, "-c", RUN, *argv], capture_output=True, text=True, timeout=600,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"rc": 0, "imported": []}
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {key: seen[key] for key in ("rc", "imported")} == {"rc": 0, "imported": []}
+    # the same run's start-up: no nltk before the training loop (the check before training scores BLEU and ROUGE-L
+    # once it has ended: evaluation/held_out.py), and the collector, paused for the imports, runs again with the
+    # imported modules frozen (training/startup.py heavy_imports)
+    assert seen["started"] == {"nltk": False, "collecting": True, "frozen": True}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {f"eval_{name}_{when}" for name in ("bleu", "rouge_l") for when in ("before", "after")} <= set(metrics)
     # the same run: its last step's loss is logged (logging_steps=10 > 2 steps; training/trainer.py), so the
     # result line reports it, and no library progress bar is in the (non-terminal) output
     history = json.loads((tmp_path / "run" / "log_history.json").read_text())

@@ -60,6 +60,8 @@ def test_tensorboard_gets_config_metrics_and_gallery(tracked):
     after, = events.Scalars("held_out_after/exact_match")
     assert (before.step, before.value) == (0, pytest.approx(metrics["eval_exact_match_before"]))
     assert (after.step, after.value) == (3, pytest.approx(metrics["eval_exact_match_after"]))
+    late, = events.Scalars("held_out_before/rouge_l")  # scored once training has ended, plotted at step 0 still
+    assert (late.step, late.value) == (0, pytest.approx(metrics["eval_rouge_l_before"]))
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]  # the integration's curve, same run
     assert [e.step for e in events.Images("gallery/00")] == [step for _, step in GALLERIES]
     cards = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("gallery/01/text_summary")]

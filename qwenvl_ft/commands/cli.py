@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from qwenvl_ft.config.compose import available_recipes, check_override_keys, check_recipe_keys, chosen_recipe, \
     config_dir, register_all
+from qwenvl_ft.config.recipe_files import choice_values
 from qwenvl_ft.config.schema import root_schema
 from qwenvl_ft.errors import ConfigError
 
@@ -207,7 +208,8 @@ def _prepare(command: str, rest: List[str]) -> Tuple[Optional[int], List[str]]:
     (None, Hydra's arguments) when Hydra is to run it."""
     recipe_dirs, hydra_args = _split_recipe_dirs(rest)
     recipe_files, hydra_args = _split_recipe_file(hydra_args)
-    register_all(recipe_dirs, recipe_files)
+    config_name = COMMANDS[command][0] if command in COMMANDS else None
+    register_all(recipe_dirs, recipe_files, config_name, recipes_chosen(command, hydra_args, recipe_files))
     if recipe_files:
         hydra_args.insert(0, f"recipe={Path(recipe_files[0]).stem}")  # before any flag (Hydra's argparse)
     status = _answer_directly(command, hydra_args, recipe_dirs)
@@ -217,6 +219,31 @@ def _prepare(command: str, rest: List[str]) -> Tuple[Optional[int], List[str]]:
     if command == "train":  # launched processes find a recipe file through its folder
         hydra_args = _as_worker(hydra_args, recipe_dirs + [str(Path(f).parent) for f in recipe_files])
     return None, hydra_args
+
+
+def recipes_chosen(command: str, hydra_args: List[str], recipe_files: List[str]) -> Optional[List[str]]:
+    """The recipes a command line chooses (a name, a sweep's names, a recipe file), the only ones the command
+    reads; None (all of them) where more may be needed: `recipes`, Hydra's --help or --info, a sweep over recipes
+    by range or glob, a sweeper's own search space, or a command line Hydra cannot parse (it says why)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    if command not in COMMANDS or {"-h", "--help", "--hydra-help", "-i", "--info"} & set(hydra_args):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(_overrides_only(hydra_args))
+    except Exception:
+        return None
+    names = [Path(f).stem for f in recipe_files]
+    for override in parsed:
+        key = override.key_or_group
+        if key == "sweep" or key.startswith("hydra.sweeper"):
+            return None
+        if key.split("@")[0] == "recipe":
+            if not isinstance(override.value(), (str, ChoiceSweep)):
+                return None
+            names += choice_values(override)
+    return names
 
 
 def _answer_directly(command: str, hydra_args: List[str], recipe_dirs: List[str]) -> Optional[int]:

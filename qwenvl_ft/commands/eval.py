@@ -36,6 +36,9 @@ def evaluate(composed: DictConfig) -> Dict:
     lock = lock_folder(output_dir, "eval output folder")
     model_path = Path(os.path.normpath(e.model_path)) if e.model_path else None
 
+    from qwenvl_ft.training.startup import import_model_libraries
+
+    import_model_libraries()  # first, with the collector paused (training/startup.py)
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.data.kinds import rows_of
     from qwenvl_ft.evaluation.metrics import compute

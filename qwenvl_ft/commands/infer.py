@@ -67,6 +67,9 @@ def infer(composed: DictConfig) -> Dict:
     output_file = Path(i.output_file) if i.output_file else Path(cfg.output_dir) / "predictions.jsonl"
     lock = lock_folder(ensure_writable(output_file.parent, "infer output folder"), "infer output folder")
 
+    from qwenvl_ft.training.startup import import_model_libraries
+
+    import_model_libraries()  # first, with the collector paused (training/startup.py)
     from transformers import set_seed
 
     from qwenvl_ft.data.collate import VisionChatCollator

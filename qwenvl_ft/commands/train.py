@@ -152,19 +152,31 @@ def fit(run: RunStart, method: methods.Method, training: Training, trainer, part
     trainer.add_callback(stop)
     trainer.add_callback(ReloadConvertedWeights(run.resume))
     log_plan(cfg, method, len(trainer.train_dataset), trainer.args.per_device_train_batch_size)
-    with stop.installed():
+    from qwenvl_ft.training.speed import small_model_threads
+
+    with stop.installed(), small_model_threads(trainer.model):  # one thread for a small model on a CPU
         result = trainer.train(resume_from_checkpoint=run.resume)
     if stop.interrupted(trainer.state):
+        scored_later(training, parts, trackers, metrics)
         return interrupted(trainer, output_dir, metrics), None
     metrics.update(training.training_metrics(trainer, result))
     metrics.update(nonfinite_metrics(trainer))
 
     final_dir = save_final(trainer, parts.processor, output_dir)
     after = training.after_training(trainer, parts)
+    scored_later(training, parts, trackers, metrics)
     trackers.held_out("after", after, trainer.state.global_step, trainer.model)
     metrics.update(after)
     write_history(trainer, output_dir, metrics)
     return metrics, final_dir
+
+
+def scored_later(training: Training, parts: TrainerParts, trackers, metrics: Dict) -> None:
+    """The before-training figures scored once training has ended (Training.scored_later) join `metrics` and
+    reach the trackers at step 0, where the check's other figures are."""
+    late = training.scored_later(parts)
+    trackers.held_out("before", late, 0)
+    metrics.update(late)
 
 
 def run_trackers(cfg: TrainConfig, composed: DictConfig, training: Training, processor, eval_rows):
@@ -194,7 +206,7 @@ def checked_data(cfg: TrainConfig, processor, output_dir):
     """The checked training and held-out rows (load_checked_splits). In a distributed run the main process checks
     first, alone: its error, if any, stops every rank with the same message, and it fills the measure-once cache
     (data/cache.py) that the other ranks then read instead of decoding every row again. The rows are not
-    broadcast: they are memory-mapped, and the cache entry is on the shared run folder already."""
+    broadcast: they are memory-mapped from the cache entry (in the run folder when the run spans machines)."""
     from qwenvl_ft.data.check import load_checked_splits
     from qwenvl_ft.distributed import ranks
 

@@ -16,11 +16,11 @@ import dataclasses
 import difflib
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Collection, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from qwenvl_ft.config.recipe_files import BROKEN, check_group_choice, check_start_from_fields, choice_values, \
+from qwenvl_ft.config.recipe_files import BROKEN, NAMES, check_group_choice, check_start_from_fields, choice_values, \
     read_recipe
 from qwenvl_ft.config.schema import GROUP_SCHEMAS, TrainConfig, register_schemas, root_schema
 from qwenvl_ft.errors import ConfigError
@@ -70,15 +70,23 @@ def recipe_folder(recipe: Optional[str]) -> str:
     return recipe or "custom"
 
 
-def register_all(extra_recipe_dirs: Iterable[str] = (), recipe_files: Iterable[str] = ()) -> None:
+def register_all(extra_recipe_dirs: Iterable[str] = (), recipe_files: Iterable[str] = (),
+                 config_name: Optional[str] = None, recipes: Optional[Collection[str]] = None) -> None:
+    """The recipes and the root schemas in Hydra's ConfigStore: only `config_name`'s schema and the `recipes`
+    named when given (a command reads the recipes it chooses; parsing all 21 shipped files is ~0.16 s of every
+    start), all otherwise. Every recipe's name is known either way (NAMES: the did-you-mean of a misspelt one)."""
     from hydra.core.config_store import ConfigStore
 
-    register_schemas()
+    register_schemas(config_name)
     # The primary configs' hydra.run.dir: `oc.select` cannot default a choice that exists but is null (recipe: null).
     OmegaConf.register_new_resolver("recipe_folder", recipe_folder, replace=True)
     store = ConfigStore.instance()
     BROKEN.clear()
+    NAMES.clear()
     for name, path in available_recipes(extra_recipe_dirs, recipe_files).items():
+        NAMES.add(name)
+        if recipes is not None and name not in recipes:
+            continue
         try:
             node = read_recipe(path, name)
         except ConfigError as err:  # stops only the command that chooses it (recipe_files.py)
@@ -202,7 +210,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train",
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    register_all(extra_recipe_dirs)
+    register_all(extra_recipe_dirs, config_name=config_name)
     check_override_keys(overrides, root_schema(config_name))
     recipe = available_recipes(extra_recipe_dirs).get(chosen_recipe(overrides) or "")
     if recipe is not None:

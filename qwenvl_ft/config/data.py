@@ -218,11 +218,12 @@ class DataConfig:
     id_field: Optional[str] = None
     on_duplicate_id: DuplicateIds = DuplicateIds.warn  # warn (and list them), drop the repeats, error, allow
     # The data check's results (rows read and converted, each row's tokens, visual tokens and validity) are stored
-    # under cache_dir (None: data_cache/ in the run folder, the sweep's folder for -m jobs), keyed by the data
-    # files (path, size, modification time) and every setting that changes them; a resumed run, the other jobs
-    # of a sweep and the other ranks of a distributed run read them instead of decoding every image again.
+    # under cache_dir (None: the per-user cache, $QWENVL_FT_CACHE/data or ~/.cache/qwenvl_ft/data; data_cache/ in
+    # the run or sweep folder for a launch over several machines), keyed by the data files (path, size,
+    # modification time) and every setting that changes them; a later run, `data-check`, a resumed run, the other
+    # jobs of a sweep and the other ranks of a distributed run read them instead of decoding every image again.
     cache: CacheMode = CacheMode.on
-    cache_dir: Optional[str] = None  # where cache entries live (None: data_cache/ in the run or sweep folder)
+    cache_dir: Optional[str] = None  # where cache entries live (None: the per-user cache, see above)
     # Loss on the whole sequence (system and user turns, template tokens) instead of the answers only, as some
     # tutorials train; image and video tokens are never targets. SFT only.
     train_on_prompt: bool = False

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 from qwenvl_ft.errors import ConfigError
 
 # recipe name -> why its file cannot be used (filled by register_all)
 BROKEN: Dict[str, str] = {}
+# every recipe of the recipe folders, read or not (register_all reads only those a command chooses)
+NAMES: Set[str] = set()
 
 
 def read_recipe(path: Path, name: Optional[str] = None):
@@ -67,8 +69,8 @@ def check_group_choice(group: str, name: str, config_dir: Path) -> None:
         raise ConfigError(BROKEN[name])
     stored = ConfigStore.instance().repo.get(group, {})
     options = sorted({Path(key).stem for key in stored if key.endswith(".yaml")} |
-                     {path.stem for path in (config_dir / group).glob("*.yaml")} | set(BROKEN if group == "recipe"
-                                                                                    else ()))
+                     {path.stem for path in (config_dir / group).glob("*.yaml")} |
+                     (set(BROKEN) | NAMES if group == "recipe" else set()))
     options = [o for o in options if o != "schema" and not o.endswith("_schema")]
     if name in options or name == "null":
         return

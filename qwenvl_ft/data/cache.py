@@ -1,7 +1,9 @@
 """Where the data check's results are stored, under which key, and how an entry is written without ever being seen
 half-written.
 
-An entry is a folder `<cache root>/<method>-<key>/` (qwenvl_ft/data/prepare.py fills it). The key is a hash of:
+An entry is a folder `<cache root>/<method>-<key>/` (qwenvl_ft/data/prepare.py fills it). The cache root is shared by
+every run of a user (`cache_root`: ~/.cache/qwenvl_ft/data by default), so a new run on the same data and settings
+measures nothing. The key is a hash of:
 the training method, the measurer's fingerprint (for conversations: the processor's tokenizer, chat template and
 image/video processor settings), every data setting that changes what is read, kept or measured (the whole data
 group except the batch layout, worker count, skip_invalid and the cache settings themselves), and each data file's
@@ -30,7 +32,8 @@ from qwenvl_ft.config.data import CacheMode, DataConfig
 log = logging.getLogger("qwenvl_ft")
 
 VERSION = 2  # bump when the entry layout or the meaning of its contents changes
-FOLDER = "data_cache"
+FOLDER = "data_cache"  # in the run folder of a multi-machine run
+CACHE_ENV = "QWENVL_FT_CACHE"  # qwenvl-ft's cache folder (also modeling/random_init.py's random models)
 # Data settings that do not change what is read, kept or measured.
 NOT_IN_KEY = ("num_workers", "packing", "max_tokens_per_batch", "group_by_length", "skip_invalid", "cache",
               "cache_dir")
@@ -101,13 +104,33 @@ def processor_fingerprint(processor) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def user_cache() -> Path:
+    """The per-user cache every run and `data-check` share (as HF datasets' cache): $QWENVL_FT_CACHE/data (the
+    variable names qwenvl-ft's cache folder, random tiny models included), else ${XDG_CACHE_HOME:-~/.cache}/
+    qwenvl_ft/data."""
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwenvl_ft"
+    return Path(root).expanduser() / "data"
+
+
+def multi_node() -> bool:
+    """Whether this process is one of a launch over several machines: more ranks in all (WORLD_SIZE) than on this
+    machine (LOCAL_WORLD_SIZE, set by torchrun, accelerate and our SLURM set-up; unknown counts as several)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return world > int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) if world > 1 else False
+
+
 def cache_root(cfg: DataConfig, output_dir: Optional[str]) -> Optional[Path]:
-    """data.cache_dir, else data_cache/ in the run folder: the sweep's folder for a job of a -m sweep (so its jobs
-    share it), the output folder otherwise. None when caching is off or there is no folder."""
+    """Where the entries live: data.cache_dir if set; else, in a launch over several machines, data_cache/ in the
+    run folder (the sweep's folder for a job of a -m sweep), which every machine sees, while a home folder may be
+    each machine's own and the other machines' ranks wait for rank 0's entry; else the per-user cache
+    (`user_cache`), so that a later run, a sweep job or `data-check` with the same data and settings reads what an
+    earlier one measured. None when caching is off, or a multi-machine run has no folder."""
     if cfg.cache == CacheMode.off:
         return None
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
+    if not multi_node():
+        return user_cache()
     if output_dir is None:
         return None
     try:

@@ -112,9 +112,9 @@ def check_data(cfg: DataConfig, processor, batch_size: int = 1, seed: int = 42, 
                progress: bool = True) -> CheckedData:
     """Read both splits, measure every row, and report. Raises DataError only for what makes the dataset
     unusable as a whole (a missing or unreadable file, a hub id that does not load); bad rows are in the report.
-    The training method that reads data.format stores, reads and measures the rows. With `output_dir`, the results
-    are cached (qwenvl_ft/data/cache.py) and a later call with the same data, settings and method reads them
-    instead of measuring again."""
+    The training method that reads data.format stores, reads and measures the rows. The results are cached
+    (qwenvl_ft/data/cache.py: the per-user cache; `output_dir` in a run over several machines) and a later call
+    with the same data, settings and method reads them instead of measuring again."""
     import time
 
     from qwenvl_ft.data.cache import cache_root, data_key, processor_fingerprint

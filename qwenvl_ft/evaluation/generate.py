@@ -8,7 +8,7 @@ import torch
 
 from qwenvl_ft.data.collate import VisionChatCollator
 from qwenvl_ft.evaluation.metrics import compute
-
+from qwenvl_ft.training.speed import small_model_threads
 
 # `generation_batch` leaves a row's last turn (the reference answer) out of the prompt; rows that hold only the
 # prompt get this empty answer appended, so that images and videos go through the collator's one code path.
@@ -32,25 +32,19 @@ def generate_answers(model, collator: VisionChatCollator, rows: List[dict], batc
     settings = generation if generation is not None else dict(max_new_tokens=max_new_tokens, do_sample=False)
     answers: List[str] = []
     bar = tqdm(total=len(rows), desc=progress, unit=" rows", disable=None if progress else True, leave=False)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start: start + batch_size]
-        if prompts_only:
-            chunk = [dict(row, messages=list(row["messages"]) + [_ANSWER_SLOT]) for row in chunk]
-        batch = collator.generation_batch(chunk).to(device)
-        output = model.generate(**batch, **settings, use_cache=True,
-                                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                pad_token_id=tokenizer.pad_token_id)
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
-        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-        bar.update(len(chunk))
+    with small_model_threads(model, device):  # one thread for a small model on a CPU
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start: start + batch_size]
+            if prompts_only:
+                chunk = [dict(row, messages=list(row["messages"]) + [_ANSWER_SLOT]) for row in chunk]
+            batch = collator.generation_batch(chunk).to(device)
+            output = model.generate(**batch, **settings, use_cache=True,
+                                    eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                    pad_token_id=tokenizer.pad_token_id)
+            new_tokens = output[:, batch["input_ids"].shape[1]:]
+            answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            bar.update(len(chunk))
     bar.close()
     model.train(was_training)
     return answers
 
-
-def evaluate_rows(model, collator: VisionChatCollator, rows: List[dict], batch_size: int,
-                  max_new_tokens: int = 64, progress: str = "held-out predictions") -> Dict:
-    """Greedy predictions, references and every metric of qwenvl_ft.evaluation.metrics."""
-    references = [collator.reference(row) for row in rows]
-    predictions = generate_answers(model, collator, rows, batch_size, max_new_tokens, progress=progress)
-    return {**compute(predictions, references), "predictions": predictions, "references": references}

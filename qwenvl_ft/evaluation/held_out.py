@@ -16,10 +16,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qwenvl_ft")
 
+# Figures of the check before training that are scored once training has ended (`score_later`), with the same
+# values: rouge-score imports nltk (0.5-1 s of start-up, before the first step), nothing shows them before
+# training (the log line has exact match), and the check after training imports it anyway.
+SCORED_LATER = ("bleu", "rouge_l")
 
-def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, when: str) -> Dict:
+
+def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, when: str,
+                        later: Optional[Dict] = None) -> Dict:
     """The before/after check: greedy answers to the held-out rows (conversations ending on the reference), on
-    the device the model trains on, with exact match, BLEU and ROUGE-L; a few predictions are logged.
+    the device the model trains on, with exact match, BLEU and ROUGE-L; a few predictions are logged. With
+    `later` (a dict), BLEU and ROUGE-L are left out and what scores them goes into `later`, for `score_later`.
 
     In a distributed run the main process generates alone when every process holds the whole model (DDP, ZeRO-1/2;
     the others wait), and every process generates its share of the rows when the model is sharded (FSDP, ZeRO-3:
@@ -30,7 +37,7 @@ def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, wh
     from qwenvl_ft.distributed import ranks
     from qwenvl_ft.distributed.placement import placed_when_training_starts
     from qwenvl_ft.evaluation.generate import generate_answers
-    from qwenvl_ft.evaluation.metrics import compute
+    from qwenvl_ft.evaluation.metrics import METRICS, compute
 
     collator = VisionChatCollator(processor, cfg.data)
     batch, new_tokens = cfg.trainer.eval_batch_size, cfg.trainer.max_new_tokens
@@ -44,7 +51,10 @@ def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, wh
         predictions = ranks.run_on_main(generate_answers, model, collator, rows, batch, new_tokens,
                                         progress=f"held-out predictions {when} training")
     references = [collator.reference(row) for row in rows]
-    result = {**compute(predictions, references), "predictions": predictions, "references": references}
+    names = [name for name in METRICS if later is None or name not in SCORED_LATER]
+    result = {**compute(predictions, references, names), "predictions": predictions, "references": references}
+    if later is not None:
+        later.update(when=when, predictions=predictions, references=references)
     shown = min(cfg.trainer.num_predictions_to_print, len(rows))
     boxes = f", IoU@0.5 {result['iou_50']:.1%}" if "iou_50" in result else ""
     lines = [f"held-out predictions {when} training (exact match {result['exact_match']:.1%}{boxes} on {len(rows)} "
@@ -53,6 +63,17 @@ def held_out_generation(model, processor, rows: List[dict], cfg: TrainConfig, wh
         lines.append(f"  predicted: {prediction!r:40s} reference: {reference!r}")
     log.info("\n".join(lines))
     return {f"eval_{name}_{when}": result[name] for name in EVAL_METRICS if name in result}
+
+
+def score_later(later: Dict) -> Dict:
+    """The figures `held_out_generation` left out into `later` (SCORED_LATER), named as it names the others
+    (`eval_rouge_l_before`); {} for an empty `later`."""
+    if not later:
+        return {}
+    from qwenvl_ft.evaluation.metrics import compute
+
+    result = compute(later["predictions"], later["references"], list(SCORED_LATER))
+    return {f"eval_{name}_{later['when']}": result[name] for name in SCORED_LATER if name in result}
 
 
 def sharded_answers(model, collator, rows: List[dict], batch_size: int, max_new_tokens: int) -> List[str]:

@@ -96,7 +96,9 @@ _BUILDER_VERSION = 3
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("QWENVL_FT_CACHE", Path.home() / ".cache" / "qwenvl_ft")) / "random_models"
+    """$QWENVL_FT_CACHE/random_models, else under ${XDG_CACHE_HOME:-~/.cache}/qwenvl_ft (as the data cache)."""
+    home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("QWENVL_FT_CACHE") or Path(home) / "qwenvl_ft") / "random_models"
 
 
 def _random_model(model_class, config, dtype, seed: int, device: str):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from qwenvl_ft.config.schema import TrainConfig
-from qwenvl_ft.evaluation.held_out import held_out_generation
+from qwenvl_ft.evaluation.held_out import held_out_generation, score_later
 from qwenvl_ft.methods.base import Method, load
 from qwenvl_ft.training.arguments import training_arguments
 from qwenvl_ft.training.trainer import trainer_mixins, training_callbacks
@@ -70,11 +70,18 @@ class Training:
         """Metrics of the held-out rows after training (the generation check, as before training)."""
         return self._generation_check(trainer, parts, "after")
 
+    def scored_later(self, parts: TrainerParts) -> Dict[str, Any]:
+        """The figures of the check before training that are scored once training has ended (BLEU, ROUGE-L:
+        evaluation/held_out.py SCORED_LATER), as `eval_<name>_before`; {} when none are pending. The skeleton calls
+        it after training, or when a signal stopped it."""
+        return score_later(parts.state.pop("scored_later", {}))
+
     def _generation_check(self, trainer, parts: TrainerParts, when: str) -> Dict[str, Any]:
         if not parts.cfg.trainer.eval_generation or parts.eval_rows is None:
             return {}
+        later = parts.state.setdefault("scored_later", {}) if when == "before" else None
         return held_out_generation(trainer.model, parts.processor, self.generation_rows(list(parts.eval_rows)),
-                                   parts.cfg, when)
+                                   parts.cfg, when, later=later)
 
     def result_line(self, metrics: Dict[str, Any]) -> str:
         """The one line the run ends with."""

@@ -2,7 +2,7 @@
 TrainingArguments, or the family's modules swapped for Liger's by modeling/liger.py),
 regional torch.compile of the decoder layers, vision-tower gradient checkpointing apart from the decoder's, and the
 varlen attention of packed rows and images. The batch layouts (padded, length-grouped, token budget, packed) are
-data/batching.py's, chosen by the SFT method."""
+data/batching.py's, chosen by the SFT method. And the torch threads of a small model on a CPU."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ from qwenvl_ft.config.model import ModelConfig
 from qwenvl_ft.errors import ConfigError
 
 log = logging.getLogger("qwenvl_ft")
+
+# A model this small trains and generates on one torch thread on a CPU: a step is a few hundred ops on tensors of a
+# few thousand values, which gain nothing from a second thread, and on a busy machine each op waits at the thread
+# pool's barrier for a descheduled thread (the demo on 2 cores at load 3.5: its 48 held-out rows 3.8-4.5 s on two
+# threads, 0.2-0.3 s on one; a training step 0.46-1.9 s against 0.05-0.08 s; docs/performance.md, "Start-up
+# budget"). The smallest Qwen-VL checkpoints are ~20x larger, and their products gain from every thread.
+ONE_THREAD_BELOW_PARAMETERS = 50_000_000
 
 
 def check_liger(model_cfg: ModelConfig) -> None:
@@ -182,3 +189,16 @@ def varlen_attention(models: Sequence, model_cfg: ModelConfig, packing: bool) ->
                 + "vision tower: one SDPA call per image")
     log.info(line)
     return line
+
+
+def small_model_threads(model, device=None):
+    """data/workers.py `one_thread` while `model`, under ONE_THREAD_BELOW_PARAMETERS, runs on a CPU (`device`,
+    default: its parameters'); the threads as they are otherwise."""
+    import contextlib
+
+    from qwenvl_ft.data.workers import one_thread
+
+    parameters = list(model.parameters())
+    device = device if device is not None else (parameters[0].device if parameters else None)
+    small = sum(p.numel() for p in parameters) < ONE_THREAD_BELOW_PARAMETERS
+    return one_thread() if device is not None and device.type == "cpu" and small else contextlib.nullcontext()

@@ -44,12 +44,14 @@ def start_run(composed: DictConfig) -> RunStart:
     from qwenvl_ft.training.preflight import preflight
 
     startup.begin_run()
-    cfg: TrainConfig = validate(composed)
-    preflight(cfg)  # trackers installed, precision supported, trainer.extra_args: before anything loads
-    launched = launch_if_needed(cfg)
+    with startup.heavy_imports():  # preflight imports torch first
+        cfg: TrainConfig = validate(composed)
+        preflight(cfg)  # trackers installed, precision supported, trainer.extra_args: before anything loads
+        launched = launch_if_needed(cfg)
+        if launched is None:
+            import_training_libraries(cfg)
     if launched is not None:
         return RunStart(cfg, Path(cfg.output_dir), None, launched)
-    import_training_libraries(cfg)
     startup.mark("imports (torch, transformers, TRL, PEFT)")
     fit_auto_settings(composed)
     cfg = record_world_size(composed)

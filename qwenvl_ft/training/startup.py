@@ -7,9 +7,12 @@ the first step's own time added once it has run. Phases that repeat (a phase nam
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import sys
 import time
+from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 log = logging.getLogger("qwenvl_ft")
@@ -93,3 +96,31 @@ def mark(name: str) -> None:
     """End of a start-up phase of the current run (nothing without one, e.g. when a bench builds a trainer)."""
     if _current is not None:
         _current.mark(name)
+
+
+@contextmanager
+def heavy_imports():
+    """Python's cyclic garbage collector paused while a command first imports torch, transformers, TRL and PEFT,
+    and what they built frozen after (`gc.freeze`: later collections skip it). Those imports create millions of
+    long-lived objects, so the collector's full passes over the growing heap found nothing to free and cost about
+    1.1 s of the demo's 4.5 CPU s of imports (docs/performance.md, "Start-up budget"); the modules live as long as
+    the process anyway. Only in a process that has not imported torch yet: there, nothing a run built can be
+    frozen with them (a sweep's later job or a test process's later run leaves the collector alone)."""
+    if "torch" in sys.modules or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
+def import_model_libraries() -> None:
+    """torch and transformers' modeling code, which every command that loads a model imports, under
+    `heavy_imports` (`eval`, `infer`: what they import later, PEFT or a family's model class, is then cheap to
+    collect around, the frozen modules being skipped)."""
+    with heavy_imports():
+        import torch  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
