@@ -61,6 +61,10 @@ def test_encode_equals_the_processor_on_the_same_row(processor_of, option):
     row = _row([user("What?", images=1, videos=1), assistant("stuff"), user("And?", images=1), assistant("more")],
                images=[_noise(130, 90), _noise(60, 60, seed=1)], videos=[frames])
     sample = collator.encode(row)
+    # The data check's stored text (train.arrow's text_ids and label_mask) gives the same sample as rendering it
+    stats = collator.measure(row)
+    stored = collator.encode(dict(row, text_ids=stats.text_ids, label_mask=stats.label_mask))
+    assert stored.keys() == sample.keys() and all(torch.equal(stored[k], sample[k]) for k in sample)
     # Images: the processor given the original images resizes them itself; ours resized first, with its resize.
     image_row = _row([user("What?", images=2), assistant("x")], images=row["images"])
     reference = processor(text=[collator.render(image_row["messages"])], images=row["images"], return_tensors="pt")

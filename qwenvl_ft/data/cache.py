@@ -29,7 +29,7 @@ from qwenvl_ft.config.data import CacheMode, DataConfig
 
 log = logging.getLogger("qwenvl_ft")
 
-VERSION = 2  # bump when the entry layout or the meaning of its contents changes
+VERSION = 3  # bump when the entry layout or the meaning of its contents changes
 FOLDER = "data_cache"
 # Data settings that do not change what is read, kept or measured.
 NOT_IN_KEY = ("num_workers", "packing", "max_tokens_per_batch", "group_by_length", "skip_invalid", "cache",

@@ -34,6 +34,7 @@ from qwenvl_ft import families
 from qwenvl_ft.config.data import DataConfig, Overlength
 from qwenvl_ft.data.grounding import box_patches, write_objects
 from qwenvl_ft.data.images import ImageLimits, load_image
+from qwenvl_ft.data.sample_stats import SampleStats  # noqa: F401  (what `measure` returns, re-exported)
 from qwenvl_ft.data.turns import assistant_label_mask, prompt_messages, reference_answer, render_chat
 from qwenvl_ft.data.video import Sampling, load_video, video_wrapper_replaced
 from qwenvl_ft.data.workers import one_thread
@@ -68,26 +69,6 @@ class Visuals:
     video_sizes: List[Tuple[int, int, int]] = field(default_factory=list)  # (frames, width, height) as stored
     video_fps: List[float] = field(default_factory=list)  # sampled frames per second
     video_frame_times: List[List[float]] = field(default_factory=list)  # seconds of each frame in the video
-
-
-@dataclass
-class SampleStats:
-    """What `measure(row)` reports; `length` is after the data.overlength policy."""
-
-    source: str
-    length: int
-    full_length: int  # before truncation
-    text_tokens: int
-    label_tokens: int
-    image_sizes: List[Tuple[int, int]]
-    image_tokens: List[int]
-    video_sizes: List[Tuple[int, int, int]]
-    video_tokens: List[int]
-    box_patches: List[float] = field(default_factory=list)  # each box's smaller side, in patches once resized
-
-    @property
-    def truncated(self) -> bool:
-        return self.length < self.full_length
 
 
 class VisionChatCollator:
@@ -277,19 +258,27 @@ class VisionChatCollator:
             return reference_answer(row)
         return reference_answer(dict(row, messages=self.grounded(row, self.load_visuals(row, resize=False))))
 
-    def _tokens_and_labels(self, row: dict, visuals: Visuals, prompt_only: bool = False) -> Dict[str, torch.Tensor]:
-        # NumPy, not torch, for these small index operations: torch's intra-op thread pool makes each of them cost
-        # milliseconds on a busy machine (a DataLoader worker shares its cores with the others).
-        source = row.get("source", "?")
+    def text_tokens(self, row: dict, visuals: Visuals, prompt_only: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """(token ids of the rendered text, with one placeholder per image or video; which of them are trained on).
+        A training row the data check measured carries both (`text_ids`, `label_mask`: what this computed then,
+        under the same processor and data settings, which key the cache entry); others are rendered and
+        tokenised here."""
+        if not prompt_only and row.get("text_ids") is not None:
+            return np.asarray(row["text_ids"], dtype=np.int64), np.asarray(row["label_mask"], dtype=bool)
         row = dict(row, messages=self.grounded(row, visuals))
         text = self.render(prompt_messages(row), add_generation_prompt=True) if prompt_only else \
             self.render(row["messages"])
         ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int64)
-        input_ids, origin = self.expand_placeholders(ids, visuals, source)
         if self.cfg.train_on_prompt:  # every token but the vision span's
-            mask = ~np.isin(ids, self.vision_token_ids)
-        else:
-            mask = assistant_label_mask(ids.tolist(), self.tokenizer, self._headers).numpy()
+            return ids, ~np.isin(ids, self.vision_token_ids)
+        return ids, assistant_label_mask(ids.tolist(), self.tokenizer, self._headers).numpy()
+
+    def _tokens_and_labels(self, row: dict, visuals: Visuals, prompt_only: bool = False,
+                           text: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Dict[str, torch.Tensor]:
+        # NumPy, not torch, for these small index operations: torch's intra-op thread pool makes each of them cost
+        # milliseconds on a busy machine (a DataLoader worker shares its cores with the others).
+        ids, mask = text if text is not None else self.text_tokens(row, visuals, prompt_only)
+        input_ids, origin = self.expand_placeholders(ids, visuals, row.get("source", "?"))
         labels = np.where(mask[origin], input_ids, IGNORE_INDEX)
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
                 "mm_token_type_ids": torch.from_numpy(self.token_types(input_ids))}
@@ -362,7 +351,8 @@ class VisionChatCollator:
         """Everything `encode` checks and counts, without computing pixel values. Raises DataError for an invalid
         row and RowDropped for one data.overlength drops."""
         visuals = self.load_visuals(row, resize=False)
-        sample = self._tokens_and_labels(row, visuals)
+        text = self.text_tokens(dict(row, text_ids=None), visuals)
+        sample = self._tokens_and_labels(row, visuals, text=text)
         full_length = sample["input_ids"].numel()
         sample = self.fit_length(sample, row.get("source", "?"))
         image_tokens = [self._tokens(g) for g in visuals.image_grids]
@@ -374,7 +364,8 @@ class VisionChatCollator:
             image_sizes=visuals.image_sizes, image_tokens=image_tokens,
             video_sizes=visuals.video_sizes, video_tokens=video_tokens,
             box_patches=box_patches(row, self.shown_sizes(visuals), self.family.box_convention, self.cfg.grounding,
-                                    self.patch_size))
+                                    self.patch_size),
+            text_ids=text[0].tolist(), label_mask=text[1].tolist())
 
     def fit_length(self, sample: Dict[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
         """Apply data.max_length under data.overlength. A cut never falls inside a vision span: a vision span
