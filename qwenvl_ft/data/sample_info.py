@@ -1,11 +1,28 @@
-"""What the data check measures of a row (`VisionChatCollator.measure` and the other methods' measurers): one
-`SampleStats` per row, written to the cache entry's result table (data/store.py) and read back by the reports,
-`estimate` and the batch planner."""
+"""What the collator learns about one row: its decoded images and videos (`Visuals`), and what the data check
+measures (`SampleStats`: `VisionChatCollator.measure` and the other methods' measurers, one per row, written to
+the cache entry's result table, data/store.py, and read back by the reports, `estimate` and the batch planner)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Visuals:
+    """A row's images and videos, decoded and (unless measuring) resized, in the order the text uses them."""
+
+    images: List[torch.Tensor] = field(default_factory=list)  # uint8 (3, H, W)
+    image_grids: List[Tuple[int, int, int]] = field(default_factory=list)  # (t, h, w) in patches
+    image_sizes: List[Tuple[int, int]] = field(default_factory=list)  # (width, height) as stored
+    videos: List[torch.Tensor] = field(default_factory=list)  # uint8 (T, 3, H, W)
+    video_grids: List[Tuple[int, int, int]] = field(default_factory=list)
+    video_sizes: List[Tuple[int, int, int]] = field(default_factory=list)  # (frames, width, height) as stored
+    video_fps: List[float] = field(default_factory=list)  # sampled frames per second
+    video_frame_times: List[List[float]] = field(default_factory=list)  # seconds of each frame in the video
 
 
 @dataclass
