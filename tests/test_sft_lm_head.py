@@ -22,18 +22,25 @@ from family_models import TEST_MODELS, family_of_option
 
 
 class _VocabularyWide(TorchDispatchMode):
-    """Records the shape of every tensor an operator returns whose last dimension spans the whole vocabulary."""
+    """Records the shape of every tensor an operator returns whose last dimension spans the whole vocabulary, but
+    for `other_widths`: the patch embedding's flattened patches and kernel (channels x temporal x patch x patch,
+    1176 or 1536 against the tiny models' 1024-token vocabulary; modeling/patch_embed.py), which are not logits."""
 
-    def __init__(self, vocab: int):
+    def __init__(self, vocab: int, other_widths=()):
         super().__init__()
-        self.vocab, self.shapes = vocab, []
+        self.vocab, self.other_widths, self.shapes = vocab, set(other_widths), []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.dim() > 1 and tensor.shape[-1] >= self.vocab:
+            if isinstance(tensor, torch.Tensor) and tensor.dim() > 1 and tensor.shape[-1] >= self.vocab \
+                    and tensor.shape[-1] not in self.other_widths:
                 self.shapes.append((str(func), tuple(tensor.shape)))
         return out
+
+
+def _patch_widths(model):
+    return {module.weight[0].numel() for module in model.modules() if isinstance(module, torch.nn.Conv3d)}
 
 
 def test_sft_loss_and_gradients_come_from_vocabulary_tiles_not_full_logits(tmp_path, monkeypatch):
@@ -58,7 +65,7 @@ def test_sft_loss_and_gradients_come_from_vocabulary_tiles_not_full_logits(tmp_p
 
     head_calls = []
     model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
-    with _VocabularyWide(vocab) as watched:
+    with _VocabularyWide(vocab, _patch_widths(model)) as watched:
         loss = trainer.compute_loss(model, dict(batch))
         loss.backward()
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -66,7 +73,8 @@ def test_sft_loss_and_gradients_come_from_vocabulary_tiles_not_full_logits(tmp_p
     assert not head_calls  # the LM head module is never run: its weight is read tile by tile
 
     model.zero_grad()
-    with _VocabularyWide(vocab) as reference_watch:  # the model's own loss: full logits, which the mode sees
+    # the model's own loss: full logits, which the mode sees
+    with _VocabularyWide(vocab, _patch_widths(model)) as reference_watch:
         reference = model(**{k: v for k, v in batch.items()}, fused_lm_head=False).loss
         reference.backward()
     assert any(shape[-1] == vocab for _, shape in reference_watch.shapes)
@@ -109,7 +117,7 @@ def test_cpu_head_equals_trls_fused_head(tmp_path, monkeypatch, option):
     targets = batch["labels"][:, 1:]
     label_count = int((targets != -100).sum())
     assert 0 < label_count < targets.numel()  # prompts and padding are ignored positions
-    with _VocabularyWide(vocab) as watched:
+    with _VocabularyWide(vocab, _patch_widths(model)) as watched:
         ours = _step(trainer, model, batch)
     if family_of_option(option).expert_parameters:  # the MoE router loss is left to TRL's head
         assert ("aten.mm.out", (targets.numel(), vocab)) in watched.shapes, watched.shapes
@@ -122,7 +130,7 @@ def test_cpu_head_equals_trls_fused_head(tmp_path, monkeypatch, option):
     assert {shape[0] for _, shape in watched.shapes} <= {label_count, hidden}, watched.shapes
 
     monkeypatch.setattr(trl.trainer.utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", vocab // 2)  # over one tile: TRL's head
-    with _VocabularyWide(vocab) as watched:
+    with _VocabularyWide(vocab, _patch_widths(model)) as watched:
         trls = _step(trainer, model, batch)
     assert not watched.shapes
     torch.testing.assert_close(ours[0], trls[0], rtol=1e-5, atol=1e-6)
