@@ -43,24 +43,29 @@ def _patch_widths(model):
     return {module.weight[0].numel() for module in model.modules() if isinstance(module, torch.nn.Conv3d)}
 
 
-def test_sft_loss_and_gradients_come_from_vocabulary_tiles_not_full_logits(tmp_path, monkeypatch):
-    import trl.trainer.utils
-
+def _sft_trainer(tmp_path, overrides):
     from qwenvl_ft.data.arrow import to_dataset
     from qwenvl_ft.data.collate import VisionChatCollator
     from qwenvl_ft.modeling.build import build_model, build_processor
     from qwenvl_ft.trainers.sft import build_trainer
 
-    typed = validate(compose(["recipe=demo", "adapter=full", "trainer.report_to=[none]"], output_dir=str(tmp_path)))
-    vocab = typed.model.architecture.vocab_size
-    monkeypatch.setattr(trl.trainer.utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", vocab // 4)
+    typed = validate(compose(["recipe=demo", "trainer.report_to=[none]", *overrides], output_dir=str(tmp_path)))
     processor = build_processor(typed.model, typed.data)
     collator = VisionChatCollator(processor, typed.data)
     torch.manual_seed(0)
     model = build_model(typed.model, typed.adapter)
     rows = make_rows(3, 56, seed=0, split="train")
     trainer = build_trainer(typed, model, processor, collator, to_dataset(rows), None)
-    batch = trainer._prepare_inputs(collator(rows))
+    model.train()  # the step logs its metrics under "train"
+    return trainer, model, trainer._prepare_inputs(collator(rows)), typed.model.architecture.vocab_size
+
+
+
+def test_sft_loss_and_gradients_come_from_vocabulary_tiles_not_full_logits(tmp_path, monkeypatch):
+    import trl.trainer.utils
+
+    trainer, model, batch, vocab = _sft_trainer(tmp_path, ["adapter=full"])
+    monkeypatch.setattr(trl.trainer.utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", vocab // 4)
     assert batch["input_ids"].shape[-1] < vocab  # no other tensor is as wide as the vocabulary
 
     head_calls = []
@@ -81,23 +86,6 @@ def test_sft_loss_and_gradients_come_from_vocabulary_tiles_not_full_logits(tmp_p
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(fused[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def _sft_trainer(tmp_path, overrides):
-    from qwenvl_ft.data.arrow import to_dataset
-    from qwenvl_ft.data.collate import VisionChatCollator
-    from qwenvl_ft.modeling.build import build_model, build_processor
-    from qwenvl_ft.trainers.sft import build_trainer
-
-    typed = validate(compose(["recipe=demo", "trainer.report_to=[none]", *overrides], output_dir=str(tmp_path)))
-    processor = build_processor(typed.model, typed.data)
-    collator = VisionChatCollator(processor, typed.data)
-    torch.manual_seed(0)
-    model = build_model(typed.model, typed.adapter)
-    rows = make_rows(3, 56, seed=0, split="train")
-    trainer = build_trainer(typed, model, processor, collator, to_dataset(rows), None)
-    model.train()  # the step logs its metrics under "train"
-    return trainer, model, trainer._prepare_inputs(collator(rows)), typed.model.architecture.vocab_size
 
 
 def _step(trainer, model, batch):
