@@ -60,7 +60,6 @@ def _sft_trainer(tmp_path, overrides):
     return trainer, model, trainer._prepare_inputs(collator(rows)), typed.model.architecture.vocab_size
 
 
-
 def test_sft_loss_and_gradients_come_from_vocabulary_tiles_not_full_logits(tmp_path, monkeypatch):
     import trl.trainer.utils
 
