@@ -14,7 +14,9 @@ caps torch) applies to it. The job, for both stacks:
             messages=conversations, images=image)
   training  LoRA r=8 alpha=16 dropout=0.05 on the language model's q_proj/v_proj (vision tower and merger frozen),
             batch 8, one epoch, fp32, AdamW (adamw_torch) lr 2e-4 constant, no warm-up, weight decay 0, grad-norm
-            clip 1.0, max length --max-length, seed 42, no evaluation, one checkpoint at the end (see below) and
+            clip 1.0, no gradient checkpointing (model=tiny's setting; LLaMA-Factory turns it on unless
+            disable_gradient_checkpointing), max length --max-length, seed 42, no evaluation, one checkpoint at the
+            end (see below) and
             the final adapter,
             logging every 5 steps, no tracker, HF_HUB_OFFLINE=1, one process on the CPU
   variants  padded: batches of 8 rows padded to the longest; packed: qwenvl-ft data.packing=true (one padding-free
@@ -32,8 +34,9 @@ Differences that could not be removed (each stack's own way of doing the same th
   with sdpa); LLaMA-Factory packs into cutoff_len-long rows, batch 8 of them, with neat_packing's 4-D mask. The
   token budget per step is the same (8 x max length); the number of steps may differ by a step or two.
 - Data preparation: LLaMA-Factory tokenises the whole set up front with `datasets.map` (preprocessing_num_workers
-  1); qwenvl-ft checks every row first (its data check, cached in the run folder; each run is a fresh folder, so it
-  is paid every time) and tokenises in the collator, inside the loop.
+  1); qwenvl-ft checks every row first (its data check renders and tokenises every row and stores the token ids
+  with it, cached in the run folder; each run is a fresh folder, so it is paid every time); both collators open,
+  resize and process the images inside the loop.
 - Checkpoints: transformers saves a checkpoint at the last step whatever save_steps is; qwenvl-ft has no
   "never" strategy (a run must be resumable), so LLaMA-Factory gets save_strategy steps with the same huge
   save_steps: both write one checkpoint (adapter + optimizer state) at the end, then the final adapter.
@@ -43,8 +46,9 @@ Differences that could not be removed (each stack's own way of doing the same th
   LLaMA-Factory also applies its own image_max_pixels / image_min_pixels, set here to the processor's values.
 - The label mask: both train on the assistant turn only; LLaMA-Factory's qwen2_vl template and qwenvl-ft's chat
   template (the family's) give the same text (the default system prompt in both).
-- Trainers: qwenvl-ft runs TRL's SFTTrainer (entropy and token accuracy each step, TRL's chunked log-prob loss)
-  with its own callbacks (telemetry, divergence guard); LLaMA-Factory runs its subclass of transformers'
+- Trainers: qwenvl-ft runs TRL's SFTTrainer (entropy and token accuracy each step; on a CPU with this small
+  vocabulary its loss from the label positions' logits, qwenvl_ft/modeling/cpu_lm_head.py, TRL's chunked log-prob
+  head elsewhere) with its own callbacks (telemetry, divergence guard); LLaMA-Factory runs its subclass of transformers'
   Seq2SeqTrainer. Each stack's venv holds the versions it pins or supports: LLaMA-Factory 0.9.5 caps
   transformers <= 5.6.0, peft <= 0.18.1, trl <= 0.24.0, accelerate <= 1.11.0, datasets <= 4.0.0 (all installable
   under the machine's torch cap, torch 2.14.1 in both); qwenvl-ft runs transformers 5.25, peft 0.21, trl 1.16.
@@ -132,6 +136,7 @@ def lf_config(variant: str, model: Path, dataset_dir: Path, out: Path, max_lengt
         "stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_rank": 8, "lora_alpha": 16,
         "lora_dropout": 0.05, "lora_target": "q_proj,v_proj",
         "freeze_vision_tower": True, "freeze_multi_modal_projector": True,
+        "disable_gradient_checkpointing": True,  # LLaMA-Factory's default is on; model=tiny trains without
         "dataset": "bench", "dataset_dir": str(dataset_dir), "media_dir": str(dataset_dir), "template": "qwen2_vl",
         "cutoff_len": max_length, "overwrite_cache": True, "preprocessing_num_workers": 1,
         "dataloader_num_workers": 0, "packing": packing, "neat_packing": packing,

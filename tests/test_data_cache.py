@@ -1,7 +1,8 @@
-"""Tier 1: every row is measured once. The data check's lengths are what packing, token budgets and length grouping
-use; its results are cached in the per-user cache and reused by the next start with the same data and settings (a
-new run, `data-check`; a multi-machine launch keeps them in its run folder), and a changed file or setting measures
-again; the estimate uses the measured lengths; the check shows progress."""
+"""Tier 1: every row is measured once. The data check's lengths are what packing, token budgets and length grouping use;
+its results are cached in the per-user cache and reused by the next start with the same data and settings (a new run,
+`data-check`; a multi-machine launch keeps them in its run folder), and a changed file or setting measures again; the
+estimate uses the measured lengths; the check shows progress. The training rows carry the text the check tokenised,
+and collating them gives the batches that rendering again gives."""
 
 import json
 import os
@@ -10,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from qwenvl_ft.config.data import CacheMode
 from qwenvl_ft.data.check import check_data, load_checked_splits
@@ -99,6 +101,36 @@ def test_the_cache_is_reused_and_a_changed_file_or_setting_measures_again(tiny_p
     check_data(replace(cfg, cache=CacheMode.refresh), tiny_processor, batch_size=2, output_dir=run)
     check_data(replace(cfg, cache=CacheMode.off), tiny_processor, batch_size=2, output_dir=tmp_path / "off")
     assert len(measure_calls) == 26 and not (tmp_path / "off").exists()
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_the_stored_text_gives_the_batches_rendering_gives_without_rendering(tiny_processor, dataset, tmp_path,
+                                                                           monkeypatch, train_on_prompt):
+    from qwenvl_ft.data.packing import PackingCollator
+
+    cfg = data_cfg(dataset, eval_size=2, max_length=256, train_on_prompt=train_on_prompt)
+    train, held_out, _ = load_checked_splits(cfg, tiny_processor, batch_size=2, output_dir=tmp_path / "run")
+    stored = [train[i] for i in range(len(train))] + [held_out[i] for i in range(len(held_out))]
+    assert all(row["text_ids"] and len(row["label_mask"]) == len(row["text_ids"]) for row in stored)
+    assert all(any(row["label_mask"]) and not all(row["label_mask"]) for row in stored)  # some tokens trained
+    collator = VisionChatCollator(tiny_processor, cfg)
+    rendered = [{k: v for k, v in row.items() if k not in ("text_ids", "label_mask")} for row in stored]
+    expected = {"padded": collator(rendered), "packed": PackingCollator(collator)(rendered)}
+
+    class NotAgain:
+        pad_token_id = collator.tokenizer.pad_token_id  # padding needs it
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("a stored row was rendered or tokenised again")
+
+    monkeypatch.setattr(collator, "render", NotAgain())
+    monkeypatch.setattr(collator, "tokenizer", NotAgain())
+    for layout, batch in {"padded": collator(stored), "packed": PackingCollator(collator)(stored)}.items():
+        assert batch.keys() == expected[layout].keys(), layout
+        for key, value in batch.items():
+            same = torch.equal(value, expected[layout][key]) if torch.is_tensor(value) else \
+                value == expected[layout][key]  # a packed batch's longest sample length
+            assert same, (layout, key)
 
 
 def test_another_rank_or_sweep_job_reads_the_entry_instead_of_measuring(tiny_processor, dataset, tmp_path,
@@ -237,6 +269,7 @@ def test_pairs_and_prompts_are_stored_measured_once_and_cached_too(tiny_processo
     again, _, report = load_checked_splits(cfg, tiny_processor, batch_size=2, output_dir=tmp_path / "run")
     assert calls == [] and "data check read from" in report.cache
     first = again[0]
+    assert "text_ids" not in again.column_names  # their measurers carry no text: no column for the collator
     if trainer == "dpo":  # the stored pair is what the collator takes, with its measured length
         assert first["length"] == report.splits["train"].stats.column("length")[0]
         assert method.collator(tiny_processor, cfg)([again[0], again[1]])["input_ids"].shape[0] == 4

@@ -61,6 +61,10 @@ def test_encode_equals_the_processor_on_the_same_row(processor_of, option):
     row = _row([user("What?", images=1, videos=1), assistant("stuff"), user("And?", images=1), assistant("more")],
                images=[_noise(130, 90), _noise(60, 60, seed=1)], videos=[frames])
     sample = collator.encode(row)
+    # The data check's stored text (train.arrow's text_ids and label_mask) gives the same sample as rendering it
+    stats = collator.measure(row)
+    stored = collator.encode(dict(row, text_ids=stats.text_ids, label_mask=stats.label_mask))
+    assert stored.keys() == sample.keys() and all(torch.equal(stored[k], sample[k]) for k in sample)
     # Images: the processor given the original images resizes them itself; ours resized first, with its resize.
     image_row = _row([user("What?", images=2), assistant("x")], images=row["images"])
     reference = processor(text=[collator.render(image_row["messages"])], images=row["images"], return_tensors="pt")
@@ -141,6 +145,9 @@ def test_images_videos_and_text_only_rows_mix_in_one_batch_the_model_accepts(pro
                  videos=[[_noise(50, 50, 3), _noise(50, 50, 4)]], source="t:3")]
     batch = collator(rows)
     assert batch["image_grid_thw"].shape[0] == 3 and batch["video_grid_thw"].shape[0] == 2
+    # the rows' images in one processor call (encode_rows) give the samples of one call per row
+    one_by_one = collator.pad([collator.encode(row) for row in rows])
+    assert batch.keys() == one_by_one.keys() and all(torch.equal(batch[k], one_by_one[k]) for k in batch)
     merge = tiny_processor.image_processor.merge_size ** 2
     assert int((batch["mm_token_type_ids"] == 1).sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // merge
     assert int((batch["mm_token_type_ids"] == 2).sum()) == int(batch["video_grid_thw"].prod(-1).sum()) // merge
@@ -358,10 +365,11 @@ def test_a_batch_is_collated_on_one_torch_thread_with_the_same_values(tiny_proce
     try:
         expected = collator.pad([collator.encode(row) for row in rows])  # on torch's two threads
         seen = []
-        encode = collator.encode
-        monkeypatch.setattr(collator, "encode", lambda row: seen.append(torch.get_num_threads()) or encode(row))
+        encode_rows = collator.encode_rows  # the batch's rows, encoded together (one image-processor call)
+        monkeypatch.setattr(collator, "encode_rows",
+                            lambda rows: seen.append(torch.get_num_threads()) or encode_rows(rows))
         batch = collator(rows)
-        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+        assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
     assert batch.keys() == expected.keys() and all(torch.equal(batch[k], expected[k]) for k in expected)

@@ -31,7 +31,7 @@ from qwenvl_ft.config.data import CacheMode, DataConfig
 
 log = logging.getLogger("qwenvl_ft")
 
-VERSION = 2  # bump when the entry layout or the meaning of its contents changes
+VERSION = 3  # bump when the entry layout or the meaning of its contents changes
 FOLDER = "data_cache"  # in the run folder of a multi-machine run
 CACHE_ENV = "QWENVL_FT_CACHE"  # qwenvl-ft's cache folder (also modeling/random_init.py's random models)
 # Data settings that do not change what is read, kept or measured.

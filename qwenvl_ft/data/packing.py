@@ -68,7 +68,7 @@ class PackingCollator:
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
         with one_thread():
-            return self.pack([self.collator.encode(row) for row in rows])
+            return self.pack(self.collator.encode_rows(rows))
 
     def filler(self, length: int) -> Dict[str, torch.Tensor]:
         """A sample of `length` pad tokens without labels, that fills a pack to exactly `pad_to` tokens: packed

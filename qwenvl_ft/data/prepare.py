@@ -34,8 +34,8 @@ from qwenvl_ft.data.mixing import Duplicate, Mixture, Share, SourceSpan, SplitPl
 from qwenvl_ft.data.records import iter_rows
 from qwenvl_ft.data.rows import Problem
 from qwenvl_ft.data.splitting import handle_duplicates, source_config
-from qwenvl_ft.data.store import DROPPED, INVALID, OK, RowKind, RowWriter, StatsView, bookkeeping, gather, \
-    open_rows, open_table, stats_record, stats_schema
+from qwenvl_ft.data.store import DROPPED, INVALID, OK, RowKind, RowWriter, StatsView, bookkeeping, carried_schema, \
+    gather, open_carried, open_rows, open_table, stats_record, stats_schema
 
 log = logging.getLogger("qwenvl_ft")
 
@@ -156,7 +156,8 @@ def _read(cfg: DataConfig, kind: RowKind, converters, generate, writer: RowWrite
 
 def _measure(folder: Path, store, needed: List[int], splits: List[int], measure: Callable, workers: int,
              stats_type, total_rows: int, progress: bool):
-    """Measure the `needed` rows of the store; write the result table; return each row's length (-1: not
+    """Measure the `needed` rows of the store; write the result table, and the carried fields (store.py
+    `carried_fields`) of every measured row, in the same order, to carried.arrow; return each row's length (-1: not
     measured or not kept) and outcome, indexed by row number."""
     import numpy as np
     import pyarrow as pa
@@ -165,23 +166,33 @@ def _measure(folder: Path, store, needed: List[int], splits: List[int], measure:
     outcome = np.full(total_rows, -1, dtype=np.int8)
     origins = np.asarray(store.data.table.column("origin").to_numpy())
     wheres = store.data.table.column("source")
-    schema = stats_schema(stats_type)
+    schema, carried = stats_schema(stats_type), carried_schema(stats_type)
     subset = store.select(needed) if needed else store.select([])
     pending: List[dict] = []
-    with pa.OSFile(str(folder / "stats.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    with pa.OSFile(str(folder / "stats.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
+            pa.OSFile(str(folder / "carried.arrow"), "wb") as carried_sink, \
+            pa.ipc.new_stream(carried_sink, carried) as carried_writer:
         results = _progress(measure_all(subset, measure, workers), "data check", progress, total=len(needed))
         for position, (code, result) in enumerate(results):
             row = needed[position]
             outcome[row] = code
             if code == OK:
                 length[row] = result.length
-            pending.append(stats_record(row, splits[position], int(origins[row]), wheres[row].as_py(), code,
-                                        result))
+            pending.append((stats_record(row, splits[position], int(origins[row]), wheres[row].as_py(), code,
+                                         result), {name: getattr(result, name, None) for name in carried.names}))
             if len(pending) >= 4096:
-                writer.write_table(pa.Table.from_pylist(pending, schema=schema))
-                pending = []
-        writer.write_table(pa.Table.from_pylist(pending, schema=schema))
+                _flush(pending, (writer, schema), (carried_writer, carried))
+        _flush(pending, (writer, schema), (carried_writer, carried))
     return length, outcome
+
+
+def _flush(pending: List[tuple], *outputs) -> None:
+    """Write the pending records, each a tuple of one record per output ((writer, schema) pairs)."""
+    import pyarrow as pa
+
+    for index, (writer, schema) in enumerate(outputs):
+        writer.write_table(pa.Table.from_pylist([records[index] for records in pending], schema=schema))
+    pending.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,7 +240,9 @@ def _paths_only(table):
 
 
 def _write_split(folder: Path, name: str, kind: RowKind, rows_table, indices: List[int], length,
-                 paths_only: bool) -> None:
+                 paths_only: bool, carried=None) -> None:
+    """The rows at `indices` with their `length` and, where the measurer gave them, their carried fields
+    (`carried`: (table of carried.arrow, each row number's position in it))."""
     import datasets
     import numpy as np
     import pyarrow as pa
@@ -241,15 +254,21 @@ def _write_split(folder: Path, name: str, kind: RowKind, rows_table, indices: Li
         for column in columns:
             if isinstance(features[column], datasets.List) and isinstance(features[column].feature, datasets.Image):
                 extra[column] = datasets.List(datasets.Value("string"))
+    if carried is not None:
+        extra.update(datasets.Features.from_arrow_schema(carried[0].schema))
     writer = RowWriter(folder / f"{name}.arrow", kind, extra)
     start = 0
     for table in gather(rows_table, indices):
         table = table.select(columns)
         if paths_only:
             table = _paths_only(table)
+        chunk = np.asarray(indices[start: start + table.num_rows], dtype=np.int64)
         if length is not None:
-            chunk = np.asarray(indices[start: start + table.num_rows], dtype=np.int64)
             table = table.append_column("length", pa.array(length[chunk], type=pa.int32()))
+        if carried is not None:
+            picked = carried[0].take(pa.array(carried[1][chunk]))
+            for column in picked.column_names:
+                table = table.append_column(column, picked.column(column))
         start += table.num_rows
         writer.add_table(table)
     writer.close()
@@ -314,6 +333,7 @@ def _build(folder: Path, cfg: DataConfig, kind: RowKind, converters, generate, m
     plan, duplicates = _plan(cfg, read, table)
     candidates = [r for rows in plan.train_by_source for r in rows] if cfg.weighted else plan.train
     length = outcome = None
+    needed: List[int] = []
     if measure is not None:
         needed = candidates + plan.eval
         splits = [TRAIN] * len(candidates) + [EVAL] * len(plan.eval)
@@ -322,11 +342,13 @@ def _build(folder: Path, cfg: DataConfig, kind: RowKind, converters, generate, m
     _count(read, plan, candidates, outcome, mixture, train)
 
     paths_only = _images_are_paths(table)
-    _write_split(folder, "train", kind, table, train, length, paths_only)
+    carried = open_carried(folder / "carried.arrow", needed, total) if measure is not None else None
+    _write_split(folder, "train", kind, table, train, length, paths_only, carried)
     if evaluation:
-        _write_split(folder, "eval", kind, table, evaluation, length, paths_only)
-    del store, table
-    (folder / "rows.arrow").unlink()  # the splits hold what is used; the rows as read are not needed again
+        _write_split(folder, "eval", kind, table, evaluation, length, paths_only, carried)
+    del store, table, carried
+    for used in ("rows.arrow", "carried.arrow"):  # the splits hold what is used; these are not needed again
+        (folder / used).unlink(missing_ok=True)
     return {"version": None, "rows": total, "train": len(train), "eval": len(evaluation),
             "measured": measure is not None,
             "problems": [dataclasses.asdict(p) for p in read.problems],

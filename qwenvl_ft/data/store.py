@@ -172,15 +172,35 @@ def _arrow_type(hint):
     return {int: pa.int64(), str: pa.string(), float: pa.float64(), bool: pa.bool_()}[hint]
 
 
+def carried_fields(stats_type) -> List[str]:
+    """Fields of a measurer's result that are stored with the row in the split files (train.arrow, eval.arrow), for
+    its collator, rather than in the result table: those with `stored_with_row` in their metadata."""
+    return [f.name for f in dataclasses.fields(stats_type) if f.metadata.get("stored_with_row")]
+
+
+def carried_schema(stats_type):
+    """Arrow schema of the carried fields (`carried_fields`); empty when there are none."""
+    import pyarrow as pa
+
+    hints = typing.get_type_hints(stats_type)
+    return pa.schema([pa.field(name, _arrow_type(hints[name])) for name in carried_fields(stats_type)])
+
+
+def _reported_fields(stats_type) -> List[str]:
+    carried = set(carried_fields(stats_type))
+    return [f.name for f in dataclasses.fields(stats_type) if f.name not in carried]
+
+
 def stats_schema(stats_type):
-    """Arrow schema of the result table: bookkeeping columns, then one nullable column per dataclass field."""
+    """Arrow schema of the result table: bookkeeping columns, then one nullable column per dataclass field (the
+    carried ones excepted)."""
     import pyarrow as pa
 
     hints = typing.get_type_hints(stats_type)
     # row: number in the rows as read; where: 'file:line N'; message: why a row was dropped or refused
     fields = [pa.field("row", pa.int64()), pa.field("split", pa.int8()), pa.field("origin", pa.int32()),
               pa.field("where", pa.string()), pa.field("outcome", pa.int8()), pa.field("message", pa.string())]
-    fields += [pa.field(f.name, _arrow_type(hints[f.name])) for f in dataclasses.fields(stats_type)]
+    fields += [pa.field(name, _arrow_type(hints[name])) for name in _reported_fields(stats_type)]
     return pa.schema(fields)
 
 
@@ -188,8 +208,22 @@ def stats_record(row: int, split: int, origin: int, where: str, outcome: int, re
     record = {"row": row, "split": split, "origin": origin, "where": where, "outcome": outcome,
               "message": result if outcome != OK else None}
     if outcome == OK:
-        record.update(dataclasses.asdict(result))
+        record.update({name: getattr(result, name) for name in _reported_fields(type(result))})
     return record
+
+
+def open_carried(path: Path, needed: Sequence[int], total_rows: int):
+    """(the table of the carried fields of the `needed` rows, in that order, memory-mapped; each row number's
+    position in it), or None when the measurer carries nothing or gave nothing to carry (another method's measurer
+    leaves the fields unset)."""
+    import numpy as np
+
+    table = open_table(path)
+    if not table.num_columns or all(table.column(name).null_count == table.num_rows for name in table.column_names):
+        return None
+    positions = np.full(total_rows, -1, dtype=np.int64)
+    positions[np.asarray(needed, dtype=np.int64)] = np.arange(len(needed))
+    return table, positions
 
 
 class StatsView:
@@ -245,7 +279,7 @@ class StatsView:
         writes, without building result objects."""
         if self.table is None or not len(self):
             return
-        kept = self.table.select([f.name for f in dataclasses.fields(self.stats_type)]).filter(self.mask)
+        kept = self.table.select(_reported_fields(self.stats_type)).filter(self.mask)
         for start in range(0, kept.num_rows, CHUNK):
             yield from kept.slice(start, CHUNK).to_pylist()
 

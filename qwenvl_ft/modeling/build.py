@@ -21,6 +21,7 @@ from qwenvl_ft.config.model import ModelConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.families import Family, ModelParts
 from qwenvl_ft.modeling.frozen_vision import keep_frozen_vision_out_of_autograd
+from qwenvl_ft.modeling.patch_embed import embed_patches_as_matmul
 from qwenvl_ft.modeling.linear_attention import run_linear_attention_per_sample
 from qwenvl_ft.modeling.peft_import import expose_bitsandbytes_to_peft, import_peft_without_bitsandbytes
 from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
@@ -164,6 +165,7 @@ def build_base_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, source:
     model.config.use_cache = False
     train_the_router_balance(model, model_cfg.router_aux_loss_coef)
     keep_frozen_vision_out_of_autograd(model, family_of(model_cfg))
+    embed_patches_as_matmul(model)  # on a CPU, 6-8x faster than Conv3d, same values
     run_linear_attention_per_sample(model)  # packed rows keep their samples apart in recurrent layers too
     if quant is not None:
         model = prepare_4bit_model(model, model_cfg, adapter_cfg)

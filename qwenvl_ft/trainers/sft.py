@@ -56,7 +56,10 @@ class SftTraining(Training):
 def build_trainer(cfg, model, processor, collator, train_rows, eval_rows, parts: Optional[TrainerParts] = None):
     """TRL's SFTTrainer in the configured batch layout. `parts` carries what the run skeleton prepared (arguments,
     callbacks, trainer mixins); without it (tests, benchmarks) the same is built here from `cfg`."""
+    from accelerate.utils import is_peft_model
     from trl import SFTTrainer
+
+    from qwenvl_ft.modeling.cpu_lm_head import add_cpu_lm_head
 
     if parts is None:
         parts = standalone_parts(TRAINING, cfg, model, processor, collator, train_rows, eval_rows)
@@ -70,6 +73,9 @@ def build_trainer(cfg, model, processor, collator, train_rows, eval_rows, parts:
         processing_class=processor,
         callbacks=parts.callbacks,
     )
+    # After SFTTrainer.__init__, which added TRL's fused LM head to the base model: on a CPU with a small vocabulary
+    # the label positions' logits are cheaper than TRL's tiles, with the same loss and metrics (modeling/cpu_lm_head.py)
+    add_cpu_lm_head(trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model)
     return finish_trainer(trainer, cfg)
 
 

@@ -93,7 +93,7 @@ class DivergenceGuard(TrainerCallback):
         losses, self.losses = self.losses, []
         bad_loss = _nonfinite(losses)
         # ignore: counted by the loss only, the gradients are not looked at
-        bad_grad = self.mode != OnNonFinite.ignore and _nonfinite_gradients(model)
+        bad_grad = self.mode != OnNonFinite.ignore and _nonfinite_gradients(model, optimizer)
         # one collective per step; every rank then takes the same decision (a rank's shard alone may be NaN)
         if not ranks.any_rank(bad_loss or bad_grad, device=args.device):
             return
@@ -137,14 +137,18 @@ def _nonfinite(losses) -> bool:
     return not bool(torch.isfinite(torch.stack([loss.float().sum() for loss in losses])).all())
 
 
-def _nonfinite_gradients(model) -> bool:
-    """Whether any gradient of this rank holds NaN or inf (sharded gradients: this rank's shard). Under DeepSpeed
-    the gradients are the engine's, not the parameters': only the loss is checked there."""
+def _nonfinite_gradients(model, optimizer=None) -> bool:
+    """Whether any gradient of this rank holds NaN or inf (sharded gradients: this rank's shard). The parameters
+    looked at are the optimizer's, when there is one: those the step would change (a frozen parameter has no
+    gradient), without walking every module of the model each step. Under DeepSpeed the gradients are the
+    engine's, not the parameters': only the loss is checked there."""
     import torch
 
     if model is None:
         return False
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    params = model.parameters() if optimizer is None else \
+        (p for group in optimizer.param_groups for p in group["params"])
+    grads = [p.grad for p in params if p.grad is not None]
     grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     if not grads:
         return False

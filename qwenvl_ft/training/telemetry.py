@@ -8,7 +8,8 @@ Two pieces, because the figures need the training loop's inside:
                     what the fetched batches hold, and adds the figures to every training `log` call, so that
                     TensorBoard, the other trackers, the console and log_history.json get them (keys `perf/...`).
   `RunTelemetry`    a TrainerCallback holding the counters and the config-derived constants (model FLOPs per unit
-                    of work from `qwenvl_ft.estimate.flops.training_flops`, the device's peak); it closes each step's
+                    of work from `qwenvl_ft.estimate.flops.training_flops`, the device's peak; set once the trainer
+                    is built, `on_init_end`, outside the training loop); it closes each step's
                     timer in `on_step_end`, i.e. before logging, saving and evaluation, which are not step time.
 
 Counting happens on the batches as the loop receives them (already on the device): the counts stay device
@@ -218,18 +219,15 @@ class RunTelemetry(TrainerCallback):
 
     # -- set-up ----------------------------------------------------------------------------------------------
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_init_end(self, args, state, control, **kwargs):
+        """The run's constants, once the trainer is built: they depend on the config only, so they are set-up
+        (the start-up table's trainer build), not time of the training loop."""
         import torch
 
         from qwenvl_ft.estimate.counts import meta_model
         from qwenvl_ft.estimate.flops import training_flops
-        from qwenvl_ft.training import startup
 
-        startup.mark("training loop set-up (data loader, optimizer, checkpoint)")
-        if startup.current() is not None and state.is_world_process_zero:
-            log.info("%s", startup.current().report())
-
-        try:  # the model's architecture on the meta device: about 0.1 s, no weights
+        try:  # the model's architecture on the meta device: about 0.02 s, no weights
             model = meta_model(self.cfg.model)
             self.flops, self.vision = training_flops(self.cfg, model), model.config.vision_config
         except Exception as err:  # telemetry must never stop a run: no FLOPs, no MFU
@@ -239,6 +237,13 @@ class RunTelemetry(TrainerCallback):
             self.peak_tflops = device_peak_tflops(name, self.peak_override)
             if self.peak_tflops is None:
                 log.warning("telemetry: no dense bf16 peak known for %s; set trainer.peak_tflops for MFU", name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from qwenvl_ft.training import startup
+
+        startup.mark("training loop set-up (data loader, optimizer, checkpoint)")
+        if startup.current() is not None and state.is_world_process_zero:
+            log.info("%s", startup.current().report())
 
     # -- per step --------------------------------------------------------------------------------------------
 
