@@ -35,8 +35,11 @@ Differences that could not be removed (each stack's own way of doing the same th
   token budget per step is the same (8 x max length); the number of steps may differ by a step or two.
 - Data preparation: LLaMA-Factory tokenises the whole set up front with `datasets.map` (preprocessing_num_workers
   1); qwenvl-ft checks every row first (its data check renders and tokenises every row and stores the token ids
-  with it, cached in the run folder; each run is a fresh folder, so it is paid every time); both collators open,
-  resize and process the images inside the loop.
+  with it); both collators open, resize and process the images inside the loop. Both stacks cache that work
+  across runs by default (LLaMA-Factory: datasets' cache, `overwrite_cache: false`; qwenvl-ft: its per-user data
+  cache). --data-cache cold (the default) makes both redo it every run (`overwrite_cache: true`,
+  `data.cache=refresh`); --data-cache warm leaves both caches on, each filled by one untimed run per variant first
+  (qwenvl-ft's in data.cache_dir under --work; LLaMA-Factory's in HF_DATASETS_CACHE under --work).
 - Checkpoints: transformers saves a checkpoint at the last step whatever save_steps is; qwenvl-ft has no
   "never" strategy (a run must be resumable), so LLaMA-Factory gets save_strategy steps with the same huge
   save_steps: both write one checkpoint (adapter + optimizer state) at the end, then the final adapter.
@@ -65,6 +68,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -114,6 +118,9 @@ def write_data(folder: Path, rows: int) -> Path:
     return folder / "train.json"
 
 
+CACHE = {"warm": False}  # --data-cache warm: both stacks keep their data caches between runs
+
+
 def qwenvl_command(variant: str, data: Path, out: Path, max_length: int):
     return [sys.executable, "-m", "qwenvl_ft", "train", "model=tiny", "data=llava", "adapter=lora",
             f"data.path={data}", f"data.max_length={max_length}", "data.eval_size=0",
@@ -123,7 +130,8 @@ def qwenvl_command(variant: str, data: Path, out: Path, max_length: int):
             f"trainer.batch_size={BATCH}", "trainer.epochs=1", "trainer.precision=fp32",
             f"trainer.logging_steps={LOGGING_STEPS}", "trainer.save_steps=100000", "trainer.report_to=[]",
             "trainer.eval_generation=false", "trainer.disable_tqdm=true",
-            f"optimizer.lr={LR}", "optimizer.scheduler=constant", f"seed={SEED}", f"hydra.run.dir={out}"]
+            f"optimizer.lr={LR}", "optimizer.scheduler=constant", f"seed={SEED}", f"hydra.run.dir={out}",
+            f"data.cache={'on' if CACHE['warm'] else 'refresh'}", f"data.cache_dir={out.parent / 'qwenvl-data-cache'}"]
 
 
 def lf_config(variant: str, model: Path, dataset_dir: Path, out: Path, max_length: int) -> dict:
@@ -138,7 +146,7 @@ def lf_config(variant: str, model: Path, dataset_dir: Path, out: Path, max_lengt
         "freeze_vision_tower": True, "freeze_multi_modal_projector": True,
         "disable_gradient_checkpointing": True,  # LLaMA-Factory's default is on; model=tiny trains without
         "dataset": "bench", "dataset_dir": str(dataset_dir), "media_dir": str(dataset_dir), "template": "qwen2_vl",
-        "cutoff_len": max_length, "overwrite_cache": True, "preprocessing_num_workers": 1,
+        "cutoff_len": max_length, "overwrite_cache": not CACHE["warm"], "preprocessing_num_workers": 1,
         "dataloader_num_workers": 0, "packing": packing, "neat_packing": packing,
         "image_max_pixels": pixels.get("longest_edge", 12845056), "image_min_pixels": pixels.get("shortest_edge", 3136),
         "output_dir": str(out), "logging_steps": LOGGING_STEPS, "save_strategy": "steps", "save_steps": 100000,
@@ -178,6 +186,7 @@ def _children_cpu() -> float:
 
 def run_qwenvl(variant, data, work: Path, index, max_length):
     out = work / f"qwenvl-{variant}-{index}"
+    shutil.rmtree(out, ignore_errors=True)  # a run folder left by an earlier call would resume, not train
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     command = qwenvl_command(variant, data, out, max_length)
     wall, cpu, before, after = timed(command, env, work / f"{out.name}.log", ROOT)
@@ -189,9 +198,11 @@ def run_lf(variant, venv: Path, model, dataset_dir, work: Path, index, max_lengt
     import yaml
 
     out = work / f"lf-{variant}-{index}"
+    shutil.rmtree(out, ignore_errors=True)
     config = work / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(lf_config(variant, model, dataset_dir, out, max_length)))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", DISABLE_VERSION_CHECK="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", DISABLE_VERSION_CHECK="1",
+               HF_DATASETS_CACHE=str(work / "hf-datasets-cache"))
     env.pop("PYTHONPATH", None)
     command = [str(venv / "bin" / "llamafactory-cli"), "train", str(config)]
     wall, cpu, before, after = timed(command, env, work / f"{out.name}.log", work)
@@ -240,7 +251,10 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for both stacks (default: torch's, one per core). On a shared machine "
                              "1 keeps a busy neighbour from stalling every op at torch's thread barrier")
+    parser.add_argument("--data-cache", choices=("cold", "warm"), default="cold",
+                        help="cold: both stacks prepare the data every run; warm: both reuse their caches")
     args = parser.parse_args(argv)
+    CACHE["warm"] = args.data_cache == "warm"
     if args.threads:
         THREADS["OMP_NUM_THREADS"] = str(args.threads)
 
@@ -251,6 +265,9 @@ def main(argv=None) -> None:
     results = {}
     for variant in args.variants.split(","):
         stacks = results.setdefault(variant, {"qwenvl-ft": [], "LLaMA-Factory": []})
+        if CACHE["warm"]:  # one untimed run of each fills its cache
+            run_qwenvl(variant, data, args.work, "warm-up", args.max_length)
+            run_lf(variant, args.venv, model, data.parent, args.work, "warm-up", args.max_length)
         for index in range(args.pairs):
             stacks["qwenvl-ft"].append(run_qwenvl(variant, data, args.work, index, args.max_length))
             print(variant, "qwenvl-ft", stacks["qwenvl-ft"][-1], flush=True)
@@ -259,7 +276,7 @@ def main(argv=None) -> None:
             print(variant, "LLaMA-Factory", stacks["LLaMA-Factory"][-1], flush=True)
     print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()}, {os.cpu_count()} CPUs, "
           f"device CPU, torch threads {args.threads or 'default'}; {args.rows} rows, batch {BATCH}, "
-          f"max length {args.max_length}, {args.pairs} pairs A B")
+          f"max length {args.max_length}, {args.pairs} pairs A B, data cache {args.data_cache}")
     for name, value in versions(args.venv).items():
         print(f"{name}: {value}")
     print()
