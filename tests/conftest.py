@@ -10,12 +10,27 @@
   5-8 s of CPU in imports.
 - Files are spread over the workers whole (`--dist loadfile`), the heaviest first (HEAVIEST_FIRST below), so that
   no long file starts last on one worker while the other one idles.
+- The README's install skips pip's compilation of the whole virtualenv (`--no-compile`); the suite's processes write
+  the bytecode of what they import, once, for the processes after them (_write_bytecode_caches below).
 """
 
 import os
 import sys
 
 import pytest
+
+def _write_bytecode_caches() -> None:
+    """pip compiles every module of every package it installs, one core for ~50 s on the 24,000 files of the test
+    virtualenv (about half of the install); the suite imports a fraction of them. The README's install leaves that
+    out (`pip install --no-compile`) and the first process that imports a module writes its .pyc, which the next
+    ones read, also where the environment says PYTHONDONTWRITEBYTECODE (CI images often do): otherwise each of the
+    suite's fresh interpreters (training subprocesses, launched workers) would compile torch and transformers again,
+    ~10 s of CPU each. Set before torch is imported, so the processes the tests start inherit it."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.dont_write_bytecode = False
+
+
+_write_bytecode_caches()
 
 # Random tiny models are cached per test session, never in the user's home.
 os.environ.setdefault("QWENVL_FT_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "qwenvl_ft_test_cache"))

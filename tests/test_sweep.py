@@ -14,8 +14,9 @@ QUICK = ["recipe=demo", "data.shapes.num_train=16", "data.shapes.num_eval=2", "t
 
 def _cli(args, cwd, monkeypatch) -> int:
     """`qwenvl-ft train -m ...` through the CLI's main, in this process: Hydra's basic launcher runs the jobs in the
-    process that starts the sweep either way, so a fresh interpreter would only add its imports (the sweeps through
-    launchers that start processes of their own, submitit and Optuna, are in tests/test_distributed_runs.py)."""
+    process that starts the sweep either way, so a fresh interpreter would only add its imports (the sweeps of the
+    `cluster` extra, submitit's local launcher, which starts a process per job, and Optuna's sweeper, are in
+    tests/test_distributed_runs.py)."""
     monkeypatch.chdir(cwd)
     return main(["train", *args])
 
