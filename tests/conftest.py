@@ -19,6 +19,7 @@ import sys
 
 import pytest
 
+
 def _write_bytecode_caches() -> None:
     """pip compiles every module of every package it installs, one core for ~50 s on the 24,000 files of the test
     virtualenv (about half of the install); the suite imports a fraction of them. The README's install leaves that

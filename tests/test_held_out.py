@@ -32,7 +32,7 @@ def test_bleu_and_rouge_l_scored_later_are_those_scored_at_once(tiny_processor, 
     assert 0 < at_once["eval_rouge_l_before"] < 1 and score_later({}) == {}
 
 
-def test_a_small_model_trains_and_generates_on_one_thread_on_a_cpu(monkeypatch):
+def test_a_small_model_trains_and_generates_on_one_thread_on_a_cpu(monkeypatch, caplog):
     import torch
 
     small, large = torch.nn.Linear(2, 2), torch.nn.Linear(4, 4)  # 6 and 20 parameters
@@ -40,9 +40,11 @@ def test_a_small_model_trains_and_generates_on_one_thread_on_a_cpu(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # as without OMP_NUM_THREADS on 2 cores (pytest's workers run one thread each)
     try:
-        with speed.small_model_threads(small, torch.device("cpu")):
-            assert torch.get_num_threads() == 1
+        with caplog.at_level("INFO", logger="qwenvl_ft"):
+            with speed.small_model_threads(small, torch.device("cpu"), say="training"):
+                assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
+        assert "training: one torch thread" in caplog.text  # the run log says a user's thread count is not used
         with speed.small_model_threads(large, torch.device("cpu")):
             assert torch.get_num_threads() == 2
         with speed.small_model_threads(small, torch.device("cuda")):

@@ -154,7 +154,7 @@ def fit(run: RunStart, method: methods.Method, training: Training, trainer, part
     log_plan(cfg, method, len(trainer.train_dataset), trainer.args.per_device_train_batch_size)
     from qwenvl_ft.training.speed import small_model_threads
 
-    with stop.installed(), small_model_threads(trainer.model):  # one thread for a small model on a CPU
+    with stop.installed(), small_model_threads(trainer.model, say="training"):  # one thread for a small model on a CPU
         result = trainer.train(resume_from_checkpoint=run.resume)
     if stop.interrupted(trainer.state):
         scored_later(training, parts, trackers, metrics)

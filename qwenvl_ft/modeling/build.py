@@ -21,8 +21,8 @@ from qwenvl_ft.config.model import ModelConfig
 from qwenvl_ft.errors import ConfigError
 from qwenvl_ft.families import Family, ModelParts
 from qwenvl_ft.modeling.frozen_vision import keep_frozen_vision_out_of_autograd
-from qwenvl_ft.modeling.patch_embed import embed_patches_as_matmul
 from qwenvl_ft.modeling.linear_attention import run_linear_attention_per_sample
+from qwenvl_ft.modeling.patch_embed import embed_patches_as_matmul
 from qwenvl_ft.modeling.peft_import import expose_bitsandbytes_to_peft, import_peft_without_bitsandbytes
 from qwenvl_ft.modeling.varlen_attention import keep_cudnn_out_of_sdpa
 

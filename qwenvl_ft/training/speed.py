@@ -191,9 +191,10 @@ def varlen_attention(models: Sequence, model_cfg: ModelConfig, packing: bool) ->
     return line
 
 
-def small_model_threads(model, device=None):
+def small_model_threads(model, device=None, say: str = ""):
     """data/workers.py `one_thread` while `model`, under ONE_THREAD_BELOW_PARAMETERS, runs on a CPU (`device`,
-    default: its parameters'); the threads as they are otherwise."""
+    default: its parameters'); the threads as they are otherwise. With `say` (what runs), the run log says so when
+    it takes the thread count down (a user's OMP_NUM_THREADS does not apply then)."""
     import contextlib
 
     from qwenvl_ft.data.workers import one_thread
@@ -201,4 +202,11 @@ def small_model_threads(model, device=None):
     parameters = list(model.parameters())
     device = device if device is not None else (parameters[0].device if parameters else None)
     small = sum(p.numel() for p in parameters) < ONE_THREAD_BELOW_PARAMETERS
-    return one_thread() if device is not None and device.type == "cpu" and small else contextlib.nullcontext()
+    if not (device is not None and device.type == "cpu" and small):
+        return contextlib.nullcontext()
+    import torch
+
+    if say and torch.get_num_threads() > 1:
+        log.info(f"{say}: one torch thread (a model under {ONE_THREAD_BELOW_PARAMETERS // 1_000_000}M parameters "
+                 f"on a CPU gains nothing from {torch.get_num_threads()})")
+    return one_thread()
