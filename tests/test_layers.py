@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qwenvl_ft"
 # Bottom to top; a module belongs to the first entry its dotted name starts with. Within one layer any import is
 # allowed (as long as it makes no circle); between layers only downwards. docs/architecture.md is this table.
 LAYERS: List[List[str]] = [
-    ["qwenvl_ft.errors", "qwenvl_ft.quiet"],
+    ["qwenvl_ft.errors", "qwenvl_ft.quiet", "qwenvl_ft.cache_home"],
     ["qwenvl_ft.grounding", "qwenvl_ft.families"],
     ["qwenvl_ft.rewards"],
     ["qwenvl_ft.methods"],

@@ -27,13 +27,13 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from qwenvl_ft.cache_home import cache_home
 from qwenvl_ft.config.data import CacheMode, DataConfig
 
 log = logging.getLogger("qwenvl_ft")
 
 VERSION = 3  # bump when the entry layout or the meaning of its contents changes
 FOLDER = "data_cache"  # in the run folder of a multi-machine run
-CACHE_ENV = "QWENVL_FT_CACHE"  # qwenvl-ft's cache folder (also modeling/random_init.py's random models)
 # Data settings that do not change what is read, kept or measured.
 NOT_IN_KEY = ("num_workers", "packing", "max_tokens_per_batch", "group_by_length", "skip_invalid", "cache",
               "cache_dir")
@@ -105,11 +105,9 @@ def processor_fingerprint(processor) -> str:
 
 
 def user_cache() -> Path:
-    """The per-user cache every run and `data-check` share (as HF datasets' cache): $QWENVL_FT_CACHE/data (the
-    variable names qwenvl-ft's cache folder, random tiny models included), else ${XDG_CACHE_HOME:-~/.cache}/
-    qwenvl_ft/data."""
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwenvl_ft"
-    return Path(root).expanduser() / "data"
+    """The per-user cache every run and `data-check` share (as HF datasets' cache): data/ in qwenvl-ft's cache
+    folder (qwenvl_ft/cache_home.py: $QWENVL_FT_CACHE, else ${XDG_CACHE_HOME:-~/.cache}/qwenvl_ft)."""
+    return cache_home() / "data"
 
 
 def multi_node() -> bool:

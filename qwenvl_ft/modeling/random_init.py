@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -96,9 +95,10 @@ _BUILDER_VERSION = 3
 
 
 def cache_root() -> Path:
-    """$QWENVL_FT_CACHE/random_models, else under ${XDG_CACHE_HOME:-~/.cache}/qwenvl_ft (as the data cache)."""
-    home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("QWENVL_FT_CACHE") or Path(home) / "qwenvl_ft") / "random_models"
+    """random_models/ in qwenvl-ft's cache folder (qwenvl_ft/cache_home.py)."""
+    from qwenvl_ft.cache_home import cache_home
+
+    return cache_home() / "random_models"
 
 
 def _random_model(model_class, config, dtype, seed: int, device: str):
